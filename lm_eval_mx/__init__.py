@@ -1,0 +1,30 @@
+"""lm-eval-mx: how much accuracy a language model loses when its matmuls run in OCP MX formats.
+
+Importing this package is cheap (no torch): the public names load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "quantize_mx": "lm_eval_mx.numerics",
+    "get_format": "lm_eval_mx.formats",
+    "FORMATS": "lm_eval_mx.formats",
+    "MXConfig": "lm_eval_mx.config",
+    "parse_mx_args": "lm_eval_mx.config",
+    "apply_mx": "lm_eval_mx.selection",
+    "MXReport": "lm_eval_mx.selection",
+    "mx_disabled": "lm_eval_mx.layers",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lm_eval_mx' has no attribute {name!r}")

@@ -1,0 +1,178 @@
+"""``lm-eval-mx``: lm-eval's CLI with hf-mx and the offline tasks loaded, plus ``compare``.
+
+    lm-eval-mx run --model hf-mx --model_args pretrained=PATH,mlp_only=True --tasks T
+    lm-eval-mx compare --model_args pretrained=PATH --tasks T --config format=fp8 --config format=fp4,mlp_only=True
+    lm-eval-mx compare --sweep "format=fp8_e4m3,fp4_e2m1 roles=mlp,all" ...
+    lm-eval-mx compare --results base.json mx.json          (tabulate existing results files)
+    lm-eval-mx formats                                      (the MX element formats)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def tasks_dir() -> Path:
+    """The offline task YAMLs: inside the installed package, or ``tasks/`` of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "tasks", here.parent / "tasks"):
+        if (candidate / "utils.py").exists():
+            return candidate
+    raise FileNotFoundError("lm-eval-mx's tasks/ directory is missing from this installation")
+
+
+def run_lm_eval(argv: list[str]) -> None:
+    """lm-eval's own CLI, with hf-mx registered and ``--include_path`` pointing at our tasks."""
+    import lm_eval.models  # noqa: F401  (the autoload hook registers hf-mx here)
+    from lm_eval.__main__ import cli_evaluate
+
+    from ._autoload import register
+
+    register()
+    if any(a in ("--include_path", "--include-path") or a.startswith("--include_path=") for a in argv):
+        extra: list[str] = []
+    else:
+        extra = ["--include_path", str(tasks_dir())]
+    subcommands = ("run", "ls", "validate")
+    if argv and argv[0] in subcommands:
+        sys.argv = ["lm-eval", argv[0], *argv[1:], *(extra if argv[0] != "validate" else [])]
+    else:
+        sys.argv = ["lm-eval", "run", *argv, *extra]
+    cli_evaluate()
+
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="evaluate a baseline and MX configurations of one model on the same tasks, and tabulate Δ",
+        description="Baseline vs MX on the same tasks, batch size and seed; the model is loaded once.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  lm-eval-mx compare --model_args pretrained=PATH,dtype=bfloat16 --tasks hellaswag_offline \\\n"
+            "      --config format=fp8_e4m3 --config format=fp4_e2m1,mlp_only=True --limit 200\n"
+            "  lm-eval-mx compare --model_args pretrained=PATH --tasks mx_corpus_ppl \\\n"
+            "      --sweep 'format=fp8_e4m3,fp4_e2m1 block_size=32,16 roles=mlp,all'\n"
+            "  lm-eval-mx compare --results baseline.json mxfp4.json"
+        ),
+    )
+    p.add_argument("--model_args", default="", help="hf model args without MX keys, e.g. pretrained=PATH,dtype=bfloat16")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (offline tasks are included)")
+    p.add_argument("--config", action="append", default=[], metavar="MX_ARGS",
+                   help="one MX configuration in model_args syntax (repeatable), e.g. format=fp4,mlp_only=True")
+    p.add_argument("--sweep", default=None, help="grid of MX configurations: 'key=v1,v2 key2=v3,v4'")
+    p.add_argument("--results", nargs="+", default=None, metavar="JSON",
+                   help="tabulate existing lm-eval results files instead of running (first = baseline)")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction")
+    p.add_argument("--num_fewshot", type=int, default=None)
+    p.add_argument("--batch_size", default="1")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--include_path", default=None, help="extra task directory (lm-eval-mx's tasks/ is always included)")
+    p.add_argument("--output_dir", default="mx_compare", help="where compare.md/.csv/.json/.png go (default: mx_compare)")
+
+
+def compare_main(ns: argparse.Namespace) -> int:
+    from lm_eval.utils import simple_parse_args_string
+    from rich.console import Console
+
+    from .compare import build_rows, expand_sweep, label_of, load_results, rich_table, run_configs, write_outputs
+    from .config import MX_KEYS, parse_mx_args
+
+    console = Console()
+    if ns.results:
+        if len(ns.results) < 2:
+            raise SystemExit("compare --results needs a baseline file and at least one MX file")
+        runs = [load_results(p) for p in ns.results]
+    else:
+        if not ns.tasks:
+            raise SystemExit("compare: --tasks is required (or --results FILES)")
+        base = simple_parse_args_string(ns.model_args)
+        mx_in_base = [k for k in base if k in MX_KEYS]
+        if mx_in_base:
+            raise SystemExit(f"compare: put MX keys ({', '.join(mx_in_base)}) in --config/--sweep, not --model_args")
+        specs = [simple_parse_args_string(c) for c in ns.config]
+        if ns.sweep:
+            specs += expand_sweep(ns.sweep)
+        if not specs:
+            raise SystemExit("compare: give at least one --config or a --sweep")
+        configs = []
+        for spec in specs:
+            cfg, rest = parse_mx_args(spec)
+            if rest:
+                raise SystemExit(f"compare: --config holds MX keys only ({', '.join(MX_KEYS)}); got {', '.join(rest)}")
+            configs.append((label_of(spec), cfg))
+        include = str(tasks_dir()) if ns.include_path is None else [str(tasks_dir()), ns.include_path]
+        batch = int(ns.batch_size) if str(ns.batch_size).isdigit() else ns.batch_size
+        limit = int(ns.limit) if ns.limit is not None and ns.limit >= 1 else ns.limit
+        runs = run_configs(base, configs, [t for t in ns.tasks.split(",") if t], limit=limit,
+                           num_fewshot=ns.num_fewshot, batch_size=batch, device=ns.device, seed=ns.seed,
+                           include_path=include)
+        if not runs:  # non-zero rank
+            return 0
+    labels = [r.label for r in runs[1:]]
+    rows = build_rows(runs[0], runs[1:])
+    console.print(rich_table(rows, labels))
+    out = Path(ns.output_dir)
+    if not ns.results:
+        import json
+
+        out.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(runs):
+            (out / f"results_{i:02d}.json").write_text(json.dumps(r.results, indent=2, default=str))
+    paths = write_outputs(runs, out)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def formats_main() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .formats import ALIASES, FORMATS
+
+    t = Table(title="MX element formats")
+    for col in ("name", "bits", "exp bits", "mantissa bits", "emax", "max normal", "min subnormal", "aliases"):
+        t.add_column(col)
+    for f in FORMATS.values():
+        aliases = ", ".join(a for a, n in ALIASES.items() if n == f.name)
+        t.add_row(f.name, str(f.bits), str(f.ebits), str(f.mbits), str(f.emax), f"{f.max_normal:g}",
+                  f"{f.min_subnormal:g}", aliases)
+    Console().print(t)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="lm-eval-mx",
+        description="Evaluate language models with MX (OCP Microscaling) matmuls in lm-evaluation-harness.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Any other arguments go to lm-eval's own CLI with hf-mx and the offline tasks loaded:\n"
+            "  lm-eval-mx run --model hf-mx --model_args pretrained=PATH,mlp_only=True --tasks piqa_offline\n"
+            "  lm-eval-mx --model hf-mx --model_args pretrained=PATH,format=fp4 --tasks mx_corpus_ppl"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"lm-eval-mx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,formats,run,ls,validate}")
+    _compare_parser(sub)
+    sub.add_parser("formats", help="list the MX element formats and their aliases")
+    sub.add_parser("run", help="lm-eval's run command (hf-mx and offline tasks loaded)", add_help=False)
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        parser.parse_args(argv or ["--help"])
+        return 0
+    if argv[0] == "compare":
+        return compare_main(parser.parse_args(argv))
+    if argv[0] == "formats":
+        return formats_main()
+    run_lm_eval(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

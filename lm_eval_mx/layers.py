@@ -1,0 +1,258 @@
+"""MX layer wrappers: ``nn.Linear``, GPT-2 ``Conv1D`` and transformers-5 fused experts.
+
+A selected module keeps its identity: its class is swapped for an MX subclass
+(``MXLinear`` etc.), so parameter names, devices, dtypes and accelerate hooks stay
+as they were. Weights are quantized once, when the layer is converted; inputs
+are quantized in ``forward`` along the reduction axis. With MX switched off
+(:func:`mx_disabled`) a layer runs its original class's forward on the
+original weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backends import Quantizer, get_quantizer
+from .formats import ElemFormat, Rounding, ScaleMode, get_format, get_rounding, get_scale_mode
+
+
+@dataclass(frozen=True)
+class MXSpec:
+    """Resolved numerics of one layer (formats, block, rounding, scales, backend)."""
+
+    w_format: ElemFormat
+    a_format: ElemFormat | None
+    block_size: int
+    rounding: Rounding
+    scale_bits: int
+    scale_mode: ScaleMode
+    backend: str
+
+    @classmethod
+    def make(
+        cls,
+        w_format: str,
+        a_format: str | None,
+        block_size: int = 32,
+        rounding: str = "even",
+        scale_bits: int = 8,
+        scale_mode: str = "floor",
+        backend: str = "auto",
+    ) -> MXSpec:
+        return cls(
+            get_format(w_format),
+            None if a_format is None else get_format(a_format),
+            block_size,
+            get_rounding(rounding),
+            scale_bits,
+            get_scale_mode(scale_mode),
+            backend,
+        )
+
+    @functools.cached_property
+    def quantizer(self) -> Quantizer:
+        return get_quantizer(self.backend)
+
+    def quantize(self, x: torch.Tensor, fmt: ElemFormat, axis: int) -> torch.Tensor:
+        return self.quantizer(x, fmt, self.block_size, axis, self.rounding, self.scale_bits, self.scale_mode)
+
+    def weight(self, w: torch.Tensor, axis: int) -> torch.Tensor:
+        return self.quantize(w, self.w_format, axis)
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.a_format is None else self.quantize(x, self.a_format, -1)
+
+
+class MXLayer(nn.Module):
+    """Mixin of every MX layer. ``MX_WEIGHTS`` maps weight names to their reduction axis."""
+
+    MX_WEIGHTS: dict[str, int] = {}
+    mx_spec: MXSpec
+    mx_enabled: bool
+    mx_role: str
+    mx_keep_original: bool
+    mx_prequantized: frozenset[str]
+
+    def mx_weight(self, name: str) -> torch.Tensor:
+        """The quantized weight: precomputed, or (for offloaded weights) computed now."""
+        if name not in self.mx_prequantized:
+            return self.mx_spec.weight(getattr(self, name), self._axis(name))
+        return getattr(self, f"_mx_{name}" if self.mx_keep_original else name)
+
+    def _axis(self, name: str) -> int:
+        return self.MX_WEIGHTS[name]
+
+    def _mx_forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:  # type: ignore[override]
+        if self.mx_enabled:
+            return self._mx_forward(*args, **kwargs)
+        if not self.mx_keep_original:
+            raise RuntimeError(
+                "MX was applied without keep_original=True, so the high-precision weights are gone; "
+                "apply_mx(model, config, keep_original=True) to switch MX off at run time"
+            )
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+    def extra_repr(self) -> str:
+        a = self.mx_spec.a_format.name if self.mx_spec.a_format else "-"
+        return f"{super().extra_repr()}, mx(w={self.mx_spec.w_format.name}, a={a}, block={self.mx_spec.block_size})"
+
+
+class MXLinear(MXLayer):
+    """``F.linear(quantize(x), quantize(W), b)``; W is [out, in], reduction along in."""
+
+    MX_WEIGHTS = {"weight": -1}
+
+    def _mx_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return F.linear(self.mx_spec.act(x), self.mx_weight("weight"), self.bias)  # type: ignore[arg-type]
+
+
+class MXConv1D(MXLayer):
+    """GPT-2 ``Conv1D``: W is stored [in, out], so the reduction axis is 0."""
+
+    MX_WEIGHTS = {"weight": 0}
+
+    def _mx_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        size_out = (*x.size()[:-1], self.nf)
+        xq = self.mx_spec.act(x)
+        out = torch.addmm(self.bias, xq.view(-1, xq.size(-1)), self.mx_weight("weight"))  # type: ignore[arg-type]
+        return out.view(size_out)
+
+
+class MXExperts(MXLayer):
+    """transformers-5 fused experts (3-D ``gate_up_proj``/``up_proj`` and ``down_proj``).
+
+    Each expert's weight is quantized along its own reduction axis (the input
+    dimension: last axis, or the middle one for ``is_transposed`` layouts).
+    """
+
+    MX_WEIGHTS = {"gate_up_proj": -1, "up_proj": -1, "down_proj": -1}
+
+    def _axis(self, name: str) -> int:
+        return -2 if getattr(self, "is_transposed", False) else -1
+
+    def _project(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        w = self.mx_weight(name)[expert]
+        out = x @ w if getattr(self, "is_transposed", False) else F.linear(x, w)
+        if getattr(self, "has_bias", False):
+            out = out + getattr(self, f"{name}_bias")[expert]
+        return out
+
+    def _mx_forward(  # type: ignore[override]
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        spec = self.mx_spec
+        xq = spec.act(hidden_states)  # rows are tokens: quantizing before gathering is exact
+        out = torch.zeros_like(hidden_states)
+        num_experts = self.down_proj.shape[0]
+        has_gate = getattr(self, "has_gate", True)
+        for expert in torch.unique(top_k_index).tolist():
+            if expert >= num_experts:  # expert-parallel sentinels
+                continue
+            token_idx, slot = torch.where(top_k_index == expert)
+            h = self._project(xq[token_idx], "gate_up_proj" if has_gate else "up_proj", expert)
+            h = self._apply_gate(h) if has_gate else self.act_fn(h)
+            h = self._project(spec.act(h), "down_proj", expert)
+            h = h * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, h.to(out.dtype))
+        return out
+
+
+@functools.cache
+def _mx_class(mixin: type[MXLayer], base: type[nn.Module]) -> type[nn.Module]:
+    return type(f"MX{base.__name__}", (mixin, base), {"__module__": __name__})
+
+
+def convert(
+    module: nn.Module, mixin: type[MXLayer], spec: MXSpec, role: str, keep_original: bool
+) -> nn.Module:
+    """Turn ``module`` into an MX layer in place and quantize its weights once.
+
+    Weights on the meta device (offloaded by accelerate) are quantized per forward
+    after the hook loads them. Without ``keep_original`` each quantized weight
+    replaces its parameter (a new Parameter, so a tied partner keeps its values).
+    """
+    names = [n for n in mixin.MX_WEIGHTS if isinstance(getattr(module, n, None), torch.Tensor)]
+    module.__class__ = _mx_class(mixin, type(module))
+    module.mx_spec, module.mx_role = spec, role
+    module.mx_enabled, module.mx_keep_original = True, keep_original
+    done = set()
+    for name in names:
+        w = getattr(module, name)
+        if w.device.type == "meta":
+            continue
+        with torch.no_grad():
+            q = spec.weight(w.detach(), module._axis(name))
+        if keep_original:
+            module.register_buffer(f"_mx_{name}", q, persistent=False)
+        else:
+            setattr(module, name, nn.Parameter(q, requires_grad=False))
+        done.add(name)
+    module.mx_prequantized = frozenset(done)
+    if hasattr(module, "_old_forward"):  # accelerate hook: it must call the MX forward
+        module._old_forward = types.MethodType(type(module).forward, module)
+    return module
+
+
+def remove_mx(model: nn.Module) -> int:
+    """Undo :func:`convert` on every MX layer that kept its original weights; returns the count."""
+    n = 0
+    for _, module in list(mx_layers(model)):
+        if not module.mx_keep_original:
+            raise RuntimeError("cannot remove MX from layers converted without keep_original=True")
+        for name in module.mx_prequantized:
+            delattr(module, f"_mx_{name}")
+        base = type(module).__bases__[1]  # MX<Base> has bases (mixin, Base)
+        for attr in ("mx_spec", "mx_role", "mx_enabled", "mx_keep_original", "mx_prequantized"):
+            module.__dict__.pop(attr, None)
+        module.__class__ = base
+        if hasattr(module, "_old_forward"):
+            module._old_forward = types.MethodType(base.forward, module)
+        n += 1
+    return n
+
+
+def mx_layers(model: nn.Module) -> Iterator[tuple[str, MXLayer]]:
+    for name, module in model.named_modules():
+        if isinstance(module, MXLayer):
+            yield name, module
+
+
+@contextlib.contextmanager
+def mx_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` with every MX layer switched off (needs ``keep_original=True``)."""
+    layers = [m for _, m in mx_layers(model)]
+    missing = [n for n, m in mx_layers(model) if not m.mx_keep_original]
+    if missing:
+        raise RuntimeError(
+            f"cannot switch MX off: {len(missing)} layers (e.g. {missing[0]}) dropped their original "
+            "weights; apply_mx(..., keep_original=True) keeps them"
+        )
+    before = [m.mx_enabled for m in layers]
+    try:
+        for m in layers:
+            m.mx_enabled = False
+        yield model
+    finally:
+        for m, state in zip(layers, before):
+            m.mx_enabled = state
+
+
+@contextlib.contextmanager
+def mx_only(model: nn.Module, names: set[str]) -> Iterator[nn.Module]:
+    """Run ``model`` with MX on only in the named layers (sensitivity analysis)."""
+    with mx_disabled(model):
+        chosen = [m for n, m in mx_layers(model) if n in names]
+        for m in chosen:
+            m.mx_enabled = True
+        yield model

@@ -1,0 +1,188 @@
+"""``hf-mx``: lm-eval's ``hf`` model with selected matmuls in MX. A thin layer over ``HFLM``.
+
+MX keys are taken out of ``model_args`` before ``HFLM`` sees them, validated
+first (before any model load), and MX is applied once the model is loaded,
+tied and placed, so dtype, device_map, parallelize, GGUF and PEFT keep working.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .config import MX_KEYS, MXConfig, _as_bool, parse_mx_args, suggest
+from .layers import mx_disabled, remove_mx
+from .selection import MXReport, apply_mx
+
+log = logging.getLogger("lm_eval_mx")
+
+# from_pretrained keyword arguments that HFLM forwards untouched (**kwargs).
+FROM_PRETRAINED_KEYS = frozenset({
+    "device_map", "attn_implementation", "experts_implementation", "low_cpu_mem_usage", "load_in_8bit",
+    "load_in_4bit", "bnb_4bit_compute_dtype", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
+    "quantization_config", "cache_dir", "local_files_only", "token", "use_safetensors", "variant",
+    "offload_state_dict", "max_memory", "torch_dtype", "force_download", "key_mapping", "tp_size",
+    "use_kernels", "code_revision",
+})
+EXTRA_KEYS = ("mx_keep_original",)
+
+
+HFLM_KEYS = frozenset(
+    k for k, p in inspect.signature(HFLM.__init__).parameters.items() if k != "self" and p.kind is not p.VAR_KEYWORD
+)
+
+
+def check_model_args(args: dict[str, Any]) -> None:
+    """Reject keys that are neither MX keys, HFLM arguments nor from_pretrained/config keys."""
+    allowed = HFLM_KEYS | FROM_PRETRAINED_KEYS | set(MX_KEYS) | set(EXTRA_KEYS)
+    unknown = [k for k in args if k not in allowed]
+    if not unknown:
+        return
+    config_keys = _config_keys(args)
+    unknown = [k for k in unknown if k not in config_keys]
+    if unknown:
+        pool = sorted(allowed)
+        hints = "; ".join(f"{k!r}{suggest(k, pool)}" for k in unknown)
+        raise ValueError(
+            f"hf-mx: unknown model_args {hints}. MX keys: {', '.join(MX_KEYS)}, {', '.join(EXTRA_KEYS)}. "
+            f"Model keys: the arguments of lm-eval's hf model ({', '.join(sorted(HFLM_KEYS))}), "
+            f"from_pretrained options ({', '.join(sorted(FROM_PRETRAINED_KEYS))}) and attributes of the model config."
+        )
+
+
+def _config_keys(args: dict[str, Any]) -> set[str]:
+    """Attributes of the model's config (transformers accepts them as overrides); local files only."""
+    pretrained = args.get("pretrained")
+    if not isinstance(pretrained, str):
+        return set()
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(
+            pretrained,
+            trust_remote_code=bool(args.get("trust_remote_code", False)),
+            gguf_file=args.get("gguf_file"),
+            subfolder=args.get("subfolder", "") or "",
+            revision=str(args.get("revision", "main")),
+        )
+    except Exception:
+        return set()
+    return set(cfg.to_dict())
+
+
+def mx_cache_tag(config: MXConfig, report: MXReport) -> str | None:
+    """Cache-file suffix for this MX configuration (None when nothing is in MX)."""
+    if not report.replaced:
+        return None
+    blob = json.dumps(config.to_dict(), sort_keys=True).encode()
+    return "mx-" + hashlib.sha1(blob).hexdigest()[:12]
+
+
+def _patch_caching_lm() -> None:
+    """lm-eval keys its request cache without model args: give MX runs their own cache file."""
+    from lm_eval.api import model as api
+
+    original = api.CachingLM.__init__
+    if getattr(original, "_lm_eval_mx", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: Any, lm: Any, cache_db: str) -> None:
+        tag = getattr(lm, "mx_cache_tag", None)
+        if tag:
+            cache_db = f"{cache_db.removesuffix('.db')}_{tag}.db"
+        original(self, lm, cache_db)
+
+    __init__._lm_eval_mx = True  # type: ignore[attr-defined]
+    api.CachingLM.__init__ = __init__  # type: ignore[method-assign]
+
+
+_patch_caching_lm()
+
+
+def _count_nonfinite(requests: list[Any], results: list[Any]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for req, res in zip(requests, results):
+        value = res[0] if isinstance(res, tuple) else res
+        if isinstance(value, float) and not torch.isfinite(torch.tensor(value)):
+            counts[getattr(req, "task_name", None) or "?"] += 1
+    return counts
+
+
+@register_model("hf-mx")
+class HFMXLM(HFLM):
+    """lm-eval ``hf`` with MX fake quantization of selected linear layers.
+
+    All ``hf`` model_args work; MX keys are documented in the README
+    (``w_format``, ``a_format``, ``format``, ``block_size``, ``rounding``,
+    ``scale_bits``, ``scale_mode``, ``roles``/``mlp_only``/``attn_only``,
+    ``include``, ``exclude``, ``role_formats``, ``weight_only``, ``backend``).
+    """
+
+    def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
+        if pretrained is None:
+            raise ValueError("hf-mx needs pretrained=<model path or hub id>")
+        check_model_args({"pretrained": pretrained, **kwargs})
+        config, rest = parse_mx_args(kwargs)
+        self.mx_keep_original = _as_bool("mx_keep_original", rest.pop("mx_keep_original", False))
+        super().__init__(pretrained=pretrained, **rest)
+        self.set_mx(config)
+
+    def set_mx(self, config: MXConfig) -> MXReport:
+        """(Re)apply MX with ``config``; earlier MX layers are removed first (needs mx_keep_original)."""
+        if getattr(self, "mx_report", None) is not None and self.mx_report.replaced:
+            remove_mx(self._model)
+        self.mx_config = config
+        self.mx_report = apply_mx(self._model, config, keep_original=self.mx_keep_original, progress=self.rank == 0)
+        self.mx_cache_tag = mx_cache_tag(config, self.mx_report)
+        self.mx_nonfinite: Counter[str] = Counter()
+        if self.rank == 0:
+            log.info("MX configuration: %s\n%s", config.label(), self.mx_report.table())
+        return self.mx_report
+
+    def _check(self, requests: list[Any], results: list[Any], what: str) -> None:
+        counts = _count_nonfinite(requests, results)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, dict(counts))
+            counts = sum((Counter(g) for g in gathered), Counter())
+        if counts:
+            self.mx_nonfinite.update(counts)
+            if self.rank == 0:
+                per_task = ", ".join(f"{t}: {n}" for t, n in sorted(counts.items()))
+                log.warning(
+                    "MX produced non-finite %s for %d requests (%s): an inf/NaN or a scale past E8M0's "
+                    "range turned blocks into NaN; those requests' scores are not meaningful",
+                    what, sum(counts.values()), per_task,
+                )
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        results = super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        self._check(requests, results, "loglikelihoods")
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        results = super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+        self._check(requests, results, "rolling loglikelihoods")
+        return results
+
+    def mx_off(self) -> Any:
+        """Context manager: evaluate this model with MX switched off (needs mx_keep_original=True)."""
+        return mx_disabled(self._model)
+
+    def get_model_info(self) -> dict[str, Any]:
+        info = super().get_model_info()
+        info["mx_config"] = self.mx_config.to_dict()
+        info["mx_label"] = self.mx_config.label()
+        info["mx_report"] = self.mx_report.summary()
+        info["mx_nonfinite_requests"] = dict(self.mx_nonfinite)
+        return info

@@ -1,0 +1,153 @@
+"""MX fake quantization in plain torch: the exact reference every backend must match.
+
+Semantics are those of microxcaling's CUDA path (see tests/data/README.md):
+the shared exponent comes from the float32 exponent bits of the block maximum,
+elements round with subnormals kept and saturate to the format's max normal,
+blocks holding inf/nan become NaN, zeros come back as +0.0.
+
+All arithmetic is on float32 with power-of-two factors, so every step is exact
+and the code runs unchanged on CPU and CUDA (and under ``torch.compile``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .formats import (
+    ElemFormat,
+    Rounding,
+    ScaleMode,
+    get_format,
+    get_rounding,
+    get_scale_mode,
+)
+
+_F32_MANT = 23
+_F32_BIAS = 127
+_F32_NAN_BITS = 0x7FC00000
+_F32_SUBNORMAL_2_M127 = 0x00400000  # 2**-127, the smallest E8M0 scale
+
+
+def pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exact float32 ``2**e`` for int32 ``e`` in [-127, 127] (2**-127 is subnormal)."""
+    bits = torch.where(e > -_F32_BIAS, (e + _F32_BIAS) << _F32_MANT, _F32_SUBNORMAL_2_M127)
+    return bits.view(torch.float32)
+
+
+def _biased_exponent(x: torch.Tensor) -> torch.Tensor:
+    return (x.view(torch.int32) >> _F32_MANT) & 0xFF
+
+
+def shared_exponent(
+    amax: torch.Tensor, fmt: ElemFormat, scale_bits: int, scale_mode: ScaleMode
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased shared exponent (int32, clamped) and a mask of NaN blocks.
+
+    ``amax`` is the float32 block maximum of |x| (NaN/inf propagate into the mask).
+    """
+    bits = amax.view(torch.int32)
+    if scale_mode is ScaleMode.RCEIL:
+        descale = amax * torch.tensor(1.0 / fmt.max_normal, dtype=torch.float32)
+        dbits = descale.view(torch.int32)
+        biased = (dbits >> _F32_MANT) & 0xFF
+        mant = dbits & 0x7FFFFF
+        round_up = torch.where(biased == 0, mant > 0x400000, mant != 0)
+        exp = biased + round_up.to(torch.int32) - _F32_BIAS
+    else:
+        if scale_mode is ScaleMode.EVEN:
+            bits = (bits + (1 << (_F32_MANT - fmt.mbits - 1))) & 0x7F800000
+        exp = ((bits >> _F32_MANT) & 0xFF) - _F32_BIAS - fmt.emax
+        if scale_mode is ScaleMode.CEIL:
+            exp = exp + ((amax.view(torch.int32) & 0x7FFFFF) != 0).to(torch.int32)
+    scale_emax = 2 ** (scale_bits - 1) - 1
+    nan = ~torch.isfinite(amax) | (exp > scale_emax)
+    return exp.clamp(-scale_emax, scale_emax), nan
+
+
+def round_elements(v: torch.Tensor, fmt: ElemFormat, rounding: Rounding) -> torch.Tensor:
+    """Round float32 ``v`` (already divided by the shared scale) to ``fmt``, saturating."""
+    # Private exponent of each element, floored at the format's smallest normal.
+    p = (_biased_exponent(v) - _F32_BIAS).clamp(min=fmt.emin) - fmt.mbits
+    t = v * pow2(-p)  # exact: |t| < 2**(mbits + 2)
+    if rounding is Rounding.EVEN:
+        r = torch.round(t)
+    elif rounding is Rounding.NEAREST:
+        a = t.abs()
+        f = torch.floor(a)
+        r = (f + (a - f >= 0.5).to(a.dtype)).copysign(t)  # a - f is exact; a + 0.5 is not
+    else:
+        r = torch.trunc(t)
+    q = r * pow2(p)
+    return q.clamp(-fmt.max_normal, fmt.max_normal)
+
+
+def _to_blocks(x: torch.Tensor, block_size: int, axis: int) -> tuple[torch.Tensor, int]:
+    """float32 view of ``x`` with ``axis`` last, split into zero-padded blocks."""
+    xf = x.to(torch.float32).movedim(axis, -1)
+    n = xf.shape[-1]
+    bs = n if block_size == 0 else block_size
+    pad = (-n) % bs if n else 0
+    if pad:
+        xf = F.pad(xf, (0, pad))
+    return xf.reshape(*xf.shape[:-1], -1, bs), n
+
+
+def quantize_mx_torch(
+    x: torch.Tensor,
+    fmt: ElemFormat,
+    block_size: int,
+    axis: int,
+    rounding: Rounding,
+    scale_bits: int,
+    scale_mode: ScaleMode,
+) -> torch.Tensor:
+    """The vectorised torch backend (resolved arguments; see :func:`quantize_mx`)."""
+    if x.numel() == 0:
+        return x.clone()
+    blocks, n = _to_blocks(x, block_size, axis)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    exp, nan = shared_exponent(amax, fmt, scale_bits, scale_mode)
+    q = round_elements(blocks * pow2(-exp), fmt, rounding) * pow2(exp)
+    q = torch.where(nan, torch.full_like(q, float("nan")), q) + 0.0  # +0.0: no -0
+    q = q.reshape(*q.shape[:-2], -1)[..., :n]
+    return q.movedim(-1, axis).to(x.dtype)
+
+
+def check_args(
+    x: torch.Tensor, block_size: int, axis: int, scale_bits: int
+) -> None:
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"quantize_mx takes float32, bfloat16 or float16 tensors, not {x.dtype}")
+    if not isinstance(block_size, int) or block_size < 0:
+        raise ValueError(f"block_size must be an int >= 0 (0 = whole axis), got {block_size!r}")
+    if not 2 <= scale_bits <= 8:
+        raise ValueError(f"scale_bits must be in 2..8, got {scale_bits!r}")
+    if x.dim() == 0 or not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} out of range for a tensor of shape {tuple(x.shape)}")
+
+
+def quantize_mx(
+    x: torch.Tensor,
+    elem_format: str | ElemFormat,
+    block_size: int = 32,
+    axis: int = -1,
+    rounding: str | Rounding = "even",
+    scale_bits: int = 8,
+    scale_mode: str | ScaleMode = "floor",
+) -> torch.Tensor:
+    """MX fake quantization of ``x`` (quantize, then dequantize to ``x.dtype``).
+
+    Blocks of ``block_size`` elements (0: the whole axis) along ``axis`` share a
+    power-of-two scale; the last block is zero-padded when ragged.
+    """
+    check_args(x, block_size, axis, scale_bits)
+    return quantize_mx_torch(
+        x,
+        get_format(elem_format),
+        block_size,
+        axis,
+        get_rounding(rounding),
+        scale_bits,
+        get_scale_mode(scale_mode),
+    )

@@ -1,0 +1,274 @@
+"""Which layers of a causal LM become MX: roles by module structure, not substrings.
+
+A layer's role comes from its own name *and* the block it sits in: GPT-2's
+``attn.c_proj`` is ``attn_out`` while ``mlp.c_proj`` is ``mlp_down`` (the
+prototype's substring bug quantized both as one).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ROLES, MXConfig, expand_roles
+from .layers import MXConv1D, MXExperts, MXLayer, MXLinear, MXSpec, convert
+
+_ATTN_BLOCKS = {"attn", "self_attn", "attention", "self_attention", "crossattention", "mixer", "attn_layer"}
+_MLP_BLOCKS = {"mlp", "ffn", "feed_forward", "feedforward", "block_sparse_moe", "moe", "ff", "shared_expert", "shared_experts"}
+_QKV = {
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "wqkv", "c_attn", "query_key_value", "query", "key",
+    "value", "in_proj", "qkv", "w_pack", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+    "kv_proj", "q", "k", "v",
+}
+_ATTN_OUT = {"o_proj", "out_proj", "dense", "c_proj", "wo", "o", "proj"}
+_UP = {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "w1", "w3", "fc_in", "dense_h_to_4h", "wi", "wi_0", "wi_1"}
+_DOWN = {"down_proj", "c_proj", "fc2", "w2", "fc_out", "dense_4h_to_h", "wo"}
+_ROUTERS = {"router", "gate", "router_gate"}
+
+
+@dataclass
+class Candidate:
+    """A linear-like layer: its name, module, kind (linear/conv1d/experts) and role."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    role: str
+
+    @property
+    def numel(self) -> int:
+        mixin = _MIXINS[self.kind]
+        return sum(getattr(self.module, n).numel() for n in mixin.MX_WEIGHTS if isinstance(getattr(self.module, n, None), torch.Tensor))
+
+
+_MIXINS: dict[str, type[MXLayer]] = {"linear": MXLinear, "conv1d": MXConv1D, "experts": MXExperts}
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, MXLayer):
+        return None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return "conv1d"
+    down = getattr(module, "down_proj", None)
+    up = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
+    if isinstance(down, nn.Parameter) and isinstance(up, nn.Parameter) and down.dim() == 3 and up.dim() == 3:
+        return "experts"
+    return None
+
+
+def classify(name: str, module: nn.Module, kind: str, parent: nn.Module | None, lm_head: nn.Module | None) -> str:
+    """The role of one linear-like layer (see ``config.ROLES``)."""
+    parts = [p for p in name.split(".") if p != "base_layer"]  # PEFT wraps the original as base_layer
+    leaf = parts[-1].lower() if parts else ""
+    if module is lm_head:
+        return "lm_head"
+    if kind == "experts" or "experts" in parts[:-1]:
+        return "experts"
+    if leaf in _ROUTERS and (leaf != "gate" or (parent is not None and hasattr(parent, "experts"))):
+        return "router"
+    for block in reversed(parts[:-1]):
+        b = block.lower()
+        if b in _ATTN_BLOCKS:
+            return "attn_qkv" if leaf in _QKV else "attn_out" if leaf in _ATTN_OUT else "other"
+        if b in _MLP_BLOCKS:
+            return "mlp_up" if leaf in _UP else "mlp_down" if leaf in _DOWN else "other"
+    return "other"
+
+
+def find_candidates(model: nn.Module) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """Every linear-like layer with its role, and (name, reason) of layers never quantizable."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    lm_head = get_out() if callable(get_out) else None
+    modules = dict(model.named_modules())
+    out: list[Candidate] = []
+    unusable: list[tuple[str, str]] = []
+    for name, module in modules.items():
+        kind = _kind(module)
+        if kind is None:
+            if type(module).__name__.endswith("Router") and getattr(module, "weight", None) is not None:
+                unusable.append((name, "router module with its own forward (kept in high precision)"))
+            continue
+        if any(p.startswith("lora_") for p in name.split(".")):
+            unusable.append((name, "PEFT adapter layer (kept in high precision)"))
+            continue
+        parent = modules.get(name.rpartition(".")[0]) if "." in name else model
+        role = classify(name, module, kind, parent, lm_head)
+        bad = [n for n in _MIXINS[kind].MX_WEIGHTS if isinstance(getattr(module, n, None), torch.Tensor)
+               and not getattr(module, n).is_floating_point()]
+        if bad:
+            unusable.append((name, f"weight {bad[0]} is {getattr(module, bad[0]).dtype}, already quantized"))
+            continue
+        if kind == "experts" and getattr(module, "has_post_expert_norm", False):
+            unusable.append((name, "experts with a post-expert norm are not supported"))
+            continue
+        out.append(Candidate(name, module, kind, role))
+    return out, unusable
+
+
+@dataclass
+class LayerEntry:
+    name: str
+    role: str
+    kind: str
+    w_format: str
+    a_format: str | None
+    params: int
+
+
+@dataclass
+class MXReport:
+    """What ``apply_mx`` did: replaced layers, skipped candidates and why, coverage."""
+
+    config: dict[str, Any]
+    replaced: list[LayerEntry] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # name, role, reason
+    notes: list[str] = field(default_factory=list)
+    total_linear_params: int = 0
+
+    @property
+    def replaced_params(self) -> int:
+        return sum(e.params for e in self.replaced)
+
+    def summary(self) -> dict[str, Any]:
+        """Compact form for results files."""
+        per_role = Counter(e.role for e in self.replaced)
+        per_fmt = Counter(f"w={e.w_format},a={e.a_format or '-'}" for e in self.replaced)
+        return {
+            "replaced_layers": len(self.replaced),
+            "replaced_params": self.replaced_params,
+            "linear_params": self.total_linear_params,
+            "coverage_pct": round(100 * self.replaced_params / self.total_linear_params, 3) if self.total_linear_params else 0.0,
+            "layers_per_role": dict(sorted(per_role.items())),
+            "layers_per_format": dict(sorted(per_fmt.items())),
+            "skipped_per_reason": dict(Counter(r for _, _, r in self.skipped)),
+            "notes": list(self.notes),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "summary": self.summary(),
+            "replaced": [vars(e) for e in self.replaced],
+            "skipped": [{"name": n, "role": r, "reason": why} for n, r, why in self.skipped],
+        }
+
+    def table(self) -> str:
+        """A readable per-role table (rendered with rich)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="MX replacement report", show_lines=False)
+        for col in ("role", "replaced", "skipped", "formats (w/a)", "params in MX"):
+            t.add_column(col, justify="right" if col in ("replaced", "skipped", "params in MX") else "left")
+        for role in ROLES:
+            rep = [e for e in self.replaced if e.role == role]
+            skp = [s for s in self.skipped if s[1] == role]
+            if not rep and not skp:
+                continue
+            fmts = sorted({f"{e.w_format}/{e.a_format or '-'}" for e in rep})
+            t.add_row(role, str(len(rep)), str(len(skp)), ", ".join(fmts) or "-", f"{sum(e.params for e in rep):,}")
+        s = self.summary()
+        t.caption = (
+            f"{s['replaced_layers']} layers, {s['replaced_params']:,} of {s['linear_params']:,} "
+            f"linear weights ({s['coverage_pct']:.1f}%) in MX"
+        )
+        console = Console(width=110, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+        console.print(t)
+        for note in self.notes:
+            console.print(f"note: {note}")
+        return console.export_text()
+
+
+class SelectionError(ValueError):
+    """The configuration selects nothing, or something the model does not have."""
+
+
+def _no_match_message(what: str, candidates: list[Candidate]) -> str:
+    by_role: dict[str, list[str]] = {}
+    for c in candidates:
+        by_role.setdefault(c.role, []).append(c.name)
+    lines = [f"{what}. Linear-like layers found in this model, by role:"]
+    for role, names in by_role.items():
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+        lines.append(f"  {role}: {shown}")
+    if not candidates:
+        lines.append("  (none: no nn.Linear, Conv1D or fused-experts module)")
+    lines.append(
+        "Select by role (roles=mlp|attn|all or role names) or by regular expression on module "
+        "names, e.g. include='layers\\.\\d+\\.mlp\\.' (exclude= removes matches)."
+    )
+    return "\n".join(lines)
+
+
+def select(model: nn.Module, config: MXConfig) -> tuple[list[Candidate], list[tuple[str, str, str]], list[Candidate]]:
+    """(selected, skipped (name, role, reason), all candidates). Raises ``SelectionError``."""
+    candidates, unusable = find_candidates(model)
+    selected: list[Candidate] = []
+    skipped: list[tuple[str, str, str]] = [(n, "-", why) for n, why in unusable]
+    inc = re.compile(config.include) if config.include else None
+    exc = re.compile(config.exclude) if config.exclude else None
+    for c in candidates:
+        if c.role not in config.roles:
+            skipped.append((c.name, c.role, "role not selected"))
+        elif inc is not None and not inc.search(c.name):
+            skipped.append((c.name, c.role, "does not match include"))
+        elif exc is not None and exc.search(c.name):
+            skipped.append((c.name, c.role, "matches exclude"))
+        else:
+            selected.append(c)
+    if not config.enabled:
+        return [], skipped, candidates
+    if inc is not None and not any(inc.search(c.name) for c in candidates):
+        raise SelectionError(_no_match_message(f"include pattern {config.include!r} matches no linear layer", candidates))
+    if exc is not None and not any(exc.search(c.name) for c in candidates):
+        raise SelectionError(_no_match_message(f"exclude pattern {config.exclude!r} matches no linear layer", candidates))
+    if not selected:
+        raise SelectionError(_no_match_message(
+            f"the MX configuration (roles={'|'.join(config.roles)}) selects no layer of {type(model).__name__}",
+            candidates,
+        ))
+    roles = {c.role for c in selected}
+    missing = [k for k in config.role_formats if not roles & set(expand_roles(k))]
+    if missing:
+        raise SelectionError(f"role_formats names roles with no selected layer: {', '.join(missing)}")
+    return selected, skipped, candidates
+
+
+def apply_mx(model: nn.Module, config: MXConfig, keep_original: bool = False, progress: bool = False) -> MXReport:
+    """Convert the layers that ``config`` selects to MX, in place; return the report.
+
+    ``keep_original=True`` keeps high-precision weights so :func:`layers.mx_disabled`
+    can switch MX off at run time (costs the memory of the selected weights).
+    """
+    selected, skipped, candidates = select(model, config)
+    report = MXReport(config=config.to_dict(), skipped=skipped)
+    report.total_linear_params = sum(c.numel for c in candidates)
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    iterator = selected
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(selected, desc="MX: quantizing weights", unit="layer", leave=False)
+    for c in iterator:
+        w_fmt, a_fmt = config.formats_for(c.role)
+        spec = MXSpec.make(w_fmt, a_fmt, config.block_size, config.rounding, config.scale_bits, config.scale_mode, config.backend)
+        if emb is not None and c.role == "lm_head" and getattr(c.module, "weight", None) is getattr(emb, "weight", None):
+            report.notes.append(
+                f"{c.name} shares its weight with the input embeddings: its MX copy is separate, "
+                "the embeddings stay in high precision"
+            )
+        offloaded = [n for n in _MIXINS[c.kind].MX_WEIGHTS if getattr(getattr(c.module, n, None), "device", None) == torch.device("meta")]
+        if offloaded:
+            report.notes.append(f"{c.name}: weights are offloaded, quantized at each forward")
+        numel = c.numel
+        convert(c.module, _MIXINS[c.kind], spec, c.role, keep_original)
+        report.replaced.append(LayerEntry(c.name, c.role, c.kind, w_fmt, a_fmt, numel))
+    return report

@@ -1,0 +1,104 @@
+"""Tiny randomly initialised models of every seed architecture, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "gpt_neo":
+        return tf.GPTNeoConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=96,
+                               attention_types=[[["global", "local"], 1]], vocab_size=128,
+                               max_position_embeddings=64, window_size=16, bos_token_id=0, eos_token_id=0)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**_TINY)
+    if arch == "phi":
+        return tf.PhiConfig(**_TINY)
+    if arch == "llama":
+        return tf.LlamaConfig(**_TINY)
+    if arch == "phi3":
+        return tf.Phi3Config(**_TINY, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**_TINY, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "mpt":
+        return tf.MptConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=128, max_seq_len=64, expansion_ratio=2)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                             bos_token_id=0, eos_token_id=0)
+    raise KeyError(arch)
+
+
+ARCHS = ["gpt_neo", "qwen2", "phi", "llama", "phi3", "mixtral", "mpt", "gpt2"]
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
+    # random init is tiny; widen it so blocks see realistic ranges
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+def build_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained locally on the shipped corpus (no downloads)."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = Path(__file__).resolve().parent.parent / "tasks" / "corpus"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
+def save_tiny(path, arch: str = "llama", seed: int = 0) -> str:
+    """Save a tiny random model of ``arch`` with a local tokenizer to ``path``."""
+    import transformers as tf
+
+    tokenizer = build_tokenizer()
+    cfg = tiny_config(arch)
+    vocab = len(tokenizer)
+    for key in ("vocab_size",):
+        setattr(cfg, key, vocab)
+    cfg.bos_token_id = cfg.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("tiny_llama"))

@@ -1,0 +1,104 @@
+"""The hf-mx lm-eval model: exactness vs hf, argument validation, numerical health, caching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from lm_eval_mx.config import MXConfig
+from lm_eval_mx.model import HFMXLM, mx_cache_tag
+from lm_eval_mx.selection import apply_mx
+
+PAIRS = [
+    ("We hold these truths to be", " self-evident"),
+    ("Four score and seven years ago our", " fathers"),
+    ("The Senate of the United States shall be", " composed of two Senators"),
+    ("", "Congress shall make no law"),
+]
+
+
+def requests(task: str = "t") -> list[Instance]:
+    return [Instance("loglikelihood", {}, pair, i, metadata=(task, i, 1)) for i, pair in enumerate(PAIRS)]
+
+
+def test_mx_off_is_bit_identical_to_hf(tiny_dir):
+    hf = HFLM(pretrained=tiny_dir, device="cpu", batch_size=2)
+    mx = HFMXLM(pretrained=tiny_dir, device="cpu", batch_size=2, roles="none")
+    assert mx.mx_report.replaced == []
+    assert hf.loglikelihood(requests()) == mx.loglikelihood(requests())
+
+
+def test_mx_on_equals_direct_replacement(tiny_dir):
+    mx = HFMXLM(pretrained=tiny_dir, device="cpu", batch_size=2, format="fp4_e2m1", mlp_only=True)
+    hf = HFLM(pretrained=tiny_dir, device="cpu", batch_size=2)
+    base = hf.loglikelihood(requests())
+    apply_mx(hf.model, MXConfig(w_format="fp4_e2m1", a_format="fp4_e2m1", roles=("mlp_up", "mlp_down", "experts")))
+    direct = hf.loglikelihood(requests())
+    got = mx.loglikelihood(requests())
+    assert got == direct
+    assert got != base
+    info = mx.get_model_info()
+    assert info["mx_config"]["w_format"] == "fp4_e2m1"
+    assert info["mx_report"]["layers_per_role"] == {"mlp_down": 2, "mlp_up": 4}
+
+
+def test_set_mx_swaps_configs_on_one_copy(tiny_dir):
+    lm = HFMXLM(pretrained=tiny_dir, device="cpu", roles="none", mx_keep_original=True)
+    base = lm.loglikelihood(requests())
+    lm.set_mx(MXConfig(w_format="fp4", a_format="fp4"))
+    fp4 = lm.loglikelihood(requests())
+    lm.set_mx(MXConfig(roles=()))
+    assert lm.loglikelihood(requests()) == base
+    assert fp4 != base
+    with lm.mx_off():
+        pass
+
+
+def test_unknown_keys_fail_before_loading(tiny_dir, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("model load attempted")
+
+    monkeypatch.setattr(HFLM, "__init__", boom)
+    with pytest.raises(ValueError, match=r"'mlp_onyl' \(did you mean mlp_only\?\)"):
+        HFMXLM(pretrained=tiny_dir, mlp_onyl=True)
+    with pytest.raises(ValueError, match="valid formats"):
+        HFMXLM(pretrained=tiny_dir, w_format="fp5")
+    with pytest.raises(ValueError, match="block_size"):
+        HFMXLM(pretrained=tiny_dir, block_size="abc")
+
+
+def test_config_attribute_overrides_are_allowed(tiny_dir):
+    lm = HFMXLM(pretrained=tiny_dir, device="cpu", roles="none", rms_norm_eps=1e-5)
+    assert lm.model.config.rms_norm_eps == 1e-5
+
+
+def test_nonfinite_logits_are_reported(tiny_dir, caplog):
+    lm = HFMXLM(pretrained=tiny_dir, device="cpu", mlp_only=True)
+    lm.model.model.layers[0].mlp.down_proj.weight.data[0, 0] = float("nan")
+    with caplog.at_level("WARNING", logger="lm_eval_mx"):
+        out = lm.loglikelihood(requests("my_task"))
+    assert all(math.isnan(v) for v, _ in out)
+    assert lm.get_model_info()["mx_nonfinite_requests"] == {"my_task": len(PAIRS)}
+    assert "non-finite" in caplog.text and "my_task: 4" in caplog.text
+
+
+def test_cache_tag_differs_per_config(tiny_dir):
+    lm = HFMXLM(pretrained=tiny_dir, device="cpu", mlp_only=True)
+    other = MXConfig(w_format="fp4", a_format="fp4")
+    assert lm.mx_cache_tag and lm.mx_cache_tag.startswith("mx-")
+    assert mx_cache_tag(other, lm.mx_report) != lm.mx_cache_tag
+    from lm_eval.api.model import CachingLM
+
+    cached = CachingLM(lm, "/tmp/lm_eval_mx_test_cache.db")
+    assert lm.mx_cache_tag in cached.dbdict.filename
+
+
+def test_bf16_model(tiny_dir):
+    lm = HFMXLM(pretrained=tiny_dir, device="cpu", dtype="bfloat16", format="fp8_e4m3")
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    out = lm.loglikelihood(requests())
+    assert all(math.isfinite(v) for v, _ in out)

@@ -1,0 +1,259 @@
+"""Role classification, replacement, exactness against a hand-written reference, reporting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ARCHS, tiny_model
+
+from lm_eval_mx.config import MXConfig, parse_mx_args
+from lm_eval_mx.layers import MXLayer, mx_disabled, mx_layers
+from lm_eval_mx.numerics import quantize_mx
+from lm_eval_mx.selection import SelectionError, apply_mx, find_candidates
+
+# Exact expected count of linear-like layers per role (2 transformer blocks each).
+EXPECTED = {
+    "gpt_neo": {"attn_qkv": 6, "attn_out": 2, "mlp_up": 2, "mlp_down": 2, "lm_head": 1},
+    "qwen2": {"attn_qkv": 6, "attn_out": 2, "mlp_up": 4, "mlp_down": 2, "lm_head": 1},
+    "phi": {"attn_qkv": 6, "attn_out": 2, "mlp_up": 2, "mlp_down": 2, "lm_head": 1},
+    "llama": {"attn_qkv": 6, "attn_out": 2, "mlp_up": 4, "mlp_down": 2, "lm_head": 1},
+    "phi3": {"attn_qkv": 2, "attn_out": 2, "mlp_up": 2, "mlp_down": 2, "lm_head": 1},
+    "mixtral": {"attn_qkv": 6, "attn_out": 2, "experts": 2, "lm_head": 1},
+    "mpt": {"attn_qkv": 2, "attn_out": 2, "mlp_up": 2, "mlp_down": 2, "lm_head": 1},
+    "gpt2": {"attn_qkv": 2, "attn_out": 2, "mlp_up": 2, "mlp_down": 2, "lm_head": 1},
+}
+IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 7, 120, 33, 2, 11, 80]])
+
+
+def role_counts(model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for c in find_candidates(model)[0]:
+        counts[c.role] = counts.get(c.role, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_roles_per_architecture(arch):
+    assert role_counts(tiny_model(arch)) == EXPECTED[arch]
+
+
+def test_gpt2_c_proj_regression():
+    """The prototype matched 'c_proj' as a substring: attention and MLP alike."""
+    model = tiny_model("gpt2")
+    roles = {c.name: c.role for c in find_candidates(model)[0]}
+    assert roles["transformer.h.0.attn.c_proj"] == "attn_out"
+    assert roles["transformer.h.0.mlp.c_proj"] == "mlp_down"
+    apply_mx(model, MXConfig(roles=("mlp_down",)))
+    mods = dict(model.named_modules())
+    assert isinstance(mods["transformer.h.0.mlp.c_proj"], MXLayer)
+    assert not isinstance(mods["transformer.h.0.attn.c_proj"], MXLayer)
+
+
+def _reference_linear(module_before, x, w_fmt, a_fmt, block=32):
+    """F.linear(quantize(x), quantize(W)) from the original module's weights."""
+    kind = type(module_before).__name__
+    if kind == "Conv1D":
+        w = quantize_mx(module_before.weight, w_fmt, block, axis=0)
+        xq = quantize_mx(x, a_fmt, block)
+        return torch.addmm(module_before.bias, xq.view(-1, xq.size(-1)), w).view(*x.shape[:-1], -1)
+    return F.linear(quantize_mx(x, a_fmt, block), quantize_mx(module_before.weight, w_fmt, block), module_before.bias)
+
+
+def _reference_experts(orig, x, top_k_index, top_k_weights, fmt):
+    out = torch.zeros_like(x)
+    gu = quantize_mx(orig.gate_up_proj, fmt)
+    dn = quantize_mx(orig.down_proj, fmt)
+    for e in range(gu.shape[0]):
+        tok, slot = torch.where(top_k_index == e)
+        if len(tok) == 0:
+            continue
+        gate, up = F.linear(quantize_mx(x[tok], fmt), gu[e]).chunk(2, dim=-1)
+        h = F.linear(quantize_mx(orig.act_fn(gate) * up, fmt), dn[e]) * top_k_weights[tok, slot, None]
+        out.index_add_(0, tok, h)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4_e2m1"])
+def test_every_layer_equals_reference(arch, fmt):
+    """Each replaced layer's output is bit-identical to F.linear(quantize(x), quantize(W))."""
+    import copy
+
+    model = tiny_model(arch)
+    original = copy.deepcopy(model)
+    report = apply_mx(model, MXConfig(w_format=fmt, a_format=fmt))
+    assert len(report.replaced) == sum(v for k, v in EXPECTED[arch].items() if k != "lm_head")
+    orig_mods = dict(original.named_modules())
+    seen = {}
+
+    def hook(name):
+        def fn(mod, args, out):
+            seen[name] = (args, out)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mx_layers(model)]
+    with torch.no_grad():
+        model(IDS)
+    for h in handles:
+        h.remove()
+    assert set(seen) == {e.name for e in report.replaced}
+    for name, (args, out) in seen.items():
+        before = orig_mods[name]
+        if type(before).__name__.endswith("Experts"):
+            ref = _reference_experts(before, *args, fmt)
+        else:
+            ref = _reference_linear(before, args[0], fmt, fmt)
+        assert torch.equal(out, ref), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlp_only_leaves_attention_untouched(arch):
+    model = tiny_model(arch)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    apply_mx(model, parse_mx_args({"mlp_only": True})[0])
+    roles = {layer.mx_role for _, layer in mx_layers(model)}
+    assert roles and roles <= {"mlp_up", "mlp_down", "experts"}
+    for name, p in model.named_parameters():
+        if ".attn" in name or "attention" in name or "self_attn" in name:
+            assert torch.equal(p, before[name]), name
+
+
+def test_weights_quantized_once(monkeypatch):
+    from lm_eval_mx import layers
+
+    model = tiny_model("llama")
+    apply_mx(model, MXConfig())
+    calls = []
+    orig = layers.MXSpec.weight
+    monkeypatch.setattr(layers.MXSpec, "weight", lambda self, w, axis: calls.append(w.shape) or orig(self, w, axis))
+    acts = []
+    orig_act = layers.MXSpec.act
+    monkeypatch.setattr(layers.MXSpec, "act", lambda self, x: acts.append(x.shape) or orig_act(self, x))
+    with torch.no_grad():
+        model(IDS)
+        model(IDS)
+    assert calls == []  # no weight quantization during forward
+    assert len(acts) == 2 * 14  # every linear quantized its input, each forward
+
+
+def test_mx_disabled_restores_baseline_exactly():
+    base = tiny_model("qwen2")
+    model = tiny_model("qwen2")
+    with torch.no_grad():
+        ref = base(IDS).logits
+        apply_mx(model, MXConfig(w_format="fp4", a_format="fp4"), keep_original=True)
+        mx = model(IDS).logits
+        with mx_disabled(model):
+            off = model(IDS).logits
+        again = model(IDS).logits
+    assert torch.equal(off, ref)
+    assert not torch.equal(mx, ref)
+    assert torch.equal(again, mx)
+
+
+def test_mx_disabled_needs_original():
+    model = tiny_model("llama")
+    apply_mx(model, MXConfig())
+    with pytest.raises(RuntimeError, match="keep_original"), mx_disabled(model):
+        pass
+
+
+def test_roles_none_is_untouched():
+    model = tiny_model("llama")
+    report = apply_mx(model, parse_mx_args({"roles": "none"})[0])
+    assert report.replaced == [] and not list(mx_layers(model))
+
+
+def test_no_match_errors_list_modules():
+    model = tiny_model("gpt2")
+    with pytest.raises(SelectionError, match=r"include pattern 'nothing_here' matches no linear layer(.|\n)*attn_out: transformer\.h\.0\.attn\.c_proj"):
+        apply_mx(model, parse_mx_args({"include": "nothing_here"})[0])
+    with pytest.raises(SelectionError, match="selects no layer"):
+        apply_mx(tiny_model("mixtral"), MXConfig(roles=("mlp_up",)))
+
+
+def test_unrecognised_architecture_errors():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(32, 32) for _ in range(2)])
+
+    with pytest.raises(SelectionError, match=r"other: blocks\.0, blocks\.1(.|\n)*include="):
+        apply_mx(Odd(), MXConfig())
+    report = apply_mx(Odd(), parse_mx_args({"include": r"blocks\.1"})[0])
+    assert [e.name for e in report.replaced] == ["blocks.1"]
+
+
+def test_include_exclude_and_role_formats():
+    model = tiny_model("llama")
+    cfg, rest = parse_mx_args({"roles": "all", "exclude": r"layers\.0\.", "role_formats": "mlp:fp4|attn:fp8_e5m2",
+                               "device": "cpu"})
+    assert rest == {"device": "cpu"}
+    report = apply_mx(model, cfg)
+    assert all(".layers.1." in e.name for e in report.replaced) and len(report.replaced) == 7
+    fm = {e.role: e.w_format for e in report.replaced}
+    assert fm["mlp_up"] == "fp4_e2m1" and fm["attn_qkv"] == "fp8_e5m2"
+    s = report.summary()
+    assert s["layers_per_role"] == {"attn_out": 1, "attn_qkv": 3, "mlp_down": 1, "mlp_up": 2}
+    assert 0 < s["coverage_pct"] < 100
+    text = report.table()
+    assert "mlp_up" in text and "in MX" in text
+
+
+def test_lm_head_tied_is_not_quantized_behind_back():
+    model = tiny_model("gpt2")
+    emb = model.get_input_embeddings().weight.clone()
+    report = apply_mx(model, parse_mx_args({"roles": "lm_head"})[0])
+    assert [e.role for e in report.replaced] == ["lm_head"]
+    assert torch.equal(model.get_input_embeddings().weight, emb)
+    assert not torch.equal(model.lm_head.weight, emb)
+    assert any("input embeddings" in n for n in report.notes)
+
+
+def test_weight_only_and_bf16():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    apply_mx(model, MXConfig(weight_only=True, roles=("mlp_down",)))
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="valid formats"):
+        parse_mx_args({"w_format": "fp9"})
+    with pytest.raises(ValueError, match="block_size must be an integer >= 0"):
+        parse_mx_args({"block_size": -4})
+    with pytest.raises(ValueError, match="mlp_only must be True or False"):
+        parse_mx_args({"mlp_only": "Ture"})
+    with pytest.raises(ValueError, match="unknown role 'mlpp'"):
+        parse_mx_args({"roles": "mlpp"})
+    with pytest.raises(ValueError, match="choose one way"):
+        parse_mx_args({"mlp_only": True, "attn_only": True})
+    with pytest.raises(ValueError, match="invalid regular expression"):
+        parse_mx_args({"include": "("})
+    cfg, _ = parse_mx_args({"format": "mxfp4", "block_size": "16", "roles": ["attn", "mlp_down"]})
+    assert (cfg.w_format, cfg.a_format, cfg.block_size) == ("fp4_e2m1", "fp4_e2m1", 16)
+    assert cfg.roles == ("attn_qkv", "attn_out", "mlp_down")
+    assert MXConfig(**{k: v for k, v in cfg.to_dict().items()}) == cfg
+
+
+def test_accelerate_hook_kept():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Count(ModelHook):
+        n = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.n += 1
+            return args, kwargs
+
+    model = tiny_model("llama")
+    add_hook_to_module(model.model.layers[0].mlp.down_proj, Count())
+    apply_mx(model, MXConfig())
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(2, 96)
+    out = layer(x)
+    assert Count.n == 1
+    assert torch.equal(out, F.linear(quantize_mx(x, "fp8"), layer.weight))
