@@ -1,20 +1,23 @@
 """Quantization backends: the same exact function, computed by different engines.
 
-``torch``  : eager torch (:mod:`lm_eval_mx.numerics`), CPU and CUDA; the reference.
-``compile``: ``torch.compile`` of the same code (CUDA).
-``triton`` : a fused Triton kernel (:mod:`lm_eval_mx.kernels`), CUDA, optional dependency.
-``auto``   : ``triton`` for CUDA tensors when Triton imports, else ``torch``.
+``torch`` : eager torch (:mod:`lm_eval_mx.numerics`), CPU and CUDA; the reference.
+``triton``: a one-pass Triton kernel (:mod:`lm_eval_mx.kernels`) for CUDA tensors,
+            from the optional ``gpu`` extra; CPU tensors take the torch path.
+``auto``  : ``triton`` when CUDA and Triton are available, else ``torch``.
+
+``torch.compile`` of the torch code was measured as an alternative (BENCHMARKS.md)
+and is slower than the kernel, so it is not offered.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
+from .config import BACKENDS
 from .formats import ElemFormat, Rounding, ScaleMode
 from .numerics import quantize_mx_torch
 
@@ -32,27 +35,25 @@ class Quantizer(Protocol):
     ) -> torch.Tensor: ...
 
 
+@functools.cache
 def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
-def _compiled() -> Callable[..., torch.Tensor]:
-    return torch.compile(quantize_mx_torch, dynamic=True)
-
-
-def _triton(x: torch.Tensor, *args: object) -> torch.Tensor:
+def _triton(
+    x: torch.Tensor,
+    fmt: ElemFormat,
+    block_size: int,
+    axis: int,
+    rounding: Rounding,
+    scale_bits: int,
+    scale_mode: ScaleMode,
+) -> torch.Tensor:
+    if not x.is_cuda:
+        return quantize_mx_torch(x, fmt, block_size, axis, rounding, scale_bits, scale_mode)
     from .kernels import quantize_mx_triton
 
-    if not x.is_cuda:
-        return quantize_mx_torch(x, *args)  # type: ignore[arg-type]
-    return quantize_mx_triton(x, *args)  # type: ignore[arg-type]
-
-
-def _compile(x: torch.Tensor, *args: object) -> torch.Tensor:
-    if not x.is_cuda:
-        return quantize_mx_torch(x, *args)  # type: ignore[arg-type]
-    return _compiled()(x, *args)
+    return quantize_mx_triton(x, fmt, block_size, axis, rounding, scale_bits, scale_mode)
 
 
 def resolve_backend(name: str) -> str:
@@ -64,11 +65,11 @@ def resolve_backend(name: str) -> str:
             "backend=triton needs CUDA and the 'triton' package (pip install 'lm-eval-mx[gpu]'); "
             "use backend=torch or backend=auto"
         )
-    if name not in ("torch", "compile", "triton"):
-        raise ValueError(f"unknown backend {name!r}; valid: auto, torch, compile, triton")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
     return name
 
 
 def get_quantizer(name: str) -> Quantizer:
     """The quantize function of a backend (``auto`` resolved)."""
-    return {"torch": quantize_mx_torch, "compile": _compile, "triton": _triton}[resolve_backend(name)]  # type: ignore[return-value]
+    return {"torch": quantize_mx_torch, "triton": _triton}[resolve_backend(name)]  # type: ignore[return-value]

@@ -29,7 +29,8 @@ ROLE_GROUPS: dict[str, tuple[str, ...]] = {
     "all": ("attn_qkv", "attn_out", "mlp_up", "mlp_down", "experts"),
     "none": (),
 }
-BACKENDS: tuple[str, ...] = ("auto", "torch", "compile", "triton")
+# Quantization engines (lm_eval_mx.backends); all give bit-identical results.
+BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 
 
 def _as_list(value: Any) -> list[str]:

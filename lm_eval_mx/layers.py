@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,7 +69,21 @@ class MXSpec:
         return self.quantize(w, self.w_format, axis)
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.a_format is None else self.quantize(x, self.a_format, -1)
+        """Quantize an input along its last axis; siblings fed the same tensor share one result."""
+        if self.a_format is None:
+            return x
+        key = (self.a_format, self.block_size, self.rounding, self.scale_bits, self.scale_mode, self.backend)
+        hit = _LAST_ACT.get("entry")
+        if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] == key:
+            return hit[3]
+        xq = self.quantize(x, self.a_format, -1)
+        _LAST_ACT["entry"] = (weakref.ref(x), x._version, key, xq)
+        return xq
+
+
+# The last quantized activation: q/k/v and gate/up projections read the same input tensor,
+# so it is quantized once. Keyed by identity and version of the input (weakly held).
+_LAST_ACT: dict[str, tuple] = {}
 
 
 class MXLayer(nn.Module):

@@ -12,7 +12,6 @@ and the code runs unchanged on CPU and CUDA (and under ``torch.compile``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .formats import (
     ElemFormat,
@@ -32,7 +31,7 @@ _F32_SUBNORMAL_2_M127 = 0x00400000  # 2**-127, the smallest E8M0 scale
 def pow2(e: torch.Tensor) -> torch.Tensor:
     """Exact float32 ``2**e`` for int32 ``e`` in [-127, 127] (2**-127 is subnormal)."""
     bits = torch.where(e > -_F32_BIAS, (e + _F32_BIAS) << _F32_MANT, _F32_SUBNORMAL_2_M127)
-    return bits.view(torch.float32)
+    return bits.to(torch.int32).view(torch.float32)  # explicit: inductor may widen the scalar
 
 
 def _biased_exponent(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +47,7 @@ def shared_exponent(
     """
     bits = amax.view(torch.int32)
     if scale_mode is ScaleMode.RCEIL:
-        descale = amax * torch.tensor(1.0 / fmt.max_normal, dtype=torch.float32)
+        descale = amax * (1.0 / fmt.max_normal)  # float32 product, as cuBLAS/torchao compute it
         dbits = descale.view(torch.int32)
         biased = (dbits >> _F32_MANT) & 0xFF
         mant = dbits & 0x7FFFFF
@@ -82,15 +81,16 @@ def round_elements(v: torch.Tensor, fmt: ElemFormat, rounding: Rounding) -> torc
     return q.clamp(-fmt.max_normal, fmt.max_normal)
 
 
-def _to_blocks(x: torch.Tensor, block_size: int, axis: int) -> tuple[torch.Tensor, int]:
-    """float32 view of ``x`` with ``axis`` last, split into zero-padded blocks."""
-    xf = x.to(torch.float32).movedim(axis, -1)
-    n = xf.shape[-1]
-    bs = n if block_size == 0 else block_size
-    pad = (-n) % bs if n else 0
-    if pad:
-        xf = F.pad(xf, (0, pad))
-    return xf.reshape(*xf.shape[:-1], -1, bs), n
+def _quantize_blocks(
+    xf: torch.Tensor, bs: int, fmt: ElemFormat, rounding: Rounding, scale_bits: int, scale_mode: ScaleMode
+) -> torch.Tensor:
+    """Quantize float32 ``xf`` whose last axis is a whole number of ``bs``-blocks."""
+    blocks = xf.reshape(*xf.shape[:-1], -1, bs)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    exp, nan = shared_exponent(amax, fmt, scale_bits, scale_mode)
+    q = round_elements(blocks * pow2(-exp), fmt, rounding) * pow2(exp)
+    q = torch.where(nan, torch.full_like(q, float("nan")), q) + 0.0  # +0.0: no -0
+    return q.reshape(xf.shape)
 
 
 def quantize_mx_torch(
@@ -102,15 +102,21 @@ def quantize_mx_torch(
     scale_bits: int,
     scale_mode: ScaleMode,
 ) -> torch.Tensor:
-    """The vectorised torch backend (resolved arguments; see :func:`quantize_mx`)."""
+    """The vectorised torch backend (resolved arguments; see :func:`quantize_mx`).
+
+    A ragged last block is quantized as a shorter block of its own: the same as
+    zero padding (zeros never change a block maximum), without a padded copy.
+    """
     if x.numel() == 0:
         return x.clone()
-    blocks, n = _to_blocks(x, block_size, axis)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    exp, nan = shared_exponent(amax, fmt, scale_bits, scale_mode)
-    q = round_elements(blocks * pow2(-exp), fmt, rounding) * pow2(exp)
-    q = torch.where(nan, torch.full_like(q, float("nan")), q) + 0.0  # +0.0: no -0
-    q = q.reshape(*q.shape[:-2], -1)[..., :n]
+    xf = x.to(torch.float32).movedim(axis, -1)
+    n = xf.shape[-1]
+    bs = n if block_size == 0 else min(block_size, n)
+    full = n - n % bs
+    q = _quantize_blocks(xf[..., :full], bs, fmt, rounding, scale_bits, scale_mode)
+    if full < n:
+        tail = _quantize_blocks(xf[..., full:], n - full, fmt, rounding, scale_bits, scale_mode)
+        q = torch.cat([q, tail], dim=-1)
     return q.movedim(-1, axis).to(x.dtype)
 
 
