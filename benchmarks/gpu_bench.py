@@ -64,6 +64,25 @@ def bench_quant(tokens: list[int]) -> list[dict]:
     return rows
 
 
+def bench_tiles(tokens: list[int]) -> list[dict]:
+    """Triton tile sizes and warps, for choosing kernels.TILE_ELEMENTS / NUM_WARPS."""
+    from lm_eval_mx.kernels import quantize_mx_triton
+
+    f = get_format("fp8_e4m3")
+    rows = []
+    for t in tokens:
+        for k in (4096, 14336):
+            x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+            copy = median_ms(lambda x=x: x.clone())
+            row = {"shape": f"{t}x{k}"}
+            for elems, warps in ((512, 2), (1024, 2), (1024, 4), (2048, 2), (2048, 4), (4096, 8)):
+                ms = median_ms(lambda x=x, e=elems, w=warps: quantize_mx_triton(x, f, 32, -1, EVEN, 8, FLOOR, e, w))
+                row[f"{elems}/{warps}w"] = round(100 * copy / ms, 1)
+            rows.append(row)
+            print(json.dumps(row))
+    return rows
+
+
 def bench_mlp(tokens: list[int]) -> list[dict]:
     h, i = 4096, 14336
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -133,8 +152,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--out", default=None)
+    p.add_argument("--tiles", action="store_true", help="only sweep the Triton kernel's tile size and warps")
     ns = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if ns.tiles:
+        bench_tiles(ns.tokens)
+        return
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "quant": bench_quant(ns.tokens), "mlp": bench_mlp(ns.tokens), "module": bench_module(ns.tokens)}
     if ns.out:

@@ -4,6 +4,7 @@
     lm-eval-mx compare --model_args pretrained=PATH --tasks T --config format=fp8 --config format=fp4,mlp_only=True
     lm-eval-mx compare --sweep "format=fp8_e4m3,fp4_e2m1 roles=mlp,all" ...
     lm-eval-mx compare --results base.json mx.json          (tabulate existing results files)
+    lm-eval-mx divergence --model_args pretrained=PATH --config format=fp4 --sensitivity block
     lm-eval-mx formats                                      (the MX element formats)
 """
 
@@ -76,14 +77,70 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output_dir", default="mx_compare", help="where compare.md/.csv/.json/.png go (default: mx_compare)")
 
 
+def _divergence_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "divergence",
+        help="token-level CE/perplexity/entropy, KL(baseline||MX), top-1 agreement and per-layer SQNR",
+        description="How far one MX configuration moves the model's predictions, on one model copy.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  lm-eval-mx divergence --model_args pretrained=PATH --config format=fp4_e2m1,mlp_only=True\n"
+            "  lm-eval-mx divergence --model_args pretrained=PATH --config format=fp4 --sensitivity block --top_k 4\n"
+            "The corpus defaults to the public-domain texts shipped in tasks/corpus."
+        ),
+    )
+    p.add_argument("--model_args", required=True, help="hf model args without MX keys, e.g. pretrained=PATH,dtype=bfloat16")
+    p.add_argument("--config", required=True, metavar="MX_ARGS", help="the MX configuration, e.g. format=fp4,mlp_only=True")
+    p.add_argument("--corpus", nargs="+", default=None, metavar="TXT", help="text files (default: tasks/corpus/*.txt)")
+    p.add_argument("--max_length", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--max_tokens", type=int, default=None, help="stop after this many corpus tokens")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
+    p.add_argument("--sensitivity", choices=("block", "layer"), default=None,
+                   help="also rank blocks/layers by the KL each adds alone in MX (one extra forward per unit)")
+    p.add_argument("--top_k", type=int, default=3, help="how many of the worst units the exclude pattern keeps in high precision")
+    p.add_argument("--output", default=None, metavar="JSON", help="write the full result here")
+
+
+def divergence_main(ns: argparse.Namespace) -> int:
+    import json
+
+    from lm_eval.utils import simple_parse_args_string
+    from rich.console import Console
+
+    from .config import MX_KEYS, parse_mx_args
+    from .divergence import render, run_divergence
+    from .model import HFMXLM
+
+    base = simple_parse_args_string(ns.model_args)
+    if any(k in MX_KEYS for k in base):
+        raise SystemExit("divergence: put MX keys in --config, not --model_args")
+    config, rest = parse_mx_args(simple_parse_args_string(ns.config))
+    if rest:
+        raise SystemExit(f"divergence: --config holds MX keys only; got {', '.join(rest)}")
+    files = [Path(f) for f in ns.corpus] if ns.corpus else sorted((tasks_dir() / "corpus").glob("*.txt"))
+    texts = [t for f in files for t in f.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+    if ns.device:
+        base["device"] = ns.device
+    lm = HFMXLM(**base, roles="none", mx_keep_original=True)
+    result = run_divergence(lm.model, lm.tokenizer, texts, config, max_length=ns.max_length,
+                            batch_size=ns.batch_size, max_tokens=ns.max_tokens, sensitivity=ns.sensitivity,
+                            top_k=ns.top_k)
+    Console(width=160).print(render(result))
+    if ns.output:
+        Path(ns.output).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def compare_main(ns: argparse.Namespace) -> int:
     from lm_eval.utils import simple_parse_args_string
     from rich.console import Console
 
-    from .compare import build_rows, expand_sweep, label_of, load_results, rich_table, run_configs, write_outputs
+    from .compare import build_rows, expand_sweep, load_results, rich_table, run_configs, write_outputs
     from .config import MX_KEYS, parse_mx_args
 
-    console = Console()
+    console = Console(width=160)
     if ns.results:
         if len(ns.results) < 2:
             raise SystemExit("compare --results needs a baseline file and at least one MX file")
@@ -105,7 +162,7 @@ def compare_main(ns: argparse.Namespace) -> int:
             cfg, rest = parse_mx_args(spec)
             if rest:
                 raise SystemExit(f"compare: --config holds MX keys only ({', '.join(MX_KEYS)}); got {', '.join(rest)}")
-            configs.append((label_of(spec), cfg))
+            configs.append((cfg.label(), cfg))
         include = str(tasks_dir()) if ns.include_path is None else [str(tasks_dir()), ns.include_path]
         batch = int(ns.batch_size) if str(ns.batch_size).isdigit() else ns.batch_size
         limit = int(ns.limit) if ns.limit is not None and ns.limit >= 1 else ns.limit
@@ -159,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     parser.add_argument("--version", action="version", version=f"lm-eval-mx {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{compare,formats,run,ls,validate}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,divergence,formats,run,ls,validate}")
     _compare_parser(sub)
+    _divergence_parser(sub)
     sub.add_parser("formats", help="list the MX element formats and their aliases")
     sub.add_parser("run", help="lm-eval's run command (hf-mx and offline tasks loaded)", add_help=False)
     if not argv or argv[0] in ("-h", "--help", "--version"):
@@ -168,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] == "compare":
         return compare_main(parser.parse_args(argv))
+    if argv[0] == "divergence":
+        return divergence_main(parser.parse_args(argv))
     if argv[0] == "formats":
         return formats_main()
     run_lm_eval(argv)

@@ -206,10 +206,6 @@ def expand_sweep(spec: str) -> list[dict[str, str]]:
     return combos
 
 
-def label_of(args: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in args.items())
-
-
 def write_outputs(runs: list[Run], out_dir: Path) -> dict[str, Path]:
     """compare.md / .csv / .json / .png (and each run's results) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,8 +225,9 @@ def load_results(path: str | Path) -> Run:
     data = json.loads(Path(path).read_text())
     cfg = data.get("config", {}) or {}
     mx = cfg.get("mx_config")
-    label = cfg.get("mx_label") if mx and (cfg.get("mx_report") or {}).get("replaced_layers") else None
-    return Run(label or Path(path).stem, mx, data)
+    replaced = (cfg.get("mx_report") or {}).get("replaced_layers")
+    label = cfg.get("mx_label") if mx and replaced else None
+    return Run(label or Path(path).stem, mx if replaced else None, data)
 
 
 def run_configs(

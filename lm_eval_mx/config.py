@@ -144,17 +144,23 @@ class MXConfig:
         return d
 
     def label(self) -> str:
-        """Short human label, e.g. ``w=fp4_e2m1 a=fp4_e2m1 b32 [mlp]``."""
+        """Short human label naming only what differs from the defaults, e.g. ``fp4_e2m1 mlp``."""
+        if not self.enabled:
+            return "baseline"
+        fmt = self.w_format if self.w_format == self.a_format else f"w:{self.w_format}/a:{self.a_format}"
+        parts = [f"w:{self.w_format} weight-only" if self.weight_only else fmt]
+        parts += [f"{r}:{f}" for r, f in self.role_formats.items()]
+        defaults = {"block_size": 32, "rounding": "even", "scale_bits": 8, "scale_mode": "floor"}
+        tags = {"block_size": "b{}", "rounding": "round={}", "scale_bits": "e{}m0", "scale_mode": "scale={}"}
+        parts += [tags[k].format(getattr(self, k)) for k, v in defaults.items() if getattr(self, k) != v]
         group = next((g for g, r in ROLE_GROUPS.items() if r == self.roles), "|".join(self.roles))
-        parts = [f"w={self.w_format}", "a=-" if self.weight_only else f"a={self.a_format}", f"b{self.block_size}"]
-        if self.role_formats:
-            parts.append(",".join(f"{r}:{f}" for r, f in self.role_formats.items()))
-        sel = group or "-"
+        if group != "all":
+            parts.append(group)
         if self.include:
-            sel += f" +/{self.include}/"
+            parts.append(f"+/{self.include}/")
         if self.exclude:
-            sel += f" -/{self.exclude}/"
-        return " ".join(parts) + f" [{sel}]"
+            parts.append(f"-/{self.exclude}/")
+        return " ".join(parts)
 
 
 # User-facing keys beyond MXConfig's own fields.

@@ -80,11 +80,15 @@ def _mx_kernel(
     tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _tile(block: int) -> tuple[int, int, int]:
-    """(ROWS, NB, BP): about 4096 elements a program."""
+# Elements per program and warps: tuned on an H100 (benchmarks/gpu_bench.py --tiles).
+TILE_ELEMENTS, NUM_WARPS = 1024, 2
+
+
+def _tile(block: int, elements: int) -> tuple[int, int, int]:
+    """(ROWS, NB, BP): ``elements`` per program, up to 1024 columns a row."""
     bp = triton.next_power_of_2(block)
     nb = max(1, min(1024 // bp, 64))
-    rows = max(1, 4096 // (nb * bp))
+    rows = max(1, elements // (nb * bp))
     return rows, nb, bp
 
 
@@ -96,6 +100,8 @@ def quantize_mx_triton(
     rounding: Rounding,
     scale_bits: int,
     scale_mode: ScaleMode,
+    tile_elements: int = TILE_ELEMENTS,
+    num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """Same contract as :func:`lm_eval_mx.numerics.quantize_mx_torch`, for CUDA tensors."""
     if x.numel() == 0:
@@ -106,13 +112,13 @@ def quantize_mx_triton(
     n_rows = xc.numel() // n_cols
     block = n_cols if block_size == 0 else min(block_size, n_cols)
     y = torch.empty_like(xc)
-    rows, nb, bp = _tile(block)
+    rows, nb, bp = _tile(block, tile_elements)
     n_blocks = triton.cdiv(n_cols, block)
     grid = (triton.cdiv(n_rows, rows), triton.cdiv(n_blocks, nb))
     _mx_kernel[grid](
         xc, y, n_rows, n_cols, block,
         fmt.emax, fmt.emin, fmt.mbits, fmt.max_normal, 1.0 / fmt.max_normal, 2 ** (scale_bits - 1) - 1,
         ROUNDING=_ROUNDING[rounding], SCALE_MODE=_SCALE_MODE[scale_mode],
-        ROWS=rows, NB=nb, BP=bp, num_warps=4,
+        ROWS=rows, NB=nb, BP=bp, num_warps=num_warps,
     )
     return y.movedim(-1, axis) if moved else y

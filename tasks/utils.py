@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from lm_eval.tasks.hellaswag.utils import process_docs as hellaswag_process_docs  # noqa: F401
-from lm_eval.tasks.winogrande.preprocess_winogrande import (  # noqa: F401
-    doc_to_choice as winogrande_doc_to_choice,
-)
+from lm_eval.tasks.hellaswag import utils as _hellaswag
+from lm_eval.tasks.winogrande import preprocess_winogrande as _winogrande
+
+# lm-eval's own prompt functions, re-exported for the YAMLs' !function tags.
+hellaswag_process_docs = _hellaswag.process_docs
+winogrande_doc_to_text = _winogrande.doc_to_text
+winogrande_doc_to_target = _winogrande.doc_to_target
+winogrande_doc_to_choice = _winogrande.doc_to_choice
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
 

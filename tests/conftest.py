@@ -88,6 +88,8 @@ def save_tiny(path, arch: str = "llama", seed: int = 0) -> str:
     for key in ("vocab_size",):
         setattr(cfg, key, vocab)
     cfg.bos_token_id = cfg.eos_token_id = tokenizer.eos_token_id
+    if hasattr(cfg, "max_position_embeddings"):
+        cfg.max_position_embeddings = 2048  # long passages (boolq) must fit
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():

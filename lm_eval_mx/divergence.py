@@ -1,0 +1,233 @@
+"""How far MX moves a model's predictions, token by token, on one model copy.
+
+For each batch of a text corpus the model runs with MX off and on: cross-entropy,
+perplexity and predictive entropy of both, KL(baseline || MX), top-1 agreement,
+and the output SQNR of every MX layer against its own high-precision output on
+the same input (so each layer's number is its own error, not what it inherited).
+Optionally, a sensitivity ranking: the KL that each layer or transformer block
+adds when it alone is in MX, and an ``exclude=`` pattern that keeps the worst in
+high precision.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MXConfig
+from .layers import MXLayer, mx_disabled, mx_layers, mx_only
+from .selection import apply_mx
+
+_BLOCK = re.compile(r"^(.*?\.(?:layers|h|blocks|layer|decoder_layers)\.\d+)\.")
+
+
+@dataclass
+class TokenStats:
+    """Sums over predicted tokens; means are properties."""
+
+    tokens: int = 0
+    ce_base: float = 0.0
+    ce_mx: float = 0.0
+    ent_base: float = 0.0
+    ent_mx: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+
+    def add(self, logits_base: torch.Tensor, logits_mx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> None:
+        lb = F.log_softmax(logits_base.float(), -1)[mask]
+        lm = F.log_softmax(logits_mx.float(), -1)[mask]
+        t = targets[mask]
+        pb, pm = lb.exp(), lm.exp()
+        self.tokens += int(t.numel())
+        self.ce_base += float(-lb.gather(-1, t[:, None]).sum())
+        self.ce_mx += float(-lm.gather(-1, t[:, None]).sum())
+        self.ent_base += float(-(pb * lb).sum())
+        self.ent_mx += float(-(pm * lm).sum())
+        self.kl += float((pb * (lb - lm)).sum())
+        self.agree += int((lb.argmax(-1) == lm.argmax(-1)).sum())
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.tokens, 1)
+        return {
+            "tokens": self.tokens,
+            "ce_base": self.ce_base / n,
+            "ce_mx": self.ce_mx / n,
+            "ppl_base": math.exp(self.ce_base / n),
+            "ppl_mx": math.exp(self.ce_mx / n),
+            "entropy_base": self.ent_base / n,
+            "entropy_mx": self.ent_mx / n,
+            "kl_base_mx": self.kl / n,
+            "top1_agreement": self.agree / n,
+        }
+
+
+@dataclass
+class _SQNR:
+    signal: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    noise: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def hooks(self, model: nn.Module) -> list[Any]:
+        def make(name: str) -> Any:
+            def hook(module: MXLayer, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+                if not module.mx_enabled:
+                    return
+                module.mx_enabled = False
+                try:
+                    ref = module(*args, **kwargs)
+                finally:
+                    module.mx_enabled = True
+                self.signal[name] += float(ref.float().pow(2).sum())
+                self.noise[name] += float((ref.float() - out.float()).pow(2).sum())
+
+            return hook
+
+        return [m.register_forward_hook(make(n), with_kwargs=True) for n, m in mx_layers(model)]
+
+    def db(self) -> dict[str, float]:
+        return {n: 10 * math.log10(self.signal[n] / self.noise[n]) if self.noise[n] > 0 else math.inf for n in self.signal}
+
+
+def token_batches(tokenizer: Any, texts: Iterable[str], max_length: int, batch_size: int,
+                  max_tokens: int | None = None) -> list[torch.Tensor]:
+    """Concatenate the texts (EOS-separated) and cut them into [batch, max_length] id tensors."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    ids = ids[:max_tokens] if max_tokens else ids
+    seqs = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    seqs = [s for s in seqs if len(s) > 1]
+    batches = []
+    for i in range(0, len(seqs), batch_size):
+        group = seqs[i : i + batch_size]
+        width = max(len(s) for s in group)
+        pad = eos if eos is not None else 0
+        t = torch.full((len(group), width), pad, dtype=torch.long)
+        lengths = torch.tensor([len(s) for s in group])
+        for r, s in enumerate(group):
+            t[r, : len(s)] = torch.tensor(s)
+        batches.append(torch.cat([lengths[:, None], t], 1))  # column 0 holds the length
+    return batches
+
+
+def _forward(model: nn.Module, batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lengths, ids = batch[:, 0], batch[:, 1:].to(device)
+    attn = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).to(device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn.long()).logits[:, :-1]
+    return logits, ids[:, 1:], attn[:, 1:]
+
+
+def units_of(model: nn.Module, granularity: str) -> dict[str, set[str]]:
+    """MX layers grouped per transformer block (``block``) or one per layer (``layer``)."""
+    groups: dict[str, set[str]] = defaultdict(set)
+    for name, _ in mx_layers(model):
+        m = _BLOCK.match(name) if granularity == "block" else None
+        groups[m.group(1) if m else name].add(name)
+    return dict(groups)
+
+
+def exclude_pattern(units: list[str], granularity: str) -> str:
+    """A regex for ``exclude=`` (no commas: lm-eval splits model_args on them)."""
+    if granularity == "block":
+        return "^(?:" + "|".join(re.escape(u) + r"\." for u in units) + ")"
+    return "^(?:" + "|".join(re.escape(u) for u in units) + ")$"
+
+
+def run_divergence(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Iterable[str],
+    config: MXConfig,
+    *,
+    max_length: int = 256,
+    batch_size: int = 4,
+    max_tokens: int | None = None,
+    sensitivity: str | None = None,
+    top_k: int = 3,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Apply ``config`` to ``model`` (keeping originals) and measure divergence; returns a JSON-able dict."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    batches = token_batches(tokenizer, texts, max_length, batch_size, max_tokens)
+    if not batches:
+        raise ValueError("divergence: the corpus gave no token sequence longer than one token")
+    report = apply_mx(model, config, keep_original=True)
+    stats, sqnr = TokenStats(), _SQNR()
+    units = units_of(model, sensitivity) if sensitivity else {}
+    unit_kl: dict[str, float] = defaultdict(float)
+    for batch in tqdm(batches, desc="divergence", unit="batch", disable=not progress):
+        with mx_disabled(model):
+            base, targets, mask = _forward(model, batch, device)
+        handles = sqnr.hooks(model)
+        try:
+            mx, _, _ = _forward(model, batch, device)
+        finally:
+            for h in handles:
+                h.remove()
+        stats.add(base, mx, targets, mask)
+        lb = F.log_softmax(base.float(), -1)[mask]
+        for unit, names in units.items():
+            with mx_only(model, names):
+                one, _, _ = _forward(model, batch, device)
+            lm = F.log_softmax(one.float(), -1)[mask]
+            unit_kl[unit] += float((lb.exp() * (lb - lm)).sum())
+    out: dict[str, Any] = {
+        "config": config.to_dict(),
+        "label": config.label(),
+        "replaced_layers": len(report.replaced),
+        "metrics": stats.summary(),
+        "sqnr_db": dict(sorted(sqnr.db().items(), key=lambda kv: kv[1])),
+    }
+    if sensitivity:
+        n = max(stats.tokens, 1)
+        ranking = sorted(((u, kl / n) for u, kl in unit_kl.items()), key=lambda kv: -kv[1])
+        worst = [u for u, _ in ranking[:top_k]]
+        out["sensitivity"] = {"granularity": sensitivity, "kl_alone": dict(ranking), "worst": worst,
+                              "exclude": exclude_pattern(worst, sensitivity)}
+    return out
+
+
+def render(result: dict[str, Any], top: int = 10) -> Any:
+    """Rich renderables: the metrics table, the worst layers by SQNR, the sensitivity ranking."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    m = result["metrics"]
+    t = Table(title=f"Divergence: {result['label']} ({result['replaced_layers']} MX layers, {m['tokens']} tokens)")
+    for col in ("", "baseline", "MX", "Δ"):
+        t.add_column(col, justify="right")
+    for key, name in (("ce", "cross-entropy (nats)"), ("ppl", "perplexity"), ("entropy", "entropy (nats)")):
+        b, x = m[f"{key}_base"], m[f"{key}_mx"]
+        t.add_row(name, f"{b:.4f}", f"{x:.4f}", f"{x - b:+.4f}")
+    t.add_row("KL(baseline ‖ MX)", "", f"{m['kl_base_mx']:.5f}", "")
+    t.add_row("top-1 agreement", "", f"{100 * m['top1_agreement']:.2f}%", "")
+    parts: list[Any] = [t]
+    s = Table(title=f"Lowest output SQNR (of {len(result['sqnr_db'])} MX layers)")
+    s.add_column("layer")
+    s.add_column("SQNR dB", justify="right")
+    for name, db in list(result["sqnr_db"].items())[:top]:
+        s.add_row(name, f"{db:.2f}")
+    parts.append(s)
+    if "sensitivity" in result:
+        sens = result["sensitivity"]
+        r = Table(title=f"KL added by each {sens['granularity']} alone in MX")
+        r.add_column(sens["granularity"])
+        r.add_column("KL", justify="right")
+        for unit, kl in list(sens["kl_alone"].items())[:top]:
+            r.add_row(unit, f"{kl:.5f}")
+        parts += [r, Text(f"keep the worst {len(sens['worst'])} in high precision: exclude={sens['exclude']}")]
+    return Group(*parts)

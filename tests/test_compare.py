@@ -1,0 +1,121 @@
+"""compare: table maths on synthetic results, sweep expansion, outputs; divergence against a hand computation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import build_tokenizer, tiny_model
+
+from lm_eval_mx.compare import Run, build_rows, expand_sweep, load_results, to_csv, to_markdown, write_outputs
+from lm_eval_mx.config import MXConfig
+from lm_eval_mx.divergence import exclude_pattern, run_divergence, token_batches, units_of
+from lm_eval_mx.layers import mx_layers
+
+
+def fake(acc: float, se: float | None, ppl: float, cfg: dict | None = None) -> dict:
+    entry = {"alias": "t", "acc,none": acc, "word_perplexity,none": ppl, "word_perplexity_stderr,none": "N/A"}
+    if se is not None:
+        entry["acc_stderr,none"] = se
+    return {"results": {"task_a": entry}, "config": cfg or {}}
+
+
+def test_delta_and_significance():
+    base = Run("baseline", None, fake(0.60, 0.01, 20.0))
+    small = Run("fp8", {}, fake(0.59, 0.01, 21.0))   # |Δ| = 0.01 < sqrt(2)*0.01
+    big = Run("fp4", {}, fake(0.55, 0.01, 40.0))     # |Δ| = 0.05 > 0.0141
+    rows = {(r.task, r.metric): r for r in build_rows(base, [small, big])}
+    acc = rows[("task_a", "acc")]
+    assert acc.delta(0) == pytest.approx(-0.01) and acc.delta(1) == pytest.approx(-0.05)
+    assert acc.significant(0) is False and acc.significant(1) is True
+    ppl = rows[("task_a", "word_perplexity")]
+    assert ppl.delta(1) == pytest.approx(20.0) and ppl.significant(1) is None  # no stderr: unknown
+    md = to_markdown(list(rows.values()), ["fp8", "fp4"])
+    assert "| task_a | acc | 0.6000 ±0.0100 | 0.5900 | -0.0100 | 0.5500 | -0.0500 * |" in md
+    csv_text = to_csv(list(rows.values()), ["fp8", "fp4"])
+    assert "task_a,acc,fp4,0.55,0.01,-0.05" in csv_text.replace("-0.04999999999999993", "-0.05")
+
+
+def test_missing_metric_in_mx_run():
+    base = Run("baseline", None, fake(0.6, 0.01, 20.0))
+    other = Run("x", {}, {"results": {"task_a": {"acc,none": 0.5}}})
+    rows = {(r.task, r.metric): r for r in build_rows(base, [other])}
+    assert rows[("task_a", "word_perplexity")].values == [None]
+    assert rows[("task_a", "acc")].significant(0) is None
+
+
+def test_outputs_and_reading_results_files(tmp_path):
+    base = tmp_path / "base.json"
+    mx = tmp_path / "mx.json"
+    base.write_text(json.dumps(fake(0.6, 0.01, 20.0)))
+    mx.write_text(json.dumps(fake(0.5, 0.01, 30.0, {"mx_config": {"w_format": "fp4_e2m1"}, "mx_label": "fp4_e2m1",
+                                                   "mx_report": {"replaced_layers": 7}})))
+    runs = [load_results(base), load_results(mx)]
+    assert runs[1].label == "fp4_e2m1" and runs[0].config is None
+    paths = write_outputs(runs, tmp_path / "out")
+    data = json.loads(paths["json"].read_text())
+    assert data["rows"][0]["mx"]["fp4_e2m1"]["delta"] == pytest.approx(-0.1)
+    assert paths["png"].stat().st_size > 1000
+
+
+def test_sweep_expansion():
+    combos = expand_sweep("format=fp8_e4m3,fp4_e2m1 block_size=32,16; roles=mlp,mlp_up|attn_qkv")
+    assert len(combos) == 8
+    assert combos[0] == {"format": "fp8_e4m3", "block_size": "32", "roles": "mlp"}
+    assert {c["roles"] for c in combos} == {"mlp", "mlp_up|attn_qkv"}
+    with pytest.raises(ValueError, match="valid formats"):
+        expand_sweep("format=fp8,fp9")
+    with pytest.raises(ValueError, match="key=v1,v2"):
+        expand_sweep("format")
+
+
+def test_divergence_zero_when_mx_off_and_matches_hand_computation():
+    tok = build_tokenizer()
+    texts = ["We hold these truths to be self-evident, that all men are created equal.",
+             "Four score and seven years ago our fathers brought forth on this continent a new nation."]
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tok))
+    off = run_divergence(model, tok, texts, MXConfig(roles=()), max_length=16, batch_size=2, progress=False)
+    assert off["replaced_layers"] == 0
+    assert off["metrics"]["kl_base_mx"] == 0.0 and off["metrics"]["top1_agreement"] == 1.0
+
+    model2 = tiny_model("llama")
+    model2.resize_token_embeddings(len(tok))
+    ref_model = tiny_model("llama")
+    ref_model.resize_token_embeddings(len(tok))
+    res = run_divergence(model2, tok, texts, MXConfig(w_format="fp4", a_format="fp4"), max_length=16, batch_size=2,
+                         progress=False, sensitivity="block", top_k=1)
+    # hand computation: baseline from an untouched twin, MX from the converted model
+    batches = token_batches(tok, texts, 16, 2)
+    kl = ce_b = ce_m = 0.0
+    n = 0
+    for b in batches:
+        lengths, ids = b[:, 0], b[:, 1:]
+        mask = (torch.arange(ids.shape[1])[None] < lengths[:, None])
+        with torch.no_grad():
+            lb = F.log_softmax(ref_model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float(), -1)
+            lm = F.log_softmax(model2(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float(), -1)
+        m = mask[:, 1:]
+        t = ids[:, 1:][m]
+        lb, lm = lb[m], lm[m]
+        kl += float((lb.exp() * (lb - lm)).sum())
+        ce_b += float(-lb.gather(-1, t[:, None]).sum())
+        ce_m += float(-lm.gather(-1, t[:, None]).sum())
+        n += int(m.sum())
+    met = res["metrics"]
+    assert met["tokens"] == n
+    assert met["kl_base_mx"] == pytest.approx(kl / n, rel=1e-5) and met["kl_base_mx"] > 0
+    assert met["ce_base"] == pytest.approx(ce_b / n, rel=1e-6)
+    assert met["ce_mx"] == pytest.approx(ce_m / n, rel=1e-6)
+    assert met["ppl_mx"] == pytest.approx(math.exp(ce_m / n), rel=1e-6)
+    assert len(res["sqnr_db"]) == 14 and all(0 < v < 60 for v in res["sqnr_db"].values())
+    sens = res["sensitivity"]
+    assert set(sens["kl_alone"]) == {"model.layers.0", "model.layers.1"}
+    import re
+
+    assert all(re.search(sens["exclude"], n) for n, _ in mx_layers(model2) if n.startswith(sens["worst"][0] + "."))
+    assert units_of(model2, "layer").keys() == {n for n, _ in mx_layers(model2)}
+    assert exclude_pattern(["a.b"], "layer") == r"^(?:a\.b)$"

