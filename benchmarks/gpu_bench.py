@@ -5,6 +5,7 @@
 2. Llama-3.1-8B MLP block forward (H=4096, I=14336, bf16): bf16 vs MX W+A (fp8_e4m3, fp4_e2m1),
    weights quantized once, activations per forward; raw ops per backend, and a real
    transformers LlamaMLP converted by apply_mx (backend=auto).
+3. Llama-3.1-8B attention (attn_bmm): sdpa vs eager vs MX attention matmuls.
 
     python benchmarks/gpu_bench.py [--tokens 2048 8192] [--out results.json]
 """
@@ -148,18 +149,63 @@ def bench_module(tokens: list[int]) -> list[dict]:
     return rows
 
 
+def bench_attention(tokens: list[int]) -> list[dict]:
+    """Llama-3.1-8B attention (32 heads, 8 KV heads, d=128, causal, bf16): sdpa vs eager vs MX eager."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import eager_mask
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from lm_eval_mx import attention
+    from lm_eval_mx.layers import MXSpec
+
+    class Mod(torch.nn.Module):
+        num_key_value_groups, is_causal = 4, True
+
+        def __init__(self):
+            super().__init__()
+            self.config = type("Cfg", (), {})()
+
+    mod = Mod().eval()
+    s = 128**-0.5
+    rows = []
+    for t in [min(x, 4096) for x in tokens]:
+        q = torch.randn(1, 32, t, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 8, t, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, 8, t, 128, device="cuda", dtype=torch.bfloat16)
+        mask = eager_mask(batch_size=1, q_length=t, kv_length=t, dtype=torch.bfloat16, device="cuda")
+        row = {"tokens": t}
+        row["sdpa_ms"] = base = median_ms(lambda q=q, k=k, v=v: sdpa_attention_forward(mod, q, k, v, None, scaling=s))
+        row["eager_ratio"] = median_ms(lambda q=q, k=k, v=v, m=mask: eager_attention_forward(mod, q, k, v, m, s)) / base
+        for fmt in ("fp8_e4m3", "fp4_e2m1"):
+            attention._STATES[id(mod.config)] = attention._State(MXSpec.make(fmt, fmt), True, "sdpa")
+            ms = median_ms(lambda q=q, k=k, v=v, m=mask: attention.mx_attention_forward(mod, q, k, v, m, scaling=s))
+            row[f"mx_{fmt}_ratio"] = ms / base
+        attention._STATES.pop(id(mod.config), None)
+        rows.append(row)
+        print(json.dumps(row))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--out", default=None)
     p.add_argument("--tiles", action="store_true", help="only sweep the Triton kernel's tile size and warps")
+    p.add_argument("--attention", action="store_true", help="only the attention-matmul benchmark")
     ns = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     if ns.tiles:
         bench_tiles(ns.tokens)
         return
+    if ns.attention:
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "attention": bench_attention(ns.tokens)}
+        if ns.out:
+            with open(ns.out, "w") as f:
+                json.dump(out, f, indent=2)
+        return
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "quant": bench_quant(ns.tokens), "mlp": bench_mlp(ns.tokens), "module": bench_module(ns.tokens)}
+           "quant": bench_quant(ns.tokens), "mlp": bench_mlp(ns.tokens), "module": bench_module(ns.tokens),
+           "attention": bench_attention(ns.tokens)}
     if ns.out:
         with open(ns.out, "w") as f:
             json.dump(out, f, indent=2)

@@ -96,6 +96,8 @@ class MXConfig:
     exclude: str | None = None
     role_formats: dict[str, str] = field(default_factory=dict)
     weight_only: bool = False
+    attn_bmm: bool = False
+    bmm_format: str | None = None
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -106,6 +108,10 @@ class MXConfig:
         set_(self, "rounding", get_rounding(self.rounding).value)
         set_(self, "scale_mode", get_scale_mode(self.scale_mode).value)
         set_(self, "roles", expand_roles(self.roles))
+        if self.bmm_format is not None:
+            if not self.attn_bmm:
+                raise ValueError("bmm_format is the format of the attention matmuls: it needs attn_bmm=True")
+            set_(self, "bmm_format", get_format(self.bmm_format).name)
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
             raise ValueError(f"block_size must be an integer >= 0 (0 = whole row), got {self.block_size!r}")
         if isinstance(self.scale_bits, bool) or not isinstance(self.scale_bits, int) or not 2 <= self.scale_bits <= 8:
@@ -126,9 +132,19 @@ class MXConfig:
         set_(self, "role_formats", formats)
 
     @property
-    def enabled(self) -> bool:
-        """False when the configuration can select no layer at all."""
+    def selects_layers(self) -> bool:
+        """True when some linear layer is meant to be selected (roles or a pattern)."""
         return bool(self.roles) or self.include is not None
+
+    @property
+    def enabled(self) -> bool:
+        """False when nothing at all is in MX (the model is left untouched)."""
+        return self.selects_layers or self.attn_bmm
+
+    @property
+    def attn_bmm_format(self) -> str:
+        """Format of the attention matmul operands (``bmm_format``, else ``a_format``)."""
+        return self.bmm_format or self.a_format
 
     def formats_for(self, role: str) -> tuple[str, str | None]:
         """(weight format, activation format or None in weight-only mode) for a role."""
@@ -155,7 +171,9 @@ class MXConfig:
         parts += [tags[k].format(getattr(self, k)) for k, v in defaults.items() if getattr(self, k) != v]
         group = next((g for g, r in ROLE_GROUPS.items() if r == self.roles), "|".join(self.roles))
         if group != "all":
-            parts.append(group)
+            parts.append(group or "no linear")
+        if self.attn_bmm:
+            parts.append("bmm" if self.attn_bmm_format == fmt else f"bmm:{self.attn_bmm_format}")
         if self.include:
             parts.append(f"+/{self.include}/")
         if self.exclude:
@@ -206,8 +224,11 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
     for key in ("block_size", "scale_bits"):
         if key in mx:
             kw[key] = _as_int(key, mx[key])
-    if "weight_only" in mx:
-        kw["weight_only"] = _as_bool("weight_only", mx["weight_only"])
+    for key in ("weight_only", "attn_bmm"):
+        if key in mx:
+            kw[key] = _as_bool(key, mx[key])
+    if "bmm_format" in mx and mx["bmm_format"] is not None:
+        kw["bmm_format"] = str(mx["bmm_format"])
     if "role_formats" in mx:
         value = mx["role_formats"]
         if not isinstance(value, dict):

@@ -220,7 +220,13 @@ def convert(
 
 
 def remove_mx(model: nn.Module) -> int:
-    """Undo :func:`convert` on every MX layer that kept its original weights; returns the count."""
+    """Undo :func:`convert` on every MX layer that kept its original weights (and MX attention).
+
+    Returns the number of layers restored.
+    """
+    from .attention import disable
+
+    disable(model)
     n = 0
     for _, module in list(mx_layers(model)):
         if not module.mx_keep_original:
@@ -245,7 +251,12 @@ def mx_layers(model: nn.Module) -> Iterator[tuple[str, MXLayer]]:
 
 @contextlib.contextmanager
 def mx_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` with every MX layer switched off (needs ``keep_original=True``)."""
+    """Run ``model`` with every MX layer (and MX attention matmul) switched off.
+
+    Needs ``keep_original=True``. MX attention switched off runs plain eager attention.
+    """
+    from .attention import bmm_enabled
+
     layers = [m for _, m in mx_layers(model)]
     missing = [n for n, m in mx_layers(model) if not m.mx_keep_original]
     if missing:
@@ -257,7 +268,8 @@ def mx_disabled(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for m in layers:
             m.mx_enabled = False
-        yield model
+        with bmm_enabled(model, False):
+            yield model
     finally:
         for m, state in zip(layers, before):
             m.mx_enabled = state

@@ -81,7 +81,7 @@ def _config_keys(args: dict[str, Any]) -> set[str]:
 
 def mx_cache_tag(config: MXConfig, report: MXReport) -> str | None:
     """Cache-file suffix for this MX configuration (None when nothing is in MX)."""
-    if not report.replaced:
+    if not report.replaced and not report.attn_bmm:
         return None
     blob = json.dumps(config.to_dict(), sort_keys=True).encode()
     return "mx-" + hashlib.sha1(blob).hexdigest()[:12]
@@ -125,7 +125,8 @@ class HFMXLM(HFLM):
     All ``hf`` model_args work; MX keys are documented in the README
     (``w_format``, ``a_format``, ``format``, ``block_size``, ``rounding``,
     ``scale_bits``, ``scale_mode``, ``roles``/``mlp_only``/``attn_only``,
-    ``include``, ``exclude``, ``role_formats``, ``weight_only``, ``backend``).
+    ``include``, ``exclude``, ``role_formats``, ``weight_only``, ``attn_bmm``,
+    ``bmm_format``, ``backend``).
     """
 
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
@@ -139,7 +140,7 @@ class HFMXLM(HFLM):
 
     def set_mx(self, config: MXConfig) -> MXReport:
         """(Re)apply MX with ``config``; earlier MX layers are removed first (needs mx_keep_original)."""
-        if getattr(self, "mx_report", None) is not None and self.mx_report.replaced:
+        if getattr(self, "mx_report", None) is not None:
             remove_mx(self._model)
         self.mx_config = config
         self.mx_report = apply_mx(self._model, config, keep_original=self.mx_keep_original, progress=self.rank == 0)

@@ -131,6 +131,7 @@ class MXReport:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)  # name, role, reason
     notes: list[str] = field(default_factory=list)
     total_linear_params: int = 0
+    attn_bmm: str | None = None  # format of the attention matmuls, when they are in MX
 
     @property
     def replaced_params(self) -> int:
@@ -148,6 +149,7 @@ class MXReport:
             "layers_per_role": dict(sorted(per_role.items())),
             "layers_per_format": dict(sorted(per_fmt.items())),
             "skipped_per_reason": dict(Counter(r for _, _, r in self.skipped)),
+            "attn_bmm": self.attn_bmm,
             "notes": list(self.notes),
         }
 
@@ -178,6 +180,7 @@ class MXReport:
         t.caption = (
             f"{s['replaced_layers']} layers, {s['replaced_params']:,} of {s['linear_params']:,} "
             f"linear weights ({s['coverage_pct']:.1f}%) in MX"
+            + (f"; attention matmuls in {self.attn_bmm}" if self.attn_bmm else "")
         )
         console = Console(width=110, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
         console.print(t)
@@ -223,7 +226,7 @@ def select(model: nn.Module, config: MXConfig) -> tuple[list[Candidate], list[tu
             skipped.append((c.name, c.role, "matches exclude"))
         else:
             selected.append(c)
-    if not config.enabled:
+    if not config.selects_layers:
         return [], skipped, candidates
     if inc is not None and not any(inc.search(c.name) for c in candidates):
         raise SelectionError(_no_match_message(f"include pattern {config.include!r} matches no linear layer", candidates))
@@ -271,4 +274,12 @@ def apply_mx(model: nn.Module, config: MXConfig, keep_original: bool = False, pr
         numel = c.numel
         convert(c.module, _MIXINS[c.kind], spec, c.role, keep_original)
         report.replaced.append(LayerEntry(c.name, c.role, c.kind, w_fmt, a_fmt, numel))
+    if config.attn_bmm:
+        from . import attention
+
+        fmt = config.attn_bmm_format
+        attention.enable(model, MXSpec.make(fmt, fmt, config.block_size, config.rounding, config.scale_bits,
+                                            config.scale_mode, config.backend))
+        report.attn_bmm = fmt
+        report.notes.append(f"attention matmuls (Q·Kᵀ, P·V) in {fmt} via the '{attention.NAME}' attention function")
     return report

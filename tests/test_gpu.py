@@ -44,3 +44,27 @@ def test_layers_on_cuda_match_cpu():
     with torch.no_grad():
         lc, lg = cpu(ids).logits, gpu(ids.cuda()).logits.cpu()
     assert (lc - lg).abs().max() < 1e-3
+
+
+def test_attention_bmm_on_cuda_matches_reference():
+    """MX attention matmuls through the Triton backend equal the CPU torch reference operands."""
+    from lm_eval_mx import attention
+    from lm_eval_mx.layers import MXSpec
+
+    class Mod(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Cfg", (), {})()
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 64, 32, generator=g) for _ in range(3))
+    outs = []
+    for device in ("cpu", "cuda"):
+        mod = Mod()
+        attention._STATES[id(mod.config)] = attention._State(MXSpec.make("fp8", "fp8"), True, "sdpa")
+        try:
+            out, _ = attention.mx_attention_forward(mod, q.to(device), k.to(device), v.to(device), None, scaling=0.2)
+        finally:
+            attention._STATES.pop(id(mod.config))
+        outs.append(out.cpu())
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
