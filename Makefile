@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # CPU machines take the local CPU wheel; an existing torch (e.g. a CUDA build) is kept.
 TORCH_CPU ?= torch==2.13.0
+PYTEST_ARGS ?= -ra
 
 .PHONY: venv test demo lint bench clean
 
