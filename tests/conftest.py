@@ -45,14 +45,10 @@ ARCHS = ["gpt_neo", "qwen2", "phi", "llama", "phi3", "mixtral", "mpt", "gpt2"]
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
+    from lm_eval_mx.testing import randomize_
+
     model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
-    # random init is tiny; widen it so blocks see realistic ranges
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
-    return model.eval()
+    return randomize_(model, 0.2, seed).eval()
 
 
 @pytest.fixture(params=ARCHS)
@@ -60,45 +56,11 @@ def arch(request) -> str:
     return request.param
 
 
-def build_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer trained locally on the shipped corpus (no downloads)."""
-    from pathlib import Path
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = Path(__file__).resolve().parent.parent / "tasks" / "corpus"
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   unk_token="<|endoftext|>")
-
-
 def save_tiny(path, arch: str = "llama", seed: int = 0) -> str:
-    """Save a tiny random model of ``arch`` with a local tokenizer to ``path``."""
-    import transformers as tf
+    """Save a tiny random model of ``arch`` with a locally trained tokenizer to ``path``."""
+    from lm_eval_mx.testing import save_random_model
 
-    tokenizer = build_tokenizer()
-    cfg = tiny_config(arch)
-    vocab = len(tokenizer)
-    for key in ("vocab_size",):
-        setattr(cfg, key, vocab)
-    cfg.bos_token_id = cfg.eos_token_id = tokenizer.eos_token_id
-    if hasattr(cfg, "max_position_embeddings"):
-        cfg.max_position_embeddings = 2048  # long passages (boolq) must fit
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.2)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_random_model(path, tiny_config(arch), seed=seed)
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tokenizer, tiny_model
+from conftest import tiny_model
 
 from lm_eval_mx.compare import Run, build_rows, expand_sweep, load_results, to_csv, to_markdown, write_outputs
 from lm_eval_mx.config import MXConfig
 from lm_eval_mx.divergence import exclude_pattern, run_divergence, token_batches, units_of
 from lm_eval_mx.layers import mx_layers
+from lm_eval_mx.testing import build_tokenizer
 
 
 def fake(acc: float, se: float | None, ppl: float, cfg: dict | None = None) -> dict:

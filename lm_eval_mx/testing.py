@@ -1,0 +1,87 @@
+"""Random models of real architectures and a local tokenizer, for offline tests and device runs.
+
+    python -m lm_eval_mx.testing --preset llama-3.1-8b --out /tmp/llama8b   # random weights, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Real architectures' shapes (vocabulary replaced by the local tokenizer's).
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "max_position_embeddings": 8192, "rope_theta": 500000.0},
+    "mixtral-8x7b": {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                     "num_local_experts": 8, "num_experts_per_tok": 2, "max_position_embeddings": 8192},
+    "tiny-llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048},
+}
+CORPUS = Path(__file__).resolve().parent.parent / "tasks" / "corpus"
+
+
+def build_tokenizer(vocab_size: int = 320, corpus: Path = CORPUS) -> Any:
+    """A byte-level BPE tokenizer trained locally on the shipped corpus (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
+    """Draw every matrix of ``model`` from N(0, std²) in place: wider than HF's init, like trained ranges."""
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            if p.dim() >= 2:
+                g = torch.Generator(device=p.device).manual_seed(seed + i)
+                p.copy_(torch.randn(p.shape, generator=g, device=p.device).mul_(std))
+    return model
+
+
+def save_random_model(path: str | Path, config: Any, seed: int = 0, std: float = 0.2,
+                      dtype: torch.dtype = torch.float32, device: str = "cpu") -> str:
+    """Save a random-weight model of ``config`` (vocabulary set to the local tokenizer's) with that tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tokenizer()
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    if hasattr(config, "max_position_embeddings"):
+        config.max_position_embeddings = max(config.max_position_embeddings, 2048)  # long passages must fit
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    randomize_(model, std, seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def main() -> None:
+    from transformers import AutoConfig
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ns = p.parse_args()
+    spec = dict(PRESETS[ns.preset])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    # std 0.02 keeps activations of a deep random model in range
+    print(save_random_model(ns.out, config, std=0.02, dtype=getattr(torch, ns.dtype), device=ns.device))
+
+
+if __name__ == "__main__":
+    main()
