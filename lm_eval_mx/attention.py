@@ -52,7 +52,12 @@ def mx_attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention with MX operands; returns (output [B, T, H, D], probabilities)."""
     state = _STATES.get(id(module.config))
-    spec = state.spec if state is not None and state.enabled else None
+    if state is None:
+        raise RuntimeError(
+            f"{type(module).__name__} is set to '{NAME}' attention but its model has no MX attention state "
+            "(a copy of an MX model?): apply_mx(model, config) to the model that runs"
+        )
+    spec = state.spec if state.enabled else None
     groups = query.shape[1] // key.shape[1]
     k = _repeat_kv(key, groups)
     v = _repeat_kv(value, groups)

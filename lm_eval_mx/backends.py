@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -40,20 +40,13 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-def _triton(
-    x: torch.Tensor,
-    fmt: ElemFormat,
-    block_size: int,
-    axis: int,
-    rounding: Rounding,
-    scale_bits: int,
-    scale_mode: ScaleMode,
-) -> torch.Tensor:
+def _triton(x: torch.Tensor, *args: Any) -> torch.Tensor:
+    """The Triton kernel for CUDA tensors, the torch path otherwise (same arguments as ``Quantizer``)."""
     if not x.is_cuda:
-        return quantize_mx_torch(x, fmt, block_size, axis, rounding, scale_bits, scale_mode)
+        return quantize_mx_torch(x, *args)
     from .kernels import quantize_mx_triton
 
-    return quantize_mx_triton(x, fmt, block_size, axis, rounding, scale_bits, scale_mode)
+    return quantize_mx_triton(x, *args)
 
 
 def resolve_backend(name: str) -> str:

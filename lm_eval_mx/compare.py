@@ -249,10 +249,10 @@ def run_configs(
 
     from .model import HFMXLM
 
-    args = dict(base_args)
+    args = {**base_args, "batch_size": batch_size, "roles": "none", "mx_keep_original": True}
     if device is not None:
         args["device"] = device
-    lm = HFMXLM(**args, roles="none", mx_keep_original=True, batch_size=batch_size)
+    lm = HFMXLM(**args)
     task_manager = TaskManager(include_path=include_path)
     plan = [("baseline", MXConfig(roles=())), *configs]
     runs: list[Run] = []

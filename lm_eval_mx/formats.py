@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
 
 @dataclass(frozen=True)
@@ -127,19 +128,19 @@ def get_format(name: str | ElemFormat) -> ElemFormat:
     return FORMATS[key]
 
 
-def get_rounding(name: str | Rounding) -> Rounding:
+_E = TypeVar("_E", Rounding, ScaleMode)
+
+
+def _member(enum: type[_E], name: str | _E, what: str) -> _E:
     try:
-        return Rounding(str(getattr(name, "value", name)).strip().lower())
+        return enum(str(getattr(name, "value", name)).strip().lower())
     except ValueError:
-        raise ValueError(
-            f"unknown rounding {name!r}; valid: {_choices(r.value for r in Rounding)}"
-        ) from None
+        raise ValueError(f"unknown {what} {name!r}; valid: {_choices(m.value for m in enum)}") from None
+
+
+def get_rounding(name: str | Rounding) -> Rounding:
+    return _member(Rounding, name, "rounding")
 
 
 def get_scale_mode(name: str | ScaleMode) -> ScaleMode:
-    try:
-        return ScaleMode(str(getattr(name, "value", name)).strip().lower())
-    except ValueError:
-        raise ValueError(
-            f"unknown scale_mode {name!r}; valid: {_choices(s.value for s in ScaleMode)}"
-        ) from None
+    return _member(ScaleMode, name, "scale_mode")

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 from collections import Counter
 from typing import Any
 
@@ -113,7 +114,7 @@ def _count_nonfinite(requests: list[Any], results: list[Any]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for req, res in zip(requests, results):
         value = res[0] if isinstance(res, tuple) else res
-        if isinstance(value, float) and not torch.isfinite(torch.tensor(value)):
+        if isinstance(value, float) and not math.isfinite(value):
             counts[getattr(req, "task_name", None) or "?"] += 1
     return counts
 

@@ -99,6 +99,14 @@ def test_unsupported_architectures_error(arch):
         apply_mx(tiny_model(arch), MXConfig(roles=(), attn_bmm=True))
 
 
+def test_copy_without_state_is_an_error():
+    model = tiny_model("llama")
+    apply_mx(model, MXConfig(roles=(), attn_bmm=True))
+    clone = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match="no MX attention state"), torch.no_grad():
+        clone(IDS)
+
+
 def test_attn_bmm_false_leaves_attention_alone():
     model = tiny_model("llama")
     impl = model.config._attn_implementation

@@ -152,6 +152,18 @@ def test_mx_disabled_restores_baseline_exactly():
     assert torch.equal(again, mx)
 
 
+def test_inference_mode_inputs():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        ref = model(IDS).logits
+    apply_mx(model, MXConfig())
+    with torch.no_grad():
+        a = model(IDS).logits
+    with torch.inference_mode():
+        b = model(IDS).logits
+    assert torch.equal(a, b) and not torch.equal(a, ref)
+
+
 def test_mx_disabled_needs_original():
     model = tiny_model("llama")
     apply_mx(model, MXConfig())
