@@ -199,7 +199,7 @@ def formats_main() -> int:
         aliases = ", ".join(a for a, n in ALIASES.items() if n == f.name)
         t.add_row(f.name, str(f.bits), str(f.ebits), str(f.mbits), str(f.emax), f"{f.max_normal:g}",
                   f"{f.min_subnormal:g}", aliases)
-    Console().print(t)
+    Console(width=160).print(t)
     return 0
 
 
