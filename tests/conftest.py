@@ -47,6 +47,7 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
 
     from lm_eval_mx.testing import randomize_
 
+    torch.manual_seed(seed)  # HF init of the vectors (biases, norms) draws from the global generator
     model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
     return randomize_(model, 0.2, seed).eval()
 
