@@ -1,0 +1,64 @@
+"""hf-mx with PEFT adapters and with accelerate-offloaded weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from lm_eval_mx.config import MXConfig, parse_mx_args
+from lm_eval_mx.layers import mx_layers
+from lm_eval_mx.selection import apply_mx
+
+IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 7, 120, 33, 2, 11, 80]])
+
+
+def _lora(model):
+    peft = pytest.importorskip("peft", reason="peft not installed")
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    return peft.get_peft_model(model, cfg)
+
+
+def test_peft_adapters_are_skipped_and_base_layers_keep_their_roles():
+    model = _lora(tiny_model("llama"))
+    report = apply_mx(model, MXConfig())
+    roles = {e.name: e.role for e in report.replaced}
+    assert not any("lora_" in n for n in roles)
+    base = "base_model.model.model.layers.0"
+    assert roles[f"{base}.self_attn.q_proj.base_layer"] == "attn_qkv"
+    assert roles[f"{base}.mlp.down_proj.base_layer"] == "mlp_down"
+    assert roles[f"{base}.mlp.gate_proj"] == "mlp_up"
+    assert report.summary()["layers_per_role"] == {"attn_out": 2, "attn_qkv": 6, "mlp_down": 2, "mlp_up": 4}
+    assert any(r == "PEFT adapter layer (kept in high precision)" for _, _, r in report.skipped)
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
+
+
+def test_hf_mx_with_peft_adapter(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lm_eval_mx.model import HFMXLM
+
+    adapter = tmp_path / "adapter"
+    _lora(AutoModelForCausalLM.from_pretrained(tiny_dir)).save_pretrained(adapter)
+    lm = HFMXLM(pretrained=tiny_dir, peft=str(adapter), device="cpu", mlp_only=True)
+    assert lm.mx_report.summary()["layers_per_role"] == {"mlp_down": 2, "mlp_up": 4}
+    assert not any("lora_" in n for n, _ in mx_layers(lm.model))
+
+
+def test_offloaded_weights_are_quantized_at_forward():
+    """accelerate CPU offload keeps weights on the meta device: MX must quantize them per forward, identically."""
+    from accelerate import cpu_offload
+
+    model = tiny_model("llama")
+    offloaded = copy.deepcopy(model)
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert offloaded.model.layers[0].mlp.down_proj.weight.device.type == "meta"
+    cfg = parse_mx_args({"format": "fp4_e2m1"})[0]
+    apply_mx(model, cfg)
+    report = apply_mx(offloaded, cfg)
+    assert any("quantized at each forward" in n for n in report.notes)
+    with torch.no_grad():
+        assert torch.equal(offloaded(IDS).logits, model(IDS).logits)
