@@ -19,12 +19,12 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
 from lm_eval_mx.model import HFMXLM
-from lm_eval_mx.testing import CORPUS, PRESETS, save_random_model
+from lm_eval_mx.testing import PRESETS, corpus_dir, save_random_model
 
 
 def documents(tokenizer, n: int, tokens: int) -> list[str]:
     """``n`` documents of about ``tokens`` tokens each, cut from the shipped corpus."""
-    text = " ".join(p.read_text() for p in sorted(CORPUS.glob("*.txt")))
+    text = " ".join(p.read_text() for p in sorted(corpus_dir().glob("*.txt")))
     ids = tokenizer(text)["input_ids"]
     while len(ids) < tokens * 2:
         ids = ids + ids

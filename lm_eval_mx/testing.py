@@ -25,14 +25,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048},
 }
-CORPUS = Path(__file__).resolve().parent.parent / "tasks" / "corpus"
 
 
-def build_tokenizer(vocab_size: int = 320, corpus: Path = CORPUS) -> Any:
+def corpus_dir() -> Path:
+    """The shipped public-domain corpus (source checkout or installed wheel)."""
+    from .cli import tasks_dir
+
+    return tasks_dir() / "corpus"
+
+
+def build_tokenizer(vocab_size: int = 320, corpus: Path | None = None) -> Any:
     """A byte-level BPE tokenizer trained locally on the shipped corpus (no downloads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    corpus = corpus or corpus_dir()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
