@@ -29,6 +29,12 @@ _ATTN_OUT = {"o_proj", "out_proj", "dense", "c_proj", "wo", "o", "proj"}
 _UP = {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "w1", "w3", "fc_in", "dense_h_to_4h", "wi", "wi_0", "wi_1"}
 _DOWN = {"down_proj", "c_proj", "fc2", "w2", "fc_out", "dense_4h_to_h", "wo"}
 _ROUTERS = {"router", "gate", "router_gate"}
+_UNAMBIGUOUS = (
+    dict.fromkeys(_QKV - {"q", "k", "v", "query", "key", "value", "qkv", "in_proj"}, "attn_qkv")
+    | dict.fromkeys(("o_proj", "out_proj"), "attn_out")
+    | dict.fromkeys(_UP - {"wi", "wi_0", "wi_1", "w1", "w3"}, "mlp_up")
+    | dict.fromkeys(_DOWN - {"c_proj", "wo", "w2"}, "mlp_down")
+)
 
 
 @dataclass
@@ -79,7 +85,8 @@ def classify(name: str, module: nn.Module, kind: str, parent: nn.Module | None, 
             return "attn_qkv" if leaf in _QKV else "attn_out" if leaf in _ATTN_OUT else "other"
         if b in _MLP_BLOCKS:
             return "mlp_up" if leaf in _UP else "mlp_down" if leaf in _DOWN else "other"
-    return "other"
+    # No enclosing block (e.g. OPT's decoder-layer fc1/fc2): names that mean one thing anywhere.
+    return _UNAMBIGUOUS.get(leaf, "other")
 
 
 def find_candidates(model: nn.Module) -> tuple[list[Candidate], list[tuple[str, str]]]:

@@ -36,10 +36,30 @@ def tiny_config(arch: str):
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
                              bos_token_id=0, eos_token_id=0)
+    # architectures no issue names, for the general case
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                            word_embed_proj_dim=64, max_position_embeddings=64)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(**{k: v for k, v in _TINY.items() if k != "num_key_value_heads"})
+    if arch == "falcon":
+        return tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    if arch == "bloom":
+        return tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=128)
+    if arch == "gptj":
+        return tf.GPTJConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64, rotary_dim=8)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**_TINY, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                 num_experts=4, num_experts_per_tok=2)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**_TINY, num_experts=4, num_experts_per_tok=2)
+    if arch == "gemma":
+        return tf.GemmaConfig(**_TINY, head_dim=16)
     raise KeyError(arch)
 
 
 ARCHS = ["gpt_neo", "qwen2", "phi", "llama", "phi3", "mixtral", "mpt", "gpt2"]
+MORE_ARCHS = ["opt", "gpt_neox", "falcon", "bloom", "gptj", "qwen2_moe", "olmoe", "gemma"]
 
 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):

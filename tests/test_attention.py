@@ -159,3 +159,23 @@ def test_lm_eval_records_attn_bmm(tiny_dir):
     )
     assert res["config"]["mx_config"]["attn_bmm"] is True
     assert res["config"]["mx_report"]["attn_bmm"] == "fp8_e4m3"
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt_neox", "falcon", "bloom", "gptj", "qwen2_moe", "olmoe", "gemma"])
+def test_other_architectures_run_mx_attention_or_refuse(arch, monkeypatch):
+    """Never silent: either every attention layer runs the MX attention function, or a clear error."""
+    from lm_eval_mx import attention
+
+    model = tiny_model(arch)
+    try:
+        apply_mx(model, MXConfig(roles=(), attn_bmm=True))
+    except AttentionError as e:
+        assert type(model).__name__ in str(e)
+        return
+    calls = []
+    real = attention.mx_attention_forward
+    monkeypatch.setattr(attention, "mx_attention_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    attention._register()  # re-register the wrapped function under the same name
+    with torch.no_grad():
+        out = model(IDS).logits
+    assert len(calls) == model.config.num_hidden_layers and torch.isfinite(out).all()
