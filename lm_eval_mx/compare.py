@@ -158,7 +158,7 @@ def rich_table(rows: list[Row], labels: list[str], title: str = "Baseline vs MX"
 
 
 def plot(rows: list[Row], labels: list[str], path: Path) -> Path | None:
-    """A PNG of Δ per task/metric per config, with combined-stderr error bars (needs matplotlib)."""
+    """A PNG of Δ per config, one panel per task/metric (own scale), combined-stderr error bars."""
     try:
         import matplotlib
 
@@ -166,19 +166,21 @@ def plot(rows: list[Row], labels: list[str], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    names = [f"{r.task}\n{r.metric}" for r in rows]
-    width = 0.8 / max(len(labels), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) * max(1, len(labels)) ** 0.5), 4.5))
-    for i, label in enumerate(labels):
-        xs = [k + (i - (len(labels) - 1) / 2) * width for k in range(len(rows))]
-        ds = [r.delta(i) or 0.0 for r in rows]
-        errs = [math.sqrt((r.baseline_stderr or 0) ** 2 + (r.stderrs[i] or 0) ** 2) for r in rows]
-        ax.bar(xs, ds, width, yerr=errs, capsize=3, label=label)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(rows)), names, fontsize=8)
-    ax.set_ylabel("Δ vs baseline (MX - baseline)")
-    ax.set_title("Accuracy change under MX (error bars: combined stderr)")
-    ax.legend(fontsize=8)
+    ncols = min(4, len(rows))
+    nrows = math.ceil(len(rows) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, row in zip(axes.flat, rows):
+        ds = [row.delta(i) or 0.0 for i in range(len(labels))]
+        errs = [math.sqrt((row.baseline_stderr or 0) ** 2 + (row.stderrs[i] or 0) ** 2) for i in range(len(labels))]
+        ax.bar(range(len(labels)), ds, yerr=errs, capsize=3, color=[colors[i % len(colors)] for i in range(len(labels))])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_title(f"{row.task}\n{row.metric} (baseline {row.baseline:.4g})", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=20, ha="right")
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.suptitle("Δ = MX - baseline per task and metric (error bars: combined stderr)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -225,9 +227,11 @@ def load_results(path: str | Path) -> Run:
     data = json.loads(Path(path).read_text())
     cfg = data.get("config", {}) or {}
     mx = cfg.get("mx_config")
-    replaced = (cfg.get("mx_report") or {}).get("replaced_layers")
-    label = cfg.get("mx_label") if mx and replaced else None
-    return Run(label or Path(path).stem, mx if replaced else None, data)
+    report = cfg.get("mx_report") or {}
+    in_mx = bool(report.get("replaced_layers") or report.get("attn_bmm"))
+    if mx is not None and not in_mx:
+        return Run("baseline", None, data)  # an hf-mx run with nothing in MX
+    return Run(cfg.get("mx_label") if in_mx else Path(path).stem, mx if in_mx else None, data)
 
 
 def run_configs(

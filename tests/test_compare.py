@@ -55,8 +55,11 @@ def test_outputs_and_reading_results_files(tmp_path):
     base.write_text(json.dumps(fake(0.6, 0.01, 20.0)))
     mx.write_text(json.dumps(fake(0.5, 0.01, 30.0, {"mx_config": {"w_format": "fp4_e2m1"}, "mx_label": "fp4_e2m1",
                                                    "mx_report": {"replaced_layers": 7}})))
+    off = tmp_path / "off.json"
+    off.write_text(json.dumps(fake(0.6, 0.01, 20.0, {"mx_config": {}, "mx_report": {"replaced_layers": 0}})))
     runs = [load_results(base), load_results(mx)]
-    assert runs[1].label == "fp4_e2m1" and runs[0].config is None
+    assert runs[1].label == "fp4_e2m1" and runs[0].config is None and runs[0].label == "base"
+    assert load_results(off).label == "baseline" and load_results(off).config is None
     paths = write_outputs(runs, tmp_path / "out")
     data = json.loads(paths["json"].read_text())
     assert data["rows"][0]["mx"]["fp4_e2m1"]["delta"] == pytest.approx(-0.1)
