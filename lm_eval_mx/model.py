@@ -20,6 +20,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from .backends import resolve_backend
 from .config import MX_KEYS, MXConfig, _as_bool, parse_mx_args, suggest
 from .layers import mx_disabled, remove_mx
 from .selection import MXReport, apply_mx
@@ -135,6 +136,7 @@ class HFMXLM(HFLM):
             raise ValueError("hf-mx needs pretrained=<model path or hub id>")
         check_model_args({"pretrained": pretrained, **kwargs})
         config, rest = parse_mx_args(kwargs)
+        resolve_backend(config.backend)  # e.g. backend=triton without CUDA: fail before loading
         self.mx_keep_original = _as_bool("mx_keep_original", rest.pop("mx_keep_original", False))
         super().__init__(pretrained=pretrained, **rest)
         self.set_mx(config)
