@@ -146,8 +146,3 @@ def bmm_enabled(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
     finally:
         state.enabled = before
-
-
-def is_enabled(model: nn.Module) -> bool:
-    state = _STATES.get(id(getattr(model, "config", None)))
-    return state is not None and state.enabled

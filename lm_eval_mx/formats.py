@@ -36,17 +36,8 @@ class ElemFormat:
         return 0 if self.is_int else 2 - 2 ** (self.ebits - 1)
 
     @property
-    def min_normal(self) -> float:
-        return 2.0**self.emin
-
-    @property
     def min_subnormal(self) -> float:
         return 2.0 ** (self.emin - self.mbits)
-
-    @property
-    def storage_bits(self) -> float:
-        """Bits per element including the shared 8-bit scale of a 32-block."""
-        return self.bits + 8 / 32
 
 
 # The single format table. emax/max_normal follow microxcaling's _get_format_params.
