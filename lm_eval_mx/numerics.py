@@ -81,14 +81,22 @@ def round_elements(v: torch.Tensor, fmt: ElemFormat, rounding: Rounding) -> torc
     return q.clamp(-fmt.max_normal, fmt.max_normal)
 
 
+def quantize_blocks(
+    blocks: torch.Tensor, fmt: ElemFormat, rounding: Rounding, scale_bits: int, scale_mode: ScaleMode
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MX step on float32 ``blocks`` [..., n_blocks, block]: (shared exponent, NaN-block mask,
+    element values in units of the scale). Shared by fake quantization and packing."""
+    amax = blocks.abs().amax(-1, keepdim=True)
+    exp, nan = shared_exponent(amax, fmt, scale_bits, scale_mode)
+    return exp, nan, round_elements(blocks * pow2(-exp), fmt, rounding)
+
+
 def _quantize_blocks(
     xf: torch.Tensor, bs: int, fmt: ElemFormat, rounding: Rounding, scale_bits: int, scale_mode: ScaleMode
 ) -> torch.Tensor:
-    """Quantize float32 ``xf`` whose last axis is a whole number of ``bs``-blocks."""
-    blocks = xf.reshape(*xf.shape[:-1], -1, bs)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    exp, nan = shared_exponent(amax, fmt, scale_bits, scale_mode)
-    q = round_elements(blocks * pow2(-exp), fmt, rounding) * pow2(exp)
+    """Fake-quantize float32 ``xf`` whose last axis is a whole number of ``bs``-blocks."""
+    exp, nan, q = quantize_blocks(xf.reshape(*xf.shape[:-1], -1, bs), fmt, rounding, scale_bits, scale_mode)
+    q = q * pow2(exp)
     q = torch.where(nan, torch.full_like(q, float("nan")), q) + 0.0  # +0.0: no -0
     return q.reshape(xf.shape)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import ElemFormat, Rounding, ScaleMode, get_format, get_rounding, get_scale_mode
-from .numerics import pow2, round_elements, shared_exponent
+from .numerics import check_args, pow2, quantize_blocks
 
 _E8M0_NAN = 255
 
@@ -92,7 +92,8 @@ def pack_mx(
 ) -> MXPacked:
     """Quantize ``x`` along its last axis and store it packed."""
     fmt = get_format(elem_format)
-    if x.dim() == 0 or x.shape[-1] == 0:
+    check_args(x, block_size, -1, scale_bits)
+    if x.shape[-1] == 0:
         raise ValueError(f"pack_mx needs a tensor with a non-empty last axis, got shape {tuple(x.shape)}")
     n = x.shape[-1]
     bs = n if block_size == 0 else min(block_size, n)
@@ -103,9 +104,7 @@ def pack_mx(
     if pad:
         xf = torch.nn.functional.pad(xf, (0, pad))
     blocks = xf.reshape(*x.shape[:-1], -1, bs)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    exp, nan = shared_exponent(amax, fmt, scale_bits, get_scale_mode(scale_mode))
-    q = round_elements(blocks * pow2(-exp), fmt, get_rounding(rounding))
+    exp, nan, q = quantize_blocks(blocks, fmt, get_rounding(rounding), scale_bits, get_scale_mode(scale_mode))
     codes = _encode(q.masked_fill(nan, 0.0), fmt)
     if bs_eff != bs:
         codes = torch.nn.functional.pad(codes, (0, bs_eff - bs))

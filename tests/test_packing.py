@@ -50,6 +50,13 @@ def test_storage_size():
     assert pack_mx(w, "int2").nbytes / bf16 == pytest.approx((0.25 + 1 / 32) / 2)
 
 
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="scale_bits"):
+        pack_mx(torch.ones(4, 32), "fp8", scale_bits=9)
+    with pytest.raises(ValueError, match="block_size"):
+        pack_mx(torch.ones(4, 32), "fp8", block_size=-1)
+
+
 def test_code_tables_are_the_format_grids():
     for fmt in FORMATS.values():
         t = code_table(fmt)
