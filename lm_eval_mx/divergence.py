@@ -41,17 +41,15 @@ class TokenStats:
     kl: float = 0.0
     agree: int = 0
 
-    def add(self, logits_base: torch.Tensor, logits_mx: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> None:
-        lb = F.log_softmax(logits_base.float(), -1)[mask]
-        lm = F.log_softmax(logits_mx.float(), -1)[mask]
-        t = targets[mask]
+    def add(self, lb: torch.Tensor, lm: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add predicted tokens: log-probabilities [N, vocab] of baseline and MX, targets [N]."""
         pb, pm = lb.exp(), lm.exp()
-        self.tokens += int(t.numel())
-        self.ce_base += float(-lb.gather(-1, t[:, None]).sum())
-        self.ce_mx += float(-lm.gather(-1, t[:, None]).sum())
+        self.tokens += int(targets.numel())
+        self.ce_base += float(-lb.gather(-1, targets[:, None]).sum())
+        self.ce_mx += float(-lm.gather(-1, targets[:, None]).sum())
         self.ent_base += float(-(pb * lb).sum())
         self.ent_mx += float(-(pm * lm).sum())
-        self.kl += float((pb * (lb - lm)).sum())
+        self.kl += kl_sum(lb, lm)
         self.agree += int((lb.argmax(-1) == lm.argmax(-1)).sum())
 
     def summary(self) -> dict[str, float]:
@@ -120,12 +118,19 @@ def token_batches(tokenizer: Any, texts: Iterable[str], max_length: int, batch_s
     return batches
 
 
-def _forward(model: nn.Module, batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _logprobs(model: nn.Module, batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 log-probabilities [N, vocab] of every predicted (non-padding) token, and the targets [N]."""
     lengths, ids = batch[:, 0], batch[:, 1:].to(device)
     attn = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).to(device)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=attn.long()).logits[:, :-1]
-    return logits, ids[:, 1:], attn[:, 1:]
+    mask = attn[:, 1:]
+    return F.log_softmax(logits.float(), -1)[mask], ids[:, 1:][mask]
+
+
+def kl_sum(lb: torch.Tensor, lm: torch.Tensor) -> float:
+    """Sum over tokens of KL(baseline || MX) from log-probabilities."""
+    return float((lb.exp() * (lb - lm)).sum())
 
 
 def units_of(model: nn.Module, granularity: str) -> dict[str, set[str]]:
@@ -170,20 +175,17 @@ def run_divergence(
     unit_kl: dict[str, float] = defaultdict(float)
     for batch in tqdm(batches, desc="divergence", unit="batch", disable=not progress):
         with mx_disabled(model):
-            base, targets, mask = _forward(model, batch, device)
+            lb, targets = _logprobs(model, batch, device)
         handles = sqnr.hooks(model)
         try:
-            mx, _, _ = _forward(model, batch, device)
+            lm, _ = _logprobs(model, batch, device)
         finally:
             for h in handles:
                 h.remove()
-        stats.add(base, mx, targets, mask)
-        lb = F.log_softmax(base.float(), -1)[mask]
+        stats.add(lb, lm, targets)
         for unit, names in units.items():
             with mx_only(model, names):
-                one, _, _ = _forward(model, batch, device)
-            lm = F.log_softmax(one.float(), -1)[mask]
-            unit_kl[unit] += float((lb.exp() * (lb - lm)).sum())
+                unit_kl[unit] += kl_sum(lb, _logprobs(model, batch, device)[0])
     out: dict[str, Any] = {
         "config": config.to_dict(),
         "label": config.label(),
