@@ -259,8 +259,9 @@ def mx_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """
     from .attention import bmm_enabled
 
-    layers = [m for _, m in mx_layers(model)]
-    missing = [n for n, m in mx_layers(model) if not m.mx_keep_original]
+    named = list(mx_layers(model))
+    layers = [m for _, m in named]
+    missing = [n for n, m in named if not m.mx_keep_original]
     if missing:
         raise RuntimeError(
             f"cannot switch MX off: {len(missing)} layers (e.g. {missing[0]}) dropped their original "

@@ -7,6 +7,7 @@ prototype's substring bug quantized both as one).
 
 from __future__ import annotations
 
+import io
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -189,7 +190,7 @@ class MXReport:
             f"linear weights ({s['coverage_pct']:.1f}%) in MX"
             + (f"; attention matmuls in {self.attn_bmm}" if self.attn_bmm else "")
         )
-        console = Console(width=110, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+        console = Console(width=110, record=True, file=io.StringIO())
         console.print(t)
         for note in self.notes:
             console.print(f"note: {note}")
@@ -251,6 +252,12 @@ def select(model: nn.Module, config: MXConfig) -> tuple[list[Candidate], list[tu
     return selected, skipped, candidates
 
 
+def _spec(config: MXConfig, w_format: str, a_format: str | None) -> MXSpec:
+    """The layer numerics for these formats under ``config``'s block, rounding, scales and backend."""
+    return MXSpec.make(w_format, a_format, config.block_size, config.rounding, config.scale_bits,
+                       config.scale_mode, config.backend)
+
+
 def apply_mx(model: nn.Module, config: MXConfig, keep_original: bool = False, progress: bool = False) -> MXReport:
     """Convert the layers that ``config`` selects to MX, in place; return the report.
 
@@ -269,7 +276,7 @@ def apply_mx(model: nn.Module, config: MXConfig, keep_original: bool = False, pr
         iterator = tqdm(selected, desc="MX: quantizing weights", unit="layer", leave=False)
     for c in iterator:
         w_fmt, a_fmt = config.formats_for(c.role)
-        spec = MXSpec.make(w_fmt, a_fmt, config.block_size, config.rounding, config.scale_bits, config.scale_mode, config.backend)
+        spec = _spec(config, w_fmt, a_fmt)
         if emb is not None and c.role == "lm_head" and getattr(c.module, "weight", None) is getattr(emb, "weight", None):
             report.notes.append(
                 f"{c.name} shares its weight with the input embeddings: its MX copy is separate, "
@@ -285,8 +292,7 @@ def apply_mx(model: nn.Module, config: MXConfig, keep_original: bool = False, pr
         from . import attention
 
         fmt = config.attn_bmm_format
-        attention.enable(model, MXSpec.make(fmt, fmt, config.block_size, config.rounding, config.scale_bits,
-                                            config.scale_mode, config.backend))
+        attention.enable(model, _spec(config, fmt, fmt))
         report.attn_bmm = fmt
         report.notes.append(f"attention matmuls (Q·Kᵀ, P·V) in {fmt} via the '{attention.NAME}' attention function")
     return report
