@@ -19,6 +19,7 @@ _EXPORTS = {
     "apply_mx": "lm_eval_mx.selection",
     "MXReport": "lm_eval_mx.selection",
     "mx_disabled": "lm_eval_mx.layers",
+    "MXQuantizationConfig": "lm_eval_mx.hf_quantizer",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -83,6 +83,8 @@ class MXConfig:
     Defaults: MXFP8 (fp8_e4m3) weights and activations on attention and MLP
     projections, blocks of 32, round-half-even elements, OCP floor scales.
     ``roles=()`` selects nothing (MX off: the model is left untouched).
+    ``packed=True`` stores the selected weights as packed MX codes, quantized while
+    the checkpoint loads (:mod:`lm_eval_mx.hf_quantizer`), instead of bf16 copies.
     """
 
     w_format: str = "fp8_e4m3"
@@ -99,6 +101,7 @@ class MXConfig:
     attn_bmm: bool = False
     bmm_format: str | None = None
     backend: str = "auto"
+    packed: bool = False
 
     def __post_init__(self) -> None:
         # Canonicalise so that equal configurations compare and serialise equal.
@@ -108,6 +111,8 @@ class MXConfig:
         set_(self, "rounding", get_rounding(self.rounding).value)
         set_(self, "scale_mode", get_scale_mode(self.scale_mode).value)
         set_(self, "roles", expand_roles(self.roles))
+        if self.packed and not self.selects_layers:
+            raise ValueError("packed=True stores the selected layers' weights packed, but no layer is selected")
         if self.bmm_format is not None:
             if not self.attn_bmm:
                 raise ValueError("bmm_format is the format of the attention matmuls: it needs attn_bmm=True")
@@ -174,6 +179,8 @@ class MXConfig:
             parts.append(group or "no linear")
         if self.attn_bmm:
             parts.append("bmm" if self.attn_bmm_format == fmt else f"bmm:{self.attn_bmm_format}")
+        if self.packed:
+            parts.append("packed")
         if self.include:
             parts.append(f"+/{self.include}/")
         if self.exclude:
@@ -224,7 +231,7 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
     for key in ("block_size", "scale_bits"):
         if key in mx:
             kw[key] = _as_int(key, mx[key])
-    for key in ("weight_only", "attn_bmm"):
+    for key in ("weight_only", "attn_bmm", "packed"):
         if key in mx:
             kw[key] = _as_bool(key, mx[key])
     if "bmm_format" in mx and mx["bmm_format"] is not None:

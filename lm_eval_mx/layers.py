@@ -6,6 +6,10 @@ as they were. Weights are quantized once, when the layer is converted; inputs
 are quantized in ``forward`` along the reduction axis. With MX switched off
 (:func:`mx_disabled`) a layer runs its original class's forward on the
 original weights, bit for bit.
+
+Packed layers (``MXPacked*``, :func:`convert_packed`) hold each selected weight
+as uint8 MX codes plus E8M0 scales instead: they are set up on the meta model
+before a checkpoint loads and filled by the loader (:mod:`lm_eval_mx.hf_quantizer`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import Quantizer, get_quantizer
+from .backends import Quantizer, get_quantizer, resolve_backend
 from .formats import ElemFormat, Rounding, ScaleMode, get_format, get_rounding, get_scale_mode
+from .packing import MXPacked, pack_mx, packed_layout, unpack_mx
 
 
 @dataclass(frozen=True)
@@ -185,9 +190,122 @@ class MXExperts(MXLayer):
         return out
 
 
+class MXPackedLayer(MXLayer):
+    """Mixin of packed MX layers: weight ``name`` holds uint8 codes, ``name_scales`` E8M0 scales.
+
+    Codes are stored with the reduction axis last ([..., out, in]) whatever the
+    checkpoint layout; ``mx_shapes`` keeps that logical shape.
+    """
+
+    mx_shapes: dict[str, torch.Size]
+    mx_dtype: torch.dtype
+
+    def mx_pack(self, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pack a checkpoint tensor for weight ``name``: ``{name: codes, name_scales: scales}``.
+
+        Rows are packed in chunks, so the float32 temporaries stay small next to the weight.
+        """
+        w = w.detach()
+        if self._axis(name) not in (-1, w.dim() - 1):
+            w = w.transpose(self._axis(name), -1)
+        spec = self.mx_spec
+        rows = w.reshape(-1, w.shape[-1])
+        step = max(1, (1 << 24) // w.shape[-1])
+        parts = [pack_mx(rows[i : i + step], spec.w_format, spec.block_size, spec.rounding, spec.scale_bits,
+                         spec.scale_mode) for i in range(0, rows.shape[0], step)]
+        codes_shape, scales_shape, _ = packed_layout(w.shape, spec.w_format, spec.block_size)
+        self.mx_dtype = w.dtype
+        return {
+            name: torch.cat([p.codes for p in parts]).reshape(codes_shape),
+            f"{name}_scales": torch.cat([p.scales for p in parts]).reshape(scales_shape),
+        }
+
+    def mx_packed(self, name: str, index: int | None = None) -> MXPacked:
+        """Weight ``name`` (or its slice ``index`` along the first axis, e.g. one expert) as ``MXPacked``."""
+        codes, scales, shape = getattr(self, name), getattr(self, f"{name}_scales"), self.mx_shapes[name]
+        if codes.dtype != torch.uint8:
+            raise RuntimeError(f"{type(self).__name__}.{name} was never packed: the checkpoint did not provide it")
+        if index is not None:
+            codes, scales, shape = codes[index], scales[index], shape[1:]
+        bs = packed_layout(shape, self.mx_spec.w_format, self.mx_spec.block_size)[2]
+        return MXPacked(codes, scales, shape, self.mx_spec.w_format, bs)
+
+    def mx_weight(self, name: str) -> torch.Tensor:
+        w = unpack_mx(self.mx_packed(name), self.mx_dtype)
+        return w if self._axis(name) in (-1, w.dim() - 1) else w.transpose(self._axis(name), -1)
+
+    def mx_linear(self, x: torch.Tensor, name: str, bias: torch.Tensor | None, index: int | None = None) -> torch.Tensor:
+        """``F.linear(x, W, bias)`` with packed W: the Triton GEMM on CUDA, else dequantize + F.linear."""
+        p = self.mx_packed(name, index)
+        if x.is_cuda and resolve_backend(self.mx_spec.backend) == "triton":
+            from .kernels import mx_packed_linear_triton
+
+            return mx_packed_linear_triton(x, p, bias)
+        return F.linear(x, unpack_mx(p, x.dtype), bias)
+
+
+class MXPackedLinear(MXPackedLayer, MXLinear):
+    def _mx_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.mx_linear(self.mx_spec.act(x), "weight", self.bias)
+
+
+class MXPackedConv1D(MXPackedLayer, MXConv1D):
+    """GPT-2 ``Conv1D`` packed as [out, in] (transposed from its [in, out] storage)."""
+
+    def _mx_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.mx_linear(self.mx_spec.act(x), "weight", self.bias)
+
+
+class MXPackedExperts(MXPackedLayer, MXExperts):
+    """Fused experts packed per expert as [experts, out, in]."""
+
+    def _project(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        bias = getattr(self, f"{name}_bias")[expert] if getattr(self, "has_bias", False) else None
+        return self.mx_linear(x, name, bias, index=expert)
+
+
+PACKED: dict[type[MXLayer], type[MXPackedLayer]] = {
+    MXLinear: MXPackedLinear, MXConv1D: MXPackedConv1D, MXExperts: MXPackedExperts,
+}
+
+
 @functools.cache
 def _mx_class(mixin: type[MXLayer], base: type[nn.Module]) -> type[nn.Module]:
-    return type(f"MX{base.__name__}", (mixin, base), {"__module__": __name__})
+    prefix = "MXPacked" if issubclass(mixin, MXPackedLayer) else "MX"
+    return type(f"{prefix}{base.__name__}", (mixin, base), {"__module__": __name__})
+
+
+def _swap(module: nn.Module, mixin: type[MXLayer], spec: MXSpec, role: str, keep_original: bool) -> list[str]:
+    """Swap ``module``'s class for its MX subclass; returns the names of its weights to quantize."""
+    names = [n for n in mixin.MX_WEIGHTS if isinstance(getattr(module, n, None), torch.Tensor)]
+    module.__class__ = _mx_class(mixin, type(module))
+    module.mx_spec, module.mx_role = spec, role
+    module.mx_enabled, module.mx_keep_original = True, keep_original
+    if hasattr(module, "_old_forward"):  # accelerate hook: it must call the MX forward
+        module._old_forward = types.MethodType(type(module).forward, module)
+    return names
+
+
+def convert_packed(module: nn.Module, mixin: type[MXLayer], spec: MXSpec, role: str) -> nn.Module:
+    """Turn a module of a meta-device model into a packed MX layer, ready to be loaded.
+
+    Its weights stay as they are (the loader replaces them with codes); a uint8
+    ``<name>_scales`` parameter of the packed shape is added next to each.
+    """
+    packed = PACKED[mixin]
+    names = _swap(module, packed, spec, role, keep_original=False)
+    module.mx_prequantized = frozenset(names)
+    module.mx_shapes = {}
+    for name in names:
+        w = getattr(module, name)
+        shape = w.transpose(module._axis(name), -1).shape if module._axis(name) not in (-1, w.dim() - 1) else w.shape
+        module.mx_shapes[name] = shape
+        module.mx_dtype = w.dtype
+        scales_shape = packed_layout(shape, spec.w_format, spec.block_size)[1]
+        module.register_parameter(
+            f"{name}_scales", nn.Parameter(torch.empty(scales_shape, dtype=torch.uint8, device=w.device), requires_grad=False)
+        )
+    return module
 
 
 def convert(
@@ -199,10 +317,7 @@ def convert(
     after the hook loads them. Without ``keep_original`` each quantized weight
     replaces its parameter (a new Parameter, so a tied partner keeps its values).
     """
-    names = [n for n in mixin.MX_WEIGHTS if isinstance(getattr(module, n, None), torch.Tensor)]
-    module.__class__ = _mx_class(mixin, type(module))
-    module.mx_spec, module.mx_role = spec, role
-    module.mx_enabled, module.mx_keep_original = True, keep_original
+    names = _swap(module, mixin, spec, role, keep_original)
     done = set()
     for name in names:
         w = getattr(module, name)
@@ -216,8 +331,6 @@ def convert(
             setattr(module, name, nn.Parameter(q, requires_grad=False))
         done.add(name)
     module.mx_prequantized = frozenset(done)
-    if hasattr(module, "_old_forward"):  # accelerate hook: it must call the MX forward
-        module._old_forward = types.MethodType(type(module).forward, module)
     return module
 
 

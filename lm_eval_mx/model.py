@@ -3,6 +3,8 @@
 MX keys are taken out of ``model_args`` before ``HFLM`` sees them, validated
 first (before any model load), and MX is applied once the model is loaded,
 tied and placed, so dtype, device_map, parallelize, GGUF and PEFT keep working.
+With ``packed=True`` the weights are instead packed while they load, through
+transformers' quantizer API (:mod:`lm_eval_mx.hf_quantizer`).
 """
 
 from __future__ import annotations
@@ -111,6 +113,33 @@ def _patch_caching_lm() -> None:
 _patch_caching_lm()
 
 
+def _quant_method(config: Any) -> str:
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method))
+
+
+def _check_packed_args(pretrained: Any, keep_original: bool, args: dict[str, Any]) -> None:
+    """packed=True: refuse, before loading, the options it cannot honour."""
+    if not isinstance(pretrained, str):
+        raise ValueError("packed=True quantizes while loading: pretrained must be a path or hub id, not a model object")
+    if keep_original:
+        raise ValueError("packed=True keeps only the MX codes; mx_keep_original needs the high-precision weights "
+                         "(compare and divergence use it: run them without packed=True)")
+    clashes = {
+        "gguf_file": "GGUF files load through transformers' own GGUF quantizer",
+        "quantization_config": "the packed MX config is the model's quantization config",
+        "load_in_8bit": "bitsandbytes and packed MX both quantize the same weights",
+        "load_in_4bit": "bitsandbytes and packed MX both quantize the same weights",
+        "peft": "adapters cannot be merged into packed weights",
+        "delta": "delta weights cannot be added to packed weights",
+        "autogptq": "GPTQ checkpoints are already quantized",
+        "gptqmodel": "GPTQ checkpoints are already quantized",
+    }
+    for key, why in clashes.items():
+        if args.get(key) not in (None, False, "", "False", "false"):
+            raise ValueError(f"packed=True cannot be combined with {key}: {why}")
+
+
 def _count_nonfinite(requests: list[Any], results: list[Any]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for req, res in zip(requests, results):
@@ -138,15 +167,45 @@ class HFMXLM(HFLM):
         config, rest = parse_mx_args(kwargs)
         resolve_backend(config.backend)  # e.g. backend=triton without CUDA: fail before loading
         self.mx_keep_original = _as_bool("mx_keep_original", rest.pop("mx_keep_original", False))
+        self._mx_packed = None
+        if config.packed:
+            _check_packed_args(pretrained, self.mx_keep_original, rest)
+            from .hf_quantizer import MXQuantizationConfig
+
+            self._mx_packed = MXQuantizationConfig(config)
         super().__init__(pretrained=pretrained, **rest)
-        self.set_mx(config)
+        if config.packed:
+            self._mx_record(config, self._model.hf_quantizer.mx_report)
+        else:
+            self.set_mx(config)
+
+    def _create_model(self, *args: Any, quantization_config: Any = None, **kwargs: Any) -> None:
+        """HFLM's model creation, given the packed-MX quantization config when ``packed=True``."""
+        if self._mx_packed is not None:
+            if quantization_config is not None:
+                raise ValueError(
+                    f"packed=True: this checkpoint is already quantized ({_quant_method(quantization_config)}); "
+                    "packed MX weights need a high-precision checkpoint"
+                )
+            quantization_config = self._mx_packed
+        super()._create_model(*args, quantization_config=quantization_config, **kwargs)
 
     def set_mx(self, config: MXConfig) -> MXReport:
         """(Re)apply MX with ``config``; earlier MX layers are removed first (needs mx_keep_original)."""
+        if self._mx_packed is not None or config.packed:
+            raise ValueError(
+                "packed MX weights are quantized while the model loads, for one configuration: load a model "
+                "per packed configuration (set_mx swaps configurations on high-precision weights)"
+            )
         if getattr(self, "mx_report", None) is not None:
             remove_mx(self._model)
+        return self._mx_record(
+            config, apply_mx(self._model, config, keep_original=self.mx_keep_original, progress=self.rank == 0)
+        )
+
+    def _mx_record(self, config: MXConfig, report: MXReport) -> MXReport:
         self.mx_config = config
-        self.mx_report = apply_mx(self._model, config, keep_original=self.mx_keep_original, progress=self.rank == 0)
+        self.mx_report = report
         self.mx_cache_tag = mx_cache_tag(config, self.mx_report)
         self.mx_nonfinite: Counter[str] = Counter()
         if self.rank == 0:

@@ -82,6 +82,20 @@ def _encode(q: torch.Tensor, fmt: ElemFormat) -> torch.Tensor:
     return torch.where(a == 0, torch.zeros_like(mag), sign | mag)
 
 
+def packed_layout(shape: torch.Size | tuple[int, ...], fmt: ElemFormat, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(codes shape, scales shape, block) of a tensor of ``shape`` packed along its last axis.
+
+    ``block_size=0`` is one block per row; a block shorter than 32 codes of a
+    sub-byte format is padded to a whole byte.
+    """
+    n = shape[-1]
+    bs = n if block_size == 0 else min(block_size, n)
+    per = _per_byte(fmt)
+    nblocks = -(-n // bs)
+    bs_eff = bs + (-bs) % per
+    return (*shape[:-1], nblocks * bs_eff // per), (*shape[:-1], nblocks), bs
+
+
 def pack_mx(
     x: torch.Tensor,
     elem_format: str | ElemFormat,
@@ -96,9 +110,9 @@ def pack_mx(
     if x.shape[-1] == 0:
         raise ValueError(f"pack_mx needs a tensor with a non-empty last axis, got shape {tuple(x.shape)}")
     n = x.shape[-1]
-    bs = n if block_size == 0 else min(block_size, n)
+    codes_shape, _, bs = packed_layout(x.shape, fmt, block_size)
     per = _per_byte(fmt)
-    bs_eff = bs if bs % per == 0 else bs + (-bs) % per
+    bs_eff = bs + (-bs) % per
     xf = x.to(torch.float32)
     pad = (-n) % bs
     if pad:
@@ -109,8 +123,8 @@ def pack_mx(
     if bs_eff != bs:
         codes = torch.nn.functional.pad(codes, (0, bs_eff - bs))
     codes = codes.reshape(*x.shape[:-1], -1, per)
-    shifts = torch.arange(per, dtype=torch.int32) * (8 // per)
-    packed = (codes << shifts).sum(-1).to(torch.uint8).reshape(*x.shape[:-1], -1)
+    shifts = torch.arange(per, dtype=torch.int32, device=x.device) * (8 // per)
+    packed = (codes << shifts).sum(-1).to(torch.uint8).reshape(codes_shape)
     scales = torch.where(nan, _E8M0_NAN, exp + 127).squeeze(-1).to(torch.uint8)
     return MXPacked(packed, scales, x.shape, fmt, bs)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import ROLES, MXConfig, expand_roles
-from .layers import MXConv1D, MXExperts, MXLayer, MXLinear, MXSpec, convert
+from .layers import MXConv1D, MXExperts, MXLayer, MXLinear, MXPackedLayer, MXSpec, convert, convert_packed, mx_layers
 
 _ATTN_BLOCKS = {"attn", "self_attn", "attention", "self_attention", "crossattention", "mixer", "attn_layer"}
 _MLP_BLOCKS = {"mlp", "ffn", "feed_forward", "feedforward", "block_sparse_moe", "moe", "ff", "shared_expert", "shared_experts"}
@@ -140,6 +140,8 @@ class MXReport:
     notes: list[str] = field(default_factory=list)
     total_linear_params: int = 0
     attn_bmm: str | None = None  # format of the attention matmuls, when they are in MX
+    packed_bytes: int | None = None  # packed=True: bytes of the replaced layers' codes + scales...
+    dense_bytes: int | None = None  # ...and of the same weights in the dtype they were loaded in
 
     @property
     def replaced_params(self) -> int:
@@ -158,6 +160,9 @@ class MXReport:
             "layers_per_format": dict(sorted(per_fmt.items())),
             "skipped_per_reason": dict(Counter(r for _, _, r in self.skipped)),
             "attn_bmm": self.attn_bmm,
+            "packed_weight_bytes": self.packed_bytes,
+            "dense_weight_bytes": self.dense_bytes,
+            "packed_ratio": round(self.packed_bytes / self.dense_bytes, 4) if self.packed_bytes and self.dense_bytes else None,
             "notes": list(self.notes),
         }
 
@@ -192,9 +197,20 @@ class MXReport:
         )
         console = Console(width=110, record=True, file=io.StringIO())
         console.print(t)
+        if self.packed_bytes and self.dense_bytes:
+            console.print(f"stored packed: {_size(self.packed_bytes)} of MX codes + scales instead of "
+                          f"{_size(self.dense_bytes)} ({s['packed_ratio']:.3f}x)")
         for note in self.notes:
             console.print(f"note: {note}")
         return console.export_text()
+
+
+def _size(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:,.1f} {units[i]}"
 
 
 class SelectionError(ValueError):
@@ -258,15 +274,25 @@ def _spec(config: MXConfig, w_format: str, a_format: str | None) -> MXSpec:
                        config.scale_mode, config.backend)
 
 
-def apply_mx(model: nn.Module, config: MXConfig, keep_original: bool = False, progress: bool = False) -> MXReport:
-    """Convert the layers that ``config`` selects to MX, in place; return the report.
+def convert_layers(model: nn.Module, config: MXConfig, keep_original: bool = False, progress: bool = False) -> MXReport:
+    """Convert the linear layers that ``config`` selects to MX, in place; return the report.
 
-    ``keep_original=True`` keeps high-precision weights so :func:`layers.mx_disabled`
-    can switch MX off at run time (costs the memory of the selected weights).
+    With ``config.packed`` the model must still be on the meta device (before its
+    checkpoint loads): layers become packed MX layers that the loader fills.
     """
     selected, skipped, candidates = select(model, config)
     report = MXReport(config=config.to_dict(), skipped=skipped)
     report.total_linear_params = sum(c.numel for c in candidates)
+    if config.packed:
+        real = [c.name for c in selected if any(p.device.type != "meta" for p in c.module.parameters())]
+        if real:
+            raise ValueError(
+                f"packed=True quantizes weights while the checkpoint loads, but {real[0]} is already loaded: "
+                "pass lm_eval_mx.hf_quantizer.MXQuantizationConfig to from_pretrained (hf-mx does this)"
+            )
+        if keep_original:
+            raise ValueError("packed=True keeps only the MX codes; keep_original (MX switched off at run time) needs "
+                             "the high-precision weights")
     get_in = getattr(model, "get_input_embeddings", None)
     emb = get_in() if callable(get_in) else None
     iterator = selected
@@ -282,17 +308,52 @@ def apply_mx(model: nn.Module, config: MXConfig, keep_original: bool = False, pr
                 f"{c.name} shares its weight with the input embeddings: its MX copy is separate, "
                 "the embeddings stay in high precision"
             )
-        offloaded = [n for n in _MIXINS[c.kind].MX_WEIGHTS if getattr(getattr(c.module, n, None), "device", None) == torch.device("meta")]
-        if offloaded:
-            report.notes.append(f"{c.name}: weights are offloaded, quantized at each forward")
         numel = c.numel
-        convert(c.module, _MIXINS[c.kind], spec, c.role, keep_original)
+        if config.packed:
+            convert_packed(c.module, _MIXINS[c.kind], spec, c.role)
+        else:
+            offloaded = [n for n in _MIXINS[c.kind].MX_WEIGHTS if getattr(getattr(c.module, n, None), "device", None) == torch.device("meta")]
+            if offloaded:
+                report.notes.append(f"{c.name}: weights are offloaded, quantized at each forward")
+            convert(c.module, _MIXINS[c.kind], spec, c.role, keep_original)
         report.replaced.append(LayerEntry(c.name, c.role, c.kind, w_fmt, a_fmt, numel))
-    if config.attn_bmm:
-        from . import attention
+    return report
 
-        fmt = config.attn_bmm_format
-        attention.enable(model, _spec(config, fmt, fmt))
-        report.attn_bmm = fmt
-        report.notes.append(f"attention matmuls (Q·Kᵀ, P·V) in {fmt} via the '{attention.NAME}' attention function")
+
+def enable_attention(model: nn.Module, config: MXConfig, report: MXReport) -> None:
+    """Put the attention matmuls in MX when ``config.attn_bmm`` asks for it (recorded in ``report``)."""
+    if not config.attn_bmm:
+        return
+    from . import attention
+
+    fmt = config.attn_bmm_format
+    attention.enable(model, _spec(config, fmt, fmt))
+    report.attn_bmm = fmt
+    report.notes.append(f"attention matmuls (Q·Kᵀ, P·V) in {fmt} via the '{attention.NAME}' attention function")
+
+
+def count_packed_bytes(model: nn.Module, report: MXReport) -> None:
+    """Record in ``report`` the bytes of the packed layers' codes + scales and of the dense weights they replace."""
+    packed = dense = 0
+    for _, m in mx_layers(model):
+        if isinstance(m, MXPackedLayer):
+            for name in m.mx_prequantized:
+                packed += sum(t.numel() * t.element_size() for t in (getattr(m, name), getattr(m, f"{name}_scales")))
+                dense += m.mx_shapes[name].numel() * m.mx_dtype.itemsize
+    report.packed_bytes, report.dense_bytes = packed, dense
+
+
+def apply_mx(model: nn.Module, config: MXConfig, keep_original: bool = False, progress: bool = False) -> MXReport:
+    """Convert the layers that ``config`` selects to MX (and the attention matmuls), in place.
+
+    ``keep_original=True`` keeps high-precision weights so :func:`layers.mx_disabled`
+    can switch MX off at run time (costs the memory of the selected weights).
+    """
+    if config.packed:
+        raise ValueError(
+            "packed=True quantizes weights while the checkpoint loads: pass "
+            "lm_eval_mx.hf_quantizer.MXQuantizationConfig to from_pretrained (hf-mx does this)"
+        )
+    report = convert_layers(model, config, keep_original, progress)
+    enable_attention(model, config, report)
     return report

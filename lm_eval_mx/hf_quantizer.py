@@ -1,0 +1,148 @@
+"""Packed MX weights through transformers' quantizer API: quantized while the checkpoint loads.
+
+``from_pretrained(path, quantization_config=MXQuantizationConfig(w_format="fp4_e2m1", roles="mlp"))``
+builds the model on the meta device, turns the selected layers into packed MX
+layers (:func:`lm_eval_mx.layers.convert_packed`), then packs each checkpoint
+tensor the moment the loader reads it, on the device it is loaded to: the
+high-precision model is never held in memory, only one tensor at a time.
+``device_map="auto"`` plans with the packed sizes. ``hf-mx`` does all this for
+``packed=True``.
+
+The config and quantizer are registered with transformers under ``quant_method="mx"``
+when this module is imported (``import lm_eval_mx`` does it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .config import MXConfig, parse_mx_args
+from .layers import MXPackedLayer, mx_layers
+from .packing import packed_layout
+from .selection import MXReport, convert_layers, count_packed_bytes, enable_attention
+
+QUANT_METHOD = "mx"
+
+
+@register_quantization_config(QUANT_METHOD)
+class MXQuantizationConfig(QuantizationConfigMixin):
+    """Which layers to store as packed MX, in which formats: the MX keys of ``hf-mx``.
+
+    ``MXQuantizationConfig(w_format="fp4_e2m1", a_format="fp8_e4m3", roles="mlp")``,
+    or ``MXQuantizationConfig(MXConfig(...))``; ``packed`` is always on here.
+    """
+
+    def __init__(self, mx: MXConfig | dict[str, Any] | None = None, **kwargs: Any) -> None:
+        kwargs.pop("quant_method", None)  # present when rebuilt from a serialized dict
+        if isinstance(mx, MXConfig):
+            if kwargs:
+                raise ValueError(f"MXQuantizationConfig: give an MXConfig or keys, not both (got {sorted(kwargs)})")
+            config = mx
+        else:
+            config, rest = parse_mx_args({**(mx or {}), **kwargs})
+            if rest:
+                raise ValueError(f"MXQuantizationConfig: unknown keys {sorted(rest)}; valid: the MX keys of hf-mx "
+                                 "(w_format, a_format, roles, include, exclude, ...)")
+        self.quant_method = QUANT_METHOD
+        self.mx = MXConfig(**{**config.to_dict(), "packed": True}).to_dict()
+
+    @property
+    def mx_config(self) -> MXConfig:
+        return MXConfig(**self.mx)
+
+
+class MXPack(ConversionOps):
+    """The load-time op: a checkpoint tensor of a packed layer becomes its codes and scales."""
+
+    def __init__(self, hf_quantizer: MXHfQuantizer) -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], *args: Any, model: Any = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, value in input_dict.items():
+            tensor = value[0] if isinstance(value, list) else value
+            module_name, _, name = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            with torch.no_grad():
+                packed = module.mx_pack(name, tensor)
+            out.update({f"{module_name}.{k}": v for k, v in packed.items()})
+        return out
+
+
+def _packed_param(model: torch.nn.Module, param_name: str) -> tuple[MXPackedLayer, str] | None:
+    module_name, _, name = param_name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    if isinstance(module, MXPackedLayer) and name in module.mx_prequantized:
+        return module, name
+    return None
+
+
+@register_quantizer(QUANT_METHOD)
+class MXHfQuantizer(HfQuantizer):
+    """Packs the selected layers' weights as they load; records an ``MXReport`` as ``mx_report``."""
+
+    requires_calibration = False
+    quantization_config: MXQuantizationConfig
+
+    def __init__(self, quantization_config: MXQuantizationConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self.mx_report: MXReport | None = None
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if self.pre_quantized:
+            raise ValueError(
+                "this checkpoint says it holds packed MX weights, which lm-eval-mx cannot load yet: load the "
+                "high-precision checkpoint with quantization_config=MXQuantizationConfig(...) instead"
+            )
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("packed MX weights cannot be offloaded to disk; give the model GPU or CPU memory")
+
+    def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
+        return _packed_param(model, param_name) is not None
+
+    def param_element_size(self, model: Any, param_name: str, param: torch.Tensor) -> float:
+        """Bytes per element once packed, so ``device_map="auto"`` plans with the packed size."""
+        found = _packed_param(model, param_name)
+        if found is None:
+            return param.element_size()
+        module, name = found
+        codes_shape = packed_layout(module.mx_shapes[name], module.mx_spec.w_format, module.mx_spec.block_size)[0]
+        return math.prod(codes_shape) / param.numel()  # the scales are their own uint8 parameter
+
+    def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        config = self.quantization_config.mx_config
+        self.mx_report = convert_layers(model, config)
+        enable_attention(model, config, self.mx_report)  # refuses unsupported attention before the weights load
+        return model
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        unpacked = [f"{n}.{w}" for n, m in mx_layers(model) if isinstance(m, MXPackedLayer)
+                    for w in m.mx_prequantized if getattr(m, w).dtype != torch.uint8]
+        if unpacked:
+            raise ValueError(
+                f"packed=True: {len(unpacked)} selected weights (e.g. {unpacked[0]}) were not in the checkpoint, so "
+                "they could not be packed; exclude those layers (exclude=...) or load a complete checkpoint"
+            )
+        assert self.mx_report is not None
+        count_packed_bytes(model, self.mx_report)
+        return model
+
+    def get_quantize_ops(self) -> MXPack:
+        return MXPack(self)
+
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

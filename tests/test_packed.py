@@ -1,0 +1,178 @@
+"""packed=True: weights packed while loading (transformers quantizer), exact vs fake quantization on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import save_tiny
+from test_model import requests
+from transformers import AutoModelForCausalLM
+
+from lm_eval_mx.attention import AttentionError
+from lm_eval_mx.config import MXConfig
+from lm_eval_mx.hf_quantizer import MXHfQuantizer, MXQuantizationConfig
+from lm_eval_mx.layers import MXPackedLayer, mx_disabled, mx_layers
+from lm_eval_mx.model import HFMXLM
+from lm_eval_mx.packing import pack_mx
+from lm_eval_mx.selection import apply_mx
+
+CONFIGS = [
+    dict(w_format="fp4_e2m1", a_format="fp8_e4m3"),
+    dict(format="fp6_e2m3", roles="mlp"),
+    dict(format="int4", block_size=16, rounding="nearest", scale_mode="even"),
+    dict(format="int8", block_size=0, weight_only=True),
+    dict(w_format="fp8_e5m2", a_format="fp6_e3m2", attn_only=True, attn_bmm=True),
+]
+# dense (Linear), GPT-2 Conv1D, fused experts (plain and transposed-free MoE), no-block OPT, fused qkv
+ARCHS = ["llama", "gpt2", "mixtral", "qwen2_moe", "opt", "phi3", "falcon"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, str]:
+    return {a: save_tiny(tmp_path_factory.mktemp(a), a) for a in ARCHS}
+
+
+def _load(path: str, dtype: torch.dtype = torch.bfloat16, **kw: object) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_packed_load_is_bit_identical_to_fake_quant(dirs, arch, cfg):
+    qc = MXQuantizationConfig(**cfg)
+    if cfg.get("attn_bmm") and arch == "falcon":
+        with pytest.raises(AttentionError, match="FalconForCausalLM does not dispatch attention"):
+            _load(dirs[arch], quantization_config=qc)
+        return
+    packed = _load(dirs[arch], quantization_config=qc)
+    ref = _load(dirs[arch])
+    fake_cfg = MXConfig(**{**qc.mx, "packed": False})
+    fake_report = apply_mx(ref, fake_cfg)
+    report = packed.hf_quantizer.mx_report
+    assert [(e.name, e.role, e.w_format, e.a_format, e.params) for e in report.replaced] == [
+        (e.name, e.role, e.w_format, e.a_format, e.params) for e in fake_report.replaced
+    ]
+    layers = [m for _, m in mx_layers(packed)]
+    assert layers and all(isinstance(m, MXPackedLayer) for m in layers)
+    for m in layers:
+        for name in m.mx_prequantized:
+            assert getattr(m, name).dtype == torch.uint8
+            assert getattr(m, f"{name}_scales").dtype == torch.uint8
+    ids = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mixtral"])
+def test_loader_packs_exactly_the_checkpoint_weights(dirs, arch):
+    """The stored codes/scales are pack_mx of the checkpoint tensor (transposed for Conv1D)."""
+    packed = _load(dirs[arch], quantization_config=MXQuantizationConfig(format="fp4_e2m1"))
+    dense = _load(dirs[arch])
+    checked = 0
+    for name, m in mx_layers(packed):
+        for w in m.mx_prequantized:
+            original = dense.get_submodule(name).get_parameter(w).detach()
+            if m._axis(w) not in (-1, original.dim() - 1):
+                original = original.transpose(m._axis(w), -1)
+            p = pack_mx(original, "fp4_e2m1")
+            assert torch.equal(getattr(m, w), p.codes) and torch.equal(getattr(m, f"{w}_scales"), p.scales)
+            checked += 1
+    assert checked > 0
+
+
+def test_memory_footprint_and_report_show_the_saving(dirs):
+    dense = _load(dirs["mixtral"])
+    fp8 = _load(dirs["mixtral"], quantization_config=MXQuantizationConfig(format="fp8_e4m3"))
+    fp4 = _load(dirs["mixtral"], quantization_config=MXQuantizationConfig(w_format="fp4_e2m1", roles="mlp"))
+    for model, bits in ((fp8, 8), (fp4, 4)):
+        s = model.hf_quantizer.mx_report.summary()
+        assert s["packed_weight_bytes"] / s["dense_weight_bytes"] == (bits + 8 / 32) / 16
+        saved = s["dense_weight_bytes"] - s["packed_weight_bytes"]
+        assert dense.get_memory_footprint() - model.get_memory_footprint() == saved
+    table = fp4.hf_quantizer.mx_report.table()
+    assert "stored packed:" in table and "(0.266x)" in table
+
+
+def test_device_map_auto_plans_with_packed_sizes(dirs):
+    qc = MXQuantizationConfig(format="fp4_e2m1")
+    model = _load(dirs["llama"], quantization_config=qc, device_map="auto")
+    assert isinstance(model.hf_quantizer, MXHfQuantizer)
+    layer = model.get_submodule("model.layers.0.mlp.up_proj")
+    size = model.hf_quantizer.param_element_size(model, "model.layers.0.mlp.up_proj.weight", torch.empty(96, 64))
+    assert size == layer.weight.numel() / (96 * 64) == 0.5
+
+
+def test_missing_weight_is_an_error(tmp_path, dirs):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "partial"
+    shutil.copytree(dirs["llama"], d)
+    sd = load_file(d / "model.safetensors")
+    del sd["model.layers.1.mlp.down_proj.weight"]
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight.*not in the checkpoint"):
+        _load(str(d), quantization_config=MXQuantizationConfig(format="fp4_e2m1"))
+
+
+def test_config_round_trip_and_errors():
+    qc = MXQuantizationConfig(w_format="fp4", roles="mlp|attn_out")
+    again = MXQuantizationConfig.from_dict(qc.to_dict())
+    assert again.mx_config == qc.mx_config and again.mx_config.packed
+    assert qc.mx_config.w_format == "fp4_e2m1" and qc.mx_config.roles == ("mlp_up", "mlp_down", "experts", "attn_out")
+    with pytest.raises(ValueError, match=r"unknown keys.*'w_fromat'"):
+        MXQuantizationConfig(w_fromat="fp4")
+    with pytest.raises(ValueError, match=r"unknown MX element format .fp4_e2m2.; valid formats: fp4_e2m1"):
+        MXQuantizationConfig(w_format="fp4_e2m2")
+    with pytest.raises(ValueError, match="no layer is selected"):
+        MXQuantizationConfig(roles="none")
+
+
+def test_packed_needs_loading_and_cannot_switch_off(dirs, tmp_path):
+    model = _load(dirs["llama"])
+    with pytest.raises(ValueError, match="while the checkpoint loads"):
+        apply_mx(model, MXConfig(packed=True))
+    packed = _load(dirs["llama"], quantization_config=MXQuantizationConfig())
+    with pytest.raises(RuntimeError, match="dropped their original"), mx_disabled(packed):
+        pass
+    with pytest.raises(ValueError, match="serializ"):
+        packed.save_pretrained(tmp_path / "out")
+    with pytest.raises(ValueError, match="cannot load yet"):
+        MXHfQuantizer(MXQuantizationConfig(), pre_quantized=True).validate_environment()
+
+
+def test_hf_mx_packed_equals_fake_quant(dirs):
+    args = dict(pretrained=dirs["llama"], device="cpu", batch_size=2, dtype="bfloat16", w_format="fp4_e2m1",
+                a_format="fp8_e4m3", mlp_only=True)
+    packed = HFMXLM(**args, packed=True)
+    fake = HFMXLM(**args)
+    got = packed.loglikelihood(requests())
+    assert got == fake.loglikelihood(requests())
+    info = packed.get_model_info()
+    assert info["mx_config"]["packed"] is True and "packed" in info["mx_label"]
+    assert info["mx_report"]["packed_weight_bytes"] / info["mx_report"]["dense_weight_bytes"] == 4.25 / 16
+    assert info["mx_report"]["layers_per_role"] == {"mlp_down": 2, "mlp_up": 4}
+    assert packed.mx_cache_tag != fake.mx_cache_tag
+    with pytest.raises(ValueError, match="for one configuration"):
+        packed.set_mx(MXConfig())
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (dict(mx_keep_original=True), "mx_keep_original"),
+        (dict(gguf_file="x.gguf"), "gguf_file"),
+        (dict(peft="some/adapter"), "peft"),
+        (dict(load_in_4bit=True), "load_in_4bit"),
+        (dict(roles="none"), "no layer is selected"),
+        (dict(packed="maybe"), "packed"),
+    ],
+)
+def test_hf_mx_packed_refuses_clashes_before_loading(extra, match, monkeypatch):
+    def no_load(*a: object, **k: object) -> None:
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_load)
+    with pytest.raises(ValueError, match=match):
+        HFMXLM(pretrained="/nonexistent", device="cpu", **{"packed": True, **extra})
