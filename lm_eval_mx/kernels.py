@@ -1,4 +1,5 @@
-"""Triton kernel for MX fake quantization along the last axis: one pass, read once, write once.
+"""Triton kernels: MX fake quantization along the last axis (one pass, read once, write once)
+and a GEMM whose weights are packed MX codes + E8M0 scales, decoded in its main loop.
 
 The arithmetic is that of :mod:`lm_eval_mx.numerics` (exact power-of-two scaling in
 float32, bit-derived exponents), so results are bit-identical to the torch
@@ -14,6 +15,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .formats import ElemFormat, Rounding, ScaleMode
+from .packing import MXPacked
 
 _ROUNDING = {Rounding.EVEN: 0, Rounding.NEAREST: 1, Rounding.FLOOR: 2}
 _SCALE_MODE = {ScaleMode.FLOOR: 0, ScaleMode.CEIL: 1, ScaleMode.EVEN: 2, ScaleMode.RCEIL: 3}
@@ -122,3 +124,115 @@ def quantize_mx_triton(
         ROWS=rows, NB=nb, BP=bp, num_warps=num_warps,
     )
     return y.movedim(-1, axis) if moved else y
+
+
+def _gemm_configs() -> list[triton.Config]:
+    """Tile shapes tried per (N, K, M bucket): large tiles for prefill, thin ones for short inputs."""
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
+        (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 128, 3, 8),
+        (64, 128, 128, 4, 4), (64, 64, 64, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in shapes
+    ]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
+    """Drop tiles much taller than the input (short, decode-sized inputs)."""
+    m = named_args["M_BUCKET"]
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET", "BS"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _mx_packed_mm_kernel(
+    x_ptr, c_ptr, s_ptr, b_ptr, y_ptr, M, N, K, KP, NB, M_BUCKET,
+    BS: tl.constexpr, BITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, IS_INT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[M, N] = x[M, K] @ dequant(codes[N, KP], scales[N, NB]).T (+ bias), fp32 accumulation.
+
+    Each weight tile is decoded in the main loop: codes -> element value (exact
+    float32 from the code's bits) -> times its block's 2**(scale - 127), the
+    same float32 product :func:`lm_eval_mx.packing.unpack_mx` computes, then
+    cast to the activation dtype for the tensor-core dot.
+    """
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n  # grouped order: neighbouring programs share weight tiles in L2
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    WIDTH: tl.constexpr = 8 if BITS > 4 else BITS
+    PER: tl.constexpr = 8 // WIDTH
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * K
+    c_rows = c_ptr + rn[:, None].to(tl.int64) * KP
+    s_rows = s_ptr + rn[:, None].to(tl.int64) * NB
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        x = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
+        wmask = (rn[:, None] < N) & (k[None, :] < K)
+        byte = tl.load(c_rows + k[None, :] // PER, mask=wmask, other=0).to(tl.int32)
+        code = (byte >> ((k[None, :] % PER) * WIDTH)) & ((1 << BITS) - 1)
+        mag = code & ((1 << (BITS - 1)) - 1)
+        if IS_INT:
+            v = mag.to(tl.float32) * (1.0 / (1 << MBITS))
+        else:
+            e = mag >> MBITS
+            sig = (mag & ((1 << MBITS) - 1)) + tl.where(e > 0, 1 << MBITS, 0)
+            v = sig.to(tl.float32) * _pow2(tl.maximum(e, 1) - 1 + EMIN - MBITS)
+        v = tl.where((code >> (BITS - 1)) != 0, -v, v)
+        sc = tl.load(s_rows + k[None, :] // BS, mask=wmask, other=127).to(tl.int32)
+        w = tl.where(sc == 255, float("nan"), v * _pow2(sc - 127))
+        if IEEE:  # noqa: SIM108 (a compile-time branch)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def packed_gemm_supported(p: MXPacked) -> bool:
+    """The kernel needs whole bytes per block (block size a multiple of the codes per byte)."""
+    return p.block_size % (8 // (8 if p.fmt.bits > 4 else p.fmt.bits)) == 0
+
+
+def mx_packed_linear_triton(
+    x: torch.Tensor, p: MXPacked, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``F.linear(x, unpack_mx(p, x.dtype), bias)`` with the weight decoded inside the GEMM.
+
+    Equal to that reference up to the order of the float32 accumulation.
+    ``out_dtype`` (default ``x.dtype``) lets tests read the float32 accumulator.
+    """
+    n, k = p.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the packed weight expects {k}")
+    if not packed_gemm_supported(p):
+        from .packing import unpack_mx
+
+        out = torch.nn.functional.linear(x, unpack_mx(p, x.dtype), bias)
+        return out if out_dtype is None else out.to(out_dtype)
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), device=x.device, dtype=out_dtype or x.dtype)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    fmt = p.fmt
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _mx_packed_mm_kernel[grid](
+        x2, p.codes, p.scales, bias if bias is not None else x2, y, m, n, k, p.codes.shape[-1], p.scales.shape[-1],
+        min(triton.next_power_of_2(m), 256),
+        BS=p.block_size, BITS=fmt.bits, MBITS=fmt.mbits, EMIN=fmt.emin, IS_INT=fmt.is_int,
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+    )
+    return y.reshape(*x.shape[:-1], n)

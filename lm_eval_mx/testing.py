@@ -1,6 +1,11 @@
 """Random models of real architectures and a local tokenizer, for offline tests and device runs.
 
     python -m lm_eval_mx.testing --preset llama-3.1-8b --out /tmp/llama8b   # random weights, bf16
+    python -m lm_eval_mx.testing --preset mixtral-8x7b --out /tmp/mixtral --stream --dtype float8_e4m3fn
+
+``--stream`` writes the checkpoint one tensor at a time, never building the model:
+for models larger than memory (Mixtral-8x7B is 93 GB in bf16; in float8 it is 47 GB,
+loadable as bf16 because every float8 value is exact in bf16).
 """
 
 from __future__ import annotations
@@ -65,15 +70,65 @@ def save_random_model(path: str | Path, config: Any, seed: int = 0, std: float =
     """Save a random-weight model of ``config`` (vocabulary set to the local tokenizer's) with that tokenizer."""
     from transformers import AutoModelForCausalLM
 
+    tokenizer = _prepare(config)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    randomize_(model, std, seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _prepare(config: Any) -> Any:
+    """The local tokenizer, with ``config`` adjusted to its vocabulary and long passages."""
     tokenizer = build_tokenizer()
     config.vocab_size = len(tokenizer)
     config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
     if hasattr(config, "max_position_embeddings"):
         config.max_position_embeddings = max(config.max_position_embeddings, 2048)  # long passages must fit
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    randomize_(model, std, seed)
-    model.save_pretrained(path)
+    return tokenizer
+
+
+def save_random_checkpoint(path: str | Path, config: Any, seed: int = 0, std: float = 0.02,
+                           dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
+                           shard_bytes: int = 4 << 30) -> str:
+    """Write a random-weight safetensors checkpoint of ``config`` tensor by tensor (matrices N(0, std²),
+    norms 1, biases 0), in shards with an index, without ever holding the model."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _prepare(config)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    g = torch.Generator(device=device).manual_seed(seed)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size = n = 0
+
+    def flush() -> None:
+        nonlocal shard, size, n
+        if shard:
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, path / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+            shard, size, n = {}, 0, n + 1
+
+    for key, shape in shapes.items():
+        if len(shape) >= 2:
+            t = torch.randn(shape, generator=g, device=device).mul_(std).to(dtype)
+        else:
+            t = torch.full(shape, 1.0 if "norm" in key else 0.0, device=device, dtype=dtype)
+        shard[key] = t.cpu()
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
@@ -86,11 +141,13 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--stream", action="store_true", help="write tensor by tensor, never building the model")
     ns = p.parse_args()
     spec = dict(PRESETS[ns.preset])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    save = save_random_checkpoint if ns.stream else save_random_model
     # std 0.02 keeps activations of a deep random model in range
-    print(save_random_model(ns.out, config, std=0.02, dtype=getattr(torch, ns.dtype), device=ns.device))
+    print(save(ns.out, config, std=0.02, dtype=getattr(torch, ns.dtype), device=ns.device))
 
 
 if __name__ == "__main__":

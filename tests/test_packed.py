@@ -176,3 +176,22 @@ def test_hf_mx_packed_refuses_clashes_before_loading(extra, match, monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_load)
     with pytest.raises(ValueError, match=match):
         HFMXLM(pretrained="/nonexistent", device="cpu", **{"packed": True, **extra})
+
+
+def test_streamed_float8_checkpoint_loads_packed(tmp_path):
+    """The big-model path: a checkpoint written tensor by tensor in float8, cast to bf16 and packed on load."""
+    from conftest import tiny_config
+
+    from lm_eval_mx.testing import save_random_checkpoint
+
+    d = save_random_checkpoint(tmp_path, tiny_config("mixtral"), std=0.2, dtype=torch.float8_e4m3fn, shard_bytes=40_000)
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    qc = MXQuantizationConfig(w_format="fp4_e2m1", roles="experts")
+    packed = _load(d, quantization_config=qc)
+    ref = _load(d)
+    assert ref.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    apply_mx(ref, MXConfig(**{**qc.mx, "packed": False}))
+    assert packed.hf_quantizer.mx_report.summary()["layers_per_role"] == {"experts": 2}
+    ids = torch.arange(30)[None] % 100
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, ref(ids).logits)

@@ -1,0 +1,125 @@
+"""Packed MX weights on a GPU: weight memory and MLP speed of a Llama-3.1-8B-shaped layer, loaded from disk.
+
+    python benchmarks/packed_bench.py --out benchmarks/results/packed_h100.json
+
+One random-weight decoder layer with Llama-3.1-8B's shapes is written as a
+safetensors checkpoint, then loaded through ``from_pretrained`` four ways:
+bf16, MX fake quantization (bf16 copies of quantized weights), and packed
+MXFP8 / MXFP4 (codes + E8M0 scales, the Triton GEMM). All numbers come from
+one process on one GPU, so the ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lm_eval_mx import MXConfig, MXQuantizationConfig, apply_mx
+from lm_eval_mx.kernels import mx_packed_linear_triton
+from lm_eval_mx.packing import pack_mx
+from lm_eval_mx.testing import PRESETS, save_random_checkpoint
+
+MLP = dict(roles="mlp", a_format="fp8_e4m3")
+VARIANTS: dict[str, tuple[str, dict]] = {  # name: (how it is loaded, MX keys)
+    "bf16": ("bf16", {}),
+    "fake MXFP4 (w fp4, a fp8)": ("fake", dict(MLP, w_format="fp4_e2m1")),
+    "packed MXFP8 (w fp8, a fp8)": ("packed", dict(MLP, w_format="fp8_e4m3")),
+    "packed MXFP4 (w fp4, a fp8)": ("packed", dict(MLP, w_format="fp4_e2m1")),
+}
+
+
+def bench(fn, reps: int) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` timed runs (after warm-up, autotuning included)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def load(path: str, how: str, keys: dict) -> tuple[torch.nn.Module, dict]:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    kw = dict(dtype=torch.bfloat16, device_map="cuda")
+    if how == "packed":
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=MXQuantizationConfig(**keys), **kw)
+        report = model.hf_quantizer.mx_report
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        report = apply_mx(model, MXConfig(**keys)) if how == "fake" else None
+    torch.cuda.synchronize()
+    mlp = model.model.layers[0].mlp
+    mlp_bytes = sum(t.numel() * t.element_size() for t in mlp.parameters())
+    info = {"load_s": round(time.perf_counter() - t0, 2), "model_bytes": torch.cuda.memory_allocated() - before,
+            "mlp_weight_bytes": mlp_bytes}
+    if report is not None and report.packed_bytes:
+        info["report"] = {k: report.summary()[k] for k in ("packed_weight_bytes", "dense_weight_bytes", "packed_ratio")}
+    return model, info
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 2048, 8192])
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--out", help="write the results here as JSON")
+    ns = p.parse_args()
+    spec = dict(PRESETS["llama-3.1-8b"], num_hidden_layers=1)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}}
+    with tempfile.TemporaryDirectory() as d:
+        save_random_checkpoint(d, config, dtype=torch.bfloat16, device="cuda")
+        g = torch.Generator(device="cuda").manual_seed(0)
+        xs = {t: torch.randn(t, 4096, device="cuda", generator=g, dtype=torch.bfloat16) for t in ns.tokens}
+        outs = {}
+        for name, (how, keys) in VARIANTS.items():
+            model, info = load(d, how, keys)
+            mlp = model.model.layers[0].mlp
+            with torch.no_grad():
+                info["ms"] = {t: bench(lambda x=x, mlp=mlp: mlp(x), ns.reps) for t, x in xs.items()}
+                outs[name] = mlp(xs[2048]).float()
+            results["variants"][name] = info
+            del model, mlp
+            torch.cuda.empty_cache()
+        base = results["variants"]["bf16"]
+        for info in results["variants"].values():
+            info["ratio_vs_bf16"] = {t: round(info["ms"][t] / base["ms"][t], 3) for t in ns.tokens}
+            info["mlp_weight_ratio"] = round(info["mlp_weight_bytes"] / base["mlp_weight_bytes"], 4)
+        ref = outs["fake MXFP4 (w fp4, a fp8)"]
+        results["max_rel_diff_packed_vs_fake_mxfp4"] = ((outs["packed MXFP4 (w fp4, a fp8)"] - ref).abs().max() / ref.abs().max()).item()
+
+        # the GEMMs alone: cuBLAS bf16 vs the packed-weight Triton GEMM, T = 2048
+        x = xs[2048] if 2048 in xs else torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
+        gemms = {}
+        for n, k in ((14336, 4096), (4096, 14336)):
+            w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
+            xk = torch.randn(2048, k, device="cuda", generator=g, dtype=torch.bfloat16)
+            row = {"bf16 cuBLAS": bench(lambda xk=xk, w=w: F.linear(xk, w), ns.reps)}
+            for fmt in ("fp8_e4m3", "fp4_e2m1"):
+                pk = pack_mx(w, fmt)
+                row[f"packed {fmt}"] = bench(lambda xk=xk, pk=pk: mx_packed_linear_triton(xk, pk), ns.reps)
+            gemms[f"{n}x{k}"] = {key: {"ms": ms, "ratio": round(ms / row["bf16 cuBLAS"], 3)} for key, ms in row.items()}
+        results["gemm_T2048"] = gemms
+        del x
+    print(json.dumps(results, indent=1))
+    if ns.out:
+        with open(ns.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
