@@ -126,29 +126,35 @@ def quantize_mx_triton(
     return y.movedim(-1, axis) if moved else y
 
 
+# Tile shapes (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) tried per input-length class: thin tiles for
+# decode-sized inputs, large ones for prefill. Few per class, since each is compiled per format width.
+_TILES = {
+    16: [(16, 128, 128, 4, 4), (32, 64, 128, 4, 4)],
+    64: [(64, 128, 128, 4, 4), (64, 64, 64, 4, 4)],
+    256: [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8)],
+}
+
+
 def _gemm_configs() -> list[triton.Config]:
-    """Tile shapes tried per (N, K, M bucket): large tiles for prefill, thin ones for short inputs."""
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
-        (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 128, 3, 8),
-        (64, 128, 128, 4, 4), (64, 64, 64, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4),
-    ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in shapes
+        for tiles in _TILES.values() for bm, bn, bk, s, w in tiles
     ]
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> list[triton.Config]:
-    """Drop tiles much taller than the input (short, decode-sized inputs)."""
+    """The tiles of the input's length class (``M_BUCKET``: M rounded up to a power of two, at most 256)."""
     m = named_args["M_BUCKET"]
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)]
+    cls = next(c for c in _TILES if m <= c or c == 256)
+    wanted = {(bm, bn, bk) for bm, bn, bk, _, _ in _TILES[cls]}
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) in wanted]
 
 
 @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET", "BS"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mx_packed_mm_kernel(
-    x_ptr, c_ptr, s_ptr, b_ptr, y_ptr, M, N, K, KP, NB, M_BUCKET,
-    BS: tl.constexpr, BITS: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr, IS_INT: tl.constexpr,
+    x_ptr, c_ptr, s_ptr, b_ptr, y_ptr, M, N, K, KP, NB, M_BUCKET, MBITS, EMIN,
+    BS: tl.constexpr, BITS: tl.constexpr, IS_INT: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -183,7 +189,7 @@ def _mx_packed_mm_kernel(
         code = (byte >> ((k[None, :] % PER) * WIDTH)) & ((1 << BITS) - 1)
         mag = code & ((1 << (BITS - 1)) - 1)
         if IS_INT:
-            v = mag.to(tl.float32) * (1.0 / (1 << MBITS))
+            v = mag.to(tl.float32) * _pow2(-MBITS)
         else:
             e = mag >> MBITS
             sig = (mag & ((1 << MBITS) - 1)) + tl.where(e > 0, 1 << MBITS, 0)
@@ -231,8 +237,8 @@ def mx_packed_linear_triton(
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _mx_packed_mm_kernel[grid](
         x2, p.codes, p.scales, bias if bias is not None else x2, y, m, n, k, p.codes.shape[-1], p.scales.shape[-1],
-        min(triton.next_power_of_2(m), 256),
-        BS=p.block_size, BITS=fmt.bits, MBITS=fmt.mbits, EMIN=fmt.emin, IS_INT=fmt.is_int,
+        min(triton.next_power_of_2(m), 256), fmt.mbits, fmt.emin,
+        BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int,
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
     )
     return y.reshape(*x.shape[:-1], n)
