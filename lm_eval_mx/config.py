@@ -31,6 +31,10 @@ ROLE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 # Quantization engines (lm_eval_mx.backends); all give bit-identical results.
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
+# How packed weights meet activations on CUDA (Triton): "dequant" decodes each weight to the activation
+# dtype with a Triton kernel, then cuBLAS multiplies (bit-identical to fake quantization);
+# "fused" decodes inside a Triton GEMM's main loop (no bf16 copy of the weight; slower, BENCHMARKS.md).
+PACKED_GEMMS: tuple[str, ...] = ("dequant", "fused")
 
 
 def _as_list(value: Any) -> list[str]:
@@ -102,6 +106,7 @@ class MXConfig:
     bmm_format: str | None = None
     backend: str = "auto"
     packed: bool = False
+    packed_gemm: str = "dequant"
 
     def __post_init__(self) -> None:
         # Canonicalise so that equal configurations compare and serialise equal.
@@ -111,6 +116,10 @@ class MXConfig:
         set_(self, "rounding", get_rounding(self.rounding).value)
         set_(self, "scale_mode", get_scale_mode(self.scale_mode).value)
         set_(self, "roles", expand_roles(self.roles))
+        if self.packed_gemm not in PACKED_GEMMS:
+            raise ValueError(f"packed_gemm must be one of {', '.join(PACKED_GEMMS)}, got {self.packed_gemm!r}")
+        if self.packed_gemm != "dequant" and not self.packed:
+            raise ValueError("packed_gemm chooses how packed weights are multiplied: it needs packed=True")
         if self.packed and not self.selects_layers:
             raise ValueError("packed=True stores the selected layers' weights packed, but no layer is selected")
         if self.bmm_format is not None:
@@ -180,7 +189,7 @@ class MXConfig:
         if self.attn_bmm:
             parts.append("bmm" if self.attn_bmm_format == fmt else f"bmm:{self.attn_bmm_format}")
         if self.packed:
-            parts.append("packed")
+            parts.append("packed" if self.packed_gemm == "dequant" else f"packed:{self.packed_gemm}")
         if self.include:
             parts.append(f"+/{self.include}/")
         if self.exclude:
@@ -222,7 +231,7 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
         if "w_format" in mx or "a_format" in mx:
             raise ValueError("format= sets both w_format and a_format; do not combine them")
         kw["w_format"] = kw["a_format"] = str(mx["format"])
-    for key in ("w_format", "a_format", "rounding", "scale_mode", "backend"):
+    for key in ("w_format", "a_format", "rounding", "scale_mode", "backend", "packed_gemm"):
         if key in mx:
             kw[key] = str(mx[key])
     for key in ("include", "exclude"):

@@ -126,6 +126,56 @@ def quantize_mx_triton(
     return y.movedim(-1, axis) if moved else y
 
 
+@triton.jit
+def _decode(c_rows, s_rows, k, mask, MBITS, EMIN, BS: tl.constexpr, BITS: tl.constexpr, IS_INT: tl.constexpr):
+    """float32 values of the packed weights at columns ``k`` of the rows whose codes start at ``c_rows``
+    (scales at ``s_rows``): the element value exactly from the code's bits, times its block's
+    2**(scale - 127), the float32 product :func:`lm_eval_mx.packing.unpack_mx` computes."""
+    WIDTH: tl.constexpr = 8 if BITS > 4 else BITS
+    PER: tl.constexpr = 8 // WIDTH
+    byte = tl.load(c_rows + k // PER, mask=mask, other=0).to(tl.int32)
+    code = (byte >> ((k % PER) * WIDTH)) & ((1 << BITS) - 1)
+    mag = code & ((1 << (BITS - 1)) - 1)
+    if IS_INT:
+        v = mag.to(tl.float32) * _pow2(-MBITS)
+    else:
+        e = mag >> MBITS
+        sig = (mag & ((1 << MBITS) - 1)) + tl.where(e > 0, 1 << MBITS, 0)
+        v = sig.to(tl.float32) * _pow2(tl.maximum(e, 1) - 1 + EMIN - MBITS)
+    v = tl.where((code >> (BITS - 1)) != 0, -v, v)
+    sc = tl.load(s_rows + k // BS, mask=mask, other=127).to(tl.int32)
+    return tl.where(sc == 255, float("nan"), v * _pow2(sc - 127))
+
+
+@triton.jit
+def _mx_dequant_kernel(c_ptr, s_ptr, y_ptr, N, K, KP, NB, MBITS, EMIN, BS: tl.constexpr, BITS: tl.constexpr,
+                       IS_INT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """y[N, K] = the packed weight decoded, in y's dtype (one pass: read codes and scales, write once)."""
+    rn = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    k = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    mask = (rn[:, None] < N) & (k[None, :] < K)
+    w = _decode(c_ptr + rn[:, None].to(tl.int64) * KP, s_ptr + rn[:, None].to(tl.int64) * NB, k[None, :], mask,
+                MBITS, EMIN, BS, BITS, IS_INT)
+    tl.store(y_ptr + rn[:, None].to(tl.int64) * K + k[None, :], w.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def mx_unpack_triton(p: MXPacked, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`lm_eval_mx.packing.unpack_mx` of a 2-D packed weight on the GPU, bit for bit."""
+    if not packed_gemm_supported(p) or len(p.shape) != 2:
+        from .packing import unpack_mx
+
+        return unpack_mx(p, dtype)
+    n, k = p.shape
+    y = torch.empty((n, k), device=p.codes.device, dtype=dtype)
+    rows, cols = 8, 256
+    fmt = p.fmt
+    _mx_dequant_kernel[(triton.cdiv(n, rows), triton.cdiv(k, cols))](
+        p.codes, p.scales, y, n, k, p.codes.shape[-1], p.scales.shape[-1], fmt.mbits, fmt.emin,
+        BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int, ROWS=rows, COLS=cols, num_warps=4,
+    )
+    return y
+
+
 # Tile shapes (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) tried per input-length class: thin tiles for
 # decode-sized inputs, large ones for prefill. Few per class, since each is compiled per format width.
 _TILES = {
@@ -175,8 +225,6 @@ def _mx_packed_mm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    WIDTH: tl.constexpr = 8 if BITS > 4 else BITS
-    PER: tl.constexpr = 8 // WIDTH
     x_rows = x_ptr + rm[:, None].to(tl.int64) * K
     c_rows = c_ptr + rn[:, None].to(tl.int64) * KP
     s_rows = s_ptr + rn[:, None].to(tl.int64) * NB
@@ -185,18 +233,7 @@ def _mx_packed_mm_kernel(
         k = k0 + rk
         x = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
         wmask = (rn[:, None] < N) & (k[None, :] < K)
-        byte = tl.load(c_rows + k[None, :] // PER, mask=wmask, other=0).to(tl.int32)
-        code = (byte >> ((k[None, :] % PER) * WIDTH)) & ((1 << BITS) - 1)
-        mag = code & ((1 << (BITS - 1)) - 1)
-        if IS_INT:
-            v = mag.to(tl.float32) * _pow2(-MBITS)
-        else:
-            e = mag >> MBITS
-            sig = (mag & ((1 << MBITS) - 1)) + tl.where(e > 0, 1 << MBITS, 0)
-            v = sig.to(tl.float32) * _pow2(tl.maximum(e, 1) - 1 + EMIN - MBITS)
-        v = tl.where((code >> (BITS - 1)) != 0, -v, v)
-        sc = tl.load(s_rows + k[None, :] // BS, mask=wmask, other=127).to(tl.int32)
-        w = tl.where(sc == 255, float("nan"), v * _pow2(sc - 127))
+        w = _decode(c_rows, s_rows, k[None, :], wmask, MBITS, EMIN, BS, BITS, IS_INT)
         if IEEE:  # noqa: SIM108 (a compile-time branch)
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
@@ -213,12 +250,14 @@ def packed_gemm_supported(p: MXPacked) -> bool:
 
 
 def mx_packed_linear_triton(
-    x: torch.Tensor, p: MXPacked, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+    x: torch.Tensor, p: MXPacked, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+    tile: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, unpack_mx(p, x.dtype), bias)`` with the weight decoded inside the GEMM.
 
     Equal to that reference up to the order of the float32 accumulation.
-    ``out_dtype`` (default ``x.dtype``) lets tests read the float32 accumulator.
+    ``out_dtype`` (default ``x.dtype``) lets tests read the float32 accumulator;
+    ``tile`` (BLOCK_M, BLOCK_N, BLOCK_K) skips autotuning (one compilation).
     """
     n, k = p.shape
     if x.shape[-1] != k:
@@ -235,10 +274,15 @@ def mx_packed_linear_triton(
         return y.reshape(*x.shape[:-1], n)
     fmt = p.fmt
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _mx_packed_mm_kernel[grid](
+    kernel = _mx_packed_mm_kernel
+    extra: dict = {}
+    if tile is not None:
+        kernel = _mx_packed_mm_kernel.fn
+        extra = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), tile), GROUP_M=8, num_warps=4)
+    kernel[grid](
         x2, p.codes, p.scales, bias if bias is not None else x2, y, m, n, k, p.codes.shape[-1], p.scales.shape[-1],
         min(triton.next_power_of_2(m), 256), fmt.mbits, fmt.emin,
         BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int,
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, **extra,
     )
     return y.reshape(*x.shape[:-1], n)

@@ -199,6 +199,7 @@ class MXPackedLayer(MXLayer):
 
     mx_shapes: dict[str, torch.Size]
     mx_dtype: torch.dtype
+    mx_gemm: str  # config.PACKED_GEMMS
 
     def mx_pack(self, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pack a checkpoint tensor for weight ``name``: ``{name: codes, name_scales: scales}``.
@@ -238,9 +239,11 @@ class MXPackedLayer(MXLayer):
         """``F.linear(x, W, bias)`` with packed W: the Triton GEMM on CUDA, else dequantize + F.linear."""
         p = self.mx_packed(name, index)
         if x.is_cuda and resolve_backend(self.mx_spec.backend) == "triton":
-            from .kernels import mx_packed_linear_triton
+            from .kernels import mx_packed_linear_triton, mx_unpack_triton
 
-            return mx_packed_linear_triton(x, p, bias)
+            if self.mx_gemm == "fused":
+                return mx_packed_linear_triton(x, p, bias)
+            return F.linear(x, mx_unpack_triton(p, x.dtype), bias)
         return F.linear(x, unpack_mx(p, x.dtype), bias)
 
 
@@ -286,7 +289,7 @@ def _swap(module: nn.Module, mixin: type[MXLayer], spec: MXSpec, role: str, keep
     return names
 
 
-def convert_packed(module: nn.Module, mixin: type[MXLayer], spec: MXSpec, role: str) -> nn.Module:
+def convert_packed(module: nn.Module, mixin: type[MXLayer], spec: MXSpec, role: str, gemm: str = "dequant") -> nn.Module:
     """Turn a module of a meta-device model into a packed MX layer, ready to be loaded.
 
     Its weights stay as they are (the loader replaces them with codes); a uint8
@@ -295,6 +298,7 @@ def convert_packed(module: nn.Module, mixin: type[MXLayer], spec: MXSpec, role: 
     packed = PACKED[mixin]
     names = _swap(module, packed, spec, role, keep_original=False)
     module.mx_prequantized = frozenset(names)
+    module.mx_gemm = gemm
     module.mx_shapes = {}
     for name in names:
         w = getattr(module, name)

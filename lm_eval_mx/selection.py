@@ -310,7 +310,7 @@ def convert_layers(model: nn.Module, config: MXConfig, keep_original: bool = Fal
             )
         numel = c.numel
         if config.packed:
-            convert_packed(c.module, _MIXINS[c.kind], spec, c.role)
+            convert_packed(c.module, _MIXINS[c.kind], spec, c.role, config.packed_gemm)
         else:
             offloaded = [n for n in _MIXINS[c.kind].MX_WEIGHTS if getattr(getattr(c.module, n, None), "device", None) == torch.device("meta")]
             if offloaded:
