@@ -45,7 +45,7 @@ class MXQuantizationConfig(QuantizationConfigMixin):
                 raise ValueError(f"MXQuantizationConfig: give an MXConfig or keys, not both (got {sorted(kwargs)})")
             config = mx
         else:
-            config, rest = parse_mx_args({**(mx or {}), **kwargs})
+            config, rest = parse_mx_args({**(mx or {}), **kwargs, "packed": True})
             if rest:
                 raise ValueError(f"MXQuantizationConfig: unknown keys {sorted(rest)}; valid: the MX keys of hf-mx "
                                  "(w_format, a_format, roles, include, exclude, ...)")
