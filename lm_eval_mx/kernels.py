@@ -127,14 +127,28 @@ def quantize_mx_triton(
 
 
 @triton.jit
-def _decode(c_rows, s_rows, k, mask, MBITS, EMIN, BS: tl.constexpr, BITS: tl.constexpr, IS_INT: tl.constexpr):
-    """float32 values of the packed weights at columns ``k`` of the rows whose codes start at ``c_rows``
-    (scales at ``s_rows``): the element value exactly from the code's bits, times its block's
-    2**(scale - 127), the float32 product :func:`lm_eval_mx.packing.unpack_mx` computes."""
+def _decode(c_rows, s_rows, row_mask, k0, KP, NB, MBITS, EMIN, BS: tl.constexpr, BITS: tl.constexpr,
+            IS_INT: tl.constexpr, COLS: tl.constexpr):
+    """float32 values of the packed weights in columns [k0, k0 + COLS) of the rows whose codes start at
+    ``c_rows`` (scales at ``s_rows``): each element exactly from its code's bits, times its block's
+    2**(scale - 127), the float32 product :func:`lm_eval_mx.packing.unpack_mx` computes.
+
+    Codes are loaded as whole bytes and split in registers; each block's scale is loaded once when
+    blocks tile ``COLS`` (otherwise per element), so the loads stay wide.
+    """
     WIDTH: tl.constexpr = 8 if BITS > 4 else BITS
     PER: tl.constexpr = 8 // WIDTH
-    byte = tl.load(c_rows + k // PER, mask=mask, other=0).to(tl.int32)
-    code = (byte >> ((k % PER) * WIDTH)) & ((1 << BITS) - 1)
+    ROWS: tl.constexpr = c_rows.shape[0]
+    kb = k0 // PER + tl.arange(0, COLS // PER)
+    byte = tl.load(c_rows + kb[None, :], mask=row_mask & (kb[None, :] < KP), other=0).to(tl.int32)
+    if PER == 1:
+        code = byte
+    elif PER == 2:  # low nibble first
+        code = tl.reshape(tl.join(byte & 15, byte >> 4), (ROWS, COLS))
+    else:
+        # join nests as [.., j, i] = (i ? join(c1, c3) : join(c0, c2))[j]: flattened c0, c1, c2, c3
+        quads = tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6))
+        code = tl.reshape(quads, (ROWS, COLS))
     mag = code & ((1 << (BITS - 1)) - 1)
     if IS_INT:
         v = mag.to(tl.float32) * _pow2(-MBITS)
@@ -143,8 +157,20 @@ def _decode(c_rows, s_rows, k, mask, MBITS, EMIN, BS: tl.constexpr, BITS: tl.con
         sig = (mag & ((1 << MBITS) - 1)) + tl.where(e > 0, 1 << MBITS, 0)
         v = sig.to(tl.float32) * _pow2(tl.maximum(e, 1) - 1 + EMIN - MBITS)
     v = tl.where((code >> (BITS - 1)) != 0, -v, v)
-    sc = tl.load(s_rows + k // BS, mask=mask, other=127).to(tl.int32)
-    return tl.where(sc == 255, float("nan"), v * _pow2(sc - 127))
+    if COLS % BS == 0:
+        sb = k0 // BS + tl.arange(0, COLS // BS)
+        sc = tl.load(s_rows + sb[None, :], mask=row_mask & (sb[None, :] < NB), other=127).to(tl.int32)
+        w = tl.reshape(v, (ROWS, COLS // BS, BS)) * _pow2(sc - 127)[:, :, None]
+        w = tl.where((sc == 255)[:, :, None], float("nan"), w)
+        return tl.reshape(w, (ROWS, COLS))
+    else:
+        k = k0 + tl.arange(0, COLS)
+        sc = tl.load(s_rows + k[None, :] // BS, mask=row_mask & (k[None, :] // BS < NB), other=127).to(tl.int32)
+        return tl.where(sc == 255, float("nan"), v * _pow2(sc - 127))
+
+
+# Rows x columns of weight per program of the dequantize kernel, and its warps.
+DEQUANT_TILE, DEQUANT_WARPS = (16, 256), 4
 
 
 @triton.jit
@@ -152,11 +178,11 @@ def _mx_dequant_kernel(c_ptr, s_ptr, y_ptr, N, K, KP, NB, MBITS, EMIN, BS: tl.co
                        IS_INT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """y[N, K] = the packed weight decoded, in y's dtype (one pass: read codes and scales, write once)."""
     rn = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    k = tl.program_id(1) * COLS + tl.arange(0, COLS)
-    mask = (rn[:, None] < N) & (k[None, :] < K)
-    w = _decode(c_ptr + rn[:, None].to(tl.int64) * KP, s_ptr + rn[:, None].to(tl.int64) * NB, k[None, :], mask,
-                MBITS, EMIN, BS, BITS, IS_INT)
-    tl.store(y_ptr + rn[:, None].to(tl.int64) * K + k[None, :], w.to(y_ptr.dtype.element_ty), mask=mask)
+    k0 = tl.program_id(1) * COLS
+    k = k0 + tl.arange(0, COLS)
+    rows = rn[:, None].to(tl.int64)
+    w = _decode(c_ptr + rows * KP, s_ptr + rows * NB, rn[:, None] < N, k0, KP, NB, MBITS, EMIN, BS, BITS, IS_INT, COLS)
+    tl.store(y_ptr + rows * K + k[None, :], w.to(y_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (k[None, :] < K))
 
 
 def mx_unpack_triton(p: MXPacked, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -167,11 +193,11 @@ def mx_unpack_triton(p: MXPacked, dtype: torch.dtype = torch.float32) -> torch.T
         return unpack_mx(p, dtype)
     n, k = p.shape
     y = torch.empty((n, k), device=p.codes.device, dtype=dtype)
-    rows, cols = 8, 256
+    rows, cols = DEQUANT_TILE
     fmt = p.fmt
     _mx_dequant_kernel[(triton.cdiv(n, rows), triton.cdiv(k, cols))](
         p.codes, p.scales, y, n, k, p.codes.shape[-1], p.scales.shape[-1], fmt.mbits, fmt.emin,
-        BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int, ROWS=rows, COLS=cols, num_warps=4,
+        BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int, ROWS=rows, COLS=cols, num_warps=DEQUANT_WARPS,
     )
     return y
 
@@ -232,8 +258,7 @@ def _mx_packed_mm_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         x = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
-        wmask = (rn[:, None] < N) & (k[None, :] < K)
-        w = _decode(c_rows, s_rows, k[None, :], wmask, MBITS, EMIN, BS, BITS, IS_INT)
+        w = _decode(c_rows, s_rows, rn[:, None] < N, k0, KP, NB, MBITS, EMIN, BS, BITS, IS_INT, BLOCK_K)
         if IEEE:  # noqa: SIM108 (a compile-time branch)
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
