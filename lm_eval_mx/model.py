@@ -157,7 +157,7 @@ class HFMXLM(HFLM):
     (``w_format``, ``a_format``, ``format``, ``block_size``, ``rounding``,
     ``scale_bits``, ``scale_mode``, ``roles``/``mlp_only``/``attn_only``,
     ``include``, ``exclude``, ``role_formats``, ``weight_only``, ``attn_bmm``,
-    ``bmm_format``, ``backend``).
+    ``bmm_format``, ``backend``, ``packed``, ``packed_gemm``).
     """
 
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
