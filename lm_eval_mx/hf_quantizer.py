@@ -18,7 +18,13 @@ import math
 from typing import Any
 
 import torch
-from transformers.core_model_loading import ConversionOps
+import transformers
+from packaging.version import Version
+
+try:
+    from transformers.core_model_loading import ConversionOps
+except ImportError as e:  # transformers 4
+    raise ImportError("packed MX weights (packed=True) need transformers 5") from e
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -26,6 +32,15 @@ from .config import MXConfig, parse_mx_args
 from .layers import MXPackedLayer, mx_layers
 from .packing import packed_layout
 from .selection import MXReport, convert_layers, count_packed_bytes, enable_attention
+
+# The loading API used here (ConversionOps, get_quantize_ops, param_element_size) changes within
+# transformers 5; tested with 5.17 and 5.24.
+MIN_TRANSFORMERS = "5.17"
+if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+    raise ImportError(
+        f"packed MX weights (packed=True) need transformers>={MIN_TRANSFORMERS}, found {transformers.__version__}; "
+        "fake quantization (packed=False) works with the installed version"
+    )
 
 QUANT_METHOD = "mx"
 
