@@ -119,6 +119,9 @@ def divergence_main(ns: argparse.Namespace) -> int:
     config, rest = parse_mx_args(simple_parse_args_string(ns.config))
     if rest:
         raise SystemExit(f"divergence: --config holds MX keys only; got {', '.join(rest)}")
+    if config.packed:
+        raise SystemExit("divergence compares MX with the same model's high-precision weights: packed=True "
+                         "keeps only the MX codes; measure the same configuration without packed")
     files = [Path(f) for f in ns.corpus] if ns.corpus else sorted((tasks_dir() / "corpus").glob("*.txt"))
     texts = [t for f in files for t in f.read_text(encoding="utf-8").split("\n\n") if t.strip()]
     if ns.device:

@@ -248,6 +248,13 @@ def run_configs(
     progress: bool = True,
 ) -> list[Run]:
     """Evaluate the baseline then each MX configuration on one model copy."""
+    packed = [label for label, cfg in configs if cfg.packed]
+    if packed or base_args.get("packed") not in (None, False, "False", "false"):
+        raise ValueError(
+            "compare evaluates every configuration on one high-precision copy, but packed=True loads a model "
+            "per configuration: run `lm-eval-mx run --model hf-mx --model_args ...,packed=True` for each "
+            "(and the baseline), then `lm-eval-mx compare --results BASELINE.json MX.json ...`"
+        )
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

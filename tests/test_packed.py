@@ -195,3 +195,11 @@ def test_streamed_float8_checkpoint_loads_packed(tmp_path):
     ids = torch.arange(30)[None] % 100
     with torch.no_grad():
         assert torch.equal(packed(ids).logits, ref(ids).logits)
+
+
+def test_compare_refuses_packed_before_loading(monkeypatch):
+    from lm_eval_mx.compare import run_configs
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match=r"packed=True loads a model per configuration.*--results"):
+        run_configs({"pretrained": "/nonexistent"}, [("fp4", MXConfig(w_format="fp4", packed=True))], ["t"])
