@@ -73,12 +73,32 @@ def load(path: str, how: str, keys: dict) -> tuple[torch.nn.Module, dict]:
     return model, info
 
 
+def sweep_dequant_tiles(reps: int) -> None:
+    """Decode a 14336x4096 packed weight to bf16 with each tile; bandwidth relative to a copy moving the same bytes."""
+    w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    for fmt in ("fp4_e2m1", "fp8_e4m3"):
+        pk = pack_mx(w, fmt)
+        moved = pk.nbytes + w.numel() * 2
+        src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
+        dst = torch.empty_like(src)
+        copy_ms = bench(lambda src=src, dst=dst: dst.copy_(src), reps)  # reads and writes moved/2 each
+        for rows, cols, warps in ((8, 256, 4), (16, 256, 4), (32, 256, 8), (16, 512, 4), (32, 512, 8),
+                                  (64, 256, 8), (8, 1024, 4), (16, 1024, 8), (64, 512, 8)):
+            ms = bench(lambda pk=pk, t=(rows, cols), nw=warps: mx_unpack_triton(pk, torch.bfloat16, t, nw), reps)
+            print(f"{fmt} tile {rows}x{cols} warps {warps}: {ms * 1e3:.1f} us, {100 * copy_ms / ms:.1f}% of copy")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 2048, 8192])
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--out", help="write the results here as JSON")
+    p.add_argument("--dequant-tiles", action="store_true",
+                   help="only sweep the decode kernel's tile (rows, columns, warps) as %% of a copy's bandwidth")
     ns = p.parse_args()
+    if ns.dequant_tiles:
+        sweep_dequant_tiles(ns.reps)
+        return
     spec = dict(PRESETS["llama-3.1-8b"], num_hidden_layers=1)
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}}

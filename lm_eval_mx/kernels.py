@@ -185,7 +185,9 @@ def _mx_dequant_kernel(c_ptr, s_ptr, y_ptr, N, K, KP, NB, MBITS, EMIN, BS: tl.co
     tl.store(y_ptr + rows * K + k[None, :], w.to(y_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (k[None, :] < K))
 
 
-def mx_unpack_triton(p: MXPacked, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def mx_unpack_triton(
+    p: MXPacked, dtype: torch.dtype = torch.float32, tile: tuple[int, int] = DEQUANT_TILE, num_warps: int = DEQUANT_WARPS
+) -> torch.Tensor:
     """:func:`lm_eval_mx.packing.unpack_mx` of a 2-D packed weight on the GPU, bit for bit."""
     if not packed_gemm_supported(p) or len(p.shape) != 2:
         from .packing import unpack_mx
@@ -193,11 +195,11 @@ def mx_unpack_triton(p: MXPacked, dtype: torch.dtype = torch.float32) -> torch.T
         return unpack_mx(p, dtype)
     n, k = p.shape
     y = torch.empty((n, k), device=p.codes.device, dtype=dtype)
-    rows, cols = DEQUANT_TILE
+    rows, cols = tile
     fmt = p.fmt
     _mx_dequant_kernel[(triton.cdiv(n, rows), triton.cdiv(k, cols))](
         p.codes, p.scales, y, n, k, p.codes.shape[-1], p.scales.shape[-1], fmt.mbits, fmt.emin,
-        BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int, ROWS=rows, COLS=cols, num_warps=DEQUANT_WARPS,
+        BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int, ROWS=rows, COLS=cols, num_warps=num_warps,
     )
     return y
 
