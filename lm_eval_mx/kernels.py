@@ -209,7 +209,7 @@ def mx_unpack_triton(
 _TILES = {
     16: [(16, 128, 128, 4, 4), (32, 64, 128, 4, 4)],
     64: [(64, 128, 128, 4, 4), (64, 64, 64, 4, 4)],
-    256: [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8)],
+    256: [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 128, 3, 8)],
 }
 
 
@@ -253,22 +253,24 @@ def _mx_packed_mm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rm[:, None].to(tl.int64) * K
+    x_cols = x_ptr + rm[None, :].to(tl.int64) * K
     c_rows = c_ptr + rn[:, None].to(tl.int64) * KP
     s_rows = s_ptr + rn[:, None].to(tl.int64) * NB
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Computed transposed, yᵀ = W · xᵀ: the decoded weight is the dot's first operand, which Hopper's
+    # wgmma may take from registers; the second (x, straight from memory) goes through shared memory.
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
-        x = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
+        xt = tl.load(x_cols + k[:, None], mask=(k[:, None] < K) & (rm[None, :] < M), other=0.0)
         w = _decode(c_rows, s_rows, rn[:, None] < N, k0, KP, NB, MBITS, EMIN, BS, BITS, IS_INT, BLOCK_K)
         if IEEE:  # noqa: SIM108 (a compile-time branch)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            acc = tl.dot(w.to(xt.dtype), xt, acc)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+    y = y_ptr + rm[None, :].to(tl.int64) * N + rn[:, None]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
 
 
 def packed_gemm_supported(p: MXPacked) -> bool:
