@@ -169,8 +169,8 @@ def _decode(c_rows, s_rows, row_mask, k0, KP, NB, MBITS, EMIN, BS: tl.constexpr,
         return tl.where(sc == 255, float("nan"), v * _pow2(sc - 127))
 
 
-# Rows x columns of weight per program of the dequantize kernel, and its warps.
-DEQUANT_TILE, DEQUANT_WARPS = (16, 256), 4
+# Rows x columns of weight per program of the decode kernel, and its warps (packed_bench.py --dequant-tiles).
+DEQUANT_TILE, DEQUANT_WARPS = (8, 256), 4
 
 
 @triton.jit

@@ -127,6 +127,11 @@ def test_config_round_trip_and_errors():
         MXQuantizationConfig(w_format="fp4_e2m2")
     with pytest.raises(ValueError, match="no layer is selected"):
         MXQuantizationConfig(roles="none")
+    assert MXQuantizationConfig(packed_gemm="fused").mx_config.label() == "fp8_e4m3 packed:fused"
+    with pytest.raises(ValueError, match="packed_gemm must be one of dequant, fused, got 'fast'"):
+        MXQuantizationConfig(packed_gemm="fast")
+    with pytest.raises(ValueError, match=r"packed_gemm .* needs packed=True"):
+        MXConfig(packed_gemm="fused")
 
 
 def test_packed_needs_loading_and_cannot_switch_off(dirs, tmp_path):
