@@ -349,11 +349,6 @@ def apply_mx(model: nn.Module, config: MXConfig, keep_original: bool = False, pr
     ``keep_original=True`` keeps high-precision weights so :func:`layers.mx_disabled`
     can switch MX off at run time (costs the memory of the selected weights).
     """
-    if config.packed:
-        raise ValueError(
-            "packed=True quantizes weights while the checkpoint loads: pass "
-            "lm_eval_mx.hf_quantizer.MXQuantizationConfig to from_pretrained (hf-mx does this)"
-        )
     report = convert_layers(model, config, keep_original, progress)
     enable_attention(model, config, report)
     return report
