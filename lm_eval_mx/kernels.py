@@ -15,7 +15,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .formats import ElemFormat, Rounding, ScaleMode
-from .packing import MXPacked
+from .packing import MXPacked, codes_per_byte, unpack_mx
 
 _ROUNDING = {Rounding.EVEN: 0, Rounding.NEAREST: 1, Rounding.FLOOR: 2}
 _SCALE_MODE = {ScaleMode.FLOOR: 0, ScaleMode.CEIL: 1, ScaleMode.EVEN: 2, ScaleMode.RCEIL: 3}
@@ -190,8 +190,6 @@ def mx_unpack_triton(
 ) -> torch.Tensor:
     """:func:`lm_eval_mx.packing.unpack_mx` of a 2-D packed weight on the GPU, bit for bit."""
     if not packed_gemm_supported(p) or len(p.shape) != 2:
-        from .packing import unpack_mx
-
         return unpack_mx(p, dtype)
     n, k = p.shape
     y = torch.empty((n, k), device=p.codes.device, dtype=dtype)
@@ -275,7 +273,7 @@ def _mx_packed_mm_kernel(
 
 def packed_gemm_supported(p: MXPacked) -> bool:
     """The kernel needs whole bytes per block (block size a multiple of the codes per byte)."""
-    return p.block_size % (8 // (8 if p.fmt.bits > 4 else p.fmt.bits)) == 0
+    return p.block_size % codes_per_byte(p.fmt) == 0
 
 
 def mx_packed_linear_triton(
@@ -292,8 +290,6 @@ def mx_packed_linear_triton(
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features, the packed weight expects {k}")
     if not packed_gemm_supported(p):
-        from .packing import unpack_mx
-
         out = torch.nn.functional.linear(x, unpack_mx(p, x.dtype), bias)
         return out if out_dtype is None else out.to(out_dtype)
     x2 = x.reshape(-1, k).contiguous()

@@ -206,9 +206,7 @@ class MXPackedLayer(MXLayer):
 
         Rows are packed in chunks, so the float32 temporaries stay small next to the weight.
         """
-        w = w.detach()
-        if self._axis(name) not in (-1, w.dim() - 1):
-            w = w.transpose(self._axis(name), -1)
+        w = self._reduction_last(name, w.detach())
         spec = self.mx_spec
         rows = w.reshape(-1, w.shape[-1])
         step = max(1, (1 << 24) // w.shape[-1])
@@ -231,9 +229,13 @@ class MXPackedLayer(MXLayer):
         bs = packed_layout(shape, self.mx_spec.w_format, self.mx_spec.block_size)[2]
         return MXPacked(codes, scales, shape, self.mx_spec.w_format, bs)
 
+    def _reduction_last(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """Weight ``name`` in the packed layout (reduction axis last) from the module's, or back: a swap."""
+        axis = self._axis(name)
+        return w if axis in (-1, w.dim() - 1) else w.transpose(axis, -1)
+
     def mx_weight(self, name: str) -> torch.Tensor:
-        w = unpack_mx(self.mx_packed(name), self.mx_dtype)
-        return w if self._axis(name) in (-1, w.dim() - 1) else w.transpose(self._axis(name), -1)
+        return self._reduction_last(name, unpack_mx(self.mx_packed(name), self.mx_dtype))
 
     def mx_linear(self, x: torch.Tensor, name: str, bias: torch.Tensor | None, index: int | None = None) -> torch.Tensor:
         """``F.linear(x, W, bias)`` with packed W: the Triton GEMM on CUDA, else dequantize + F.linear."""
@@ -302,7 +304,7 @@ def convert_packed(module: nn.Module, mixin: type[MXLayer], spec: MXSpec, role: 
     module.mx_shapes = {}
     for name in names:
         w = getattr(module, name)
-        shape = w.transpose(module._axis(name), -1).shape if module._axis(name) not in (-1, w.dim() - 1) else w.shape
+        shape = module._reduction_last(name, w).shape
         module.mx_shapes[name] = shape
         module.mx_dtype = w.dtype
         scales_shape = packed_layout(shape, spec.w_format, spec.block_size)[1]

@@ -41,7 +41,7 @@ class MXPacked:
         return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
 
 
-def _per_byte(fmt: ElemFormat) -> int:
+def codes_per_byte(fmt: ElemFormat) -> int:
     return {8: 1, 6: 1, 4: 2, 2: 4}[fmt.bits]
 
 
@@ -90,7 +90,7 @@ def packed_layout(shape: torch.Size | tuple[int, ...], fmt: ElemFormat, block_si
     """
     n = shape[-1]
     bs = n if block_size == 0 else min(block_size, n)
-    per = _per_byte(fmt)
+    per = codes_per_byte(fmt)
     nblocks = -(-n // bs)
     bs_eff = bs + (-bs) % per
     return (*shape[:-1], nblocks * bs_eff // per), (*shape[:-1], nblocks), bs
@@ -111,7 +111,7 @@ def pack_mx(
         raise ValueError(f"pack_mx needs a tensor with a non-empty last axis, got shape {tuple(x.shape)}")
     n = x.shape[-1]
     codes_shape, _, bs = packed_layout(x.shape, fmt, block_size)
-    per = _per_byte(fmt)
+    per = codes_per_byte(fmt)
     bs_eff = bs + (-bs) % per
     xf = x.to(torch.float32)
     pad = (-n) % bs
@@ -131,7 +131,7 @@ def pack_mx(
 
 def unpack_mx(p: MXPacked, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dequantize packed MX back to ``dtype``: equal to ``quantize_mx`` of the original."""
-    per = _per_byte(p.fmt)
+    per = codes_per_byte(p.fmt)
     width = 8 // per
     shifts = torch.arange(per, device=p.codes.device, dtype=torch.int32) * width
     codes = (p.codes.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << width) - 1)
