@@ -3,10 +3,12 @@
     python benchmarks/packed_bench.py --out benchmarks/results/packed_h100.json
 
 One random-weight decoder layer with Llama-3.1-8B's shapes is written as a
-safetensors checkpoint, then loaded through ``from_pretrained`` four ways:
-bf16, MX fake quantization (bf16 copies of quantized weights), and packed
-MXFP8 / MXFP4 (codes + E8M0 scales; decoded per layer then cuBLAS, or in the fused Triton GEMM). All numbers come from
-one process on one GPU, so the ratios compare like with like.
+safetensors checkpoint, then loaded through ``from_pretrained`` in each of
+``VARIANTS``: bf16, MX fake quantization (bf16 copies of quantized weights), and
+packed MXFP8 / MXFP4 (codes + E8M0 scales; decoded per layer then cuBLAS, or in
+the fused Triton GEMM; with and without MXFP8 activations). All variants stay
+loaded and are timed in turns in one process on one GPU, so the ratios compare
+like with like.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,23 +36,33 @@ VARIANTS: dict[str, tuple[str, dict]] = {  # name: (how it is loaded, MX keys)
     "packed MXFP8 (w fp8, a fp8)": ("packed", dict(MLP, w_format="fp8_e4m3")),
     "packed MXFP4 (w fp4, a fp8)": ("packed", dict(MLP, w_format="fp4_e2m1")),
     "packed MXFP4 fused GEMM": ("packed", dict(MLP, w_format="fp4_e2m1", packed_gemm="fused")),
+    "packed MXFP4 weight-only (bf16 activations)": ("packed", dict(roles="mlp", w_format="fp4_e2m1", weight_only=True)),
 }
 
 
-def bench(fn, reps: int) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` timed runs (after warm-up, autotuning included)."""
-    for _ in range(3):
-        fn()
+def bench(fns: dict[str, Callable[[], object]], reps: int, calls: int = 10) -> dict[str, float]:
+    """Milliseconds per call of each function: the median over ``reps`` rounds of ``calls`` back-to-back
+    calls between two CUDA events, the functions taking turns round by round.
+
+    Back-to-back calls let the host run ahead of the GPU, as in a model's forward, so host overhead
+    counts only where it starves the GPU; taking turns spreads clock and thermal drift over all
+    functions alike. Three warm-up calls each come first (autotuning included).
+    """
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
     torch.cuda.synchronize()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+        for name, fn in fns.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(calls):
+                fn()
+            b.record()
+            b.synchronize()
+            times[name].append(a.elapsed_time(b) / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def load(path: str, how: str, keys: dict) -> tuple[torch.nn.Module, dict]:
@@ -74,24 +87,28 @@ def load(path: str, how: str, keys: dict) -> tuple[torch.nn.Module, dict]:
 
 
 def sweep_dequant_tiles(reps: int) -> None:
-    """Decode a 14336x4096 packed weight to bf16 with each tile; bandwidth relative to a copy moving the same bytes."""
+    """Decode a 14336x4096 packed weight to bf16 with each tile, against two floors moving the same bytes:
+    a device copy (half reads, half writes) and writing the bf16 output alone (what any decode must do)."""
     w = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    tiles = ((8, 256, 4), (16, 256, 4), (4, 512, 4), (8, 512, 4), (2, 1024, 4), (4, 1024, 4), (8, 1024, 8),
+             (1, 2048, 4), (2, 2048, 8), (32, 256, 8))
     for fmt in ("fp4_e2m1", "fp8_e4m3"):
         pk = pack_mx(w, fmt)
         moved = pk.nbytes + w.numel() * 2
-        src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
-        dst = torch.empty_like(src)
-        copy_ms = bench(lambda src=src, dst=dst: dst.copy_(src), reps)  # reads and writes moved/2 each
-        for rows, cols, warps in ((8, 256, 4), (16, 256, 4), (32, 256, 8), (16, 512, 4), (32, 512, 8),
-                                  (64, 256, 8), (8, 1024, 4), (16, 1024, 8), (64, 512, 8)):
-            ms = bench(lambda pk=pk, t=(rows, cols), nw=warps: mx_unpack_triton(pk, torch.bfloat16, t, nw), reps)
-            print(f"{fmt} tile {rows}x{cols} warps {warps}: {ms * 1e3:.1f} us, {100 * copy_ms / ms:.1f}% of copy")
+        src, dst = (torch.empty(moved // 2, dtype=torch.uint8, device="cuda") for _ in range(2))
+        out = torch.empty_like(w)
+        fns = {"copy": lambda src=src, dst=dst: dst.copy_(src), "write bf16 output": lambda out=out: out.fill_(1.0)}
+        fns |= {f"tile {r}x{c} warps {nw}": lambda pk=pk, t=(r, c), nw=nw: mx_unpack_triton(pk, torch.bfloat16, t, nw)
+                for r, c, nw in tiles}
+        ms = bench(fns, reps)
+        for name, t in ms.items():
+            print(f"{fmt} {name}: {t * 1e3:.1f} us, {100 * ms['copy'] / t:.1f}% of copy, {100 * ms['write bf16 output'] / t:.1f}% of write-only")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 2048, 8192])
-    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--reps", type=int, default=30, help="timing rounds (each: 10 back-to-back calls per variant)")
     p.add_argument("--out", help="write the results here as JSON")
     p.add_argument("--dequant-tiles", action="store_true",
                    help="only sweep the decode kernel's tile (rows, columns, warps) as %% of a copy's bandwidth")
@@ -106,38 +123,43 @@ def main() -> None:
         save_random_checkpoint(d, config, dtype=torch.bfloat16, device="cuda")
         g = torch.Generator(device="cuda").manual_seed(0)
         xs = {t: torch.randn(t, 4096, device="cuda", generator=g, dtype=torch.bfloat16) for t in ns.tokens}
-        outs = {}
+        outs, mlps = {}, {}
         for name, (how, keys) in VARIANTS.items():
             model, info = load(d, how, keys)
-            mlp = model.model.layers[0].mlp
-            with torch.no_grad():
-                info["ms"] = {t: bench(lambda x=x, mlp=mlp: mlp(x), ns.reps) for t, x in xs.items()}
-                outs[name] = mlp(xs[2048]).float()
+            mlps[name] = model.model.layers[0].mlp
             results["variants"][name] = info
-            del model, mlp
-            torch.cuda.empty_cache()
+        with torch.no_grad():
+            for t, x in xs.items():
+                ms = bench({name: lambda x=x, mlp=mlp: mlp(x) for name, mlp in mlps.items()}, ns.reps)
+                for name, info in results["variants"].items():
+                    info.setdefault("ms", {})[t] = ms[name]
+            outs = {name: mlp(xs[2048]).float() for name, mlp in mlps.items()} if 2048 in xs else {}
         base = results["variants"]["bf16"]
         for info in results["variants"].values():
             info["ratio_vs_bf16"] = {t: round(info["ms"][t] / base["ms"][t], 3) for t in ns.tokens}
             info["mlp_weight_ratio"] = round(info["mlp_weight_bytes"] / base["mlp_weight_bytes"], 4)
-        ref = outs["fake MXFP4 (w fp4, a fp8)"]
-        for name in ("packed MXFP4 (w fp4, a fp8)", "packed MXFP4 fused GEMM"):
-            results[f"max_rel_diff_vs_fake: {name}"] = ((outs[name] - ref).abs().max() / ref.abs().max()).item()
+        if outs:
+            ref = outs["fake MXFP4 (w fp4, a fp8)"]
+            for name in ("packed MXFP4 (w fp4, a fp8)", "packed MXFP4 fused GEMM"):
+                results[f"max_rel_diff_vs_fake: {name}"] = ((outs[name] - ref).abs().max() / ref.abs().max()).item()
+        del mlps, outs
+        torch.cuda.empty_cache()
 
         # the GEMMs alone: cuBLAS bf16 vs the packed-weight Triton GEMM, T = 2048
-        x = xs[2048] if 2048 in xs else torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16)
         gemms = {}
         for n, k in ((14336, 4096), (4096, 14336)):
             w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) * 0.02
             xk = torch.randn(2048, k, device="cuda", generator=g, dtype=torch.bfloat16)
-            row = {"bf16 cuBLAS": bench(lambda xk=xk, w=w: F.linear(xk, w), ns.reps)}
+            fns = {"bf16 cuBLAS": lambda xk=xk, w=w: F.linear(xk, w)}
             for fmt in ("fp8_e4m3", "fp4_e2m1"):
                 pk = pack_mx(w, fmt)
-                row[f"fused {fmt}"] = bench(lambda xk=xk, pk=pk: mx_packed_linear_triton(xk, pk), ns.reps)
-                row[f"dequant+cuBLAS {fmt}"] = bench(lambda xk=xk, pk=pk: F.linear(xk, mx_unpack_triton(pk, xk.dtype)), ns.reps)
+                fns[f"fused {fmt}"] = lambda xk=xk, pk=pk: mx_packed_linear_triton(xk, pk)
+                fns[f"dequant+cuBLAS {fmt}"] = lambda xk=xk, pk=pk: F.linear(xk, mx_unpack_triton(pk, xk.dtype))
+                fns[f"decode only {fmt}"] = lambda pk=pk: mx_unpack_triton(pk, torch.bfloat16)
+            row = bench(fns, ns.reps)
             gemms[f"{n}x{k}"] = {key: {"ms": ms, "ratio": round(ms / row["bf16 cuBLAS"], 3)} for key, ms in row.items()}
         results["gemm_T2048"] = gemms
-        del x
+        del xs
     print(json.dumps(results, indent=1))
     if ns.out:
         with open(ns.out, "w") as f:

@@ -152,33 +152,38 @@ def _decode(c_rows, s_rows, row_mask, k0, KP, NB, MBITS, EMIN, BS: tl.constexpr,
     mag = code & ((1 << (BITS - 1)) - 1)
     if IS_INT:
         v = mag.to(tl.float32) * _pow2(-MBITS)
+        v = tl.where((code >> (BITS - 1)) != 0, -v, v)
     else:
-        e = mag >> MBITS
-        sig = (mag & ((1 << MBITS) - 1)) + tl.where(e > 0, 1 << MBITS, 0)
-        v = sig.to(tl.float32) * _pow2(tl.maximum(e, 1) - 1 + EMIN - MBITS)
-    v = tl.where((code >> (BITS - 1)) != 0, -v, v)
+        # The code's exponent and mantissa fields placed in float32's (a subnormal when the exponent field
+        # is 0) are the element's value times 2**-(126 + EMIN), for normal and subnormal codes alike.
+        bits = (mag << (23 - MBITS)) | ((code >> (BITS - 1)) << 31)
+        v = bits.to(tl.float32, bitcast=True) * _pow2(126 + EMIN)
     if COLS % BS == 0:
         sb = k0 // BS + tl.arange(0, COLS // BS)
         sc = tl.load(s_rows + sb[None, :], mask=row_mask & (sb[None, :] < NB), other=127).to(tl.int32)
-        w = tl.reshape(v, (ROWS, COLS // BS, BS)) * _pow2(sc - 127)[:, :, None]
-        w = tl.where((sc == 255)[:, :, None], float("nan"), w)
-        return tl.reshape(w, (ROWS, COLS))
+        factor = tl.where(sc == 255, float("nan"), _pow2(sc - 127))  # NaN times any code is NaN
+        return tl.reshape(tl.reshape(v, (ROWS, COLS // BS, BS)) * factor[:, :, None], (ROWS, COLS))
     else:
         k = k0 + tl.arange(0, COLS)
         sc = tl.load(s_rows + k[None, :] // BS, mask=row_mask & (k[None, :] // BS < NB), other=127).to(tl.int32)
-        return tl.where(sc == 255, float("nan"), v * _pow2(sc - 127))
+        return v * tl.where(sc == 255, float("nan"), _pow2(sc - 127))
 
 
 # Rows x columns of weight per program of the decode kernel, and its warps (packed_bench.py --dequant-tiles).
-DEQUANT_TILE, DEQUANT_WARPS = (8, 256), 4
+DEQUANT_TILE, DEQUANT_WARPS = (4, 1024), 4
 
 
 @triton.jit
 def _mx_dequant_kernel(c_ptr, s_ptr, y_ptr, N, K, KP, NB, MBITS, EMIN, BS: tl.constexpr, BITS: tl.constexpr,
                        IS_INT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """y[N, K] = the packed weight decoded, in y's dtype (one pass: read codes and scales, write once)."""
-    rn = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    k0 = tl.program_id(1) * COLS
+    """y[N, K] = the packed weight decoded, in y's dtype (one pass: read codes and scales, write once).
+
+    Programs walk the weight in memory order (column tiles fastest), so neighbouring programs
+    write neighbouring memory.
+    """
+    col_tiles = tl.cdiv(K, COLS)
+    rn = (tl.program_id(0) // col_tiles) * ROWS + tl.arange(0, ROWS)
+    k0 = (tl.program_id(0) % col_tiles) * COLS
     k = k0 + tl.arange(0, COLS)
     rows = rn[:, None].to(tl.int64)
     w = _decode(c_ptr + rows * KP, s_ptr + rows * NB, rn[:, None] < N, k0, KP, NB, MBITS, EMIN, BS, BITS, IS_INT, COLS)
@@ -195,7 +200,7 @@ def mx_unpack_triton(
     y = torch.empty((n, k), device=p.codes.device, dtype=dtype)
     rows, cols = tile
     fmt = p.fmt
-    _mx_dequant_kernel[(triton.cdiv(n, rows), triton.cdiv(k, cols))](
+    _mx_dequant_kernel[(triton.cdiv(n, rows) * triton.cdiv(k, cols),)](
         p.codes, p.scales, y, n, k, p.codes.shape[-1], p.scales.shape[-1], fmt.mbits, fmt.emin,
         BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int, ROWS=rows, COLS=cols, num_warps=num_warps,
     )
@@ -207,7 +212,7 @@ def mx_unpack_triton(
 _TILES = {
     16: [(16, 128, 128, 4, 4), (32, 64, 128, 4, 4)],
     64: [(64, 128, 128, 4, 4), (64, 64, 64, 4, 4)],
-    256: [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 128, 3, 8)],
+    256: [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 128, 3, 8), (128, 256, 128, 3, 8)],
 }
 
 
