@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=30, help="timing rounds (each: 10 back-to-back calls per variant)")
     p.add_argument("--out", help="write the results here as JSON")
     p.add_argument("--dequant-tiles", action="store_true",
-                   help="only sweep the decode kernel's tile (rows, columns, warps) as %% of a copy's bandwidth")
+                   help="only sweep the decode kernel's tile (rows, columns, warps) against copy and write-only bandwidth")
     ns = p.parse_args()
     if ns.dequant_tiles:
         sweep_dequant_tiles(ns.reps)
@@ -123,7 +123,7 @@ def main() -> None:
         save_random_checkpoint(d, config, dtype=torch.bfloat16, device="cuda")
         g = torch.Generator(device="cuda").manual_seed(0)
         xs = {t: torch.randn(t, 4096, device="cuda", generator=g, dtype=torch.bfloat16) for t in ns.tokens}
-        outs, mlps = {}, {}
+        mlps = {}
         for name, (how, keys) in VARIANTS.items():
             model, info = load(d, how, keys)
             mlps[name] = model.model.layers[0].mlp
