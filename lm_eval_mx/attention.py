@@ -4,7 +4,9 @@ Registered with transformers' ``AttentionInterface`` (and its mask interface, wi
 eager masks) under the name ``mx_eager``: no model class is patched, and every
 architecture that dispatches attention through the interface is supported.
 Operands are quantized along each matmul's reduction axis: Q and K along the head
-dimension, the probabilities P along the key axis, V along its sequence axis.
+dimension (rotated first when the configuration rotates ``attn_bmm``: the scores are
+unchanged without quantization), the probabilities P along the key axis, V along its
+sequence axis.
 Softmax and masking stay in float32. Keys that no query may attend (padding) are
 zeroed in V before quantization, so padding never changes a real block's scale.
 """
@@ -65,8 +67,9 @@ def mx_attention_forward(
         scaling = query.shape[-1] ** -0.5
     q = query
     if spec is not None:
-        fmt = spec.a_format
-        q, k = spec.quantize(query, fmt, -1), spec.quantize(k, fmt, -1)  # type: ignore[arg-type]
+        scheme, quantize = spec.a, spec.quantizer
+        assert scheme is not None
+        q, k = quantize(query, scheme, -1, spec.rotation), quantize(k, scheme, -1, spec.rotation)
     scores = torch.matmul(q, k.transpose(2, 3)).float() * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -79,7 +82,7 @@ def mx_attention_forward(
         if attention_mask is not None:  # keys no query can see: zero them so they never set a scale
             dead = (mask == torch.finfo(mask.dtype).min).all(dim=-2, keepdim=True)  # [B, 1|H, 1, K]
             v = v.masked_fill(dead.transpose(-1, -2), 0)
-        out = torch.matmul(spec.quantize(probs, fmt, -1), spec.quantize(v, fmt, -2))  # type: ignore[arg-type]
+        out = torch.matmul(quantize(probs, scheme, -1), quantize(v, scheme, -2))
     else:
         out = torch.matmul(probs, v)
     return out.transpose(1, 2).contiguous(), probs
@@ -91,6 +94,16 @@ def _register() -> None:
 
     AttentionInterface.register(NAME, mx_attention_forward)
     AttentionMaskInterface.register(NAME, eager_mask)
+
+
+def head_dim(model: nn.Module) -> int:
+    """The attention head dimension of a transformers model (the reduction axis of Q·Kᵀ)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    dim = getattr(text, "head_dim", None)
+    if not dim:
+        dim = text.hidden_size // text.num_attention_heads
+    return int(dim)
 
 
 class AttentionError(ValueError):

@@ -18,21 +18,15 @@ from typing import Any, Protocol
 import torch
 
 from .config import BACKENDS
-from .formats import ElemFormat, Rounding, ScaleMode
-from .numerics import quantize_mx_torch
+from .formats import Scheme
+from .numerics import quantize_torch
+from .rotation import Rotation
 
 
 class Quantizer(Protocol):
-    def __call__(
-        self,
-        x: torch.Tensor,
-        fmt: ElemFormat,
-        block_size: int,
-        axis: int,
-        rounding: Rounding,
-        scale_bits: int,
-        scale_mode: ScaleMode,
-    ) -> torch.Tensor: ...
+    """``x`` rotated (optionally) and fake-quantized with ``scheme`` along ``axis``, in ``x.dtype``."""
+
+    def __call__(self, x: torch.Tensor, scheme: Scheme, axis: int, rotation: Rotation | None = None) -> torch.Tensor: ...
 
 
 @functools.cache
@@ -43,10 +37,10 @@ def triton_available() -> bool:
 def _triton(x: torch.Tensor, *args: Any) -> torch.Tensor:
     """The Triton kernel for CUDA tensors, the torch path otherwise (same arguments as ``Quantizer``)."""
     if not x.is_cuda:
-        return quantize_mx_torch(x, *args)
-    from .kernels import quantize_mx_triton
+        return quantize_torch(x, *args)
+    from .kernels import quantize_triton
 
-    return quantize_mx_triton(x, *args)
+    return quantize_triton(x, *args)
 
 
 def resolve_backend(name: str) -> str:
@@ -55,14 +49,14 @@ def resolve_backend(name: str) -> str:
         return "triton" if triton_available() else "torch"
     if name == "triton" and not triton_available():
         raise ValueError(
-            "backend=triton needs CUDA and the 'triton' package (pip install 'lm-eval-mx[gpu]'); "
-            "use backend=torch or backend=auto"
+            "mx_backend=triton needs CUDA and the 'triton' package (pip install 'lm-eval-mx[gpu]'); "
+            "use mx_backend=torch or mx_backend=auto"
         )
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown mx_backend {name!r}; valid: {', '.join(BACKENDS)}")
     return name
 
 
 def get_quantizer(name: str) -> Quantizer:
     """The quantize function of a backend (``auto`` resolved)."""
-    return {"torch": quantize_mx_torch, "triton": _triton}[resolve_backend(name)]  # type: ignore[return-value]
+    return {"torch": quantize_torch, "triton": _triton}[resolve_backend(name)]  # type: ignore[return-value]

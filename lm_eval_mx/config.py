@@ -6,11 +6,27 @@ Plain Python (no torch), so a bad ``model_args`` value fails before any model lo
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
-from .formats import FORMATS, get_format, get_rounding, get_scale_mode
+from .formats import (
+    FIXED_SCHEMES,
+    FORMATS,
+    HIGH_PRECISION,
+    NAMED_SCHEMES,
+    ScaleFormat,
+    Scheme,
+    TensorScale,
+    canonical_name,
+    check_format_name,
+    get_rounding,
+    get_scale_format,
+    get_scale_mode,
+    get_tensor_scale,
+)
 
 ROLES: tuple[str, ...] = (
     "attn_qkv",
@@ -29,12 +45,15 @@ ROLE_GROUPS: dict[str, tuple[str, ...]] = {
     "all": ("attn_qkv", "attn_out", "mlp_up", "mlp_down", "experts"),
     "none": (),
 }
+# The attention matmuls (attn_bmm=True), as rotation_roles names them.
+BMM_ROLE = "attn_bmm"
 # Quantization engines (lm_eval_mx.backends); all give bit-identical results.
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 # How packed weights meet activations on CUDA (Triton): "dequant" decodes each weight to the activation
 # dtype with a Triton kernel, then cuBLAS multiplies (bit-identical to fake quantization);
 # "fused" decodes inside a Triton GEMM's main loop (no bf16 copy of the weight; slower, BENCHMARKS.md).
 PACKED_GEMMS: tuple[str, ...] = ("dequant", "fused")
+ROTATIONS: tuple[str, ...] = ("none", "hadamard")
 
 
 def _as_list(value: Any) -> list[str]:
@@ -46,19 +65,19 @@ def _as_list(value: Any) -> list[str]:
     return [v.strip() for v in str(value).split("|") if v.strip()]
 
 
-def expand_roles(value: Any, what: str = "roles") -> tuple[str, ...]:
+def expand_roles(value: Any, what: str = "roles", extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Role names and group names (``mlp``, ``attn``, ``all``, ``none``) to a tuple of roles."""
     out: list[str] = []
     for item in _as_list(value):
         key = item.lower()
         if key in ROLE_GROUPS:
             out.extend(ROLE_GROUPS[key])
-        elif key in ROLES:
+        elif key in ROLES or key in extra:
             out.append(key)
         else:
             raise ValueError(
-                f"{what}: unknown role {item!r}; valid: {', '.join(ROLES)} "
-                f"or groups {', '.join(ROLE_GROUPS)}"
+                f"{what}: unknown role {item!r}{suggest(key, [*ROLES, *ROLE_GROUPS, *extra])}; valid: "
+                f"{', '.join([*ROLES, *extra])} or groups {', '.join(ROLE_GROUPS)}"
             )
     return tuple(dict.fromkeys(out))
 
@@ -72,6 +91,9 @@ def _as_bool(key: str, value: Any) -> bool:
 
 
 def _as_int(key: str, value: Any) -> int:
+    """An integer from an int, an integral float (lm-eval's CLI reads ``+32`` as 32.0) or a string."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"{key} must be an integer, got {value!r}")
     try:
@@ -80,70 +102,189 @@ def _as_int(key: str, value: Any) -> int:
         raise ValueError(f"{key} must be an integer, got {value!r}") from None
 
 
+def _as_pattern(key: str, value: Any) -> str:
+    """A regular expression; numbers are refused, since lm-eval's CLI turns ``.1`` into 0.1."""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{key}={value!r} is not a regular expression: lm-eval's --model_args turns number-like "
+            f"values into numbers before hf-mx sees them; write the pattern so it is not a number "
+            f"(e.g. '\\.1' instead of '.1')"
+        )
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"{key}: invalid regular expression {value!r}: {e}") from None
+    return value
+
+
+def _parse_rules(key: str, value: Any) -> tuple[tuple[str, str], ...]:
+    """Ordered ``pattern:format`` rules (a list of pairs, or ``pat:fmt|pat:fmt``; the format follows the
+    last ':'), validated: non-empty, compilable, known formats, no pattern twice."""
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, (list, tuple)) for v in value):
+        pairs = [tuple(v) for v in value]
+    else:
+        pairs = []
+        for item in _as_list(value):
+            pattern, sep, fmt = item.rpartition(":")
+            if not sep:
+                raise ValueError(f"{key}: expected 'pattern:format' rules separated by '|', got {item!r}")
+            pairs.append((pattern, fmt))
+    if not pairs:
+        raise ValueError(f"{key} is empty")
+    rules: list[tuple[str, str]] = []
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"{key}: each rule is (pattern, format), got {pair!r}")
+        pattern, fmt = str(pair[0]).strip(), str(pair[1]).strip()
+        if not pattern:
+            raise ValueError(f"{key}: a rule has an empty pattern (before ':{fmt}')")
+        _as_pattern(f"{key} pattern", pattern)
+        if pattern in (p for p, _ in rules):
+            raise ValueError(f"{key}: pattern {pattern!r} is given twice")
+        rules.append((pattern, check_format_name(fmt, allow_high_precision=True)))
+    return tuple(rules)
+
+
 @dataclass(frozen=True)
 class MXConfig:
     """Which linear layers run in MX, in which formats, with which numerics.
 
-    Defaults: MXFP8 (fp8_e4m3) weights and activations on attention and MLP
-    projections, blocks of 32, round-half-even elements, OCP floor scales.
+    Defaults: MXFP8 (fp8_e4m3, OCP MX: blocks of 32, E8M0 floor scales) weights and
+    activations on attention and MLP projections, round-half-even elements.
+    Formats are element formats (block and scale keys apply) or fixed schemes (``nvfp4``).
     ``roles=()`` selects nothing (MX off: the model is left untouched).
+    ``layer_formats`` are ordered (pattern, format) rules that override the role formats of
+    matching layers (``bf16``/``none``: keep the layer in high precision).
     ``packed=True`` stores the selected weights as packed MX codes, quantized while
     the checkpoint loads (:mod:`lm_eval_mx.hf_quantizer`), instead of bf16 copies.
     """
 
     w_format: str = "fp8_e4m3"
     a_format: str = "fp8_e4m3"
-    block_size: int = 32
+    block_size: int | None = None
+    scale_format: str | None = None
+    tensor_scale: str | None = None
     rounding: str = "even"
-    scale_bits: int = 8
-    scale_mode: str = "floor"
+    scale_bits: int | None = None
+    scale_mode: str | None = None
     roles: tuple[str, ...] = ROLE_GROUPS["all"]
     include: str | None = None
     exclude: str | None = None
     role_formats: dict[str, str] = field(default_factory=dict)
+    layer_formats: tuple[tuple[str, str], ...] = ()
     weight_only: bool = False
     attn_bmm: bool = False
     bmm_format: str | None = None
-    backend: str = "auto"
+    rotation: str = "none"
+    rotation_block: int | None = None
+    rotation_seed: int | None = None
+    rotation_roles: tuple[str, ...] | None = None
+    mx_backend: str = "auto"
     packed: bool = False
     packed_gemm: str = "dequant"
 
     def __post_init__(self) -> None:
         # Canonicalise so that equal configurations compare and serialise equal.
         set_ = object.__setattr__
-        set_(self, "w_format", get_format(self.w_format).name)
-        set_(self, "a_format", get_format(self.a_format).name)
+        set_(self, "w_format", check_format_name(self.w_format))
+        set_(self, "a_format", check_format_name(self.a_format))
         set_(self, "rounding", get_rounding(self.rounding).value)
-        set_(self, "scale_mode", get_scale_mode(self.scale_mode).value)
+        for key, get in (("scale_format", get_scale_format), ("tensor_scale", get_tensor_scale),
+                         ("scale_mode", get_scale_mode)):
+            if getattr(self, key) is not None:
+                set_(self, key, get(getattr(self, key)).value)
+        for key in ("block_size", "scale_bits", "rotation_block", "rotation_seed"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
+        if self.block_size is not None and self.block_size < 0:
+            raise ValueError(f"block_size must be an integer >= 0 (0 = whole row), got {self.block_size}")
         set_(self, "roles", expand_roles(self.roles))
         if self.packed_gemm not in PACKED_GEMMS:
             raise ValueError(f"packed_gemm must be one of {', '.join(PACKED_GEMMS)}, got {self.packed_gemm!r}")
         if self.packed_gemm != "dequant" and not self.packed:
             raise ValueError("packed_gemm chooses how packed weights are multiplied: it needs packed=True")
+        if self.packed_gemm == "fused" and self.mx_backend == "torch":
+            raise ValueError("packed_gemm=fused is a Triton kernel: it cannot run with mx_backend=torch")
         if self.packed and not self.selects_layers:
             raise ValueError("packed=True stores the selected layers' weights packed, but no layer is selected")
         if self.bmm_format is not None:
             if not self.attn_bmm:
                 raise ValueError("bmm_format is the format of the attention matmuls: it needs attn_bmm=True")
-            set_(self, "bmm_format", get_format(self.bmm_format).name)
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
-            raise ValueError(f"block_size must be an integer >= 0 (0 = whole row), got {self.block_size!r}")
-        if isinstance(self.scale_bits, bool) or not isinstance(self.scale_bits, int) or not 2 <= self.scale_bits <= 8:
-            raise ValueError(f"scale_bits must be an integer in 2..8, got {self.scale_bits!r}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            set_(self, "bmm_format", check_format_name(self.bmm_format))
+        if self.mx_backend not in BACKENDS:
+            raise ValueError(f"mx_backend must be one of {', '.join(BACKENDS)}, got {self.mx_backend!r}")
         for key in ("include", "exclude"):
-            pattern = getattr(self, key)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise ValueError(f"{key}: invalid regular expression {pattern!r}: {e}") from None
+            if getattr(self, key) is not None:
+                _as_pattern(key, getattr(self, key))
         formats: dict[str, str] = {}
         for key, fmt in dict(self.role_formats).items():
+            if not str(key).strip():
+                raise ValueError(f"role_formats: a rule names no role (':{fmt}'); valid roles: {', '.join(ROLES)}")
             expand_roles(key, "role_formats")  # validates the role or group name
-            formats[str(key).lower()] = get_format(fmt).name
+            formats[str(key).strip().lower()] = check_format_name(fmt)
         set_(self, "role_formats", formats)
+        set_(self, "layer_formats", _parse_rules("layer_formats", self.layer_formats) if self.layer_formats else ())
+        self._check_selection()
+        self._check_rotation()
+        self._check_schemes()
+
+    def _check_selection(self) -> None:
+        """Settings that only act on selected layers, given while nothing (or not their role) is selected."""
+        if not self.selects_layers:
+            given = [k for k in ("role_formats", "layer_formats", "exclude") if getattr(self, k)]
+            if given:
+                raise ValueError(f"{', '.join(given)} would be ignored: roles=none selects no linear layer")
+            return
+        for key in self.role_formats:
+            if not set(expand_roles(key)) & set(self.roles):
+                raise ValueError(
+                    f"role_formats names {key!r}, which is not among the selected roles ({'|'.join(self.roles)}): "
+                    "it would be ignored; add it to roles= or drop it"
+                )
+
+    def _check_rotation(self) -> None:
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {', '.join(ROTATIONS)}, got {self.rotation!r}")
+        given = [k for k in ("rotation_block", "rotation_seed", "rotation_roles") if getattr(self, k) is not None]
+        if self.rotation == "none":
+            if given:
+                raise ValueError(f"{', '.join(given)} would be ignored: they need rotation=hadamard")
+            return
+        from .rotation import is_power_of_two
+
+        if self.rotation_block is not None and self.rotation_block != 0 and not is_power_of_two(self.rotation_block):
+            raise ValueError(
+                f"rotation_block must be a power of two (Sylvester Hadamard blocks) or 0 (the whole reduction "
+                f"dimension), got {self.rotation_block}"
+            )
+        if self.rotation_roles is not None:
+            roles = expand_roles(self.rotation_roles, "rotation_roles", extra=(BMM_ROLE,))
+            if not roles:
+                raise ValueError("rotation_roles is empty: name the roles to rotate (or drop rotation=hadamard)")
+            selected = set(self.roles) | ({BMM_ROLE} if self.attn_bmm else set())
+            stray = [r for r in roles if r not in selected]
+            if stray:
+                raise ValueError(
+                    f"rotation_roles names {', '.join(stray)}, not in MX here (selected: "
+                    f"{'|'.join(sorted(selected)) or 'none'}): a rotation only acts on quantized matmuls"
+                )
+            object.__setattr__(self, "rotation_roles", roles)
+        elif not self.selects_layers and not self.attn_bmm:
+            raise ValueError("rotation=hadamard would be ignored: nothing is in MX (roles=none)")
+
+    def _check_schemes(self) -> None:
+        """Resolve every format in use now, so conflicts fail before any model load."""
+        schemes = [self.scheme(name) for name in self.formats_in_use()]
+        if not schemes:
+            return
+        mx = [s for s in schemes if s.is_mx]
+        for key in ("scale_mode", "scale_bits"):
+            if getattr(self, key) is not None and not mx:
+                raise ValueError(f"{key} shapes E8M0 (MX) scales, but every format here has E4M3 scales: "
+                                 "it would be ignored")
 
     @property
     def selects_layers(self) -> bool:
@@ -160,17 +301,79 @@ class MXConfig:
         """Format of the attention matmul operands (``bmm_format``, else ``a_format``)."""
         return self.bmm_format or self.a_format
 
-    def formats_for(self, role: str) -> tuple[str, str | None]:
-        """(weight format, activation format or None in weight-only mode) for a role."""
-        # a role's own entry wins over a group's (mlp, attn, all)
-        keys = [role] + [g for g, members in ROLE_GROUPS.items() if role in members]
-        fmt = next((self.role_formats[k] for k in keys if k in self.role_formats), None)
-        w, a = (fmt, fmt) if fmt else (self.w_format, self.a_format)
+    def formats_in_use(self) -> list[str]:
+        """Every format name this configuration may apply (high-precision rules left out)."""
+        names: list[str] = []
+        if self.selects_layers:
+            names.append(self.w_format)
+            if not self.weight_only:
+                names.append(self.a_format)
+            names += list(self.role_formats.values())
+            names += [f for _, f in self.layer_formats if f not in HIGH_PRECISION]
+        if self.attn_bmm:
+            names.append(self.attn_bmm_format)
+        return list(dict.fromkeys(names))
+
+    def scheme(self, name: str) -> Scheme:
+        """The quantization scheme a format name stands for under this config's block and scale keys."""
+        key = canonical_name(name)
+        rounding = get_rounding(self.rounding)
+        if key in FIXED_SCHEMES:
+            base = NAMED_SCHEMES[key]
+            for attr in ("block_size", "scale_format", "tensor_scale"):
+                given = getattr(self, attr)
+                own = getattr(base, attr)
+                if given is not None and given != getattr(own, "value", own):
+                    raise ValueError(
+                        f"{key} fixes {attr}={getattr(own, 'value', own)} but {attr}={given} was given; for another "
+                        f"design point give the parts separately, e.g. w_format={base.elem.name},"
+                        f"a_format={base.elem.name},block_size=...,scale_format={base.scale_format.value},"
+                        f"tensor_scale={base.tensor_scale.value}"
+                    )
+            return Scheme(base.elem, base.block_size, base.scale_format, base.tensor_scale, rounding)
+        return Scheme(
+            FORMATS[key],
+            32 if self.block_size is None else self.block_size,
+            get_scale_format(self.scale_format or ScaleFormat.E8M0),
+            get_tensor_scale(self.tensor_scale or TensorScale.NONE),
+            rounding,
+            get_scale_mode(self.scale_mode or "floor"),
+            8 if self.scale_bits is None else self.scale_bits,
+        )
+
+    def layer_rule(self, name: str) -> tuple[int, str] | None:
+        """(index, format) of the first ``layer_formats`` rule matching a layer name, else None."""
+        for i, (pattern, fmt) in enumerate(self.layer_formats):
+            if re.search(pattern, name):
+                return i, fmt
+        return None
+
+    def formats_for(self, role: str, name: str | None = None) -> tuple[str, str | None] | None:
+        """(weight format, activation format or None in weight-only mode) of a layer, or None when a
+        ``layer_formats`` rule keeps it in high precision. A rule beats ``role_formats``; a role's own
+        entry beats a group's (mlp, attn, all)."""
+        rule = self.layer_rule(name) if name is not None else None
+        if rule is not None:
+            if rule[1] in HIGH_PRECISION:
+                return None
+            w = a = rule[1]
+        else:
+            keys = [role] + [g for g, members in ROLE_GROUPS.items() if role in members]
+            fmt = next((self.role_formats[k] for k in keys if k in self.role_formats), None)
+            w, a = (fmt, fmt) if fmt else (self.w_format, self.a_format)
         return w, (None if self.weight_only else a)
+
+    def rotates(self, role: str) -> bool:
+        """Whether matmuls of ``role`` (or ``attn_bmm``) are rotated."""
+        if self.rotation == "none":
+            return False
+        return self.rotation_roles is None or role in self.rotation_roles
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["roles"] = list(self.roles)
+        d["layer_formats"] = [list(r) for r in self.layer_formats]
+        d["rotation_roles"] = None if self.rotation_roles is None else list(self.rotation_roles)
         return d
 
     def label(self) -> str:
@@ -180,14 +383,24 @@ class MXConfig:
         fmt = self.w_format if self.w_format == self.a_format else f"w:{self.w_format}/a:{self.a_format}"
         parts = [f"w:{self.w_format} weight-only" if self.weight_only else fmt]
         parts += [f"{r}:{f}" for r, f in self.role_formats.items()]
-        defaults = {"block_size": 32, "rounding": "even", "scale_bits": 8, "scale_mode": "floor"}
-        tags = {"block_size": "b{}", "rounding": "round={}", "scale_bits": "e{}m0", "scale_mode": "scale={}"}
-        parts += [tags[k].format(getattr(self, k)) for k, v in defaults.items() if getattr(self, k) != v]
+        if self.layer_formats:
+            parts.append(f"{len(self.layer_formats)} layer rules")
+        tags = {"block_size": "b{}", "scale_format": "{}", "tensor_scale": "ts={}", "scale_bits": "e{}m0",
+                "scale_mode": "scale={}"}
+        parts += [tag.format(getattr(self, k)) for k, tag in tags.items() if getattr(self, k) is not None]
+        if self.rounding != "even":
+            parts.append(f"round={self.rounding}")
         group = next((g for g, r in ROLE_GROUPS.items() if r == self.roles), "|".join(self.roles))
         if group != "all":
             parts.append(group or "no linear")
         if self.attn_bmm:
             parts.append("bmm" if self.attn_bmm_format == fmt else f"bmm:{self.attn_bmm_format}")
+        if self.rotation != "none":
+            rot = "rot" + ("" if self.rotation_block is None else ("-full" if self.rotation_block == 0
+                                                                   else str(self.rotation_block)))
+            rot += "" if self.rotation_seed is None else f"±{self.rotation_seed}"
+            rot += "" if self.rotation_roles is None else f"[{'|'.join(self.rotation_roles)}]"
+            parts.append(rot)
         if self.packed:
             parts.append("packed" if self.packed_gemm == "dequant" else f"packed:{self.packed_gemm}")
         if self.include:
@@ -199,18 +412,49 @@ class MXConfig:
 
 # User-facing keys beyond MXConfig's own fields.
 _PRESETS = {"mlp_only": "mlp", "attn_only": "attn"}
-_SHORTHANDS = ("format",)
+_SHORTHANDS = ("format", "recipe")
 MX_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MXConfig)) + tuple(_PRESETS) + _SHORTHANDS
+# Keys that only act on linear layers (ignored when roles=none).
+_LINEAR_KEYS = ("w_format", "role_formats", "layer_formats", "exclude", "weight_only", "packed", "packed_gemm")
+
+
+def load_recipe(path: Any) -> dict[str, Any]:
+    """The MX keys a recipe file holds (``{"model_args": {...}}``, as ``lm-eval-mx search`` writes)."""
+    p = Path(str(path))
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"recipe: no such file {str(p)!r}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"recipe: cannot read {str(p)!r} as JSON: {e}") from None
+    args = data.get("model_args") if isinstance(data, dict) else None
+    if not isinstance(args, dict) or not args:
+        raise ValueError(f"recipe: {str(p)!r} has no 'model_args' object (a recipe written by lm-eval-mx search has one)")
+    unknown = [k for k in args if k not in MX_KEYS or k == "recipe"]
+    if unknown:
+        raise ValueError(f"recipe: {str(p)!r} holds keys that are not MX keys: {', '.join(unknown)}")
+    return args
 
 
 def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
     """Split user arguments into an ``MXConfig`` and the rest (for the HF model).
 
     Values may be Python objects or lm-eval CLI strings (``True``, ``32``,
-    lists as ``a|b``, dicts as ``role:fmt|role:fmt``).
+    lists as ``a|b``, dicts as ``role:fmt|role:fmt``). Every MX key given is either
+    used or refused with the reason: none is dropped.
     """
+    args = dict(args)
+    if "recipe" in args:
+        recipe = load_recipe(args.pop("recipe"))
+        clash = [k for k, v in recipe.items() if k in args and args[k] != v]
+        if clash:
+            raise ValueError(f"recipe sets {', '.join(clash)} too; give each key once (in the recipe or model_args)")
+        args = {**recipe, **args}
     rest = {k: v for k, v in args.items() if k not in MX_KEYS}
     mx = {k: v for k, v in args.items() if k in MX_KEYS}
+    for k, v in mx.items():
+        if v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, (list, tuple, dict)) and not v):
+            raise ValueError(f"{k} is empty; give a value or leave the key out")
     kw: dict[str, Any] = {}
 
     presets = [p for p in _PRESETS if p in mx and _as_bool(p, mx[p])]
@@ -223,37 +467,64 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
     if presets:
         kw["roles"] = ROLE_GROUPS[_PRESETS[presets[0]]]
     elif "roles" in mx:
+        if not _as_list(mx["roles"]):
+            raise ValueError(f"roles={mx['roles']!r} names no role; valid: {', '.join(ROLES)}, groups "
+                             f"{', '.join(ROLE_GROUPS)} (roles=none switches linear layers off)")
         kw["roles"] = expand_roles(mx["roles"])
-    elif mx.get("include") is not None:
+    elif "include" in mx:
         kw["roles"] = ROLES  # a pattern alone selects whatever it matches
 
     if "format" in mx:
         if "w_format" in mx or "a_format" in mx:
             raise ValueError("format= sets both w_format and a_format; do not combine them")
         kw["w_format"] = kw["a_format"] = str(mx["format"])
-    for key in ("w_format", "a_format", "rounding", "scale_mode", "backend", "packed_gemm"):
+    for key in ("w_format", "a_format", "rounding", "scale_mode", "scale_format", "tensor_scale", "mx_backend",
+                "packed_gemm", "rotation", "bmm_format"):
         if key in mx:
             kw[key] = str(mx[key])
     for key in ("include", "exclude"):
-        if key in mx and mx[key] is not None:
-            kw[key] = str(mx[key])
-    for key in ("block_size", "scale_bits"):
+        if key in mx:
+            kw[key] = _as_pattern(key, mx[key])
+    for key in ("block_size", "scale_bits", "rotation_block", "rotation_seed"):
         if key in mx:
             kw[key] = _as_int(key, mx[key])
     for key in ("weight_only", "attn_bmm", "packed"):
         if key in mx:
             kw[key] = _as_bool(key, mx[key])
-    if "bmm_format" in mx and mx["bmm_format"] is not None:
-        kw["bmm_format"] = str(mx["bmm_format"])
+    if "rotation_roles" in mx:
+        kw["rotation_roles"] = tuple(_as_list(mx["rotation_roles"]))
+    if "layer_formats" in mx:
+        kw["layer_formats"] = _parse_rules("layer_formats", mx["layer_formats"])
     if "role_formats" in mx:
         value = mx["role_formats"]
         if not isinstance(value, dict):
             pairs = [item.split(":", 1) for item in _as_list(value)]
             if any(len(p) != 2 for p in pairs):
                 raise ValueError(f"role_formats must look like 'mlp:fp4_e2m1|attn:fp8_e4m3', got {value!r}")
+            keys = [k.strip().lower() for k, _ in pairs]
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            if twice:
+                raise ValueError(f"role_formats names {', '.join(twice)} more than once; give each role one format")
             value = {k.strip(): v.strip() for k, v in pairs}
         kw["role_formats"] = value
-    return MXConfig(**kw), rest
+    config = MXConfig(**kw)
+    _check_given(config, mx)
+    return config, rest
+
+
+def _check_given(config: MXConfig, mx: dict[str, Any]) -> None:
+    """Keys the user gave that this configuration would not use: refused, with the reason."""
+    if config.weight_only and "a_format" in mx and not config.attn_bmm:
+        raise ValueError("a_format would be ignored: weight_only=True keeps layer inputs in high precision "
+                         "(a_format is used with weight_only only by attn_bmm=True)")
+    if not config.selects_layers:
+        linear = [k for k in (*_LINEAR_KEYS, "format") if k in mx and not (k == "format" and config.attn_bmm)]
+        if not config.attn_bmm:
+            linear += [k for k in ("a_format", "block_size", "scale_format", "tensor_scale", "rounding",
+                                   "scale_bits", "scale_mode", "mx_backend") if k in mx]
+        if linear:
+            raise ValueError(f"{', '.join(linear)} would be ignored: roles=none puts no linear layer in MX"
+                             + ("" if config.attn_bmm else " (and attn_bmm is off)"))
 
 
 def suggest(key: str, allowed: list[str] | tuple[str, ...]) -> str:

@@ -1,4 +1,9 @@
-"""MX element formats, rounding modes and shared-scale modes: the one table of each.
+"""Element formats, rounding and scale modes, and the ``Scheme`` that combines them: one table of each.
+
+A quantization scheme is an element format, a block size, the format of the block
+scales (E8M0 powers of two as in OCP MX, or float8 E4M3 as in NVFP4), an optional
+per-tensor float32 scale, the element rounding and, for E8M0, how the shared
+exponent is derived. Every layer of the package takes a ``Scheme``.
 
 Everything here is plain Python (no torch) so that configuration can be validated
 before any heavy import or model load.
@@ -80,6 +85,26 @@ ALIASES: dict[str, str] = {
 }
 
 
+class ScaleFormat(str, Enum):
+    """Format of the per-block scales.
+
+    ``e8m0``: a power of two (OCP MX), derived from the block maximum's exponent;
+    ``e4m3``: a float8 E4M3 value (NVFP4), the block maximum over the element's
+    largest value rounded to E4M3.
+    """
+
+    E8M0 = "e8m0"
+    E4M3 = "e4m3"
+
+
+class TensorScale(str, Enum):
+    """Second-level scale: ``none``, or ``amax`` (a float32 per-tensor scale from the tensor's absolute
+    maximum, so that E4M3 block scales use E4M3's whole range; activations: per input tensor, dynamically)."""
+
+    NONE = "none"
+    AMAX = "amax"
+
+
 class Rounding(str, Enum):
     """Element rounding: ``nearest`` (ties away), ``even`` (ties to even), ``floor`` (toward zero)."""
 
@@ -119,7 +144,7 @@ def get_format(name: str | ElemFormat) -> ElemFormat:
     return FORMATS[key]
 
 
-_E = TypeVar("_E", Rounding, ScaleMode)
+_E = TypeVar("_E", Rounding, ScaleMode, ScaleFormat, TensorScale)
 
 
 def _member(enum: type[_E], name: str | _E, what: str) -> _E:
@@ -135,3 +160,124 @@ def get_rounding(name: str | Rounding) -> Rounding:
 
 def get_scale_mode(name: str | ScaleMode) -> ScaleMode:
     return _member(ScaleMode, name, "scale_mode")
+
+
+def get_scale_format(name: str | ScaleFormat) -> ScaleFormat:
+    return _member(ScaleFormat, name, "scale_format")
+
+
+def get_tensor_scale(name: str | TensorScale) -> TensorScale:
+    return _member(TensorScale, name, "tensor_scale")
+
+
+# The float8 format E4M3 block scales are rounded to (OCP E4M3: max 448, subnormals down to 2**-9).
+E4M3 = FORMATS["fp8_e4m3"]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one tensor is quantized, along one axis (see the README's *Numerics* for the arithmetic).
+
+    ``block_size=0`` is one block per row. ``scale_bits`` and ``scale_mode`` belong to E8M0
+    scales; a tensor scale only to E4M3 scales (E8M0 scales need none: they span 2**±127).
+    """
+
+    elem: ElemFormat
+    block_size: int = 32
+    scale_format: ScaleFormat = ScaleFormat.E8M0
+    tensor_scale: TensorScale = TensorScale.NONE
+    rounding: Rounding = Rounding.EVEN
+    scale_mode: ScaleMode = ScaleMode.FLOOR
+    scale_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
+            raise ValueError(f"block_size must be an integer >= 0 (0 = the whole row), got {self.block_size!r}")
+        if isinstance(self.scale_bits, bool) or not isinstance(self.scale_bits, int) or not 2 <= self.scale_bits <= 8:
+            raise ValueError(f"scale_bits must be an integer in 2..8, got {self.scale_bits!r}")
+        if self.scale_format is ScaleFormat.E4M3:
+            if self.scale_bits != 8 or self.scale_mode is not ScaleMode.FLOOR:
+                raise ValueError("scale_bits and scale_mode shape E8M0 scales; E4M3 scales are rounded to "
+                                 "nearest-even E4M3 (use them with scale_format=e8m0)")
+        elif self.tensor_scale is not TensorScale.NONE:
+            raise ValueError("tensor_scale=amax needs scale_format=e4m3: E8M0 block scales are powers of two "
+                             "spanning 2**-127..2**127 and take no per-tensor scale")
+
+    @property
+    def is_mx(self) -> bool:
+        """OCP MX: power-of-two (E8M0) block scales."""
+        return self.scale_format is ScaleFormat.E8M0
+
+    def scale_bits_per_block(self) -> int:
+        return self.scale_bits if self.is_mx else 8
+
+    def bits(self, row: int | None = None) -> float:
+        """Storage bits per element, block scales included (the per-tensor scale's 32 bits are
+        left out). ``row``: the length of the quantized axis, needed when ``block_size=0``."""
+        block = self.block_size or row
+        if not block:
+            raise ValueError("bits of a whole-row scheme (block_size=0) need the row length")
+        return self.elem.bits + self.scale_bits_per_block() / block
+
+    @property
+    def name(self) -> str:
+        """A fixed scheme's name (``nvfp4``), else the element format with what differs from OCP MX's
+        storage, e.g. ``fp4_e2m1``, ``fp4_e2m1/b16``, ``fp4_e2m1/b16/e4m3+amax``."""
+        for named in FIXED_SCHEMES:
+            if self == NAMED_SCHEMES[named]:
+                return named
+        parts = [self.elem.name]
+        if self.block_size != 32:
+            parts.append(f"b{self.block_size}")
+        if not self.is_mx:
+            parts.append("e4m3" + ("+amax" if self.tensor_scale is TensorScale.AMAX else ""))
+        return "/".join(parts)
+
+
+def _mx(elem: str) -> Scheme:
+    return Scheme(FORMATS[elem])
+
+
+# Named schemes, as `format=` values take them. The MX names are OCP MX v1.0 (block 32, E8M0
+# scales); their block and scale keys (block_size, scale_mode, ...) may still be changed.
+# NVFP4 fixes its block (16), its scales (E4M3) and its per-tensor scale: changing those needs
+# the separate keys (w_format/a_format=fp4_e2m1, block_size, scale_format, tensor_scale).
+NAMED_SCHEMES: dict[str, Scheme] = {
+    "mxfp8": _mx("fp8_e4m3"),
+    "mxfp8_e5m2": _mx("fp8_e5m2"),
+    "mxfp6_e2m3": _mx("fp6_e2m3"),
+    "mxfp6_e3m2": _mx("fp6_e3m2"),
+    "mxfp4": _mx("fp4_e2m1"),
+    "mxint8": _mx("int8"),
+    "mxint4": _mx("int4"),
+    "mxint2": _mx("int2"),
+    "nvfp4": Scheme(FORMATS["fp4_e2m1"], 16, ScaleFormat.E4M3, TensorScale.AMAX),
+}
+# Named schemes whose block and scale settings are fixed (the others are element formats in MX).
+FIXED_SCHEMES: frozenset[str] = frozenset({"nvfp4"})
+# Format values meaning "keep this layer in high precision" (per-layer rules, search candidates).
+HIGH_PRECISION: frozenset[str] = frozenset({"bf16", "none"})
+
+
+def canonical_name(name: str) -> str:
+    """Lower-cased, '-' read as '_', aliases resolved: the key of FORMATS or NAMED_SCHEMES."""
+    key = str(name).strip().lower().replace("-", "_")
+    if key in NAMED_SCHEMES and key in FIXED_SCHEMES:
+        return key
+    return ALIASES.get(key, key)
+
+
+def check_format_name(name: str, allow_high_precision: bool = False) -> str:
+    """The canonical name of an element format or fixed scheme; ``ValueError`` listing the valid ones."""
+    key = canonical_name(name)
+    if key in FORMATS or key in FIXED_SCHEMES or (allow_high_precision and key in HIGH_PRECISION):
+        return key
+    import difflib
+
+    extra = f"; high precision: {_choices(HIGH_PRECISION)}" if allow_high_precision else ""
+    close = difflib.get_close_matches(key, [*FORMATS, *ALIASES, *FIXED_SCHEMES], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"unknown MX element format {name!r}; valid formats: {_choices(FORMATS)}; schemes: "
+        f"{_choices(FIXED_SCHEMES)}{extra} (aliases: {_choices(ALIASES)}; `lm-eval-mx formats` lists them){hint}"
+    )

@@ -15,6 +15,7 @@ when this module is imported (``import lm_eval_mx`` does it).
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -55,12 +56,17 @@ class MXQuantizationConfig(QuantizationConfigMixin):
 
     def __init__(self, mx: MXConfig | dict[str, Any] | None = None, **kwargs: Any) -> None:
         kwargs.pop("quant_method", None)  # present when rebuilt from a serialized dict
-        if isinstance(mx, MXConfig):
-            if kwargs:
-                raise ValueError(f"MXQuantizationConfig: give an MXConfig or keys, not both (got {sorted(kwargs)})")
+        if mx is not None and kwargs:
+            raise ValueError(f"MXQuantizationConfig: give an MXConfig (or its dict) or keys, not both (got {sorted(kwargs)})")
+        if isinstance(mx, dict):  # MXConfig.to_dict(), as from_dict() gives it back
+            unknown = sorted(set(mx) - {f.name for f in fields(MXConfig)})
+            if unknown:
+                raise ValueError(f"MXQuantizationConfig: {unknown} are not MXConfig fields")
+            config = MXConfig(**mx)
+        elif isinstance(mx, MXConfig):
             config = mx
         else:
-            config, rest = parse_mx_args({**(mx or {}), **kwargs, "packed": True})
+            config, rest = parse_mx_args({**kwargs, "packed": True})
             if rest:
                 raise ValueError(f"MXQuantizationConfig: unknown keys {sorted(rest)}; valid: the MX keys of hf-mx "
                                  "(w_format, a_format, roles, include, exclude, ...)")
@@ -131,7 +137,7 @@ class MXHfQuantizer(HfQuantizer):
         if found is None:
             return param.element_size()
         module, name = found
-        codes_shape = packed_layout(module.mx_shapes[name], module.mx_spec.w_format, module.mx_spec.block_size)[0]
+        codes_shape = packed_layout(module.mx_shapes[name], module.mx_spec.w.elem, module.mx_spec.w.block_size)[0]
         return math.prod(codes_shape) / param.numel()  # the scales are their own uint8 parameter
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:

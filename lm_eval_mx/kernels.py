@@ -1,9 +1,11 @@
-"""Triton kernels: MX fake quantization along the last axis (one pass, read once, write once)
-and a GEMM whose weights are packed MX codes + E8M0 scales, decoded in its main loop.
+"""Triton kernels: fake quantization along the last axis for every scheme, with the block Hadamard
+rotation fused in (one pass: read once, write once; a per-tensor scale adds one read), and
+kernels that decode packed weights (codes + E8M0 or E4M3 scales), alone or inside a GEMM.
 
-The arithmetic is that of :mod:`lm_eval_mx.numerics` (exact power-of-two scaling in
-float32, bit-derived exponents), so results are bit-identical to the torch
-backend; the GPU tests check every golden case. Plain fp32 multiplies keep
+The arithmetic is that of :mod:`lm_eval_mx.numerics` and :mod:`lm_eval_mx.rotation`
+(exact power-of-two scaling, correctly rounded divisions ``div_rn``, the same butterfly
+order), so results are bit-identical to the torch backend; the GPU tests check every
+golden case and a property test over every scheme. Plain fp32 multiplies keep
 subnormals in Triton (only libdevice calls flush), which the 2**-127 scale needs.
 """
 
@@ -12,13 +14,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-from .formats import ElemFormat, Rounding, ScaleMode
+from .formats import E4M3, Rounding, ScaleMode, Scheme, TensorScale
 from .packing import MXPacked, codes_per_byte, unpack_mx
+from .rotation import Rotation, norm_scale, rotate, signs
 
 _ROUNDING = {Rounding.EVEN: 0, Rounding.NEAREST: 1, Rounding.FLOOR: 2}
 _SCALE_MODE = {ScaleMode.FLOOR: 0, ScaleMode.CEIL: 1, ScaleMode.EVEN: 2, ScaleMode.RCEIL: 3}
+_F32_MIN_NORMAL = 2.0**-126
 
 
 @triton.jit
@@ -29,12 +32,159 @@ def _pow2(e):
 
 
 @triton.jit
-def _mx_kernel(
-    x_ptr, y_ptr, n_rows, n_cols, block_size,
-    emax, emin, mbits, max_normal, inv_max_normal, scale_emax,
-    ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr,
-    ROWS: tl.constexpr, NB: tl.constexpr, BP: tl.constexpr,
+def _round(v, emin, mbits, max_normal, ROUNDING: tl.constexpr):
+    """float32 ``v`` rounded to a grid with ``mbits`` mantissa bits below each element's own exponent
+    (floored at ``emin``: subnormals kept), then saturated to ±``max_normal``.
+
+    Ties to even add and remove ``c = 1.5·2**(q + 23)``, ``q`` the exponent of the element's quantum:
+    the float32 adder then rounds to a multiple of ``2**q`` exactly as ``round(v / 2**q) · 2**q`` does
+    (``|v| < 2**(q + 22)``), in three operations; huge values, which saturate anyway, get a capped ``c``.
+    """
+    e = (v.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    if ROUNDING == 0:
+        eb = tl.minimum(tl.maximum(e, emin + 127) - mbits + 23, 254)
+        c = ((eb << 23) | 0x400000).to(tl.float32, bitcast=True)
+        q = (v + c) - c
+    else:
+        p = tl.maximum(e - 127, emin) - mbits
+        t = v * _pow2(-p)
+        a = tl.abs(t)
+        f = tl.floor(a)
+        r = f + (a - f >= 0.5).to(tl.float32) if ROUNDING == 1 else f  # ties away, or toward zero
+        r = tl.where(t < 0, -r, r)
+        q = r * _pow2(p) + 0.0  # +0.0: no -0
+    return tl.minimum(tl.maximum(q, -max_normal), max_normal)
+
+
+@triton.jit
+def _tensor_scale(amax_ptr, tensor_div):
+    """(scale, reciprocal, non-finite?) of the per-tensor maximum at ``amax_ptr`` (int32 bits of |x|max):
+    numerics.tensor_scale's arithmetic."""
+    abits = tl.load(amax_ptr)
+    ts = tl.math.div_rn(abits.to(tl.float32, bitcast=True), tensor_div)
+    ts = tl.where(ts >= 1.1754943508222875e-38, ts, 1.0)
+    return ts, tl.math.div_rn(1.0, ts), abits >= 0x7F800000
+
+
+@triton.jit
+def _quantize_blocks(x, amax_ptr, emax, emin, mbits, max_normal, inv_max_normal, scale_emax, tensor_div,
+                     ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr, E4M3: tl.constexpr, TENSOR: tl.constexpr):
+    """Fake quantization of float32 blocks ``x`` [R, NB, BP] (padding lanes hold 0), NaN blocks as NaN:
+    numerics.quantize_blocks followed by the multiply, operation for operation."""
+    abits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)  # |x| max as bits; NaN sorts above inf
+    amax = abits.to(tl.float32, bitcast=True)
+    bad = abits >= 0x7F800000
+    if E4M3:
+        s = tl.math.div_rn(amax, max_normal)
+        if TENSOR:
+            ts, inv_ts, tensor_bad = _tensor_scale(amax_ptr, tensor_div)
+            s8 = _round(tl.math.div_rn(s, ts), -6, 3, 448.0, 0)
+            recip = tl.math.div_rn(inv_ts + tl.zeros_like(s8), s8)
+            mult = ts * s8
+            bad = (abits >= 0) & tensor_bad  # every block (abits >= 0 always), when the tensor holds inf/NaN
+        else:
+            s8 = _round(s, -6, 3, 448.0, 0)
+            recip = tl.math.div_rn(tl.full(s8.shape, 1.0, tl.float32), s8)
+            mult = s8
+        q = _round(x * recip[:, :, None], emin, mbits, max_normal, ROUNDING)
+        out = tl.where((s8 == 0)[:, :, None], 0.0, q * mult[:, :, None])
+    else:
+        if SCALE_MODE == 3:  # rceil: ceil(log2(amax / max_normal)), as cuBLAS computes it
+            dbits = (amax * inv_max_normal).to(tl.int32, bitcast=True)
+            dbiased = (dbits >> 23) & 0xFF
+            dmant = dbits & 0x7FFFFF
+            up = tl.where(dbiased == 0, dmant > 0x400000, dmant != 0)
+            exp = dbiased + up.to(tl.int32) - 127
+        else:
+            bits = abits
+            if SCALE_MODE == 2:  # even: round amax to the element's mantissa first
+                bits = (bits + (1 << (22 - mbits))) & 0x7F800000
+            exp = ((bits >> 23) & 0xFF) - 127 - emax
+            if SCALE_MODE == 1:  # ceil
+                exp += ((abits & 0x7FFFFF) != 0).to(tl.int32)
+        bad = bad | (exp > scale_emax)
+        exp = tl.minimum(tl.maximum(exp, -scale_emax), scale_emax)
+        q = _round(x * _pow2(-exp)[:, :, None], emin, mbits, max_normal, ROUNDING)
+        out = q * _pow2(exp)[:, :, None]
+    return tl.where(bad[:, :, None], float("nan"), out)
+
+
+@triton.jit
+def _cast_out(out, ty, RNE_BF16: tl.constexpr):
+    """The float32 result in the output dtype. E4M3-scaled values need rounding in bf16: done here on the
+    bits (round half to even), as torch's cast does, rather than left to the conversion instruction."""
+    if RNE_BF16:
+        b = out.to(tl.int32, bitcast=True)
+        out = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return out.to(ty)
+
+
+@triton.jit
+def _rotate(x, sign_ptr, col0, rot_scale, ROWS: tl.constexpr, W: tl.constexpr, N: tl.constexpr,
+            LOG_N: tl.constexpr, SIGNS: tl.constexpr):
+    """Block Hadamard rotation of float32 ``x`` [ROWS, W] in blocks of N (rotation.rotate's arithmetic):
+    signs, then butterflies (a + b, a - b) on pairs h = 1, 2, …, N/2 apart, then the 1/√N multiply."""
+    if SIGNS:
+        x = x * tl.load(sign_ptr + col0[:, None] + tl.arange(0, W)[None, :])
+    for i in tl.static_range(LOG_N):
+        y = tl.permute(tl.reshape(x, (ROWS * W // (2 << i), 2, 1 << i)), (0, 2, 1))
+        a, b = tl.split(y)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (ROWS, W))
+    return x * rot_scale
+
+
+@triton.jit
+def _load_tile(x_ptr, sign_ptr, n_elems, n_cols, rot_scale,
+               ROWS: tl.constexpr, W: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr,
+               SIGNS: tl.constexpr, EVEN: tl.constexpr):
+    """This program's [ROWS, W] tile of the flat input (rows of W consecutive elements), float32,
+    rotated when ROT > 0; also its offsets and mask."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offs = r[:, None] * W + tl.arange(0, W)[None, :]
+    if EVEN:
+        mask = None
+        x = tl.load(x_ptr + offs).to(tl.float32)
+    else:
+        mask = offs < n_elems
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ROT > 0:
+        x = _rotate(x, sign_ptr, (r * W) % n_cols, rot_scale, ROWS, W, ROT, LOG_ROT, SIGNS)
+    return x, offs, mask
+
+
+@triton.jit
+def _mx_flat_kernel(
+    x_ptr, y_ptr, sign_ptr, amax_ptr, n_elems, n_cols,
+    emax, emin, mbits, max_normal, inv_max_normal, scale_emax, tensor_div, rot_scale,
+    ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr, E4M3: tl.constexpr, TENSOR: tl.constexpr,
+    ROT: tl.constexpr, LOG_ROT: tl.constexpr, SIGNS: tl.constexpr,
+    ROWS: tl.constexpr, W: tl.constexpr, BS: tl.constexpr, EVEN: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
+    """Rotation (optional) and fake quantization of a contiguous tensor whose rows are whole blocks:
+    each program reads a [ROWS, W] tile once and writes it once (W: blocks and rotation blocks fit)."""
+    x, offs, mask = _load_tile(x_ptr, sign_ptr, n_elems, n_cols, rot_scale, ROWS, W, ROT, LOG_ROT, SIGNS, EVEN)
+    out = _quantize_blocks(tl.reshape(x, (ROWS, W // BS, BS)), amax_ptr, emax, emin, mbits, max_normal,
+                           inv_max_normal, scale_emax, tensor_div, ROUNDING, SCALE_MODE, E4M3, TENSOR)
+    tl.store(y_ptr + offs, _cast_out(tl.reshape(out, (ROWS, W)), y_ptr.dtype.element_ty, RNE_BF16), mask=mask)
+
+
+@triton.jit
+def _amax_flat_kernel(x_ptr, sign_ptr, amax_ptr, n_elems, n_cols, rot_scale, ROWS: tl.constexpr, W: tl.constexpr,
+                      ROT: tl.constexpr, LOG_ROT: tl.constexpr, SIGNS: tl.constexpr, EVEN: tl.constexpr):
+    """The per-tensor maximum of |x| (rotated when ROT > 0), as int32 bits, by atomic max."""
+    x, _, _ = _load_tile(x_ptr, sign_ptr, n_elems, n_cols, rot_scale, ROWS, W, ROT, LOG_ROT, SIGNS, EVEN)
+    tl.atomic_max(amax_ptr, tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0))
+
+
+@triton.jit
+def _mx_kernel(
+    x_ptr, y_ptr, amax_ptr, n_rows, n_cols, block_size,
+    emax, emin, mbits, max_normal, inv_max_normal, scale_emax, tensor_div,
+    ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr, E4M3: tl.constexpr, TENSOR: tl.constexpr,
+    ROWS: tl.constexpr, NB: tl.constexpr, BP: tl.constexpr, RNE_BF16: tl.constexpr,
+):
+    """Fake quantization along the last axis for any block size and row length (ragged last blocks,
+    blocks that are not a power of two), in [ROWS, NB, BP] tiles padded with zeros."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     blks = tl.program_id(1) * NB + tl.arange(0, NB)
     j = tl.arange(0, BP)
@@ -42,96 +192,112 @@ def _mx_kernel(
     mask = (rows[:, None, None] < n_rows) & (j[None, None, :] < block_size) & (cols < n_cols)
     offs = rows[:, None, None].to(tl.int64) * n_cols + cols
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-
-    # shared exponent of each block
-    amax = tl.max(tl.abs(x), axis=2)
-    has_nan = tl.max((x != x).to(tl.int32), axis=2) > 0
-    bits = amax.to(tl.int32, bitcast=True)
-    if SCALE_MODE == 3:  # rceil: ceil(log2(amax / max_normal)), as cuBLAS computes it
-        dbits = (amax * inv_max_normal).to(tl.int32, bitcast=True)
-        dbiased = (dbits >> 23) & 0xFF
-        dmant = dbits & 0x7FFFFF
-        up = tl.where(dbiased == 0, dmant > 0x400000, dmant != 0)
-        exp = dbiased + up.to(tl.int32) - 127
-    else:
-        if SCALE_MODE == 2:  # even: round amax to the element's mantissa first
-            bits = (bits + (1 << (22 - mbits))) & 0x7F800000
-        exp = ((bits >> 23) & 0xFF) - 127 - emax
-        if SCALE_MODE == 1:  # ceil
-            exp += ((amax.to(tl.int32, bitcast=True) & 0x7FFFFF) != 0).to(tl.int32)
-    is_nan = has_nan | (((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) == 255) | (exp > scale_emax)
-    exp = tl.minimum(tl.maximum(exp, -scale_emax), scale_emax)
-
-    # element rounding with subnormals, saturating
-    v = x * _pow2(-exp)[:, :, None]
-    p = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, emin) - mbits
-    t = v * _pow2(-p)
-    if ROUNDING == 0:
-        r = libdevice.rint(t)
-    elif ROUNDING == 1:
-        a = tl.abs(t)
-        f = libdevice.floor(a)
-        r = f + (a - f >= 0.5).to(tl.float32)
-        r = tl.where(t < 0, -r, r)
-    else:
-        r = libdevice.trunc(t)
-    q = r * _pow2(p)
-    q = tl.minimum(tl.maximum(q, -max_normal), max_normal)
-    out = q * _pow2(exp)[:, :, None]
-    out = tl.where(is_nan[:, :, None], float("nan"), out) + 0.0
-    tl.store(y_ptr + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    out = _quantize_blocks(x, amax_ptr, emax, emin, mbits, max_normal, inv_max_normal, scale_emax, tensor_div,
+                           ROUNDING, SCALE_MODE, E4M3, TENSOR)
+    tl.store(y_ptr + offs, _cast_out(out, y_ptr.dtype.element_ty, RNE_BF16), mask=mask)
 
 
-# Elements per program and warps: tuned on an H100 (benchmarks/gpu_bench.py --tiles).
-TILE_ELEMENTS, NUM_WARPS = 1024, 2
+# Elements per program and warps of the flat kernel (benchmarks/gpu_bench.py --tiles), and of the general one.
+TILE_ELEMENTS, NUM_WARPS = 2048, 4
+GENERAL_TILE_ELEMENTS, GENERAL_WARPS = 1024, 2
 
 
 def _tile(block: int, elements: int) -> tuple[int, int, int]:
-    """(ROWS, NB, BP): ``elements`` per program, up to 1024 columns a row."""
+    """(ROWS, NB, BP) of the general kernel: ``elements`` per program, up to 1024 columns a row."""
     bp = triton.next_power_of_2(block)
     nb = max(1, min(1024 // bp, 64))
     rows = max(1, elements // (nb * bp))
     return rows, nb, bp
 
 
-def quantize_mx_triton(
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _format_args(scheme: Scheme) -> tuple:
+    fmt = scheme.elem
+    return (fmt.emax, fmt.emin, fmt.mbits, fmt.max_normal, 1.0 / fmt.max_normal, 2 ** (scheme.scale_bits - 1) - 1,
+            E4M3.max_normal * fmt.max_normal)
+
+
+def _flags(scheme: Scheme, out: torch.dtype) -> dict[str, int | bool]:
+    return dict(ROUNDING=_ROUNDING[scheme.rounding], SCALE_MODE=_SCALE_MODE[scheme.scale_mode],
+                E4M3=not scheme.is_mx, TENSOR=scheme.tensor_scale is TensorScale.AMAX,
+                RNE_BF16=not scheme.is_mx and out == torch.bfloat16)
+
+
+def quantize_triton(
     x: torch.Tensor,
-    fmt: ElemFormat,
-    block_size: int,
-    axis: int,
-    rounding: Rounding,
-    scale_bits: int,
-    scale_mode: ScaleMode,
+    scheme: Scheme,
+    axis: int = -1,
+    rotation: Rotation | None = None,
     tile_elements: int = TILE_ELEMENTS,
     num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
-    """Same contract as :func:`lm_eval_mx.numerics.quantize_mx_torch`, for CUDA tensors."""
+    """Same contract as :func:`lm_eval_mx.numerics.quantize_torch`, for CUDA tensors.
+
+    Rows made of whole power-of-two blocks (nearly every activation) take the flat kernel, with the
+    rotation fused in; other shapes take the general kernel, after a torch rotation (same arithmetic).
+    A per-tensor scale costs one extra read of ``x`` (the maximum, by atomic max).
+    """
     if x.numel() == 0:
         return x.clone()
     moved = axis not in (-1, x.dim() - 1)
     xc = (x.movedim(axis, -1) if moved else x).contiguous()
     n_cols = xc.shape[-1]
-    n_rows = xc.numel() // n_cols
-    block = n_cols if block_size == 0 else min(block_size, n_cols)
+    n = xc.numel()
+    block = n_cols if scheme.block_size == 0 else min(scheme.block_size, n_cols)
+    rot = 0 if rotation is None else rotation.block_for(n_cols)
+    width = max(block, rot)
     y = torch.empty_like(xc)
-    rows, nb, bp = _tile(block, tile_elements)
-    n_blocks = triton.cdiv(n_cols, block)
-    grid = (triton.cdiv(n_rows, rows), triton.cdiv(n_blocks, nb))
-    _mx_kernel[grid](
-        xc, y, n_rows, n_cols, block,
-        fmt.emax, fmt.emin, fmt.mbits, fmt.max_normal, 1.0 / fmt.max_normal, 2 ** (scale_bits - 1) - 1,
-        ROUNDING=_ROUNDING[rounding], SCALE_MODE=_SCALE_MODE[scale_mode],
-        ROWS=rows, NB=nb, BP=bp, num_warps=num_warps,
-    )
+    amax = torch.zeros((), dtype=torch.int32, device=x.device) if scheme.tensor_scale is TensorScale.AMAX else y
+    if _is_pow2(block) and n_cols % width == 0 and width <= 4096:
+        rows = max(1, tile_elements // width)
+        signs = _signs(rotation, n_cols, x.device) if rot else y
+        rot_args = dict(ROT=rot, LOG_ROT=max(rot, 1).bit_length() - 1, SIGNS=rotation is not None
+                        and rotation.seed is not None, ROWS=rows, W=width, EVEN=n % (rows * width) == 0)
+        rot_scale = norm_scale(rot) if rot else 1.0
+        grid = (triton.cdiv(n, rows * width),)
+        if amax is not y:
+            _amax_flat_kernel[grid](xc, signs, amax, n, n_cols, rot_scale, **rot_args, num_warps=num_warps)
+        _mx_flat_kernel[grid](xc, y, signs, amax, n, n_cols, *_format_args(scheme), rot_scale, **_flags(scheme, y.dtype),
+                              **rot_args, BS=block, num_warps=num_warps)
+    else:
+        if rotation is not None:
+            xc = rotate(xc, rotation)
+        if amax is not y:
+            amax = xc.float().abs().amax().view(torch.int32)
+        n_rows = n // n_cols
+        rows, nb, bp = _tile(block, GENERAL_TILE_ELEMENTS)
+        grid = (triton.cdiv(n_rows, rows), triton.cdiv(triton.cdiv(n_cols, block), nb))
+        _mx_kernel[grid](xc, y, amax, n_rows, n_cols, block, *_format_args(scheme), **_flags(scheme, y.dtype),
+                         ROWS=rows, NB=nb, BP=bp, num_warps=GENERAL_WARPS)
     return y.movedim(-1, axis) if moved else y
 
 
+def _signs(rotation: Rotation, n: int, device: torch.device) -> torch.Tensor:
+    """The rotation's ±1 signs on the device (a placeholder when it has none)."""
+    return signs(rotation.seed, n, device) if rotation.seed is not None else torch.empty(1, device=device)
+
+
 @triton.jit
-def _decode(c_rows, s_rows, row_mask, k0, KP, NB, MBITS, EMIN, BS: tl.constexpr, BITS: tl.constexpr,
-            IS_INT: tl.constexpr, COLS: tl.constexpr):
+def _scale_factor(sc, ts, E4M3_SCALES: tl.constexpr):
+    """What a block's codes are multiplied by (packing.scale_multipliers): 2**(s - 127) for E8M0 bytes
+    (255: NaN), ``ts · e4m3(s)`` for E4M3 bytes (0x7F: NaN; the value from its fields, as for codes)."""
+    if E4M3_SCALES:
+        mag = sc & 0x7F
+        s8 = (mag << 20).to(tl.float32, bitcast=True) * _pow2(120)
+        return tl.where(mag == 0x7F, float("nan"), ts * s8)
+    else:
+        return tl.where(sc == 255, float("nan"), _pow2(sc - 127))  # NaN times any code is NaN
+
+
+@triton.jit
+def _decode(c_rows, s_rows, row_mask, k0, KP, NB, MBITS, EMIN, ts, BS: tl.constexpr, BITS: tl.constexpr,
+            IS_INT: tl.constexpr, COLS: tl.constexpr, E4M3_SCALES: tl.constexpr):
     """float32 values of the packed weights in columns [k0, k0 + COLS) of the rows whose codes start at
     ``c_rows`` (scales at ``s_rows``): each element exactly from its code's bits, times its block's
-    2**(scale - 127), the float32 product :func:`lm_eval_mx.packing.unpack_mx` computes.
+    scale factor, the float32 product :func:`lm_eval_mx.packing.unpack_mx` computes.
 
     Codes are loaded as whole bytes and split in registers; each block's scale is loaded once when
     blocks tile ``COLS`` (otherwise per element), so the loads stay wide.
@@ -158,15 +324,16 @@ def _decode(c_rows, s_rows, row_mask, k0, KP, NB, MBITS, EMIN, BS: tl.constexpr,
         # is 0) are the element's value times 2**-(126 + EMIN), for normal and subnormal codes alike.
         bits = (mag << (23 - MBITS)) | ((code >> (BITS - 1)) << 31)
         v = bits.to(tl.float32, bitcast=True) * _pow2(126 + EMIN)
+    ONE: tl.constexpr = 0x38 if E4M3_SCALES else 127  # the scale 1.0, for lanes past the weight
     if COLS % BS == 0:
         sb = k0 // BS + tl.arange(0, COLS // BS)
-        sc = tl.load(s_rows + sb[None, :], mask=row_mask & (sb[None, :] < NB), other=127).to(tl.int32)
-        factor = tl.where(sc == 255, float("nan"), _pow2(sc - 127))  # NaN times any code is NaN
+        sc = tl.load(s_rows + sb[None, :], mask=row_mask & (sb[None, :] < NB), other=ONE).to(tl.int32)
+        factor = _scale_factor(sc, ts, E4M3_SCALES)
         return tl.reshape(tl.reshape(v, (ROWS, COLS // BS, BS)) * factor[:, :, None], (ROWS, COLS))
     else:
         k = k0 + tl.arange(0, COLS)
-        sc = tl.load(s_rows + k[None, :] // BS, mask=row_mask & (k[None, :] // BS < NB), other=127).to(tl.int32)
-        return v * tl.where(sc == 255, float("nan"), _pow2(sc - 127))
+        sc = tl.load(s_rows + k[None, :] // BS, mask=row_mask & (k[None, :] // BS < NB), other=ONE).to(tl.int32)
+        return v * _scale_factor(sc, ts, E4M3_SCALES)
 
 
 # Rows x columns of weight per program of the decode kernel, and its warps (packed_bench.py --dequant-tiles).
@@ -174,8 +341,9 @@ DEQUANT_TILE, DEQUANT_WARPS = (4, 1024), 4
 
 
 @triton.jit
-def _mx_dequant_kernel(c_ptr, s_ptr, y_ptr, N, K, KP, NB, MBITS, EMIN, BS: tl.constexpr, BITS: tl.constexpr,
-                       IS_INT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _mx_dequant_kernel(c_ptr, s_ptr, ts_ptr, y_ptr, N, K, KP, NB, MBITS, EMIN, BS: tl.constexpr, BITS: tl.constexpr,
+                       IS_INT: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, E4M3_SCALES: tl.constexpr,
+                       HAS_TS: tl.constexpr):
     """y[N, K] = the packed weight decoded, in y's dtype (one pass: read codes and scales, write once).
 
     Programs walk the weight in memory order (column tiles fastest), so neighbouring programs
@@ -186,7 +354,9 @@ def _mx_dequant_kernel(c_ptr, s_ptr, y_ptr, N, K, KP, NB, MBITS, EMIN, BS: tl.co
     k0 = (tl.program_id(0) % col_tiles) * COLS
     k = k0 + tl.arange(0, COLS)
     rows = rn[:, None].to(tl.int64)
-    w = _decode(c_ptr + rows * KP, s_ptr + rows * NB, rn[:, None] < N, k0, KP, NB, MBITS, EMIN, BS, BITS, IS_INT, COLS)
+    ts = tl.load(ts_ptr) if HAS_TS else 1.0
+    w = _decode(c_ptr + rows * KP, s_ptr + rows * NB, rn[:, None] < N, k0, KP, NB, MBITS, EMIN, ts, BS, BITS, IS_INT,
+                COLS, E4M3_SCALES)
     tl.store(y_ptr + rows * K + k[None, :], w.to(y_ptr.dtype.element_ty), mask=(rn[:, None] < N) & (k[None, :] < K))
 
 
@@ -201,10 +371,16 @@ def mx_unpack_triton(
     rows, cols = tile
     fmt = p.fmt
     _mx_dequant_kernel[(triton.cdiv(n, rows) * triton.cdiv(k, cols),)](
-        p.codes, p.scales, y, n, k, p.codes.shape[-1], p.scales.shape[-1], fmt.mbits, fmt.emin,
-        BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int, ROWS=rows, COLS=cols, num_warps=num_warps,
+        p.codes, p.scales, _ts_arg(p, y), y, n, k, p.codes.shape[-1], p.scales.shape[-1], fmt.mbits, fmt.emin,
+        BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int, ROWS=rows, COLS=cols,
+        E4M3_SCALES=not p.scheme.is_mx, HAS_TS=p.tensor_scale is not None, num_warps=num_warps,
     )
     return y
+
+
+def _ts_arg(p: MXPacked, placeholder: torch.Tensor) -> torch.Tensor:
+    """The per-tensor scale as a kernel argument (a placeholder pointer when there is none)."""
+    return placeholder if p.tensor_scale is None else p.tensor_scale.reshape(1)
 
 
 # Tile shapes (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) tried per input-length class: thin tiles for
@@ -234,18 +410,19 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs: object) -> 
 @triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET", "BS"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mx_packed_mm_kernel(
-    x_ptr, c_ptr, s_ptr, b_ptr, y_ptr, M, N, K, KP, NB, M_BUCKET, MBITS, EMIN,
-    BS: tl.constexpr, BITS: tl.constexpr, IS_INT: tl.constexpr,
+    x_ptr, c_ptr, s_ptr, ts_ptr, b_ptr, y_ptr, M, N, K, KP, NB, M_BUCKET, MBITS, EMIN,
+    BS: tl.constexpr, BITS: tl.constexpr, IS_INT: tl.constexpr, E4M3_SCALES: tl.constexpr, HAS_TS: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ dequant(codes[N, KP], scales[N, NB]).T (+ bias), fp32 accumulation.
 
     Each weight tile is decoded in the main loop: codes -> element value (exact
-    float32 from the code's bits) -> times its block's 2**(scale - 127), the
+    float32 from the code's bits) -> times its block's scale factor, the
     same float32 product :func:`lm_eval_mx.packing.unpack_mx` computes, then
     cast to the activation dtype for the tensor-core dot.
     """
+    ts = tl.load(ts_ptr) if HAS_TS else 1.0
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n  # grouped order: neighbouring programs share weight tiles in L2
@@ -265,7 +442,8 @@ def _mx_packed_mm_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         xt = tl.load(x_cols + k[:, None], mask=(k[:, None] < K) & (rm[None, :] < M), other=0.0)
-        w = _decode(c_rows, s_rows, rn[:, None] < N, k0, KP, NB, MBITS, EMIN, BS, BITS, IS_INT, BLOCK_K)
+        w = _decode(c_rows, s_rows, rn[:, None] < N, k0, KP, NB, MBITS, EMIN, ts, BS, BITS, IS_INT, BLOCK_K,
+                    E4M3_SCALES)
         if IEEE:  # noqa: SIM108 (a compile-time branch)
             acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:
@@ -310,9 +488,10 @@ def mx_packed_linear_triton(
         kernel = _mx_packed_mm_kernel.fn
         extra = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), tile), GROUP_M=8, num_warps=4)
     kernel[grid](
-        x2, p.codes, p.scales, bias if bias is not None else x2, y, m, n, k, p.codes.shape[-1], p.scales.shape[-1],
-        min(triton.next_power_of_2(m), 256), fmt.mbits, fmt.emin,
-        BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int,
+        x2, p.codes, p.scales, _ts_arg(p, y), bias if bias is not None else x2, y, m, n, k, p.codes.shape[-1],
+        p.scales.shape[-1], min(triton.next_power_of_2(m), 256), fmt.mbits, fmt.emin,
+        BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int, E4M3_SCALES=not p.scheme.is_mx,
+        HAS_TS=p.tensor_scale is not None,
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, **extra,
     )
     return y.reshape(*x.shape[:-1], n)

@@ -26,21 +26,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backends import Quantizer, get_quantizer, resolve_backend
-from .formats import ElemFormat, Rounding, ScaleMode, get_format, get_rounding, get_scale_mode
-from .packing import MXPacked, pack_mx, packed_layout, unpack_mx
+from .formats import Scheme, TensorScale
+from .numerics import make_scheme
+from .packing import MXPacked, pack, packed_layout, unpack_mx
+from .rotation import Rotation, rotate
 
 
 @dataclass(frozen=True)
 class MXSpec:
-    """Resolved numerics of one layer (formats, block, rounding, scales, backend)."""
+    """Resolved numerics of one layer: weight and activation schemes (None: weight-only), the
+    rotation applied to both along the reduction axis, and the backend."""
 
-    w_format: ElemFormat
-    a_format: ElemFormat | None
-    block_size: int
-    rounding: Rounding
-    scale_bits: int
-    scale_mode: ScaleMode
-    backend: str
+    w: Scheme
+    a: Scheme | None
+    rotation: Rotation | None = None
+    backend: str = "auto"
 
     @classmethod
     def make(
@@ -52,40 +52,44 @@ class MXSpec:
         scale_bits: int = 8,
         scale_mode: str = "floor",
         backend: str = "auto",
+        rotation: Rotation | None = None,
     ) -> MXSpec:
-        return cls(
-            get_format(w_format),
-            None if a_format is None else get_format(a_format),
-            block_size,
-            get_rounding(rounding),
-            scale_bits,
-            get_scale_mode(scale_mode),
-            backend,
-        )
+        """From element format names under one block size and scale settings (E8M0 scales)."""
+
+        def scheme(name: str) -> Scheme:
+            return make_scheme(name, block_size, rounding, scale_bits, scale_mode)
+
+        return cls(scheme(w_format), None if a_format is None else scheme(a_format), rotation, backend)
 
     @functools.cached_property
     def quantizer(self) -> Quantizer:
         return get_quantizer(self.backend)
 
-    def quantize(self, x: torch.Tensor, fmt: ElemFormat, axis: int) -> torch.Tensor:
-        return self.quantizer(x, fmt, self.block_size, axis, self.rounding, self.scale_bits, self.scale_mode)
-
     def weight(self, w: torch.Tensor, axis: int) -> torch.Tensor:
-        return self.quantize(w, self.w_format, axis)
+        """The weight rotated and quantized along its reduction axis (a per-tensor scale: per matrix,
+        so per expert for 3-D expert weights)."""
+        if self.w.tensor_scale is TensorScale.AMAX and w.dim() == 3:
+            return torch.stack([self.weight(e, axis if axis < 0 else axis - 1) for e in w])
+        return self.quantizer(w, self.w, axis, self.rotation)
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize an input along its last axis; siblings fed the same tensor share one result."""
-        if self.a_format is None:
-            return x
+        """Rotate and quantize an input along its last axis; siblings fed the same tensor share one result."""
+        if self.a is None:
+            return x if self.rotation is None else rotate(x, self.rotation).to(x.dtype)
         if x.is_inference():  # no version counter: an in-place change could not be seen
-            return self.quantize(x, self.a_format, -1)
-        key = (self.a_format, self.block_size, self.rounding, self.scale_bits, self.scale_mode, self.backend)
+            return self.quantizer(x, self.a, -1, self.rotation)
+        key = (self.a, self.rotation, self.backend)
         hit = _LAST_ACT.get("entry")
         if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] == key:
             return hit[3]
-        xq = self.quantize(x, self.a_format, -1)
+        xq = self.quantizer(x, self.a, -1, self.rotation)
         _LAST_ACT["entry"] = (weakref.ref(x), x._version, key, xq)
         return xq
+
+    def describe(self) -> str:
+        a = self.a.name if self.a else "-"
+        rot = f", rot={self.rotation.label()}" if self.rotation else ""
+        return f"w={self.w.name}, a={a}{rot}"
 
 
 # The last quantized activation: q/k/v and gate/up projections read the same input tensor,
@@ -126,8 +130,7 @@ class MXLayer(nn.Module):
         return super().forward(*args, **kwargs)  # type: ignore[misc]
 
     def extra_repr(self) -> str:
-        a = self.mx_spec.a_format.name if self.mx_spec.a_format else "-"
-        return f"{super().extra_repr()}, mx(w={self.mx_spec.w_format.name}, a={a}, block={self.mx_spec.block_size})"
+        return f"{super().extra_repr()}, mx({self.mx_spec.describe()})"
 
 
 class MXLinear(MXLayer):
@@ -191,7 +194,8 @@ class MXExperts(MXLayer):
 
 
 class MXPackedLayer(MXLayer):
-    """Mixin of packed MX layers: weight ``name`` holds uint8 codes, ``name_scales`` E8M0 scales.
+    """Mixin of packed MX layers: weight ``name`` holds uint8 codes, ``name_scales`` uint8 block scales
+    (E8M0, or E4M3 bits), ``name_tensor_scale`` float32 per-tensor scales where the scheme has them.
 
     Codes are stored with the reduction axis last ([..., out, in]) whatever the
     checkpoint layout; ``mx_shapes`` keeps that logical shape.
@@ -202,32 +206,45 @@ class MXPackedLayer(MXLayer):
     mx_gemm: str  # config.PACKED_GEMMS
 
     def mx_pack(self, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pack a checkpoint tensor for weight ``name``: ``{name: codes, name_scales: scales}``.
+        """Pack a checkpoint tensor for weight ``name``: ``{name: codes, name_scales: scales}`` (and
+        ``name_tensor_scale`` for schemes with a per-tensor scale: one per matrix, so per expert).
 
         Rows are packed in chunks, so the float32 temporaries stay small next to the weight.
         """
         w = self._reduction_last(name, w.detach())
         spec = self.mx_spec
-        rows = w.reshape(-1, w.shape[-1])
         step = max(1, (1 << 24) // w.shape[-1])
-        parts = [pack_mx(rows[i : i + step], spec.w_format, spec.block_size, spec.rounding, spec.scale_bits,
-                         spec.scale_mode) for i in range(0, rows.shape[0], step)]
-        codes_shape, scales_shape, _ = packed_layout(w.shape, spec.w_format, spec.block_size)
+        per_tensor = spec.w.tensor_scale is TensorScale.AMAX
+        parts, scales = [], []
+        for m in w.reshape(-1, *w.shape[-2:]):  # one matrix (expert) at a time: its own per-tensor scale
+            amax = None
+            if per_tensor:
+                amax = (m.float() if spec.rotation is None else rotate(m, spec.rotation)).abs().amax()
+            chunks = [pack(m[i : i + step], spec.w, spec.rotation, amax) for i in range(0, m.shape[0], step)]
+            parts += chunks
+            scales.append(chunks[0].tensor_scale)
+        codes_shape, scales_shape, _ = packed_layout(w.shape, spec.w.elem, spec.w.block_size)
         self.mx_dtype = w.dtype
-        return {
+        out = {
             name: torch.cat([p.codes for p in parts]).reshape(codes_shape),
             f"{name}_scales": torch.cat([p.scales for p in parts]).reshape(scales_shape),
         }
+        if per_tensor:
+            out[f"{name}_tensor_scale"] = torch.stack(scales).reshape(w.shape[:-2])
+        return out
 
     def mx_packed(self, name: str, index: int | None = None) -> MXPacked:
         """Weight ``name`` (or its slice ``index`` along the first axis, e.g. one expert) as ``MXPacked``."""
         codes, scales, shape = getattr(self, name), getattr(self, f"{name}_scales"), self.mx_shapes[name]
+        ts = getattr(self, f"{name}_tensor_scale", None)
         if codes.dtype != torch.uint8:
             raise RuntimeError(f"{type(self).__name__}.{name} was never packed: the checkpoint did not provide it")
         if index is not None:
             codes, scales, shape = codes[index], scales[index], shape[1:]
-        bs = packed_layout(shape, self.mx_spec.w_format, self.mx_spec.block_size)[2]
-        return MXPacked(codes, scales, shape, self.mx_spec.w_format, bs)
+            ts = None if ts is None else ts[index]
+        scheme = self.mx_spec.w
+        bs = packed_layout(shape, scheme.elem, scheme.block_size)[2]
+        return MXPacked(codes, scales, shape, scheme, bs, ts)
 
     def _reduction_last(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Weight ``name`` in the packed layout (reduction axis last) from the module's, or back: a swap."""
@@ -235,6 +252,7 @@ class MXPackedLayer(MXLayer):
         return w if axis in (-1, w.dim() - 1) else w.transpose(axis, -1)
 
     def mx_weight(self, name: str) -> torch.Tensor:
+        """The dequantized weight in the module's layout (rotated when the layer rotates)."""
         return self._reduction_last(name, unpack_mx(self.mx_packed(name), self.mx_dtype))
 
     def mx_linear(self, x: torch.Tensor, name: str, bias: torch.Tensor | None, index: int | None = None) -> torch.Tensor:
@@ -307,10 +325,15 @@ def convert_packed(module: nn.Module, mixin: type[MXLayer], spec: MXSpec, role: 
         shape = module._reduction_last(name, w).shape
         module.mx_shapes[name] = shape
         module.mx_dtype = w.dtype
-        scales_shape = packed_layout(shape, spec.w_format, spec.block_size)[1]
+        scales_shape = packed_layout(shape, spec.w.elem, spec.w.block_size)[1]
         module.register_parameter(
             f"{name}_scales", nn.Parameter(torch.empty(scales_shape, dtype=torch.uint8, device=w.device), requires_grad=False)
         )
+        if spec.w.tensor_scale is TensorScale.AMAX:
+            module.register_parameter(
+                f"{name}_tensor_scale",
+                nn.Parameter(torch.empty(shape[:-2], dtype=torch.float32, device=w.device), requires_grad=False),
+            )
     return module
 
 

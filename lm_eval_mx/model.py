@@ -22,6 +22,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from .attention import NAME as ATTENTION_NAME
 from .backends import resolve_backend
 from .config import MX_KEYS, MXConfig, _as_bool, parse_mx_args, suggest
 from .layers import mx_disabled, remove_mx
@@ -51,7 +52,7 @@ def check_model_args(args: dict[str, Any]) -> None:
     unknown = [k for k in args if k not in allowed]
     if not unknown:
         return
-    config_keys = _config_keys(args)
+    config_keys = _config_keys(args, unknown)
     unknown = [k for k in unknown if k not in config_keys]
     if unknown:
         pool = sorted(allowed)
@@ -63,23 +64,32 @@ def check_model_args(args: dict[str, Any]) -> None:
         )
 
 
-def _config_keys(args: dict[str, Any]) -> set[str]:
-    """Attributes of the model's config (transformers accepts them as overrides); local files only."""
+def _config_keys(args: dict[str, Any], unknown: list[str]) -> set[str]:
+    """Attributes of the model's config (transformers accepts them as overrides).
+
+    Reads the config the way HFLM will (same revision, subfolder, GGUF file); runs remote
+    code only when ``trust_remote_code`` is really true. A config that cannot be read is an
+    error naming the cause, not a silent "unknown key".
+    """
     pretrained = args.get("pretrained")
     if not isinstance(pretrained, str):
         return set()
-    try:
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
+    try:
         cfg = AutoConfig.from_pretrained(
             pretrained,
-            trust_remote_code=bool(args.get("trust_remote_code", False)),
+            trust_remote_code=_as_bool("trust_remote_code", args.get("trust_remote_code", False)),
             gguf_file=args.get("gguf_file"),
-            subfolder=args.get("subfolder", "") or "",
+            subfolder=str(args.get("subfolder", "") or ""),
             revision=str(args.get("revision", "main")),
         )
-    except Exception:
-        return set()
+    except Exception as e:  # any reason the config is unreadable: report it with the keys it blocks
+        raise ValueError(
+            f"hf-mx: model_args {', '.join(map(repr, unknown))} are neither MX nor hf arguments, and could be "
+            f"attributes of the model config, but the config of {pretrained!r} could not be read to check: "
+            f"{type(e).__name__}: {e}"
+        ) from e
     return set(cfg.to_dict())
 
 
@@ -140,6 +150,22 @@ def _check_packed_args(pretrained: Any, keep_original: bool, args: dict[str, Any
             raise ValueError(f"packed=True cannot be combined with {key}: {why}")
 
 
+def _check_hf_args(config: MXConfig, rest: dict[str, Any]) -> None:
+    """MX settings that the hf arguments would contradict or leave without effect: refused before loading."""
+    backend = resolve_backend(config.mx_backend)  # e.g. mx_backend=triton without CUDA
+    if config.attn_bmm and rest.get("attn_implementation") not in (None, ATTENTION_NAME):
+        raise ValueError(
+            f"attn_bmm=True runs attention through hf-mx's '{ATTENTION_NAME}' function, which would override "
+            f"attn_implementation={rest['attn_implementation']}; drop one of them"
+        )
+    if config.packed_gemm == "fused":
+        device = str(rest.get("device") or "")
+        if backend != "triton" or device.startswith("cpu"):
+            raise ValueError("packed_gemm=fused is a Triton GEMM for CUDA: it needs a CUDA device and the Triton "
+                             f"backend (here: mx_backend={config.mx_backend} -> {backend}, device={device or 'default'}); "
+                             "use packed_gemm=dequant")
+
+
 def _count_nonfinite(requests: list[Any], results: list[Any]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for req, res in zip(requests, results):
@@ -156,8 +182,9 @@ class HFMXLM(HFLM):
     All ``hf`` model_args work; MX keys are documented in the README
     (``w_format``, ``a_format``, ``format``, ``block_size``, ``rounding``,
     ``scale_bits``, ``scale_mode``, ``roles``/``mlp_only``/``attn_only``,
-    ``include``, ``exclude``, ``role_formats``, ``weight_only``, ``attn_bmm``,
-    ``bmm_format``, ``backend``, ``packed``, ``packed_gemm``).
+    ``include``, ``exclude``, ``role_formats``, ``layer_formats``, ``recipe``, ``weight_only``,
+    ``attn_bmm``, ``bmm_format``, ``scale_format``, ``tensor_scale``, ``rotation``, ``rotation_*``,
+    ``mx_backend``, ``packed``, ``packed_gemm``). ``backend`` is hf's own (causal/seq2seq).
     """
 
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
@@ -165,7 +192,7 @@ class HFMXLM(HFLM):
             raise ValueError("hf-mx needs pretrained=<model path or hub id>")
         check_model_args({"pretrained": pretrained, **kwargs})
         config, rest = parse_mx_args(kwargs)
-        resolve_backend(config.backend)  # e.g. backend=triton without CUDA: fail before loading
+        _check_hf_args(config, rest)
         self.mx_keep_original = _as_bool("mx_keep_original", rest.pop("mx_keep_original", False))
         self._mx_packed = None
         if config.packed:

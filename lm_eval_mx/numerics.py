@@ -1,12 +1,16 @@
-"""MX fake quantization in plain torch: the exact reference every backend must match.
+"""Fake quantization in plain torch: the exact reference every backend must match.
 
-Semantics are those of microxcaling's CUDA path (see tests/data/README.md):
-the shared exponent comes from the float32 exponent bits of the block maximum,
-elements round with subnormals kept and saturate to the format's max normal,
-blocks holding inf/nan become NaN, zeros come back as +0.0.
+MX (E8M0 scales) follows microxcaling's CUDA path (see tests/data/README.md): the
+shared exponent comes from the float32 exponent bits of the block maximum, elements
+round with subnormals kept and saturate to the format's max normal, blocks holding
+inf/nan become NaN, zeros come back as +0.0. All of it is float32 arithmetic with
+power-of-two factors, so every step is exact.
 
-All arithmetic is on float32 with power-of-two factors, so every step is exact
-and the code runs unchanged on CPU and CUDA (and under ``torch.compile``).
+E4M3 scales (NVFP4) follow torchao's ``nvfp4_quantize`` step by step (README,
+*NVFP4*): every division is one correctly rounded float32 operation, so the result
+is defined to the bit and the Triton kernel reproduces it.
+
+The code runs unchanged on CPU and CUDA (and under ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -14,18 +18,26 @@ from __future__ import annotations
 import torch
 
 from .formats import (
+    E4M3,
     ElemFormat,
     Rounding,
+    ScaleFormat,
     ScaleMode,
+    Scheme,
+    TensorScale,
     get_format,
     get_rounding,
+    get_scale_format,
     get_scale_mode,
+    get_tensor_scale,
 )
+from .rotation import Rotation, rotate
 
 _F32_MANT = 23
 _F32_BIAS = 127
 _F32_NAN_BITS = 0x7FC00000
 _F32_SUBNORMAL_2_M127 = 0x00400000  # 2**-127, the smallest E8M0 scale
+_F32_MIN_NORMAL = 2.0**-126
 
 
 def pow2(e: torch.Tensor) -> torch.Tensor:
@@ -41,7 +53,7 @@ def _biased_exponent(x: torch.Tensor) -> torch.Tensor:
 def shared_exponent(
     amax: torch.Tensor, fmt: ElemFormat, scale_bits: int, scale_mode: ScaleMode
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unbiased shared exponent (int32, clamped) and a mask of NaN blocks.
+    """Unbiased shared E8M0 exponent (int32, clamped) and a mask of NaN blocks.
 
     ``amax`` is the float32 block maximum of |x| (NaN/inf propagate into the mask).
     """
@@ -65,7 +77,7 @@ def shared_exponent(
 
 
 def round_elements(v: torch.Tensor, fmt: ElemFormat, rounding: Rounding) -> torch.Tensor:
-    """Round float32 ``v`` (already divided by the shared scale) to ``fmt``, saturating."""
+    """Round float32 ``v`` (already divided by the block scale) to ``fmt``, saturating."""
     # Private exponent of each element, floored at the format's smallest normal.
     p = (_biased_exponent(v) - _F32_BIAS).clamp(min=fmt.emin) - fmt.mbits
     t = v * pow2(-p)  # exact: |t| < 2**(mbits + 2)
@@ -81,64 +93,116 @@ def round_elements(v: torch.Tensor, fmt: ElemFormat, rounding: Rounding) -> torc
     return q.clamp(-fmt.max_normal, fmt.max_normal)
 
 
+def tensor_scale(amax: torch.Tensor, fmt: ElemFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-tensor scale, its reciprocal) from a float32 tensor maximum: ``amax / (448 · max_normal)``.
+
+    A scale below float32's smallest normal (an all-zero or near-zero tensor) is replaced by 1,
+    so that its reciprocal is finite; such a tensor quantizes to zeros.
+    """
+    ts = amax / (E4M3.max_normal * fmt.max_normal)
+    ts = torch.where(ts >= _F32_MIN_NORMAL, ts, torch.ones_like(ts))
+    return ts, 1.0 / ts
+
+
+def e4m3_block_scales(amax: torch.Tensor, fmt: ElemFormat, ts: torch.Tensor | None) -> torch.Tensor:
+    """Block scales as E4M3 values (float32): ``(amax / max_normal) / ts`` rounded to nearest-even
+    E4M3, subnormals kept, saturating at 448."""
+    s = amax / fmt.max_normal
+    if ts is not None:
+        s = s / ts
+    return round_elements(s, E4M3, Rounding.EVEN)
+
+
 def quantize_blocks(
-    blocks: torch.Tensor, fmt: ElemFormat, rounding: Rounding, scale_bits: int, scale_mode: ScaleMode
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The MX step on float32 ``blocks`` [..., n_blocks, block]: (shared exponent, NaN-block mask,
-    element values in units of the scale). Shared by fake quantization and packing."""
+    blocks: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The quantization step on float32 ``blocks`` [..., n_blocks, block], shared by fake quantization
+    and packing: (element values in units of the scale, the scale multiplier [..., n_blocks, 1],
+    NaN-block mask, the block scales as stored: E8M0 exponents (int32) or E4M3 values (float32)).
+
+    Dequantized values are ``elements * multiplier`` (NaN where masked).
+    """
+    fmt = scheme.elem
     amax = blocks.abs().amax(-1, keepdim=True)
-    exp, nan = shared_exponent(amax, fmt, scale_bits, scale_mode)
-    return exp, nan, round_elements(blocks * pow2(-exp), fmt, rounding)
+    if scheme.is_mx:
+        exp, nan = shared_exponent(amax, fmt, scheme.scale_bits, scheme.scale_mode)
+        return round_elements(blocks * pow2(-exp), fmt, scheme.rounding), pow2(exp), nan, exp
+    if scheme.tensor_scale is TensorScale.AMAX:
+        if tensor_amax is None:
+            tensor_amax = blocks.abs().amax()
+        ts, inv_ts = tensor_scale(tensor_amax, fmt)
+        nan = (~torch.isfinite(tensor_amax)).expand_as(amax)  # one non-finite value spoils every scale
+        s8 = e4m3_block_scales(amax, fmt, ts)
+        recip, mult = inv_ts / s8, ts * s8
+    else:
+        nan = ~torch.isfinite(amax)
+        s8 = e4m3_block_scales(amax, fmt, None)
+        recip, mult = 1.0 / s8, s8
+    q = round_elements(blocks * recip, fmt, scheme.rounding)
+    q = torch.where(s8 == 0, torch.zeros_like(q), q)  # a scale that rounds to zero: a zero block
+    return q, mult, nan, s8
 
 
-def _quantize_blocks(
-    xf: torch.Tensor, bs: int, fmt: ElemFormat, rounding: Rounding, scale_bits: int, scale_mode: ScaleMode
-) -> torch.Tensor:
+def _fake_quantize(xf: torch.Tensor, bs: int, scheme: Scheme, tensor_amax: torch.Tensor | None) -> torch.Tensor:
     """Fake-quantize float32 ``xf`` whose last axis is a whole number of ``bs``-blocks."""
-    exp, nan, q = quantize_blocks(xf.reshape(*xf.shape[:-1], -1, bs), fmt, rounding, scale_bits, scale_mode)
-    q = q * pow2(exp)
+    q, mult, nan, _ = quantize_blocks(xf.reshape(*xf.shape[:-1], -1, bs), scheme, tensor_amax)
+    q = q * mult
     q = torch.where(nan, torch.full_like(q, float("nan")), q) + 0.0  # +0.0: no -0
     return q.reshape(xf.shape)
 
 
-def quantize_mx_torch(
-    x: torch.Tensor,
-    fmt: ElemFormat,
-    block_size: int,
-    axis: int,
-    rounding: Rounding,
-    scale_bits: int,
-    scale_mode: ScaleMode,
+def quantize_torch(
+    x: torch.Tensor, scheme: Scheme, axis: int = -1, rotation: Rotation | None = None
 ) -> torch.Tensor:
-    """The vectorised torch backend (resolved arguments; see :func:`quantize_mx`).
+    """The vectorised torch backend: ``x`` (optionally rotated along ``axis`` first, in float32)
+    fake-quantized with ``scheme`` along ``axis``, returned in ``x.dtype``.
 
     A ragged last block is quantized as a shorter block of its own: the same as
     zero padding (zeros never change a block maximum), without a padded copy.
+    The per-tensor maximum, when the scheme has one, is taken over all of ``x``.
     """
     if x.numel() == 0:
         return x.clone()
-    xf = x.to(torch.float32).movedim(axis, -1)
+    xf = rotate(x, rotation, axis) if rotation is not None else x.to(torch.float32)
+    xf = xf.movedim(axis, -1)
     n = xf.shape[-1]
-    bs = n if block_size == 0 else min(block_size, n)
+    bs = n if scheme.block_size == 0 else min(scheme.block_size, n)
     full = n - n % bs
-    q = _quantize_blocks(xf[..., :full], bs, fmt, rounding, scale_bits, scale_mode)
+    tensor_amax = xf.abs().amax() if scheme.tensor_scale is TensorScale.AMAX else None
+    q = _fake_quantize(xf[..., :full], bs, scheme, tensor_amax)
     if full < n:
-        tail = _quantize_blocks(xf[..., full:], n - full, fmt, rounding, scale_bits, scale_mode)
+        tail = _fake_quantize(xf[..., full:], n - full, scheme, tensor_amax)
         q = torch.cat([q, tail], dim=-1)
     return q.movedim(-1, axis).to(x.dtype)
 
 
-def check_args(
-    x: torch.Tensor, block_size: int, axis: int, scale_bits: int
-) -> None:
+def check_args(x: torch.Tensor, axis: int) -> None:
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"quantize_mx takes float32, bfloat16 or float16 tensors, not {x.dtype}")
-    if not isinstance(block_size, int) or block_size < 0:
-        raise ValueError(f"block_size must be an int >= 0 (0 = whole axis), got {block_size!r}")
-    if not 2 <= scale_bits <= 8:
-        raise ValueError(f"scale_bits must be in 2..8, got {scale_bits!r}")
     if x.dim() == 0 or not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis {axis} out of range for a tensor of shape {tuple(x.shape)}")
+
+
+def make_scheme(
+    elem_format: str | ElemFormat,
+    block_size: int = 32,
+    rounding: str | Rounding = "even",
+    scale_bits: int = 8,
+    scale_mode: str | ScaleMode = "floor",
+    scale_format: str | ScaleFormat = "e8m0",
+    tensor_scale: str | TensorScale = "none",
+) -> Scheme:
+    """A ``Scheme`` from names (validated)."""
+    return Scheme(
+        get_format(elem_format), block_size, get_scale_format(scale_format), get_tensor_scale(tensor_scale),
+        get_rounding(rounding), get_scale_mode(scale_mode), scale_bits,
+    )
+
+
+def quantize(x: torch.Tensor, scheme: Scheme, axis: int = -1, rotation: Rotation | None = None) -> torch.Tensor:
+    """Fake quantization of ``x`` with ``scheme`` along ``axis`` (quantize, then dequantize to ``x.dtype``)."""
+    check_args(x, axis)
+    return quantize_torch(x, scheme, axis, rotation)
 
 
 def quantize_mx(
@@ -149,19 +213,15 @@ def quantize_mx(
     rounding: str | Rounding = "even",
     scale_bits: int = 8,
     scale_mode: str | ScaleMode = "floor",
+    scale_format: str | ScaleFormat = "e8m0",
+    tensor_scale: str | TensorScale = "none",
 ) -> torch.Tensor:
-    """MX fake quantization of ``x`` (quantize, then dequantize to ``x.dtype``).
+    """Fake quantization of ``x`` (quantize, then dequantize to ``x.dtype``).
 
     Blocks of ``block_size`` elements (0: the whole axis) along ``axis`` share a
-    power-of-two scale; the last block is zero-padded when ragged.
+    scale: a power of two (E8M0, OCP MX) or an E4M3 value with an optional per-tensor
+    scale (``scale_format="e4m3", tensor_scale="amax"``: NVFP4 with ``fp4_e2m1`` and block 16).
+    The last block is zero-padded when ragged.
     """
-    check_args(x, block_size, axis, scale_bits)
-    return quantize_mx_torch(
-        x,
-        get_format(elem_format),
-        block_size,
-        axis,
-        get_rounding(rounding),
-        scale_bits,
-        get_scale_mode(scale_mode),
-    )
+    scheme = make_scheme(elem_format, block_size, rounding, scale_bits, scale_mode, scale_format, tensor_scale)
+    return quantize(x, scheme, axis)

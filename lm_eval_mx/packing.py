@@ -1,4 +1,4 @@
-"""Packed MX storage: element codes and uint8 E8M0 scales, the real bits an MX tensor occupies.
+"""Packed storage: element codes and uint8 block scales, the real bits a quantized tensor occupies.
 
 ``pack_mx`` stores a tensor quantized along its last axis as OCP MX codes; ``unpack_mx``
 gives back exactly what :func:`lm_eval_mx.numerics.quantize_mx` returns for the same
@@ -10,7 +10,8 @@ arguments (bit for bit; the tests check every format). Storage per element:
 * 4-bit formats (fp4, int4): two codes a byte, low nibble first;
 * int2: four codes a byte;
 
-plus one E8M0 byte per block (255 = NaN block). A ragged last block is zero-padded.
+plus one scale byte per block: E8M0 (255 = NaN block) or E4M3 (0x7F = NaN block), and for schemes
+with a per-tensor scale one float32 per tensor. A ragged last block is zero-padded.
 """
 
 from __future__ import annotations
@@ -20,25 +21,34 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import ElemFormat, Rounding, ScaleMode, get_format, get_rounding, get_scale_mode
-from .numerics import check_args, pow2, quantize_blocks
+from .formats import ElemFormat, Rounding, ScaleFormat, ScaleMode, Scheme, TensorScale
+from .numerics import check_args, make_scheme, pow2, quantize_blocks, tensor_scale
+from .rotation import Rotation, rotate
 
 _E8M0_NAN = 255
+_E4M3_NAN = 0x7F
 
 
 @dataclass
 class MXPacked:
-    """An MX tensor: ``codes`` [..., packed K], ``scales`` [..., blocks] (E8M0), original ``shape``."""
+    """A quantized tensor: ``codes`` [..., packed K], ``scales`` [..., blocks] (uint8: E8M0 exponents, or the
+    bits of E4M3 values), the float32 per-tensor scale when the scheme has one, the original ``shape``."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     shape: torch.Size
-    fmt: ElemFormat
-    block_size: int
+    scheme: Scheme
+    block_size: int  # elements per scale along the last axis (the scheme's, or the row for block_size=0)
+    tensor_scale: torch.Tensor | None = None
+
+    @property
+    def fmt(self) -> ElemFormat:
+        return self.scheme.elem
 
     @property
     def nbytes(self) -> int:
-        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size()
+        ts = 0 if self.tensor_scale is None else self.tensor_scale.numel() * 4
+        return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size() + ts
 
 
 def codes_per_byte(fmt: ElemFormat) -> int:
@@ -96,6 +106,47 @@ def packed_layout(shape: torch.Size | tuple[int, ...], fmt: ElemFormat, block_si
     return (*shape[:-1], nblocks * bs_eff // per), (*shape[:-1], nblocks), bs
 
 
+def pack(
+    x: torch.Tensor, scheme: Scheme, rotation: Rotation | None = None, tensor_amax: torch.Tensor | None = None
+) -> MXPacked:
+    """Rotate (optionally) and quantize ``x`` along its last axis with ``scheme``, and store it packed.
+
+    ``tensor_amax``: the maximum that sets the per-tensor scale, when ``x`` is a slice of the tensor
+    it belongs to (default: ``x``'s own).
+    """
+    fmt = scheme.elem
+    check_args(x, -1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"pack_mx needs a tensor with a non-empty last axis, got shape {tuple(x.shape)}")
+    n = x.shape[-1]
+    codes_shape, _, bs = packed_layout(x.shape, fmt, scheme.block_size)
+    per = codes_per_byte(fmt)
+    bs_eff = bs + (-bs) % per
+    xf = rotate(x, rotation) if rotation is not None else x.to(torch.float32)
+    ts = None
+    if scheme.tensor_scale is TensorScale.AMAX:
+        if tensor_amax is None:
+            tensor_amax = xf.abs().amax()
+        ts = tensor_scale(tensor_amax.to(torch.float32), fmt)[0]
+    pad = (-n) % bs
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, pad))
+    blocks = xf.reshape(*x.shape[:-1], -1, bs)
+    q, _, nan, stored = quantize_blocks(blocks, scheme, tensor_amax)
+    codes = _encode(q.masked_fill(nan, 0.0), fmt)
+    if bs_eff != bs:
+        codes = torch.nn.functional.pad(codes, (0, bs_eff - bs))
+    codes = codes.reshape(*x.shape[:-1], -1, per)
+    shifts = torch.arange(per, dtype=torch.int32, device=x.device) * (8 // per)
+    packed = (codes << shifts).sum(-1).to(torch.uint8).reshape(codes_shape)
+    if scheme.is_mx:
+        scales = torch.where(nan, _E8M0_NAN, stored + 127).squeeze(-1).to(torch.uint8)
+    else:
+        bits = stored.to(torch.float8_e4m3fn).view(torch.uint8)
+        scales = torch.where(nan, torch.full_like(bits, _E4M3_NAN), bits).squeeze(-1)
+    return MXPacked(packed, scales, x.shape, scheme, bs, ts)
+
+
 def pack_mx(
     x: torch.Tensor,
     elem_format: str | ElemFormat,
@@ -103,34 +154,29 @@ def pack_mx(
     rounding: str | Rounding = "even",
     scale_bits: int = 8,
     scale_mode: str | ScaleMode = "floor",
+    scale_format: str | ScaleFormat = "e8m0",
+    tensor_scale: str | TensorScale = "none",
 ) -> MXPacked:
-    """Quantize ``x`` along its last axis and store it packed."""
-    fmt = get_format(elem_format)
-    check_args(x, block_size, -1, scale_bits)
-    if x.shape[-1] == 0:
-        raise ValueError(f"pack_mx needs a tensor with a non-empty last axis, got shape {tuple(x.shape)}")
-    n = x.shape[-1]
-    codes_shape, _, bs = packed_layout(x.shape, fmt, block_size)
-    per = codes_per_byte(fmt)
-    bs_eff = bs + (-bs) % per
-    xf = x.to(torch.float32)
-    pad = (-n) % bs
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, pad))
-    blocks = xf.reshape(*x.shape[:-1], -1, bs)
-    exp, nan, q = quantize_blocks(blocks, fmt, get_rounding(rounding), scale_bits, get_scale_mode(scale_mode))
-    codes = _encode(q.masked_fill(nan, 0.0), fmt)
-    if bs_eff != bs:
-        codes = torch.nn.functional.pad(codes, (0, bs_eff - bs))
-    codes = codes.reshape(*x.shape[:-1], -1, per)
-    shifts = torch.arange(per, dtype=torch.int32, device=x.device) * (8 // per)
-    packed = (codes << shifts).sum(-1).to(torch.uint8).reshape(codes_shape)
-    scales = torch.where(nan, _E8M0_NAN, exp + 127).squeeze(-1).to(torch.uint8)
-    return MXPacked(packed, scales, x.shape, fmt, bs)
+    """Quantize ``x`` along its last axis and store it packed (the keywords of ``quantize_mx``)."""
+    return pack(x, make_scheme(elem_format, block_size, rounding, scale_bits, scale_mode, scale_format, tensor_scale))
+
+
+def scale_multipliers(p: MXPacked) -> torch.Tensor:
+    """float32 [..., blocks]: what each block's element values are multiplied by (NaN for NaN blocks):
+    ``2**(s - 127)`` for E8M0, ``tensor_scale · e4m3(s)`` for E4M3 scales."""
+    s = p.scales
+    if p.scheme.is_mx:
+        s = s.to(torch.int32)
+        return torch.where(s == _E8M0_NAN, float("nan"), pow2((s - 127).clamp(-127, 127)))
+    s8 = s.view(torch.float8_e4m3fn).to(torch.float32)  # 0x7F/0xFF decode as NaN
+    if p.tensor_scale is None:
+        return s8
+    ts = p.tensor_scale.to(torch.float32)
+    return ts.reshape(*ts.shape, *([1] * (s8.dim() - ts.dim()))) * s8
 
 
 def unpack_mx(p: MXPacked, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dequantize packed MX back to ``dtype``: equal to ``quantize_mx`` of the original."""
+    """Dequantize a packed tensor back to ``dtype``: equal to fake quantization of the original."""
     per = codes_per_byte(p.fmt)
     width = 8 // per
     shifts = torch.arange(per, device=p.codes.device, dtype=torch.int32) * width
@@ -141,7 +187,6 @@ def unpack_mx(p: MXPacked, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     bs_eff = codes.shape[-1] // nblocks
     codes = codes.reshape(*p.shape[:-1], nblocks, bs_eff)[..., : p.block_size]
     values = code_table(p.fmt).to(p.codes.device)[codes.long()]
-    s = p.scales.to(torch.int32).unsqueeze(-1)
-    out = values * pow2((s - 127).clamp(-127, 127))
-    out = torch.where(s == _E8M0_NAN, torch.full_like(out, float("nan")), out) + 0.0
+    out = values * scale_multipliers(p).unsqueeze(-1)
+    out = out + 0.0
     return out.reshape(*p.shape[:-1], -1)[..., :n].to(dtype)

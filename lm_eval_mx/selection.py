@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ROLES, MXConfig, expand_roles
+from .config import BMM_ROLE, ROLES, MXConfig, expand_roles
+from .formats import Scheme
 from .layers import MXConv1D, MXExperts, MXLayer, MXLinear, MXPackedLayer, MXSpec, convert, convert_packed, mx_layers
+from .rotation import Rotation, is_power_of_two
 
 _ATTN_BLOCKS = {"attn", "self_attn", "attention", "self_attention", "crossattention", "mixer", "attn_layer"}
 _MLP_BLOCKS = {"mlp", "ffn", "feed_forward", "feedforward", "block_sparse_moe", "moe", "ff", "shared_expert", "shared_experts"}
@@ -128,6 +130,8 @@ class LayerEntry:
     w_format: str
     a_format: str | None
     params: int
+    rotation: str | None = None
+    w_bits: float | None = None  # storage bits per weight, block scales included
 
 
 @dataclass
@@ -147,6 +151,15 @@ class MXReport:
     def replaced_params(self) -> int:
         return sum(e.params for e in self.replaced)
 
+    def avg_bits(self, high_precision_bits: float = 16.0) -> float | None:
+        """Storage bits per weight over every selectable linear weight: replaced ones at their scheme's
+        bits (scales included), the rest at ``high_precision_bits``; None without linear weights."""
+        if not self.total_linear_params:
+            return None
+        rest = self.total_linear_params - self.replaced_params
+        total = sum(e.params * (e.w_bits or high_precision_bits) for e in self.replaced) + rest * high_precision_bits
+        return round(total / self.total_linear_params, 4)
+
     def summary(self) -> dict[str, Any]:
         """Compact form for results files."""
         per_role = Counter(e.role for e in self.replaced)
@@ -158,6 +171,8 @@ class MXReport:
             "coverage_pct": round(100 * self.replaced_params / self.total_linear_params, 3) if self.total_linear_params else 0.0,
             "layers_per_role": dict(sorted(per_role.items())),
             "layers_per_format": dict(sorted(per_fmt.items())),
+            "layers_per_rotation": dict(Counter(e.rotation for e in self.replaced if e.rotation)),
+            "avg_weight_bits": self.avg_bits(),
             "skipped_per_reason": dict(Counter(r for _, _, r in self.skipped)),
             "attn_bmm": self.attn_bmm,
             "packed_weight_bytes": self.packed_bytes,
@@ -187,7 +202,7 @@ class MXReport:
             skp = [s for s in self.skipped if s[1] == role]
             if not rep and not skp:
                 continue
-            fmts = sorted({f"{e.w_format}/{e.a_format or '-'}" for e in rep})
+            fmts = sorted({f"{e.w_format}/{e.a_format or '-'}" + (f" {e.rotation}" if e.rotation else "") for e in rep})
             t.add_row(role, str(len(rep)), str(len(skp)), ", ".join(fmts) or "-", f"{sum(e.params for e in rep):,}")
         s = self.summary()
         t.caption = (
@@ -265,13 +280,74 @@ def select(model: nn.Module, config: MXConfig) -> tuple[list[Candidate], list[tu
     missing = [k for k in config.role_formats if not roles & set(expand_roles(k))]
     if missing:
         raise SelectionError(f"role_formats names roles with no selected layer: {', '.join(missing)}")
-    return selected, skipped, candidates
+    _check_rules(config, selected, candidates)
+    kept = [c for c in selected if config.formats_for(c.role, c.name) is None]
+    for c in kept:
+        skipped.append((c.name, c.role, f"layer_formats rule {config.layer_rule(c.name)[0] + 1} keeps it in high precision"))  # type: ignore[index]
+    return [c for c in selected if c not in kept], skipped, candidates
 
 
-def _spec(config: MXConfig, w_format: str, a_format: str | None) -> MXSpec:
-    """The layer numerics for these formats under ``config``'s block, rounding, scales and backend."""
-    return MXSpec.make(w_format, a_format, config.block_size, config.rounding, config.scale_bits,
-                       config.scale_mode, config.backend)
+def _check_rules(config: MXConfig, selected: list[Candidate], candidates: list[Candidate]) -> None:
+    """Every ``layer_formats`` rule must decide at least one selected layer (first match wins)."""
+    used = {config.layer_rule(c.name)[0] for c in selected if config.layer_rule(c.name) is not None}  # type: ignore[index]
+    for i, (pattern, fmt) in enumerate(config.layer_formats):
+        if i in used:
+            continue
+        anywhere = [c.name for c in candidates if re.search(pattern, c.name)]
+        why = (f"it matches only layers that are not selected (e.g. {anywhere[0]}: roles/include/exclude leave it out)"
+               if anywhere else "it matches no linear layer")
+        earlier = [c.name for c in selected if re.search(pattern, c.name)]
+        if earlier:
+            why = f"every selected layer it matches (e.g. {earlier[0]}) takes an earlier rule"
+        raise SelectionError(_no_match_message(f"layer_formats rule {i + 1} ({pattern}:{fmt}) decides no layer: {why}",
+                                               candidates))
+
+
+def reduction_dims(module: nn.Module, kind: str) -> dict[str, int]:
+    """The reduction (input) dimension of each weight of a linear-like layer."""
+    mixin = _MIXINS[kind]
+    out = {}
+    for name in mixin.MX_WEIGHTS:
+        w = getattr(module, name, None)
+        if isinstance(w, torch.Tensor):
+            axis = -2 if kind == "experts" and getattr(module, "is_transposed", False) else mixin.MX_WEIGHTS[name]
+            out[name] = w.shape[axis]
+    return out
+
+
+def rotation_for(config: MXConfig, role: str, scheme: Scheme, dims: dict[str, int], where: str) -> Rotation | None:
+    """The layer's rotation (None where ``config`` rotates nothing of ``role``), checked against its dimensions.
+
+    The block defaults to the quantization block of ``scheme`` (the activations', or the weights' in
+    weight-only mode); every weight's reduction dimension must be a multiple of it.
+    """
+    if not config.rotates(role):
+        return None
+    block = config.rotation_block
+    if block is None:
+        block = scheme.block_size
+        if block and not is_power_of_two(block):
+            raise SelectionError(f"{where}: rotation_block defaults to the block size, {block}, which is not a power "
+                                 "of two; give rotation_block=N (a power of two) or 0 (the whole dimension)")
+    rotation = Rotation(block, config.rotation_seed)
+    for name, dim in dims.items():
+        try:
+            rotation.block_for(dim)
+        except ValueError as e:
+            raise SelectionError(f"{where} ({name}): {e}; choose a rotation_block that divides it, or exclude the "
+                                 "layer from rotation_roles") from None
+    return rotation
+
+
+def layer_spec(config: MXConfig, c: Candidate) -> MXSpec | None:
+    """The numerics of one candidate layer under ``config`` (None: a rule keeps it in high precision)."""
+    formats = config.formats_for(c.role, c.name)
+    if formats is None:
+        return None
+    w, a = (config.scheme(f) if f else None for f in formats)
+    assert w is not None
+    rotation = rotation_for(config, c.role, a or w, reduction_dims(c.module, c.kind), c.name)
+    return MXSpec(w, a, rotation, config.mx_backend)
 
 
 def convert_layers(model: nn.Module, config: MXConfig, keep_original: bool = False, progress: bool = False) -> MXReport:
@@ -301,8 +377,8 @@ def convert_layers(model: nn.Module, config: MXConfig, keep_original: bool = Fal
 
         iterator = tqdm(selected, desc="MX: quantizing weights", unit="layer", leave=False)
     for c in iterator:
-        w_fmt, a_fmt = config.formats_for(c.role)
-        spec = _spec(config, w_fmt, a_fmt)
+        spec = layer_spec(config, c)
+        assert spec is not None  # select() skipped the layers rules keep in high precision
         if emb is not None and c.role == "lm_head" and getattr(c.module, "weight", None) is getattr(emb, "weight", None):
             report.notes.append(
                 f"{c.name} shares its weight with the input embeddings: its MX copy is separate, "
@@ -316,7 +392,15 @@ def convert_layers(model: nn.Module, config: MXConfig, keep_original: bool = Fal
             if offloaded:
                 report.notes.append(f"{c.name}: weights are offloaded, quantized at each forward")
             convert(c.module, _MIXINS[c.kind], spec, c.role, keep_original)
-        report.replaced.append(LayerEntry(c.name, c.role, c.kind, w_fmt, a_fmt, numel))
+        dims = reduction_dims(c.module, c.kind)
+        rotation = spec.rotation and ",".join(sorted({f"H{spec.rotation.block_for(d)}" for d in dims.values()}))
+        if spec.rotation is not None and spec.rotation.block == 0 and any(spec.rotation.block_for(d) != d
+                                                                           for d in dims.values()):
+            report.notes.append(f"{c.name}: rotation_block=0 uses {rotation} (the largest power-of-two block dividing "
+                                f"{'/'.join(map(str, dims.values()))})")
+        row = next(iter(dims.values()))
+        report.replaced.append(LayerEntry(c.name, c.role, c.kind, spec.w.name, spec.a.name if spec.a else None, numel,
+                                          rotation or None, spec.w.bits(row)))
     return report
 
 
@@ -326,10 +410,13 @@ def enable_attention(model: nn.Module, config: MXConfig, report: MXReport) -> No
         return
     from . import attention
 
-    fmt = config.attn_bmm_format
-    attention.enable(model, _spec(config, fmt, fmt))
-    report.attn_bmm = fmt
-    report.notes.append(f"attention matmuls (Q·Kᵀ, P·V) in {fmt} via the '{attention.NAME}' attention function")
+    scheme = config.scheme(config.attn_bmm_format)
+    rotation = rotation_for(config, BMM_ROLE, scheme, {"head_dim": attention.head_dim(model)}, "attn_bmm (Q, K)")
+    attention.enable(model, MXSpec(scheme, scheme, rotation, config.mx_backend))
+    report.attn_bmm = scheme.name
+    rot = f", Q and K rotated by {rotation.label()} along the head dimension" if rotation else ""
+    report.notes.append(f"attention matmuls (Q·Kᵀ, P·V) in {scheme.name} via the '{attention.NAME}' attention "
+                        f"function{rot}")
 
 
 def count_packed_bytes(model: nn.Module, report: MXReport) -> None:

@@ -80,8 +80,8 @@ def test_supported_architectures(arch):
     calls = []
     from lm_eval_mx import attention
 
-    orig = attention._STATES[id(model.config)].spec.quantize
-    attention._STATES[id(model.config)].spec.__dict__["quantize"] = lambda *a: calls.append(a[2]) or orig(*a)
+    orig = attention._STATES[id(model.config)].spec.quantizer
+    attention._STATES[id(model.config)].spec.__dict__["quantizer"] = lambda *a: calls.append(a[2]) or orig(*a)
     with torch.no_grad():
         out = model(IDS).logits
     assert torch.isfinite(out).all() and not torch.equal(out, ref)

@@ -152,7 +152,7 @@ def test_packed_models_on_cuda(tmp_path, arch):
     with torch.no_grad():
         want = ref(ids).logits.float()
         for backend, gemm in (("torch", "dequant"), ("triton", "dequant"), ("triton", "fused")):
-            qc = MXQuantizationConfig(**kw, backend=backend, packed_gemm=gemm)
+            qc = MXQuantizationConfig(**kw, mx_backend=backend, packed_gemm=gemm)
             m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, device_map="cuda", quantization_config=qc)
             got = m(ids).logits.float()
             if gemm == "dequant":

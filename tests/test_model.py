@@ -70,8 +70,8 @@ def test_unknown_keys_fail_before_loading(tiny_dir, monkeypatch):
     with pytest.raises(ValueError, match="block_size"):
         HFMXLM(pretrained=tiny_dir, block_size="abc")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="backend=triton needs CUDA"):
-            HFMXLM(pretrained=tiny_dir, backend="triton")
+        with pytest.raises(ValueError, match="mx_backend=triton needs CUDA"):
+            HFMXLM(pretrained=tiny_dir, mx_backend="triton")
 
 
 def test_config_attribute_overrides_are_allowed(tiny_dir):

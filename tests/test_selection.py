@@ -9,7 +9,7 @@ from conftest import ARCHS, MORE_ARCHS, tiny_model
 
 from lm_eval_mx.config import MXConfig, parse_mx_args
 from lm_eval_mx.layers import MXLayer, mx_disabled, mx_layers
-from lm_eval_mx.numerics import quantize_mx
+from lm_eval_mx.numerics import quantize, quantize_mx
 from lm_eval_mx.selection import SelectionError, apply_mx, find_candidates
 
 # Exact expected count of linear-like layers per role (2 transformer blocks each).
@@ -60,39 +60,55 @@ def test_gpt2_c_proj_regression():
     assert not isinstance(mods["transformer.h.0.attn.c_proj"], MXLayer)
 
 
-def _reference_linear(module_before, x, w_fmt, a_fmt, block=32):
-    """F.linear(quantize(x), quantize(W)) from the original module's weights."""
-    kind = type(module_before).__name__
-    if kind == "Conv1D":
-        w = quantize_mx(module_before.weight, w_fmt, block, axis=0)
-        xq = quantize_mx(x, a_fmt, block)
+def _q(t, scheme, rotation, axis=-1):
+    return quantize(t, scheme, axis, rotation)
+
+
+def _reference_linear(module_before, x, spec):
+    """F.linear(quantize(rotate(x)), quantize(rotate(W))) from the original module's weights."""
+    if type(module_before).__name__ == "Conv1D":
+        w = _q(module_before.weight, spec.w, spec.rotation, axis=0)
+        xq = _q(x, spec.a, spec.rotation)
         return torch.addmm(module_before.bias, xq.view(-1, xq.size(-1)), w).view(*x.shape[:-1], -1)
-    return F.linear(quantize_mx(x, a_fmt, block), quantize_mx(module_before.weight, w_fmt, block), module_before.bias)
+    return F.linear(_q(x, spec.a, spec.rotation), _q(module_before.weight, spec.w, spec.rotation), module_before.bias)
 
 
-def _reference_experts(orig, x, top_k_index, top_k_weights, fmt):
+def _reference_experts(orig, x, top_k_index, top_k_weights, spec):
+    """Per expert; each expert's weight is its own tensor (its own per-tensor scale), and the input is
+    quantized once for all routed tokens before they are gathered."""
     out = torch.zeros_like(x)
-    gu = quantize_mx(orig.gate_up_proj, fmt)
-    dn = quantize_mx(orig.down_proj, fmt)
-    for e in range(gu.shape[0]):
+    xq = _q(x, spec.a, spec.rotation)
+    for e in range(orig.gate_up_proj.shape[0]):
         tok, slot = torch.where(top_k_index == e)
         if len(tok) == 0:
             continue
-        gate, up = F.linear(quantize_mx(x[tok], fmt), gu[e]).chunk(2, dim=-1)
-        h = F.linear(quantize_mx(orig.act_fn(gate) * up, fmt), dn[e]) * top_k_weights[tok, slot, None]
+        gu, dn = _q(orig.gate_up_proj[e], spec.w, spec.rotation), _q(orig.down_proj[e], spec.w, spec.rotation)
+        gate, up = F.linear(xq[tok], gu).chunk(2, dim=-1)
+        h = F.linear(_q(orig.act_fn(gate) * up, spec.a, spec.rotation), dn) * top_k_weights[tok, slot, None]
         out.index_add_(0, tok, h)
     return out
 
 
+SCHEME_CONFIGS = [
+    {"format": "fp8_e4m3"},
+    {"format": "fp4_e2m1"},
+    {"format": "nvfp4"},
+    {"format": "fp4_e2m1", "rotation": "hadamard", "rotation_seed": 5},
+    {"format": "nvfp4", "rotation": "hadamard"},
+]
+
+
 @pytest.mark.parametrize("arch", ARCHS + MORE_ARCHS)
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp4_e2m1"])
-def test_every_layer_equals_reference(arch, fmt):
-    """Each replaced layer's output is bit-identical to F.linear(quantize(x), quantize(W))."""
+@pytest.mark.parametrize("cfg", SCHEME_CONFIGS, ids=lambda c: "-".join(map(str, c.values())))
+def test_every_layer_equals_reference(arch, cfg):
+    """Each replaced layer's output is bit-identical to F.linear(quantize(x), quantize(W)), rotated first
+    where the configuration rotates, for every scheme."""
     import copy
 
     model = tiny_model(arch)
     original = copy.deepcopy(model)
-    report = apply_mx(model, MXConfig(w_format=fmt, a_format=fmt))
+    config = parse_mx_args(cfg)[0]
+    report = apply_mx(model, config)
     default_roles = ("attn_qkv", "attn_out", "mlp_up", "mlp_down", "experts")
     assert len(report.replaced) == sum(v for k, v in EXPECTED[arch].items() if k in default_roles)
     orig_mods = dict(original.named_modules())
@@ -109,12 +125,14 @@ def test_every_layer_equals_reference(arch, fmt):
     for h in handles:
         h.remove()
     assert set(seen) == {e.name for e in report.replaced}
+    specs = dict(mx_layers(model))
     for name, (args, out) in seen.items():
-        before = orig_mods[name]
+        before, spec = orig_mods[name], specs[name].mx_spec
+        assert spec.w.name == config.scheme(cfg["format"]).name and (spec.rotation is not None) == ("rotation" in cfg)
         if type(before).__name__.endswith("Experts"):
-            ref = _reference_experts(before, *args, fmt)
+            ref = _reference_experts(before, *args, spec)
         else:
-            ref = _reference_linear(before, args[0], fmt, fmt)
+            ref = _reference_linear(before, args[0], spec)
         assert torch.equal(out, ref), name
 
 
