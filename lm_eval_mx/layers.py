@@ -363,6 +363,25 @@ def convert(
     return module
 
 
+def quantized_weights(module: MXLayer, spec: MXSpec) -> dict[str, torch.Tensor]:
+    """The weights of an MX layer that kept its originals, quantized with ``spec`` (not installed)."""
+    if not module.mx_keep_original or isinstance(module, MXPackedLayer):
+        raise RuntimeError("another spec needs the high-precision weights: apply_mx(..., keep_original=True)")
+    with torch.no_grad():
+        return {name: spec.weight(getattr(module, name).detach(), module._axis(name)) for name in module.mx_prequantized}
+
+
+def set_spec(module: MXLayer, spec: MXSpec, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Switch an MX layer (with its originals kept) to other numerics in place: ``weights`` from
+    :func:`quantized_weights` (computed here when None). Used to measure many formats on one model copy."""
+    weights = quantized_weights(module, spec) if weights is None else weights
+    if set(weights) != set(module.mx_prequantized):
+        raise ValueError(f"set_spec: weights for {sorted(weights)}, the layer has {sorted(module.mx_prequantized)}")
+    for name, q in weights.items():
+        setattr(module, f"_mx_{name}", q)
+    module.mx_spec = spec
+
+
 def remove_mx(model: nn.Module) -> int:
     """Undo :func:`convert` on every MX layer that kept its original weights (and MX attention).
 
