@@ -193,16 +193,25 @@ def formats_main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .formats import ALIASES, FORMATS
+    from .formats import ALIASES, FIXED_SCHEMES, FORMATS, NAMED_SCHEMES
 
-    t = Table(title="MX element formats")
+    console = Console(width=160)
+    t = Table(title="Element formats (w_format=, a_format=, format=, role_formats=, ...)")
     for col in ("name", "bits", "exp bits", "mantissa bits", "emax", "max normal", "min subnormal", "aliases"):
         t.add_column(col)
     for f in FORMATS.values():
         aliases = ", ".join(a for a, n in ALIASES.items() if n == f.name)
         t.add_row(f.name, str(f.bits), str(f.ebits), str(f.mbits), str(f.emax), f"{f.max_normal:g}",
                   f"{f.min_subnormal:g}", aliases)
-    Console(width=160).print(t)
+    console.print(t)
+    s = Table(title="Schemes: bits per element include the block scales (the per-tensor scale's 32 bits are left out)")
+    for col in ("name", "element", "block", "block scale", "tensor scale", "bits/element", "fixed?"):
+        s.add_column(col)
+    for name, scheme in NAMED_SCHEMES.items():
+        fixed = "yes: block and scales fixed" if name in FIXED_SCHEMES else "no: block_size, scale_* keys apply"
+        s.add_row(name, scheme.elem.name, str(scheme.block_size), scheme.scale_format.value.upper(),
+                  scheme.tensor_scale.value, f"{scheme.bits():g}", fixed)
+    console.print(s)
     return 0
 
 
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="{compare,divergence,formats,run,ls,validate}")
     _compare_parser(sub)
     _divergence_parser(sub)
-    sub.add_parser("formats", help="list the MX element formats and their aliases")
+    sub.add_parser("formats", help="list the element formats, their aliases and the named schemes (mxfp4, nvfp4, ...)")
     sub.add_parser("run", help="lm-eval's run command (hf-mx and offline tasks loaded)", add_help=False)
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])

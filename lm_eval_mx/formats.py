@@ -219,6 +219,17 @@ class Scheme:
             raise ValueError("bits of a whole-row scheme (block_size=0) need the row length")
         return self.elem.bits + self.scale_bits_per_block() / block
 
+    def to_dict(self) -> dict[str, object]:
+        """What results files record of a scheme: every parameter that shapes its numbers."""
+        d: dict[str, object] = {"name": self.name, "elem": self.elem.name, "block_size": self.block_size,
+                                "scale_format": self.scale_format.value, "tensor_scale": self.tensor_scale.value,
+                                "rounding": self.rounding.value}
+        if self.is_mx:
+            d.update(scale_mode=self.scale_mode.value, scale_bits=self.scale_bits)
+        if self.block_size:
+            d["bits_per_element"] = self.bits()
+        return d
+
     @property
     def name(self) -> str:
         """A fixed scheme's name (``nvfp4``), else the element format with what differs from OCP MX's
@@ -227,7 +238,7 @@ class Scheme:
             if self == NAMED_SCHEMES[named]:
                 return named
         parts = [self.elem.name]
-        if self.block_size != 32:
+        if self.block_size != 32 or not self.is_mx:
             parts.append(f"b{self.block_size}")
         if not self.is_mx:
             parts.append("e4m3" + ("+amax" if self.tensor_scale is TensorScale.AMAX else ""))

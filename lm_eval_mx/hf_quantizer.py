@@ -143,6 +143,14 @@ class MXHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         config = self.quantization_config.mx_config
         self.mx_report = convert_layers(model, config)
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if getattr(text, "tie_word_embeddings", False) and any(e.role == "lm_head" for e in self.mx_report.replaced):
+            raise ValueError(
+                "packed=True selects lm_head, but this model ties lm_head to the input embeddings "
+                "(tie_word_embeddings=True), so the checkpoint holds that weight once, as the embeddings, which "
+                "stay in high precision; there is no separate lm_head weight to pack. Leave lm_head out, or use "
+                "fake quantization (packed=False), which gives lm_head its own MX copy"
+            )
         enable_attention(model, config, self.mx_report)  # refuses unsupported attention before the weights load
         return model
 

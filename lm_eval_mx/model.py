@@ -273,6 +273,7 @@ class HFMXLM(HFLM):
         info = super().get_model_info()
         info["mx_config"] = self.mx_config.to_dict()
         info["mx_label"] = self.mx_config.label()
+        info["mx_schemes"] = {n: self.mx_config.scheme(n).to_dict() for n in self.mx_config.formats_in_use()}
         info["mx_report"] = self.mx_report.summary()
         info["mx_nonfinite_requests"] = dict(self.mx_nonfinite)
         return info

@@ -425,7 +425,8 @@ def count_packed_bytes(model: nn.Module, report: MXReport) -> None:
     for _, m in mx_layers(model):
         if isinstance(m, MXPackedLayer):
             for name in m.mx_prequantized:
-                packed += sum(t.numel() * t.element_size() for t in (getattr(m, name), getattr(m, f"{name}_scales")))
+                parts = [getattr(m, name), getattr(m, f"{name}_scales"), getattr(m, f"{name}_tensor_scale", None)]
+                packed += sum(t.numel() * t.element_size() for t in parts if t is not None)
                 dense += m.mx_shapes[name].numel() * m.mx_dtype.itemsize
     report.packed_bytes, report.dense_bytes = packed, dense
 

@@ -105,3 +105,52 @@ def test_bf16_model(tiny_dir):
     assert next(lm.model.parameters()).dtype == torch.bfloat16
     out = lm.loglikelihood(requests())
     assert all(math.isfinite(v) for v, _ in out)
+
+
+def test_hf_backend_key_is_hf_s_own(tiny_dir):
+    """`backend` is lm-eval hf's (causal/seq2seq); the MX engine is `mx_backend`."""
+    lm = HFMXLM(pretrained=tiny_dir, device="cpu", backend="causal", mx_backend="torch", format="nvfp4", mlp_only=True)
+    assert lm.backend == "causal"
+    info = lm.get_model_info()
+    assert info["mx_config"]["mx_backend"] == "torch"
+    assert info["mx_schemes"] == {"nvfp4": {"name": "nvfp4", "elem": "fp4_e2m1", "block_size": 16, "scale_format": "e4m3",
+                                            "tensor_scale": "amax", "rounding": "even", "bits_per_element": 4.5}}
+    assert info["mx_report"]["layers_per_format"] == {"w=nvfp4,a=nvfp4": 6}
+
+
+def test_hf_args_that_clash_with_mx_fail_before_loading(tiny_dir, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("model load attempted")
+
+    monkeypatch.setattr(HFLM, "__init__", boom)
+    with pytest.raises(ValueError, match="attn_bmm=True runs attention through hf-mx's 'mx_eager' function, which "
+                                         "would override attn_implementation=sdpa"):
+        HFMXLM(pretrained=tiny_dir, attn_bmm=True, attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="packed_gemm=fused is a Triton GEMM for CUDA"):
+        HFMXLM(pretrained=tiny_dir, packed=True, packed_gemm="fused", device="cpu")
+    with pytest.raises(ValueError, match="role_formats names 'mlp', which is not among the selected roles"):
+        HFMXLM(pretrained=tiny_dir, attn_only=True, role_formats="mlp:fp4")
+
+
+def test_unreadable_config_is_reported_with_its_cause(tmp_path, monkeypatch):
+    """An unknown key used to be reported as unknown when the config could not be read; now the cause shows,
+    and trust_remote_code='False' (a string) stays false."""
+    def boom(*a, **k):
+        raise AssertionError("model load attempted")
+
+    monkeypatch.setattr(HFLM, "__init__", boom)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"'rope_scale' are neither MX nor hf arguments.*could not be read to check"):
+        HFMXLM(pretrained=str(tmp_path), rope_scale=2)
+    import transformers
+
+    seen = {}
+
+    def fake(*a, **k):
+        seen.update(k)
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake)
+    with pytest.raises(ValueError, match="OSError: offline"):
+        HFMXLM(pretrained=str(tmp_path), rope_scale=2, trust_remote_code="False")
+    assert seen["trust_remote_code"] is False

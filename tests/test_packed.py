@@ -22,6 +22,8 @@ CONFIGS = [
     dict(format="int4", block_size=16, rounding="nearest", scale_mode="even"),
     dict(format="int8", block_size=0, weight_only=True),
     dict(w_format="fp8_e5m2", a_format="fp6_e3m2", attn_only=True, attn_bmm=True),
+    dict(format="nvfp4"),  # E4M3 scales + a float32 tensor scale per weight (per expert)
+    dict(w_format="nvfp4", a_format="fp8_e4m3", rotation="hadamard", rotation_seed=1),  # stored rotated
 ]
 # dense (Linear), GPT-2 Conv1D, fused experts (plain and transposed-free MoE), no-block OPT, fused qkv
 ARCHS = ["llama", "gpt2", "mixtral", "qwen2_moe", "opt", "phi3", "falcon"]
@@ -91,6 +93,12 @@ def test_memory_footprint_and_report_show_the_saving(dirs):
         assert dense.get_memory_footprint() - model.get_memory_footprint() == saved
     table = fp4.hf_quantizer.mx_report.table()
     assert "stored packed:" in table and "(0.266x)" in table
+    nv = _load(dirs["mixtral"], quantization_config=MXQuantizationConfig(format="nvfp4"))
+    s = nv.hf_quantizer.mx_report.summary()
+    n_weights = s["dense_weight_bytes"] // 2  # bf16
+    n_matrices = 2 * 4 + 2 * 2 * 4  # q/k/v/o per layer + gate_up/down per expert: one float32 tensor scale each
+    assert s["packed_weight_bytes"] == n_weights * 4.5 / 8 + 4 * n_matrices and s["packed_ratio"] < 0.29
+    assert dense.get_memory_footprint() - nv.get_memory_footprint() == s["dense_weight_bytes"] - s["packed_weight_bytes"]
 
 
 def test_device_map_auto_plans_with_packed_sizes(dirs):
@@ -208,3 +216,9 @@ def test_compare_refuses_packed_before_loading(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match=r"packed=True loads a model per configuration.*--results"):
         run_configs({"pretrained": "/nonexistent"}, [("fp4", MXConfig(w_format="fp4", packed=True))], ["t"])
+
+
+def test_tied_lm_head_is_refused_with_the_reason(dirs):
+    """GPT-2 ties lm_head to the embeddings: packed=True cannot pack it (was: 'not in the checkpoint')."""
+    with pytest.raises(ValueError, match="ties lm_head to the input embeddings"):
+        _load(dirs["gpt2"], quantization_config=MXQuantizationConfig(format="fp4", roles="lm_head"))

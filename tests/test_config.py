@@ -1,0 +1,127 @@
+"""The one parser of MX arguments: every key is used or refused with the reason, before any model load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lm_eval_mx.config import MX_KEYS, MXConfig, parse_mx_args
+from lm_eval_mx.formats import NAMED_SCHEMES, ScaleFormat, TensorScale
+
+
+def cfg(**kw):
+    return parse_mx_args(kw)[0]
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        # empty values: an empty include used to select every role, lm_head and routers included
+        ({"include": ""}, "include is empty"),
+        ({"exclude": ""}, "exclude is empty"),
+        ({"roles": ""}, "roles is empty"),
+        ({"roles": "|"}, "roles='|' names no role"),
+        ({"w_format": " "}, "w_format is empty"),
+        # settings that would be dropped
+        ({"weight_only": True, "a_format": "fp4"}, "a_format would be ignored: weight_only=True"),
+        ({"roles": "none", "role_formats": "mlp:fp4"}, "role_formats would be ignored: roles=none"),
+        ({"roles": "none", "exclude": "x"}, "exclude would be ignored: roles=none"),
+        ({"roles": "none", "format": "fp4"}, "format would be ignored: roles=none"),
+        ({"roles": "none", "block_size": 16}, "block_size would be ignored: roles=none"),
+        ({"roles": "attn", "role_formats": "mlp:fp4"}, "names 'mlp', which is not among the selected roles"),
+        ({"role_formats": "mlp:fp4|mlp:int8"}, "names mlp more than once"),
+        ({"role_formats": ":fp4"}, "a rule names no role"),
+        ({"rotation_block": 16}, "rotation_block would be ignored: they need rotation=hadamard"),
+        ({"rotation_seed": 1}, "rotation_seed would be ignored"),
+        ({"rotation": "hadamard", "rotation_roles": "lm_head"}, "rotation_roles names lm_head, not in MX here"),
+        ({"rotation": "hadamard", "rotation_roles": "attn_bmm"}, "rotation_roles names attn_bmm, not in MX here"),
+        ({"rotation": "hadamard", "rotation_block": 24}, "rotation_block must be a power of two"),
+        ({"rotation": "givens"}, "rotation must be one of none, hadamard"),
+        ({"roles": "none", "rotation": "hadamard"}, "rotation=hadamard would be ignored"),
+        ({"packed": True, "packed_gemm": "fused", "mx_backend": "torch"}, "packed_gemm=fused is a Triton kernel"),
+        ({"mx_backend": "cuda"}, "mx_backend must be one of auto, torch, triton"),
+        # values lm-eval's CLI turned into numbers
+        ({"exclude": 0.1}, r"exclude=0.1 is not a regular expression: lm-eval's --model_args turns number-like"),
+        ({"block_size": 32.5}, "block_size must be an integer, got 32.5"),
+        ({"include": "(("}, "include: invalid regular expression"),
+        # schemes
+        ({"format": "nvfp4", "block_size": 32}, "nvfp4 fixes block_size=16 but block_size=32 was given"),
+        ({"format": "nvfp4", "scale_bits": 6}, "scale_bits shapes E8M0 .* it would be ignored"),
+        ({"format": "nvfp4", "scale_mode": "ceil"}, "scale_mode shapes E8M0"),
+        ({"format": "fp4", "tensor_scale": "amax"}, "tensor_scale=amax needs scale_format=e4m3"),
+        ({"format": "fp4", "scale_format": "e4m3", "scale_bits": 7}, "scale_bits and scale_mode shape E8M0"),
+        ({"format": "nvfp5"}, "unknown MX element format 'nvfp5'; valid formats: .*; did you mean nvfp4"),
+        ({"scale_format": "e5m2"}, "unknown scale_format 'e5m2'; valid: e4m3, e8m0"),
+        ({"layer_formats": "x:fp9"}, "unknown MX element format 'fp9'"),
+        ({"layer_formats": "x"}, "expected 'pattern:format' rules"),
+        ({"layer_formats": ":fp4"}, "a rule has an empty pattern"),
+        ({"layer_formats": "a:fp4|a:fp8"}, "pattern 'a' is given twice"),
+    ],
+)
+def test_refused_with_the_reason(args, match):
+    with pytest.raises(ValueError, match=match):
+        parse_mx_args(args)
+
+
+def test_accepted_forms():
+    assert cfg(block_size=32.0).block_size == 32  # lm-eval's CLI reads +32 as 32.0
+    assert cfg(block_size="+16").block_size == 16
+    assert cfg(weight_only=True, a_format="fp4", attn_bmm=True).attn_bmm_format == "fp4_e2m1"  # used by attn_bmm
+    assert cfg(roles="none", attn_bmm=True, format="fp4").attn_bmm_format == "fp4_e2m1"
+    rest = parse_mx_args({"backend": "causal", "format": "fp4"})[1]
+    assert rest == {"backend": "causal"}  # hf's own key, no longer an MX key
+    assert "backend" not in MX_KEYS and "mx_backend" in MX_KEYS
+
+
+def test_nvfp4_and_mixed_schemes():
+    c = cfg(format="nvfp4")
+    nv = c.scheme(c.w_format)
+    assert nv == NAMED_SCHEMES["nvfp4"] and nv.block_size == 16 and nv.scale_format is ScaleFormat.E4M3
+    assert nv.tensor_scale is TensorScale.AMAX and nv.bits() == 4.5
+    # the separate keys reach other design points (a block of 32 with E4M3 scales)
+    c = cfg(format="fp4_e2m1", block_size=32, scale_format="e4m3", tensor_scale="amax")
+    assert c.scheme(c.w_format).block_size == 32 and c.scheme(c.w_format).name == "fp4_e2m1/b32/e4m3+amax"
+    c = cfg(role_formats="attn:mxfp8|mlp:nvfp4", scale_mode="ceil")  # scale_mode acts on attn's E8M0
+    assert c.formats_for("attn_qkv") == ("fp8_e4m3", "fp8_e4m3") and c.formats_for("mlp_down") == ("nvfp4", "nvfp4")
+    assert c.scheme("fp8_e4m3").scale_mode.value == "ceil" and c.scheme("nvfp4") == NAMED_SCHEMES["nvfp4"]
+    assert cfg(format="nvfp4", block_size=16).scheme("nvfp4") == NAMED_SCHEMES["nvfp4"]  # agreeing keys are fine
+
+
+def test_scheme_bits_include_the_scales():
+    bits = {n: s.bits() for n, s in NAMED_SCHEMES.items()}
+    assert bits == {"mxfp8": 8.25, "mxfp8_e5m2": 8.25, "mxfp6_e2m3": 6.25, "mxfp6_e3m2": 6.25, "mxfp4": 4.25,
+                    "mxint8": 8.25, "mxint4": 4.25, "mxint2": 2.25, "nvfp4": 4.5}
+    assert cfg(format="fp4", block_size=16).scheme("fp4_e2m1").bits() == 4.5
+    assert cfg(format="fp4", block_size=0).scheme("fp4_e2m1").bits(row=256) == 4 + 8 / 256
+
+
+def test_layer_formats_first_match_wins():
+    c = cfg(layer_formats=r"layers\.0\..*:fp8_e4m3|.*mlp.*:fp4_e2m1|.*:bf16")
+    assert c.formats_for("mlp_up", "model.layers.0.mlp.up_proj") == ("fp8_e4m3", "fp8_e4m3")
+    assert c.formats_for("mlp_up", "model.layers.1.mlp.up_proj") == ("fp4_e2m1", "fp4_e2m1")
+    assert c.formats_for("attn_qkv", "model.layers.1.self_attn.q_proj") is None  # bf16: high precision
+    c = cfg(layer_formats=[("a", "nvfp4")], role_formats="mlp:fp4")
+    assert c.formats_for("mlp_up", "b") == ("fp4_e2m1", "fp4_e2m1") and c.formats_for("mlp_up", "a") == ("nvfp4",) * 2
+
+
+def test_recipe_file(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"model_args": {"format": "fp4", "layer_formats": [["mlp", "fp8"]]}, "avg_bits": 5}))
+    c, rest = parse_mx_args({"recipe": str(path), "mlp_only": True})
+    assert c.w_format == "fp4_e2m1" and c.layer_formats == (("mlp", "fp8_e4m3"),) and rest == {}
+    with pytest.raises(ValueError, match="recipe sets format too"):
+        parse_mx_args({"recipe": str(path), "format": "fp8"})
+    with pytest.raises(ValueError, match="recipe: no such file"):
+        parse_mx_args({"recipe": str(tmp_path / "missing.json")})
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read .*bad.json.* as JSON"):
+        parse_mx_args({"recipe": str(tmp_path / "bad.json")})
+    (tmp_path / "other.json").write_text(json.dumps({"model_args": {"pretrained": "x"}}))
+    with pytest.raises(ValueError, match="keys that are not MX keys: pretrained"):
+        parse_mx_args({"recipe": str(tmp_path / "other.json")})
+
+
+def test_equal_configs_compare_equal():
+    assert cfg(format="mxfp4") == cfg(w_format="fp4_e2m1", a_format="e2m1")
+    assert MXConfig(**cfg(format="nvfp4", rotation="hadamard").to_dict()) == cfg(format="nvfp4", rotation="hadamard")
