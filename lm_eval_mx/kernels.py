@@ -11,9 +11,14 @@ subnormals in Triton (only libdevice calls flush), which the 2**-127 scale needs
 
 from __future__ import annotations
 
+import functools
+import os
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .formats import E4M3, Rounding, ScaleMode, Scheme, TensorScale
 from .packing import MXPacked, codes_per_byte, unpack_mx
@@ -21,7 +26,7 @@ from .rotation import Rotation, norm_scale, rotate, signs
 
 _ROUNDING = {Rounding.EVEN: 0, Rounding.NEAREST: 1, Rounding.FLOOR: 2}
 _SCALE_MODE = {ScaleMode.FLOOR: 0, ScaleMode.CEIL: 1, ScaleMode.EVEN: 2, ScaleMode.RCEIL: 3}
-_F32_MIN_NORMAL = 2.0**-126
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -67,18 +72,20 @@ def _tensor_scale(amax_ptr, tensor_div):
 
 
 @triton.jit
-def _quantize_blocks(x, amax_ptr, emax, emin, mbits, max_normal, inv_max_normal, scale_emax, tensor_div,
-                     ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr, E4M3: tl.constexpr, TENSOR: tl.constexpr):
+def _quantize_blocks(x, amax_ptr, EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr,
+                     MAX_NORMAL: tl.constexpr, INV_MAX_NORMAL: tl.constexpr, SCALE_EMAX: tl.constexpr,
+                     TENSOR_DIV: tl.constexpr, ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr,
+                     E4M3: tl.constexpr, TENSOR: tl.constexpr):
     """Fake quantization of float32 blocks ``x`` [R, NB, BP] (padding lanes hold 0), NaN blocks as NaN:
     numerics.quantize_blocks followed by the multiply, operation for operation."""
     abits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)  # |x| max as bits; NaN sorts above inf
     amax = abits.to(tl.float32, bitcast=True)
     bad = abits >= 0x7F800000
     if E4M3:
-        s = tl.math.div_rn(amax, max_normal)
+        s = tl.math.div_rn(amax, MAX_NORMAL + tl.zeros_like(amax))
         if TENSOR:
-            ts, inv_ts, tensor_bad = _tensor_scale(amax_ptr, tensor_div)
-            s8 = _round(tl.math.div_rn(s, ts), -6, 3, 448.0, 0)
+            ts, inv_ts, tensor_bad = _tensor_scale(amax_ptr, TENSOR_DIV)
+            s8 = _round(tl.math.div_rn(s, ts + tl.zeros_like(s)), -6, 3, 448.0, 0)
             recip = tl.math.div_rn(inv_ts + tl.zeros_like(s8), s8)
             mult = ts * s8
             bad = (abits >= 0) & tensor_bad  # every block (abits >= 0 always), when the tensor holds inf/NaN
@@ -86,11 +93,11 @@ def _quantize_blocks(x, amax_ptr, emax, emin, mbits, max_normal, inv_max_normal,
             s8 = _round(s, -6, 3, 448.0, 0)
             recip = tl.math.div_rn(tl.full(s8.shape, 1.0, tl.float32), s8)
             mult = s8
-        q = _round(x * recip[:, :, None], emin, mbits, max_normal, ROUNDING)
+        q = _round(x * recip[:, :, None], EMIN, MBITS, MAX_NORMAL, ROUNDING)
         out = tl.where((s8 == 0)[:, :, None], 0.0, q * mult[:, :, None])
     else:
         if SCALE_MODE == 3:  # rceil: ceil(log2(amax / max_normal)), as cuBLAS computes it
-            dbits = (amax * inv_max_normal).to(tl.int32, bitcast=True)
+            dbits = (amax * INV_MAX_NORMAL).to(tl.int32, bitcast=True)
             dbiased = (dbits >> 23) & 0xFF
             dmant = dbits & 0x7FFFFF
             up = tl.where(dbiased == 0, dmant > 0x400000, dmant != 0)
@@ -98,90 +105,126 @@ def _quantize_blocks(x, amax_ptr, emax, emin, mbits, max_normal, inv_max_normal,
         else:
             bits = abits
             if SCALE_MODE == 2:  # even: round amax to the element's mantissa first
-                bits = (bits + (1 << (22 - mbits))) & 0x7F800000
-            exp = ((bits >> 23) & 0xFF) - 127 - emax
+                bits = (bits + (1 << (22 - MBITS))) & 0x7F800000
+            exp = ((bits >> 23) & 0xFF) - (127 + EMAX)
             if SCALE_MODE == 1:  # ceil
                 exp += ((abits & 0x7FFFFF) != 0).to(tl.int32)
-        bad = bad | (exp > scale_emax)
-        exp = tl.minimum(tl.maximum(exp, -scale_emax), scale_emax)
-        q = _round(x * _pow2(-exp)[:, :, None], emin, mbits, max_normal, ROUNDING)
+        bad = bad | (exp > SCALE_EMAX)
+        exp = tl.minimum(tl.maximum(exp, -SCALE_EMAX), SCALE_EMAX)
+        q = _round(x * _pow2(-exp)[:, :, None], EMIN, MBITS, MAX_NORMAL, ROUNDING)
         out = q * _pow2(exp)[:, :, None]
     return tl.where(bad[:, :, None], float("nan"), out)
 
 
 @triton.jit
+def _exp(x):
+    """expf as CUDA's math library computes it (torch's silu calls it); the CPU interpreter has numpy's exp."""
+    if _INTERPRET:
+        return tl.exp(x)
+    else:
+        return libdevice.exp(x)
+
+
+@triton.jit
+def _to_dtype_grid(v, DTYPE: tl.constexpr):
+    """float32 ``v`` rounded to the grid of the dtype a torch op would return (0: float32, 1: bfloat16,
+    2: float16), round half to even; bf16 on the bits, so the interpreter and the GPU agree."""
+    if DTYPE == 1:
+        b = v.to(tl.int32, bitcast=True)
+        v = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    elif DTYPE == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _cast_out(out, ty, RNE_BF16: tl.constexpr):
-    """The float32 result in the output dtype. E4M3-scaled values need rounding in bf16: done here on the
+    """The float32 result in the output dtype. E4M3-scaled values need rounding in bf16: done on the
     bits (round half to even), as torch's cast does, rather than left to the conversion instruction."""
     if RNE_BF16:
-        b = out.to(tl.int32, bitcast=True)
-        out = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        out = _to_dtype_grid(out, 1)
     return out.to(ty)
 
 
 @triton.jit
-def _rotate(x, sign_ptr, col0, rot_scale, ROWS: tl.constexpr, W: tl.constexpr, N: tl.constexpr,
+def _rotate(x, sign_ptr, col0, ROT_SCALE: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr, N: tl.constexpr,
             LOG_N: tl.constexpr, SIGNS: tl.constexpr):
     """Block Hadamard rotation of float32 ``x`` [ROWS, W] in blocks of N (rotation.rotate's arithmetic):
-    signs, then butterflies (a + b, a - b) on pairs h = 1, 2, …, N/2 apart, then the 1/√N multiply."""
+    signs, then butterflies (a + b, a - b) on pairs h = 1, 2, ..., N/2 apart, then the 1/sqrt(N) multiply."""
     if SIGNS:
         x = x * tl.load(sign_ptr + col0[:, None] + tl.arange(0, W)[None, :])
     for i in tl.static_range(LOG_N):
         y = tl.permute(tl.reshape(x, (ROWS * W // (2 << i), 2, 1 << i)), (0, 2, 1))
         a, b = tl.split(y)
         x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (ROWS, W))
-    return x * rot_scale
+    return x * ROT_SCALE
 
 
 @triton.jit
-def _load_tile(x_ptr, sign_ptr, n_elems, n_cols, rot_scale,
+def _load_tile(x_ptr, u_ptr, sign_ptr, n_elems, n_cols, in_stride,
                ROWS: tl.constexpr, W: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr,
-               SIGNS: tl.constexpr, EVEN: tl.constexpr):
-    """This program's [ROWS, W] tile of the flat input (rows of W consecutive elements), float32,
-    rotated when ROT > 0; also its offsets and mask."""
+               ROT_SCALE: tl.constexpr, SIGNS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
+               IN_DTYPE: tl.constexpr):
+    """This program's [ROWS, W] tile of the flat output (rows of W consecutive elements) in float32: the input,
+    or with GATED ``silu(gate) * up`` (gate at x_ptr, up at u_ptr, rows ``in_stride`` apart) rounded as torch's
+    two ops round it; rotated when ROT > 0. Also the tile's output offsets and mask."""
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    offs = r[:, None] * W + tl.arange(0, W)[None, :]
+    c = tl.arange(0, W)[None, :]
+    offs = r[:, None] * W + c
     if EVEN:
-        mask = None
-        x = tl.load(x_ptr + offs).to(tl.float32)
+        mask, other = None, None
     else:
-        mask = offs < n_elems
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mask, other = offs < n_elems, 0.0
+    if GATED:
+        start = r * W
+        src = ((start // n_cols) * in_stride + start % n_cols)[:, None] + c
+        g = tl.load(x_ptr + src, mask=mask, other=other).to(tl.float32)
+        u = tl.load(u_ptr + src, mask=mask, other=other).to(tl.float32)
+        act = _to_dtype_grid(tl.math.div_rn(g, 1.0 + _exp(-g)), IN_DTYPE)  # torch's silu: x / (1 + exp(-x))
+        x = _to_dtype_grid(act * u, IN_DTYPE)
+    else:
+        x = tl.load(x_ptr + offs, mask=mask, other=other).to(tl.float32)
     if ROT > 0:
-        x = _rotate(x, sign_ptr, (r * W) % n_cols, rot_scale, ROWS, W, ROT, LOG_ROT, SIGNS)
+        x = _rotate(x, sign_ptr, (r * W) % n_cols, ROT_SCALE, ROWS, W, ROT, LOG_ROT, SIGNS)
     return x, offs, mask
 
 
 @triton.jit
 def _mx_flat_kernel(
-    x_ptr, y_ptr, sign_ptr, amax_ptr, n_elems, n_cols,
-    emax, emin, mbits, max_normal, inv_max_normal, scale_emax, tensor_div, rot_scale,
+    x_ptr, u_ptr, y_ptr, sign_ptr, amax_ptr, n_elems, n_cols, in_stride,
+    EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, MAX_NORMAL: tl.constexpr,
+    INV_MAX_NORMAL: tl.constexpr, SCALE_EMAX: tl.constexpr, TENSOR_DIV: tl.constexpr,
     ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr, E4M3: tl.constexpr, TENSOR: tl.constexpr,
-    ROT: tl.constexpr, LOG_ROT: tl.constexpr, SIGNS: tl.constexpr,
-    ROWS: tl.constexpr, W: tl.constexpr, BS: tl.constexpr, EVEN: tl.constexpr, RNE_BF16: tl.constexpr,
+    RNE_BF16: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr, SIGNS: tl.constexpr,
+    ROWS: tl.constexpr, W: tl.constexpr, BS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
+    IN_DTYPE: tl.constexpr,
 ):
-    """Rotation (optional) and fake quantization of a contiguous tensor whose rows are whole blocks:
-    each program reads a [ROWS, W] tile once and writes it once (W: blocks and rotation blocks fit)."""
-    x, offs, mask = _load_tile(x_ptr, sign_ptr, n_elems, n_cols, rot_scale, ROWS, W, ROT, LOG_ROT, SIGNS, EVEN)
-    out = _quantize_blocks(tl.reshape(x, (ROWS, W // BS, BS)), amax_ptr, emax, emin, mbits, max_normal,
-                           inv_max_normal, scale_emax, tensor_div, ROUNDING, SCALE_MODE, E4M3, TENSOR)
+    """Rotation (optional) and fake quantization of a tensor whose rows are whole blocks: each program reads
+    a [ROWS, W] tile once and writes it once (W: blocks and rotation blocks fit in it)."""
+    x, offs, mask = _load_tile(x_ptr, u_ptr, sign_ptr, n_elems, n_cols, in_stride, ROWS, W, ROT, LOG_ROT, ROT_SCALE,
+                               SIGNS, EVEN, GATED, IN_DTYPE)
+    out = _quantize_blocks(tl.reshape(x, (ROWS, W // BS, BS)), amax_ptr, EMAX, EMIN, MBITS, MAX_NORMAL,
+                           INV_MAX_NORMAL, SCALE_EMAX, TENSOR_DIV, ROUNDING, SCALE_MODE, E4M3, TENSOR)
     tl.store(y_ptr + offs, _cast_out(tl.reshape(out, (ROWS, W)), y_ptr.dtype.element_ty, RNE_BF16), mask=mask)
 
 
 @triton.jit
-def _amax_flat_kernel(x_ptr, sign_ptr, amax_ptr, n_elems, n_cols, rot_scale, ROWS: tl.constexpr, W: tl.constexpr,
-                      ROT: tl.constexpr, LOG_ROT: tl.constexpr, SIGNS: tl.constexpr, EVEN: tl.constexpr):
-    """The per-tensor maximum of |x| (rotated when ROT > 0), as int32 bits, by atomic max."""
-    x, _, _ = _load_tile(x_ptr, sign_ptr, n_elems, n_cols, rot_scale, ROWS, W, ROT, LOG_ROT, SIGNS, EVEN)
+def _amax_flat_kernel(x_ptr, u_ptr, sign_ptr, amax_ptr, n_elems, n_cols, in_stride, ROWS: tl.constexpr,
+                      W: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr,
+                      SIGNS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr, IN_DTYPE: tl.constexpr):
+    """The per-tensor maximum of |x| (of what the quantizer sees: gated, rotated), as int32 bits, by atomic max."""
+    x, _, _ = _load_tile(x_ptr, u_ptr, sign_ptr, n_elems, n_cols, in_stride, ROWS, W, ROT, LOG_ROT, ROT_SCALE,
+                         SIGNS, EVEN, GATED, IN_DTYPE)
     tl.atomic_max(amax_ptr, tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0))
 
 
 @triton.jit
 def _mx_kernel(
     x_ptr, y_ptr, amax_ptr, n_rows, n_cols, block_size,
-    emax, emin, mbits, max_normal, inv_max_normal, scale_emax, tensor_div,
+    EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, MAX_NORMAL: tl.constexpr,
+    INV_MAX_NORMAL: tl.constexpr, SCALE_EMAX: tl.constexpr, TENSOR_DIV: tl.constexpr,
     ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr, E4M3: tl.constexpr, TENSOR: tl.constexpr,
-    ROWS: tl.constexpr, NB: tl.constexpr, BP: tl.constexpr, RNE_BF16: tl.constexpr,
+    RNE_BF16: tl.constexpr, ROWS: tl.constexpr, NB: tl.constexpr, BP: tl.constexpr,
 ):
     """Fake quantization along the last axis for any block size and row length (ragged last blocks,
     blocks that are not a power of two), in [ROWS, NB, BP] tiles padded with zeros."""
@@ -192,7 +235,7 @@ def _mx_kernel(
     mask = (rows[:, None, None] < n_rows) & (j[None, None, :] < block_size) & (cols < n_cols)
     offs = rows[:, None, None].to(tl.int64) * n_cols + cols
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = _quantize_blocks(x, amax_ptr, emax, emin, mbits, max_normal, inv_max_normal, scale_emax, tensor_div,
+    out = _quantize_blocks(x, amax_ptr, EMAX, EMIN, MBITS, MAX_NORMAL, INV_MAX_NORMAL, SCALE_EMAX, TENSOR_DIV,
                            ROUNDING, SCALE_MODE, E4M3, TENSOR)
     tl.store(y_ptr + offs, _cast_out(out, y_ptr.dtype.element_ty, RNE_BF16), mask=mask)
 
@@ -200,6 +243,50 @@ def _mx_kernel(
 # Elements per program and warps of the flat kernel (benchmarks/gpu_bench.py --tiles), and of the general one.
 TILE_ELEMENTS, NUM_WARPS = 2048, 4
 GENERAL_TILE_ELEMENTS, GENERAL_WARPS = 1024, 2
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a quantization call that does not change between calls of one layer: resolved once,
+    so a decode step's many small calls pay only for the launch."""
+
+    flat: bool
+    width: int
+    rows: int
+    constexprs: dict
+    signs: Rotation | None  # the rotation whose signs the kernel reads
+
+    @property
+    def tile(self) -> int:
+        return self.rows * self.width
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(scheme: Scheme, rotation: Rotation | None, n_cols: int, dtype: torch.dtype, out: torch.dtype,
+          tile_elements: int, num_warps: int, gated: bool) -> _Plan:
+    fmt = scheme.elem
+    block = n_cols if scheme.block_size == 0 else min(scheme.block_size, n_cols)
+    rot = 0 if rotation is None else rotation.block_for(n_cols)
+    width = max(block, rot)
+    numerics = dict(
+        EMAX=fmt.emax, EMIN=fmt.emin, MBITS=fmt.mbits, MAX_NORMAL=fmt.max_normal, INV_MAX_NORMAL=1.0 / fmt.max_normal,
+        SCALE_EMAX=2 ** (scheme.scale_bits - 1) - 1, TENSOR_DIV=E4M3.max_normal * fmt.max_normal,
+        ROUNDING=_ROUNDING[scheme.rounding], SCALE_MODE=_SCALE_MODE[scheme.scale_mode], E4M3=not scheme.is_mx,
+        TENSOR=scheme.tensor_scale is TensorScale.AMAX, RNE_BF16=not scheme.is_mx and out == torch.bfloat16,
+    )
+    if _is_pow2(block) and n_cols % width == 0 and width <= 4096:
+        rows = max(1, tile_elements // width)
+        seed = rotation is not None and rotation.seed is not None
+        numerics.update(ROT=rot, LOG_ROT=max(rot, 1).bit_length() - 1, ROT_SCALE=norm_scale(rot) if rot else 1.0,
+                        SIGNS=seed, ROWS=rows, W=width, BS=block, GATED=gated, IN_DTYPE=_DTYPES[dtype],
+                        num_warps=num_warps)
+        return _Plan(True, width, rows, numerics, rotation if seed else None)
+    if gated:
+        raise ValueError(f"the fused gate needs rows of whole power-of-two blocks (row {n_cols}, block {block})")
+    rows, nb, bp = _tile(block, GENERAL_TILE_ELEMENTS)
+    numerics.update(ROWS=rows, NB=nb, BP=bp, num_warps=GENERAL_WARPS)
+    return _Plan(False, block, rows, numerics, None)
 
 
 def _tile(block: int, elements: int) -> tuple[int, int, int]:
@@ -212,18 +299,6 @@ def _tile(block: int, elements: int) -> tuple[int, int, int]:
 
 def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-def _format_args(scheme: Scheme) -> tuple:
-    fmt = scheme.elem
-    return (fmt.emax, fmt.emin, fmt.mbits, fmt.max_normal, 1.0 / fmt.max_normal, 2 ** (scheme.scale_bits - 1) - 1,
-            E4M3.max_normal * fmt.max_normal)
-
-
-def _flags(scheme: Scheme, out: torch.dtype) -> dict[str, int | bool]:
-    return dict(ROUNDING=_ROUNDING[scheme.rounding], SCALE_MODE=_SCALE_MODE[scheme.scale_mode],
-                E4M3=not scheme.is_mx, TENSOR=scheme.tensor_scale is TensorScale.AMAX,
-                RNE_BF16=not scheme.is_mx and out == torch.bfloat16)
 
 
 def quantize_triton(
@@ -245,39 +320,56 @@ def quantize_triton(
     moved = axis not in (-1, x.dim() - 1)
     xc = (x.movedim(axis, -1) if moved else x).contiguous()
     n_cols = xc.shape[-1]
-    n = xc.numel()
-    block = n_cols if scheme.block_size == 0 else min(scheme.block_size, n_cols)
-    rot = 0 if rotation is None else rotation.block_for(n_cols)
-    width = max(block, rot)
+    plan = _plan(scheme, rotation, n_cols, x.dtype, x.dtype, tile_elements, num_warps, False)
     y = torch.empty_like(xc)
-    amax = torch.zeros((), dtype=torch.int32, device=x.device) if scheme.tensor_scale is TensorScale.AMAX else y
-    if _is_pow2(block) and n_cols % width == 0 and width <= 4096:
-        rows = max(1, tile_elements // width)
-        signs = _signs(rotation, n_cols, x.device) if rot else y
-        rot_args = dict(ROT=rot, LOG_ROT=max(rot, 1).bit_length() - 1, SIGNS=rotation is not None
-                        and rotation.seed is not None, ROWS=rows, W=width, EVEN=n % (rows * width) == 0)
-        rot_scale = norm_scale(rot) if rot else 1.0
-        grid = (triton.cdiv(n, rows * width),)
-        if amax is not y:
-            _amax_flat_kernel[grid](xc, signs, amax, n, n_cols, rot_scale, **rot_args, num_warps=num_warps)
-        _mx_flat_kernel[grid](xc, y, signs, amax, n, n_cols, *_format_args(scheme), rot_scale, **_flags(scheme, y.dtype),
-                              **rot_args, BS=block, num_warps=num_warps)
+    if plan.flat:
+        _launch_flat(plan, xc, xc, y, n_cols, n_cols)
     else:
         if rotation is not None:
             xc = rotate(xc, rotation)
-        if amax is not y:
-            amax = xc.float().abs().amax().view(torch.int32)
-        n_rows = n // n_cols
-        rows, nb, bp = _tile(block, GENERAL_TILE_ELEMENTS)
-        grid = (triton.cdiv(n_rows, rows), triton.cdiv(triton.cdiv(n_cols, block), nb))
-        _mx_kernel[grid](xc, y, amax, n_rows, n_cols, block, *_format_args(scheme), **_flags(scheme, y.dtype),
-                         ROWS=rows, NB=nb, BP=bp, num_warps=GENERAL_WARPS)
+        amax = xc.float().abs().amax().view(torch.int32) if plan.constexprs["TENSOR"] else y
+        n = xc.numel()
+        grid = (triton.cdiv(n // n_cols, plan.rows), triton.cdiv(triton.cdiv(n_cols, plan.width), plan.constexprs["NB"]))
+        _mx_kernel[grid](xc, y, amax, n // n_cols, n_cols, plan.width, **plan.constexprs)
     return y.movedim(-1, axis) if moved else y
 
 
+def _launch_flat(plan: _Plan, x: torch.Tensor, u: torch.Tensor, y: torch.Tensor, n_cols: int, in_stride: int) -> None:
+    n = y.numel()
+    c = plan.constexprs
+    grid = (triton.cdiv(n, plan.tile),)
+    even = n % plan.tile == 0
+    signs = _signs(plan.signs, n_cols, y.device) if plan.signs is not None else y
+    if c["TENSOR"]:
+        amax = torch.zeros((), dtype=torch.int32, device=y.device)
+        _amax_flat_kernel[grid](x, u, signs, amax, n, n_cols, in_stride, ROWS=c["ROWS"], W=c["W"], ROT=c["ROT"],
+                                LOG_ROT=c["LOG_ROT"], ROT_SCALE=c["ROT_SCALE"], SIGNS=c["SIGNS"], EVEN=even,
+                                GATED=c["GATED"], IN_DTYPE=c["IN_DTYPE"], num_warps=c["num_warps"])
+    else:
+        amax = y
+    _mx_flat_kernel[grid](x, u, y, signs, amax, n, n_cols, in_stride, EVEN=even, **c)
+
+
+def gated_quantize_triton(gate: torch.Tensor, up: torch.Tensor, scheme: Scheme,
+                          rotation: Rotation | None = None) -> torch.Tensor:
+    """``quantize(silu(gate) * up)`` in one pass (read gate and up, write the quantized product), bit-identical
+    to torch's ``F.silu(gate) * up`` followed by :func:`quantize_triton`. ``gate`` and ``up`` may be the two
+    halves of one tensor (Phi-3's ``gate_up_proj`` output): rows share a stride, the last axis is contiguous."""
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.stride() != up.stride() or gate.stride(-1) != 1:
+        raise ValueError("the fused gate takes gate and up of one shape, dtype and row layout, last axis contiguous")
+    n_cols = gate.shape[-1]
+    rows = gate.numel() // n_cols
+    g2 = gate.reshape(rows, n_cols) if gate.is_contiguous() else gate.view(-1, n_cols)  # views of the same rows
+    u2 = up.reshape(rows, n_cols) if up.is_contiguous() else up.view(-1, n_cols)
+    plan = _plan(scheme, rotation, n_cols, gate.dtype, gate.dtype, TILE_ELEMENTS, NUM_WARPS, True)
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    _launch_flat(plan, g2, u2, y, n_cols, g2.stride(0))
+    return y
+
+
 def _signs(rotation: Rotation, n: int, device: torch.device) -> torch.Tensor:
-    """The rotation's ±1 signs on the device (a placeholder when it has none)."""
-    return signs(rotation.seed, n, device) if rotation.seed is not None else torch.empty(1, device=device)
+    """The rotation's ±1 signs, cached on the device."""
+    return signs(rotation.seed, n, device)  # type: ignore[arg-type]
 
 
 @triton.jit

@@ -60,14 +60,15 @@ def norm_scale(block: int) -> float:
 
 
 @functools.cache
-def _signs_cpu(seed: int, n: int) -> torch.Tensor:
+def _signs(seed: int, n: int, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 2, (n,), generator=g, dtype=torch.int32) * 2 - 1).to(torch.float32)
+    return (torch.randint(0, 2, (n,), generator=g, dtype=torch.int32) * 2 - 1).to(torch.float32).to(device)
 
 
 def signs(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The ±1 signs of positions 0..n-1: ``torch.randint(0, 2, (n,))`` from ``torch.Generator().manual_seed(seed)``."""
-    return _signs_cpu(seed, n).to(device)
+    """The ±1 signs of positions 0..n-1: ``torch.randint(0, 2, (n,))`` from ``torch.Generator().manual_seed(seed)``
+    (cached per device: a rotation in every forward must not copy them each time)."""
+    return _signs(seed, n, torch.device(device))
 
 
 def hadamard(n: int) -> torch.Tensor:

@@ -1,0 +1,120 @@
+"""Run by tests/test_kernels.py in a subprocess with TRITON_INTERPRET=1: the Triton kernels' arithmetic on the CPU,
+checked bit for bit against the torch reference. Prints one line per check and exits non-zero on a mismatch."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lm_eval_mx.formats import NAMED_SCHEMES  # noqa: E402
+from lm_eval_mx.kernels import gated_quantize_triton, mx_unpack_triton, quantize_triton  # noqa: E402
+from lm_eval_mx.numerics import make_scheme, quantize_torch  # noqa: E402
+from lm_eval_mx.packing import pack, unpack_mx  # noqa: E402
+from lm_eval_mx.rotation import Rotation  # noqa: E402
+
+FAILS: list[str] = []
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.float(), b.float()
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()].view(torch.int32), b[~b.isnan()].view(torch.int32))
+
+
+def check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    if not same(got, want):
+        FAILS.append(name)
+        print("MISMATCH", name, file=sys.stderr)
+
+
+def schemes_and_rotations() -> None:
+    g = torch.Generator().manual_seed(0)
+    schemes = [make_scheme("fp8_e4m3"), make_scheme("fp4_e2m1", 32, "nearest"), make_scheme("int4", 16, "floor"),
+               make_scheme("fp6_e2m3", 32, scale_mode="rceil"), make_scheme("fp8_e5m2", 8, scale_mode="ceil", scale_bits=6),
+               make_scheme("fp4_e2m1", 32, scale_mode="even"), NAMED_SCHEMES["nvfp4"],
+               make_scheme("fp4_e2m1", 16, scale_format="e4m3"), make_scheme("int8", 0),
+               make_scheme("fp8_e4m3", 32, "floor", scale_format="e4m3", tensor_scale="amax")]
+    shapes = [(4, 64), (3, 100), (2, 3, 128), (5, 96), (1, 24)]
+    n = 0
+    grid = list(itertools.product(shapes, schemes, [torch.float32, torch.bfloat16, torch.float16],
+                                  [None, Rotation(16), Rotation(32, 7), Rotation(0, 3)]))
+    for shape, scheme, dtype, rot in grid[::4]:  # every scheme, shape, dtype and rotation, not every combination
+        x = (torch.randn(*shape, generator=g) * torch.exp2(torch.randint(-6, 7, (*shape[:-1], 1), generator=g).float()))
+        x[..., :3] = torch.tensor([0.0, -0.0, 1e-3])
+        x = x.to(dtype)
+        for axis in (-1, 0) if x.dim() == 2 else (-1,):
+            try:
+                want = quantize_torch(x, scheme, axis, rot)
+            except ValueError:  # a rotation block that does not divide the row: refused alike
+                continue
+            check(f"{scheme.name} {tuple(shape)} {dtype} {rot} axis={axis}", quantize_triton(x, scheme, axis, rot), want)
+            n += 1
+    print(f"schemes x rotations x dtypes: {n} cases")
+
+
+def golden_subset() -> None:
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_numerics import _DATA, CASES
+
+    n = 0
+    for case in CASES[::3]:
+        # the interpreter converts float32 to bfloat16 by truncation, without subnormals: those cases run on CUDA only
+        if case["dtype"] == "bfloat16" and "special" in case["key"]:
+            continue
+        x = torch.from_numpy(_DATA[case["input"]])
+        if case["dtype"] == "bfloat16":
+            x = x.to(torch.bfloat16)
+        scheme = make_scheme(case["elem_format"], case["block_size"], case["round"], case["scale_bits"])
+        got = quantize_triton(x, scheme, case["axis"]).float().numpy()
+        want = _DATA[case["key"]]
+        if not (np.array_equal(np.isnan(got), np.isnan(want))
+                and np.array_equal(got[~np.isnan(got)].view(np.uint32), want[~np.isnan(want)].view(np.uint32))):
+            FAILS.append(case["key"])
+            print("MISMATCH", case["key"], file=sys.stderr)
+        n += 1
+    print(f"golden cases: {n}")
+
+
+def gated() -> None:
+    """silu(gate) * up then quantize, fused: against the same ops with numpy's float32 exp (the interpreter's)."""
+    g = torch.Generator().manual_seed(1)
+    n = 0
+    for dtype, scheme, rot in itertools.product([torch.float32, torch.bfloat16, torch.float16],
+                                                [make_scheme("fp8_e4m3"), NAMED_SCHEMES["nvfp4"]],
+                                                [None, Rotation(32, 5)]):
+        gu = (torch.randn(6, 2, 128, generator=g) * 3).to(dtype)
+        gate, up = gu.chunk(2, dim=-1)  # halves of one tensor, rows 256 apart (Phi-3's layout)
+        gf = gate.float().numpy()
+        act = torch.from_numpy(gf / (np.float32(1) + np.exp(-gf))).to(dtype)
+        h = act * up
+        check(f"gated {dtype} {scheme.name} {rot}", gated_quantize_triton(gate, up, scheme, rot),
+              quantize_torch(h, scheme, -1, rot))
+        n += 1
+    print(f"fused gate: {n} cases")
+
+
+def packed_decode() -> None:
+    g = torch.Generator().manual_seed(2)
+    n = 0
+    for scheme in (make_scheme("fp4_e2m1"), make_scheme("fp6_e3m2", 16), make_scheme("int2"), NAMED_SCHEMES["nvfp4"],
+                   make_scheme("fp8_e4m3", 32, scale_format="e4m3")):
+        w = torch.randn(24, 160, generator=g) * torch.exp2(torch.randint(-20, 20, (24, 1), generator=g).float())
+        w[0, :32] = 0
+        w[1, 5] = float("nan")
+        p = pack(w, scheme)
+        for dtype in (torch.float32, torch.bfloat16):
+            check(f"decode {scheme.name} {dtype}", mx_unpack_triton(p, dtype), unpack_mx(p, dtype))
+            n += 1
+    print(f"packed decode: {n} cases")
+
+
+if __name__ == "__main__":
+    for step in sys.argv[1:] or ["schemes", "golden", "gated", "decode"]:
+        {"schemes": schemes_and_rotations, "golden": golden_subset, "gated": gated, "decode": packed_decode}[step]()
+    print(f"{len(FAILS)} mismatches")
+    sys.exit(1 if FAILS else 0)
