@@ -115,7 +115,7 @@ def test_recipe_file(tmp_path):
     with pytest.raises(ValueError, match="recipe: no such file"):
         parse_mx_args({"recipe": str(tmp_path / "missing.json")})
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(ValueError, match="cannot read .*bad.json.* as JSON"):
+    with pytest.raises(ValueError, match=r"cannot read .*bad\.json.* as JSON"):
         parse_mx_args({"recipe": str(tmp_path / "bad.json")})
     (tmp_path / "other.json").write_text(json.dumps({"model_args": {"pretrained": "x"}}))
     with pytest.raises(ValueError, match="keys that are not MX keys: pretrained"):
