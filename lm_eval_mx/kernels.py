@@ -72,12 +72,11 @@ def _tensor_scale(amax_ptr, tensor_div):
 
 
 @triton.jit
-def _quantize_blocks(x, amax_ptr, EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr,
-                     MAX_NORMAL: tl.constexpr, INV_MAX_NORMAL: tl.constexpr, SCALE_EMAX: tl.constexpr,
-                     TENSOR_DIV: tl.constexpr, ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr,
-                     E4M3: tl.constexpr, TENSOR: tl.constexpr):
+def _quantize_blocks(x, amax_ptr, EMAX, EMIN, MBITS, MAX_NORMAL, INV_MAX_NORMAL, SCALE_EMAX, TENSOR_DIV,
+                     ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr, E4M3: tl.constexpr, TENSOR: tl.constexpr):
     """Fake quantization of float32 blocks ``x`` [R, NB, BP] (padding lanes hold 0), NaN blocks as NaN:
-    numerics.quantize_blocks followed by the multiply, operation for operation."""
+    numerics.quantize_blocks followed by the multiply, operation for operation. The format parameters are
+    constants in the flat kernel and runtime scalars in the general one (fewer compilations for odd shapes)."""
     abits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)  # |x| max as bits; NaN sorts above inf
     amax = abits.to(tl.float32, bitcast=True)
     bad = abits >= 0x7F800000
@@ -221,8 +220,7 @@ def _amax_flat_kernel(x_ptr, u_ptr, sign_ptr, amax_ptr, n_elems, n_cols, in_stri
 @triton.jit
 def _mx_kernel(
     x_ptr, y_ptr, amax_ptr, n_rows, n_cols, block_size,
-    EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, MAX_NORMAL: tl.constexpr,
-    INV_MAX_NORMAL: tl.constexpr, SCALE_EMAX: tl.constexpr, TENSOR_DIV: tl.constexpr,
+    EMAX, EMIN, MBITS, MAX_NORMAL, INV_MAX_NORMAL, SCALE_EMAX, TENSOR_DIV,
     ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr, E4M3: tl.constexpr, TENSOR: tl.constexpr,
     RNE_BF16: tl.constexpr, ROWS: tl.constexpr, NB: tl.constexpr, BP: tl.constexpr,
 ):
@@ -254,7 +252,7 @@ class _Plan:
     flat: bool
     width: int
     rows: int
-    constexprs: dict
+    kwargs: dict  # the kernel's keyword arguments: constexprs (and the general kernel's format scalars)
     signs: Rotation | None  # the rotation whose signs the kernel reads
 
     @property
@@ -327,16 +325,16 @@ def quantize_triton(
     else:
         if rotation is not None:
             xc = rotate(xc, rotation)
-        amax = xc.float().abs().amax().view(torch.int32) if plan.constexprs["TENSOR"] else y
+        amax = xc.float().abs().amax().view(torch.int32) if plan.kwargs["TENSOR"] else y
         n = xc.numel()
-        grid = (triton.cdiv(n // n_cols, plan.rows), triton.cdiv(triton.cdiv(n_cols, plan.width), plan.constexprs["NB"]))
-        _mx_kernel[grid](xc, y, amax, n // n_cols, n_cols, plan.width, **plan.constexprs)
+        grid = (triton.cdiv(n // n_cols, plan.rows), triton.cdiv(triton.cdiv(n_cols, plan.width), plan.kwargs["NB"]))
+        _mx_kernel[grid](xc, y, amax, n // n_cols, n_cols, plan.width, **plan.kwargs)
     return y.movedim(-1, axis) if moved else y
 
 
 def _launch_flat(plan: _Plan, x: torch.Tensor, u: torch.Tensor, y: torch.Tensor, n_cols: int, in_stride: int) -> None:
     n = y.numel()
-    c = plan.constexprs
+    c = plan.kwargs
     grid = (triton.cdiv(n, plan.tile),)
     even = n % plan.tile == 0
     signs = _signs(plan.signs, n_cols, y.device) if plan.signs is not None else y
