@@ -1,214 +1,180 @@
-"""GPU benchmarks, one run, ratios side by side (see BENCHMARKS.md).
+"""GPU benchmarks: every variant timed in turns in one process (benchmarks/timing.py), ratios from one run.
 
-1. Activation quantization bandwidth vs a device copy of the same bf16 tensor (T x 4096, T x 14336),
-   for the eager torch path, torch.compile of it, and the Triton kernel.
-2. Llama-3.1-8B MLP block forward (H=4096, I=14336, bf16): bf16 vs MX W+A (fp8_e4m3, fp4_e2m1),
-   weights quantized once, activations per forward; raw ops per backend, and a real
-   transformers LlamaMLP converted by apply_mx (backend=auto).
-3. Llama-3.1-8B attention (attn_bmm): sdpa vs eager vs MX attention matmuls.
+1. ``quant``: activation quantization (bf16 in, bf16 out) against a device copy of the same tensor, for
+   MXFP8, MXFP4, NVFP4 (its per-tensor maximum pass included) and block-Hadamard-rotated MXFP4 / NVFP4.
+2. ``tiles``: the flat kernel's elements per program and warps (to choose kernels.TILE_ELEMENTS/NUM_WARPS).
+3. ``mlp``: a transformers ``LlamaMLP`` of Llama-3.1-8B's shapes converted by ``apply_mx`` (the fused
+   SiLU gate on), against bf16 and against a bf16 control on the same fake-quantized weights and inputs.
+4. ``host``: microseconds of host time per MX activation call at decode size (no GPU wait), beside F.linear.
 
-    python benchmarks/gpu_bench.py [--tokens 2048 8192] [--out results.json]
+    python benchmarks/gpu_bench.py [--only quant tiles mlp host] [--out results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import statistics
 import time
 
 import torch
-import torch.nn.functional as F
-from triton.testing import do_bench
+from timing import bench
 
-from lm_eval_mx.backends import get_quantizer
-from lm_eval_mx.formats import get_format, get_rounding, get_scale_mode
-from lm_eval_mx.numerics import quantize_mx_torch
+from lm_eval_mx.formats import NAMED_SCHEMES
+from lm_eval_mx.kernels import quantize_triton
+from lm_eval_mx.numerics import make_scheme
+from lm_eval_mx.rotation import Rotation
 
-EVEN, FLOOR = get_rounding("even"), get_scale_mode("floor")
-BACKENDS = ("torch", "compile", "triton")
-
-
-def quantizer(backend: str, fmt: str):
-    f = get_format(fmt)
-    if backend == "compile":  # the measured alternative to the Triton kernel
-        # static: benchmark shapes are fixed, and dynamo would make the format constants symbolic
-        return torch.compile(lambda x: quantize_mx_torch(x, f, 32, -1, EVEN, 8, FLOOR), dynamic=False)
-    q = get_quantizer(backend)
-    return lambda x: q(x, f, 32, -1, EVEN, 8, FLOOR)
+SHAPES = [(2048, 4096), (2048, 14336), (8192, 4096), (8192, 14336)]
+MXFP8, MXFP4, NVFP4 = make_scheme("fp8_e4m3"), make_scheme("fp4_e2m1"), NAMED_SCHEMES["nvfp4"]
+QUANT = {  # name: (scheme, rotation, bytes moved per element of bf16 input besides the copy's read+write)
+    "MXFP8": (MXFP8, None, 0),
+    "MXFP4": (MXFP4, None, 0),
+    "NVFP4 (+ amax pass)": (NVFP4, None, 2),
+    "MXFP4 + H32": (MXFP4, Rotation(32), 0),
+    "NVFP4 + H16 (+ amax pass)": (NVFP4, Rotation(16), 2),
+}
 
 
-def median_ms(fn, reps: int = 5) -> float:
-    """Median over `reps` do_bench medians (each itself a median of many runs)."""
-    return statistics.median(do_bench(fn, warmup=25, rep=100, return_mode="median") for _ in range(reps))
-
-
-def bench_quant(tokens: list[int]) -> list[dict]:
+def bench_quant(reps: int) -> list[dict]:
     rows = []
-    for t in tokens:
-        for k in (4096, 14336):
-            x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
-            nbytes = 2 * x.numel() * x.element_size()  # read + write
-            copy = median_ms(lambda x=x: x.clone())
-            row = {"shape": f"{t}x{k}", "copy_ms": copy, "copy_GBps": nbytes / copy / 1e6}
-            for backend in BACKENDS:
-                q = quantizer(backend, "fp8_e4m3")
-                t0 = time.perf_counter()
-                q(x)
-                torch.cuda.synchronize()
-                row[f"{backend}_first_call_s"] = time.perf_counter() - t0
-                ms = median_ms(lambda q=q, x=x: q(x))
-                row[f"{backend}_ms"] = ms
-                row[f"{backend}_pct_of_copy"] = 100 * copy / ms
-            rows.append(row)
-            print(json.dumps(row))
-    return rows
-
-
-def bench_tiles(tokens: list[int]) -> list[dict]:
-    """Triton tile sizes and warps, for choosing kernels.TILE_ELEMENTS / NUM_WARPS."""
-    from lm_eval_mx.kernels import quantize_mx_triton
-
-    f = get_format("fp8_e4m3")
-    rows = []
-    for t in tokens:
-        for k in (4096, 14336):
-            x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
-            copy = median_ms(lambda x=x: x.clone())
-            row = {"shape": f"{t}x{k}"}
-            for elems, warps in ((512, 2), (1024, 2), (1024, 4), (2048, 2), (2048, 4), (4096, 8)):
-                ms = median_ms(lambda x=x, e=elems, w=warps: quantize_mx_triton(x, f, 32, -1, EVEN, 8, FLOOR, e, w))
-                row[f"{elems}/{warps}w"] = round(100 * copy / ms, 1)
-            rows.append(row)
-            print(json.dumps(row))
-    return rows
-
-
-def bench_mlp(tokens: list[int]) -> list[dict]:
-    h, i = 4096, 14336
-    g = torch.Generator(device="cuda").manual_seed(0)
-    wg = torch.randn(i, h, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
-    wu = torch.randn(i, h, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
-    wd = torch.randn(h, i, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
-
-    def mlp(x, wg, wu, wd, qa=None):
-        xa = x if qa is None else qa(x)
-        hid = F.silu(F.linear(xa, wg)) * F.linear(xa, wu)  # gate/up share one quantized input
-        return F.linear(hid if qa is None else qa(hid), wd)
-
-    rows = []
-    for t in tokens:
-        x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=g)
-        base = median_ms(lambda x=x: mlp(x, wg, wu, wd))
-        row = {"tokens": t, "bf16_ms": base}
-        for fmt in ("fp8_e4m3", "fp4_e2m1"):
-            qw = quantizer("torch", fmt)
-            wq = [qw(w) for w in (wg, wu, wd)]  # once, as at load
-            for backend in BACKENDS:
-                qa = quantizer(backend, fmt)
-                ms = median_ms(lambda qa=qa, x=x, wq=wq: mlp(x, *wq, qa=qa))
-                row[f"{fmt}_{backend}_ms"] = ms
-                row[f"{fmt}_{backend}_ratio"] = ms / base
+    for t, k in SHAPES:
+        x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+        fns = {"copy": lambda x=x: x.clone()}
+        fns |= {name: lambda x=x, s=s, r=r: quantize_triton(x, s, -1, r) for name, (s, r, _) in QUANT.items()}
+        ms = bench(fns, reps)
+        row = {"shape": f"{t}x{k}", "copy_ms": ms["copy"], "copy_TBps": 4 * x.numel() / ms["copy"] / 1e9}
+        for name, (_, _, extra) in QUANT.items():
+            row[f"{name} % of copy time"] = round(100 * ms["copy"] / ms[name], 1)
+            if extra:  # the same, counting the bytes the kernel really moves (the extra read of the maximum pass)
+                row[f"{name} % of copy bandwidth"] = round(100 * ms["copy"] / ms[name] * (4 + extra) / 4, 1)
         rows.append(row)
         print(json.dumps(row))
     return rows
 
 
-def bench_module(tokens: list[int]) -> list[dict]:
-    """A real transformers LlamaMLP, converted in place by apply_mx, vs its bf16 twin."""
-    import copy
+def bench_tiles(reps: int) -> list[dict]:
+    rows = []
+    choices = [(1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]
+    for t, k in SHAPES[1:]:
+        x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+        for name, scheme in (("MXFP8", MXFP8), ("MXFP4", MXFP4)):
+            fns = {"copy": lambda x=x: x.clone()}
+            fns |= {f"{e}/{w}w": lambda x=x, e=e, w=w, s=scheme: quantize_triton(x, s, -1, None, e, w)
+                    for e, w in choices}
+            ms = bench(fns, reps)
+            row = {"shape": f"{t}x{k}", "format": name} | {c: round(100 * ms["copy"] / v, 1) for c, v in ms.items()
+                                                           if c != "copy"}
+            rows.append(row)
+            print(json.dumps(row))
+    return rows
 
+
+MLP_VARIANTS = {  # name: MX keys (None: bf16)
+    "MXFP8": {"format": "fp8_e4m3"},
+    "MXFP4": {"format": "fp4_e2m1"},
+    "NVFP4": {"format": "nvfp4"},
+    "MXFP4 + H32": {"format": "fp4_e2m1", "rotation": "hadamard"},
+}
+
+
+def _control(mx: torch.nn.Module, base: torch.nn.Module) -> torch.nn.Module:
+    """A bf16 LlamaMLP holding the MX model's fake-quantized weights: GEMM speed on the same data."""
+    ctl = copy.deepcopy(base)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(ctl, name).weight.data.copy_(getattr(mx, name).weight.data)
+    return ctl
+
+
+def bench_mlp(tokens: list[int], reps: int) -> list[dict]:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
     from lm_eval_mx import apply_mx, parse_mx_args
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336)
-    base = LlamaMLP(cfg).to("cuda", torch.bfloat16).eval()
+    base = LlamaMLP(LlamaConfig(hidden_size=4096, intermediate_size=14336)).to("cuda", torch.bfloat16).eval()
+    for p in base.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    mx, notes = {}, {}
+    for name, keys in MLP_VARIANTS.items():
+        m = copy.deepcopy(base)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        report = apply_mx(m, parse_mx_args({**keys, "include": "proj"})[0])  # a bare MLP: select by pattern
+        torch.cuda.synchronize()
+        notes[name] = {"apply_s": round(time.perf_counter() - t0, 3), "notes": report.notes}
+        mx[name] = m
+    unfused = copy.deepcopy(mx["MXFP8"])
+    unfused.down_proj.register_forward_hook(lambda *a: None)  # an observer: the gate runs unfused
     rows = []
-    for t in tokens:
-        x = torch.randn(1, t, 4096, device="cuda", dtype=torch.bfloat16)
-        with torch.no_grad():
-            ms_base = median_ms(lambda x=x: base(x))
-            row = {"tokens": t, "bf16_ms": ms_base}
-            for fmt in ("fp8_e4m3", "fp4_e2m1"):
-                mx = copy.deepcopy(base)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                # a bare LlamaMLP has no enclosing block to give roles: select by pattern
-                report = apply_mx(mx, parse_mx_args({"format": fmt, "include": "proj"})[0])
-                torch.cuda.synchronize()
-                row[f"{fmt}_apply_s"] = time.perf_counter() - t0
-                assert len(report.replaced) == 3
-                ms = median_ms(lambda mx=mx, x=x: mx(x))
-                row[f"{fmt}_ms"] = ms
-                row[f"{fmt}_ratio"] = ms / ms_base
-                del mx
-        rows.append(row)
-        print(json.dumps(row))
+    with torch.no_grad():
+        for t in tokens:
+            x = torch.randn(1, t, 4096, device="cuda", dtype=torch.bfloat16)
+            fns = {"bf16": lambda x=x: base(x)}
+            for name, m in mx.items():
+                xq = m.gate_proj.mx_spec.act(x).clone()  # the control multiplies the same quantized input
+                ctl = _control(m, base)
+                fns[name] = lambda x=x, m=m: m(x)
+                fns[f"bf16 control on {name} data"] = lambda xq=xq, ctl=ctl: ctl(xq)
+            fns["MXFP8 gate unfused"] = lambda x=x: unfused(x)
+            ms = bench(fns, reps)
+            row = {"tokens": t, "bf16_ms": ms["bf16"]} | {k: round(v / ms["bf16"], 3) for k, v in ms.items()}
+            rows.append(row)
+            print(json.dumps(row))
+    rows.append({"apply": notes})
     return rows
 
 
-def bench_attention(tokens: list[int]) -> list[dict]:
-    """Llama-3.1-8B attention (32 heads, 8 KV heads, d=128, causal, bf16): sdpa vs eager vs MX eager."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import eager_mask
-    from transformers.models.llama.modeling_llama import eager_attention_forward
-
-    from lm_eval_mx import attention
+def bench_host(iters: int = 2000) -> dict:
+    """Host microseconds per call at decode size: the GPU never waits for these (8 tokens), so the loop
+    measures what each call costs the CPU; F.linear and a plain Triton-free op for scale."""
     from lm_eval_mx.layers import MXSpec
 
-    class Mod(torch.nn.Module):
-        num_key_value_groups, is_causal = 4, True
-
-        def __init__(self):
-            super().__init__()
-            self.config = type("Cfg", (), {})()
-
-    mod = Mod().eval()
-    s = 128**-0.5
-    rows = []
-    for t in [min(x, 4096) for x in tokens]:
-        q = torch.randn(1, 32, t, 128, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, 8, t, 128, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(1, 8, t, 128, device="cuda", dtype=torch.bfloat16)
-        mask = eager_mask(batch_size=1, q_length=t, kv_length=t, dtype=torch.bfloat16, device="cuda")
-        row = {"tokens": t}
-        row["sdpa_ms"] = base = median_ms(lambda q=q, k=k, v=v: sdpa_attention_forward(mod, q, k, v, None, scaling=s))
-        row["eager_ratio"] = median_ms(lambda q=q, k=k, v=v, m=mask: eager_attention_forward(mod, q, k, v, m, s)) / base
-        for fmt in ("fp8_e4m3", "fp4_e2m1"):
-            attention._STATES[id(mod.config)] = attention._State(MXSpec.make(fmt, fmt), True, "sdpa")
-            ms = median_ms(lambda q=q, k=k, v=v, m=mask: attention.mx_attention_forward(mod, q, k, v, m, scaling=s))
-            row[f"mx_{fmt}_ratio"] = ms / base
-        attention._STATES.pop(id(mod.config), None)
-        rows.append(row)
-        print(json.dumps(row))
-    return rows
+    out = {}
+    for k in (2048, 4096):
+        x = torch.randn(8, 1, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(k, k, device="cuda", dtype=torch.bfloat16)
+        specs = {"MXFP8 act": MXSpec.make("fp8_e4m3", "fp8_e4m3"), "NVFP4 act": MXSpec(NVFP4, NVFP4),
+                 "MXFP4+H32 act": MXSpec.make("fp4_e2m1", "fp4_e2m1", rotation=Rotation(32))}
+        fns = {name: lambda s=s, x=x: s.quantizer(x, s.a, -1, s.rotation) for name, s in specs.items()}
+        fns |= {"F.linear": lambda x=x, w=w: torch.nn.functional.linear(x, w), "x.clone": lambda x=x: x.clone()}
+        for name, fn in fns.items():
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            host = (time.perf_counter() - t0) / iters * 1e6
+            torch.cuda.synchronize()
+            out[f"{name} k={k}"] = round(host, 2)
+    print(json.dumps({"host_us_per_call": out}))
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", default=["quant", "tiles", "mlp", "host"], choices=["quant", "tiles", "mlp", "host"])
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", default=None)
-    p.add_argument("--tiles", action="store_true", help="only sweep the Triton kernel's tile size and warps")
-    p.add_argument("--attention", action="store_true", help="only the attention-matmul benchmark")
     ns = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    if ns.tiles:
-        bench_tiles(ns.tokens)
-        return
-    if ns.attention:
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "attention": bench_attention(ns.tokens)}
-        if ns.out:
-            with open(ns.out, "w") as f:
-                json.dump(out, f, indent=2)
-        return
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "quant": bench_quant(ns.tokens), "mlp": bench_mlp(ns.tokens), "module": bench_module(ns.tokens),
-           "attention": bench_attention(ns.tokens)}
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import triton
+
+    res["triton"] = triton.__version__
+    if "quant" in ns.only:
+        res["quant"] = bench_quant(ns.reps)
+    if "tiles" in ns.only:
+        res["tiles"] = bench_tiles(ns.reps)
+    if "mlp" in ns.only:
+        res["mlp"] = bench_mlp(ns.tokens, ns.reps)
+    if "host" in ns.only:
+        res["host"] = bench_host()
     if ns.out:
         with open(ns.out, "w") as f:
-            json.dump(out, f, indent=2)
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

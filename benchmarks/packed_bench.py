@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +26,7 @@ from lm_eval_mx import MXConfig, MXQuantizationConfig, apply_mx
 from lm_eval_mx.kernels import mx_packed_linear_triton, mx_unpack_triton
 from lm_eval_mx.packing import pack_mx
 from lm_eval_mx.testing import PRESETS, save_random_checkpoint
+from timing import bench
 
 MLP = dict(roles="mlp", a_format="fp8_e4m3")
 VARIANTS: dict[str, tuple[str, dict]] = {  # name: (how it is loaded, MX keys)
@@ -37,32 +36,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {  # name: (how it is loaded, MX keys)
     "packed MXFP4 (w fp4, a fp8)": ("packed", dict(MLP, w_format="fp4_e2m1")),
     "packed MXFP4 fused GEMM": ("packed", dict(MLP, w_format="fp4_e2m1", packed_gemm="fused")),
     "packed MXFP4 weight-only (bf16 activations)": ("packed", dict(roles="mlp", w_format="fp4_e2m1", weight_only=True)),
+    "packed NVFP4 (w nvfp4, a nvfp4)": ("packed", dict(roles="mlp", format="nvfp4")),
 }
-
-
-def bench(fns: dict[str, Callable[[], object]], reps: int, calls: int = 10) -> dict[str, float]:
-    """Milliseconds per call of each function: the median over ``reps`` rounds of ``calls`` back-to-back
-    calls between two CUDA events, the functions taking turns round by round.
-
-    Back-to-back calls let the host run ahead of the GPU, as in a model's forward, so host overhead
-    counts only where it starves the GPU; taking turns spreads clock and thermal drift over all
-    functions alike. Three warm-up calls each come first (autotuning included).
-    """
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(calls):
-                fn()
-            b.record()
-            b.synchronize()
-            times[name].append(a.elapsed_time(b) / calls)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def load(path: str, how: str, keys: dict) -> tuple[torch.nn.Module, dict]:
