@@ -20,13 +20,13 @@ import time
 
 import torch
 import torch.nn.functional as F
+from timing import bench
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lm_eval_mx import MXConfig, MXQuantizationConfig, apply_mx
 from lm_eval_mx.kernels import mx_packed_linear_triton, mx_unpack_triton
 from lm_eval_mx.packing import pack_mx
 from lm_eval_mx.testing import PRESETS, save_random_checkpoint
-from timing import bench
 
 MLP = dict(roles="mlp", a_format="fp8_e4m3")
 VARIANTS: dict[str, tuple[str, dict]] = {  # name: (how it is loaded, MX keys)
