@@ -160,32 +160,40 @@ def _rotate(x, sign_ptr, col0, ROT_SCALE: tl.constexpr, ROWS: tl.constexpr, W: t
 
 
 @triton.jit
-def _load_tile(x_ptr, u_ptr, sign_ptr, n_elems, n_cols, in_stride,
-               ROWS: tl.constexpr, W: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr,
-               ROT_SCALE: tl.constexpr, SIGNS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
-               IN_DTYPE: tl.constexpr):
-    """This program's [ROWS, W] tile of the flat output (rows of W consecutive elements) in float32: the input,
-    or with GATED ``silu(gate) * up`` (gate at x_ptr, up at u_ptr, rows ``in_stride`` apart) rounded as torch's
-    two ops round it; rotated when ROT > 0. Also the tile's output offsets and mask."""
+def _tile_offsets(ROWS: tl.constexpr, W: tl.constexpr):
+    """This program's rows of the flat [n / W, W] view and the output offsets of its [ROWS, W] tile."""
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    c = tl.arange(0, W)[None, :]
-    offs = r[:, None] * W + c
+    return r, r[:, None] * W + tl.arange(0, W)[None, :]
+
+
+@triton.jit
+def _load(ptr, src, offs, n_elems, EVEN: tl.constexpr):
+    """float32 values at ``ptr + src``; lanes whose output offset is past the end read as 0 (whole tile rows)."""
     if EVEN:
-        mask, other = None, None
+        return tl.load(ptr + src).to(tl.float32)
     else:
-        mask, other = offs < n_elems, 0.0
+        return tl.load(ptr + src, mask=offs < n_elems, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_tile(x_ptr, u_ptr, sign_ptr, r, offs, n_elems, n_cols, in_stride, ROWS: tl.constexpr,
+               W: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr,
+               SIGNS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr, IN_DTYPE: tl.constexpr):
+    """The program's [ROWS, W] tile of the flat output (rows of W consecutive elements) in float32: the input,
+    or with GATED ``silu(gate) * up`` (gate at x_ptr, up at u_ptr, rows ``in_stride`` apart) rounded as torch's
+    two ops round it; rotated when ROT > 0."""
     if GATED:
         start = r * W
-        src = ((start // n_cols) * in_stride + start % n_cols)[:, None] + c
-        g = tl.load(x_ptr + src, mask=mask, other=other).to(tl.float32)
-        u = tl.load(u_ptr + src, mask=mask, other=other).to(tl.float32)
+        src = ((start // n_cols) * in_stride + start % n_cols)[:, None] + tl.arange(0, W)[None, :]
+        g = _load(x_ptr, src, offs, n_elems, EVEN)
+        u = _load(u_ptr, src, offs, n_elems, EVEN)
         act = _to_dtype_grid(tl.math.div_rn(g, 1.0 + _exp(-g)), IN_DTYPE)  # torch's silu: x / (1 + exp(-x))
         x = _to_dtype_grid(act * u, IN_DTYPE)
     else:
-        x = tl.load(x_ptr + offs, mask=mask, other=other).to(tl.float32)
+        x = _load(x_ptr, offs, offs, n_elems, EVEN)
     if ROT > 0:
         x = _rotate(x, sign_ptr, (r * W) % n_cols, ROT_SCALE, ROWS, W, ROT, LOG_ROT, SIGNS)
-    return x, offs, mask
+    return x
 
 
 @triton.jit
@@ -200,11 +208,16 @@ def _mx_flat_kernel(
 ):
     """Rotation (optional) and fake quantization of a tensor whose rows are whole blocks: each program reads
     a [ROWS, W] tile once and writes it once (W: blocks and rotation blocks fit in it)."""
-    x, offs, mask = _load_tile(x_ptr, u_ptr, sign_ptr, n_elems, n_cols, in_stride, ROWS, W, ROT, LOG_ROT, ROT_SCALE,
-                               SIGNS, EVEN, GATED, IN_DTYPE)
+    r, offs = _tile_offsets(ROWS, W)
+    x = _load_tile(x_ptr, u_ptr, sign_ptr, r, offs, n_elems, n_cols, in_stride, ROWS, W, ROT, LOG_ROT, ROT_SCALE,
+                   SIGNS, EVEN, GATED, IN_DTYPE)
     out = _quantize_blocks(tl.reshape(x, (ROWS, W // BS, BS)), amax_ptr, EMAX, EMIN, MBITS, MAX_NORMAL,
                            INV_MAX_NORMAL, SCALE_EMAX, TENSOR_DIV, ROUNDING, SCALE_MODE, E4M3, TENSOR)
-    tl.store(y_ptr + offs, _cast_out(tl.reshape(out, (ROWS, W)), y_ptr.dtype.element_ty, RNE_BF16), mask=mask)
+    out = _cast_out(tl.reshape(out, (ROWS, W)), y_ptr.dtype.element_ty, RNE_BF16)
+    if EVEN:
+        tl.store(y_ptr + offs, out)
+    else:
+        tl.store(y_ptr + offs, out, mask=offs < n_elems)
 
 
 @triton.jit
@@ -212,8 +225,9 @@ def _amax_flat_kernel(x_ptr, u_ptr, sign_ptr, amax_ptr, n_elems, n_cols, in_stri
                       W: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr,
                       SIGNS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr, IN_DTYPE: tl.constexpr):
     """The per-tensor maximum of |x| (of what the quantizer sees: gated, rotated), as int32 bits, by atomic max."""
-    x, _, _ = _load_tile(x_ptr, u_ptr, sign_ptr, n_elems, n_cols, in_stride, ROWS, W, ROT, LOG_ROT, ROT_SCALE,
-                         SIGNS, EVEN, GATED, IN_DTYPE)
+    r, offs = _tile_offsets(ROWS, W)
+    x = _load_tile(x_ptr, u_ptr, sign_ptr, r, offs, n_elems, n_cols, in_stride, ROWS, W, ROT, LOG_ROT, ROT_SCALE,
+                   SIGNS, EVEN, GATED, IN_DTYPE)
     tl.atomic_max(amax_ptr, tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0))
 
 
