@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 from triton.language.extra import libdevice
+from triton.runtime.driver import driver
 
 from .formats import E4M3, Rounding, ScaleMode, Scheme, TensorScale
 from .packing import MXPacked, codes_per_byte, unpack_mx
@@ -160,9 +162,9 @@ def _rotate(x, sign_ptr, col0, ROT_SCALE: tl.constexpr, ROWS: tl.constexpr, W: t
 
 
 @triton.jit
-def _tile_offsets(ROWS: tl.constexpr, W: tl.constexpr):
-    """This program's rows of the flat [n / W, W] view and the output offsets of its [ROWS, W] tile."""
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+def _tile_offsets(tile, ROWS: tl.constexpr, W: tl.constexpr):
+    """Rows of the flat [n / W, W] view in tile ``tile``, and the output offsets of that [ROWS, W] tile."""
+    r = tile.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     return r, r[:, None] * W + tl.arange(0, W)[None, :]
 
 
@@ -208,7 +210,7 @@ def _mx_flat_kernel(
 ):
     """Rotation (optional) and fake quantization of a tensor whose rows are whole blocks: each program reads
     a [ROWS, W] tile once and writes it once (W: blocks and rotation blocks fit in it)."""
-    r, offs = _tile_offsets(ROWS, W)
+    r, offs = _tile_offsets(tl.program_id(0), ROWS, W)
     x = _load_tile(x_ptr, u_ptr, sign_ptr, r, offs, n_elems, n_cols, in_stride, ROWS, W, ROT, LOG_ROT, ROT_SCALE,
                    SIGNS, EVEN, GATED, IN_DTYPE)
     out = _quantize_blocks(tl.reshape(x, (ROWS, W // BS, BS)), amax_ptr, EMAX, EMIN, MBITS, MAX_NORMAL,
@@ -223,12 +225,17 @@ def _mx_flat_kernel(
 @triton.jit
 def _amax_flat_kernel(x_ptr, u_ptr, sign_ptr, amax_ptr, n_elems, n_cols, in_stride, ROWS: tl.constexpr,
                       W: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr,
-                      SIGNS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr, IN_DTYPE: tl.constexpr):
-    """The per-tensor maximum of |x| (of what the quantizer sees: gated, rotated), as int32 bits, by atomic max."""
-    r, offs = _tile_offsets(ROWS, W)
-    x = _load_tile(x_ptr, u_ptr, sign_ptr, r, offs, n_elems, n_cols, in_stride, ROWS, W, ROT, LOG_ROT, ROT_SCALE,
-                   SIGNS, EVEN, GATED, IN_DTYPE)
-    tl.atomic_max(amax_ptr, tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0))
+                      SIGNS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr, IN_DTYPE: tl.constexpr,
+                      TILES: tl.constexpr):
+    """The per-tensor maximum of |x| (of what the quantizer sees: gated, rotated), as int32 bits: each program
+    takes TILES consecutive tiles and does one atomic max (one per tile would serialise on the one address)."""
+    m = tl.zeros((), dtype=tl.int32)
+    for i in tl.static_range(TILES):
+        r, offs = _tile_offsets(tl.program_id(0) * TILES + i, ROWS, W)
+        x = _load_tile(x_ptr, u_ptr, sign_ptr, r, offs, n_elems, n_cols, in_stride, ROWS, W, ROT, LOG_ROT, ROT_SCALE,
+                       SIGNS, EVEN, GATED, IN_DTYPE)
+        m = tl.maximum(m, tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0))
+    tl.atomic_max(amax_ptr, m)
 
 
 @triton.jit
@@ -254,6 +261,7 @@ def _mx_kernel(
 
 # Elements per program and warps of the flat kernel (benchmarks/gpu_bench.py --tiles), and of the general one.
 TILE_ELEMENTS, NUM_WARPS = 2048, 4
+AMAX_TILES = 16  # tiles per program of the per-tensor maximum pass: one atomic per 16 tiles
 GENERAL_TILE_ELEMENTS, GENERAL_WARPS = 1024, 2
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -268,10 +276,26 @@ class _Plan:
     rows: int
     kwargs: dict  # the kernel's keyword arguments: constexprs (and the general kernel's format scalars)
     signs: Rotation | None  # the rotation whose signs the kernel reads
+    options: dict  # launch options
 
     @property
     def tile(self) -> int:
         return self.rows * self.width
+
+    @functools.cached_property
+    def flat_kwargs(self) -> dict[bool, dict]:
+        """The flat kernel's constexprs for a ragged (False) or whole (True) last tile: one dict object each."""
+        return {even: {**self.kwargs, "EVEN": even} for even in (False, True)}
+
+    @functools.cached_property
+    def amax_kwargs(self) -> dict[bool, dict]:
+        keep = ("ROWS", "W", "ROT", "LOG_ROT", "ROT_SCALE", "SIGNS", "GATED", "IN_DTYPE")
+        return {even: {**{k: self.kwargs[k] for k in keep}, "EVEN": even, "TILES": AMAX_TILES} for even in (False, True)}
+
+
+# Contraction of a multiply into the next add (FMA) would skip the rounding that E4M3 scaling's
+# x * (1 / scale) defines: the quantization kernels keep every float32 operation separate.
+_OPTIONS = {"enable_fp_fusion": False}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -291,14 +315,13 @@ def _plan(scheme: Scheme, rotation: Rotation | None, n_cols: int, dtype: torch.d
         rows = max(1, tile_elements // width)
         seed = rotation is not None and rotation.seed is not None
         numerics.update(ROT=rot, LOG_ROT=max(rot, 1).bit_length() - 1, ROT_SCALE=norm_scale(rot) if rot else 1.0,
-                        SIGNS=seed, ROWS=rows, W=width, BS=block, GATED=gated, IN_DTYPE=_DTYPES[dtype],
-                        num_warps=num_warps)
-        return _Plan(True, width, rows, numerics, rotation if seed else None)
+                        SIGNS=seed, ROWS=rows, W=width, BS=block, GATED=gated, IN_DTYPE=_DTYPES[dtype])
+        return _Plan(True, width, rows, numerics, rotation if seed else None, {**_OPTIONS, "num_warps": num_warps})
     if gated:
         raise ValueError(f"the fused gate needs rows of whole power-of-two blocks (row {n_cols}, block {block})")
     rows, nb, bp = _tile(block, GENERAL_TILE_ELEMENTS)
-    numerics.update(ROWS=rows, NB=nb, BP=bp, num_warps=GENERAL_WARPS)
-    return _Plan(False, block, rows, numerics, None)
+    numerics.update(ROWS=rows, NB=nb, BP=bp)
+    return _Plan(False, block, rows, numerics, None, {**_OPTIONS, "num_warps": GENERAL_WARPS})
 
 
 def _tile(block: int, elements: int) -> tuple[int, int, int]:
@@ -341,25 +364,62 @@ def quantize_triton(
             xc = rotate(xc, rotation)
         amax = xc.float().abs().amax().view(torch.int32) if plan.kwargs["TENSOR"] else y
         n = xc.numel()
-        grid = (triton.cdiv(n // n_cols, plan.rows), triton.cdiv(triton.cdiv(n_cols, plan.width), plan.kwargs["NB"]))
-        _mx_kernel[grid](xc, y, amax, n // n_cols, n_cols, plan.width, **plan.kwargs)
+        grid = (_cdiv(n // n_cols, plan.rows), _cdiv(_cdiv(n_cols, plan.width), plan.kwargs["NB"]))
+        _mx_kernel[grid](xc, y, amax, n // n_cols, n_cols, plan.width, **plan.kwargs, **plan.options)
     return y.movedim(-1, axis) if moved else y
 
 
 def _launch_flat(plan: _Plan, x: torch.Tensor, u: torch.Tensor, y: torch.Tensor, n_cols: int, in_stride: int) -> None:
     n = y.numel()
     c = plan.kwargs
-    grid = (triton.cdiv(n, plan.tile),)
+    n_tiles = _cdiv(n, plan.tile)
     even = n % plan.tile == 0
     signs = _signs(plan.signs, n_cols, y.device) if plan.signs is not None else y
     if c["TENSOR"]:
         amax = torch.zeros((), dtype=torch.int32, device=y.device)
-        _amax_flat_kernel[grid](x, u, signs, amax, n, n_cols, in_stride, ROWS=c["ROWS"], W=c["W"], ROT=c["ROT"],
-                                LOG_ROT=c["LOG_ROT"], ROT_SCALE=c["ROT_SCALE"], SIGNS=c["SIGNS"], EVEN=even,
-                                GATED=c["GATED"], IN_DTYPE=c["IN_DTYPE"], num_warps=c["num_warps"])
+        whole = n % (plan.tile * AMAX_TILES) == 0  # no tile past the end: loads need no mask
+        _AMAX((_cdiv(n_tiles, AMAX_TILES),), (x, u, signs, amax, n, n_cols, in_stride), plan.amax_kwargs[whole],
+              plan.options)
     else:
         amax = y
-    _mx_flat_kernel[grid](x, u, y, signs, amax, n, n_cols, in_stride, EVEN=even, **c)
+    _FLAT((n_tiles,), (x, u, y, signs, amax, n, n_cols, in_stride), plan.flat_kwargs[even], plan.options)
+
+
+def _arg_key(a: object) -> object:
+    """How Triton specializes a runtime argument: tensors by dtype and 16-byte alignment, integers by being 1,
+    a multiple of 16, or past 32 bits."""
+    if isinstance(a, int):
+        return (a == 1, not a & 15, a < 2**31)
+    return (a.dtype, not a.data_ptr() & 15)  # type: ignore[attr-defined]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a jit function: slow to call from Python
+
+
+class _Launcher:
+    """A Triton kernel launched without Triton's per-call argument binding (tens of microseconds of host time a
+    call, which decode steps of many small calls feel): the first launch for each argument specialization goes
+    through Triton and returns the compiled kernel, kept here; later ones call its launcher directly with the
+    same arguments. Results are those of a normal launch; launch hooks (profilers) get the normal path."""
+
+    def __init__(self, fn: triton.JITFunction) -> None:
+        self.fn = fn
+        self.names = fn.arg_names
+        self.cache: dict[tuple, tuple] = {}
+
+    def __call__(self, grid: tuple[int, ...], args: tuple, kwargs: dict, options: dict) -> None:
+        device = args[0].device.index
+        key = (id(kwargs), device, *map(_arg_key, args))
+        hit = self.cache.get(key)
+        if hit is None or knobs.runtime.launch_enter_hook is not None:
+            kernel = self.fn[grid](*args, **kwargs, **options)
+            if hit is None and hasattr(kernel, "function"):
+                self.cache[key] = (kernel, tuple(kwargs[name] for name in self.names[len(args):]), kwargs)
+            return
+        kernel, tail, _ = hit
+        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, driver.active.get_current_stream(device),
+                   kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
 
 
 def gated_quantize_triton(gate: torch.Tensor, up: torch.Tensor, scheme: Scheme,
@@ -377,6 +437,9 @@ def gated_quantize_triton(gate: torch.Tensor, up: torch.Tensor, scheme: Scheme,
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     _launch_flat(plan, g2, u2, y, n_cols, g2.stride(0))
     return y
+
+
+_FLAT, _AMAX = _Launcher(_mx_flat_kernel), _Launcher(_amax_flat_kernel)
 
 
 def _signs(rotation: Rotation, n: int, device: torch.device) -> torch.Tensor:
@@ -474,7 +537,7 @@ def mx_unpack_triton(
     y = torch.empty((n, k), device=p.codes.device, dtype=dtype)
     rows, cols = tile
     fmt = p.fmt
-    _mx_dequant_kernel[(triton.cdiv(n, rows) * triton.cdiv(k, cols),)](
+    _mx_dequant_kernel[(_cdiv(n, rows) * _cdiv(k, cols),)](
         p.codes, p.scales, _ts_arg(p, y), y, n, k, p.codes.shape[-1], p.scales.shape[-1], fmt.mbits, fmt.emin,
         BS=p.block_size, BITS=fmt.bits, IS_INT=fmt.is_int, ROWS=rows, COLS=cols,
         E4M3_SCALES=not p.scheme.is_mx, HAS_TS=p.tensor_scale is not None, num_warps=num_warps,
@@ -585,7 +648,7 @@ def mx_packed_linear_triton(
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     fmt = p.fmt
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     kernel = _mx_packed_mm_kernel
     extra: dict = {}
     if tile is not None:
