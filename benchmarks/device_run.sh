@@ -10,6 +10,7 @@
 #   loglik    loglikelihood_rolling, hf-mx vs hf (Llama-3.2-1B shapes)               benchmarks/e2e_throughput.py
 #   packed    packed weights (incl. NVFP4): memory and MLP speed                     benchmarks/packed_bench.py
 #   search    lm-eval-mx search on a Llama-3.2-1B-shaped model                       benchmarks/search_bench.py
+#   profile   host time of the quantizer and of decode steps (cProfile, torch.profiler) benchmarks/host_profile.py
 # Prepare here with `bash benchmarks/device_wheels.sh`, then
 #   run(command="STEPS='tests quant' bash benchmarks/device_run.sh", carry=[".whl"])
 set -uo pipefail
@@ -33,6 +34,7 @@ for step in ${STEPS:-tests quant tiles host mlp generate loglik packed}; do
     packed) python3 benchmarks/packed_bench.py --tokens 2048 8192 --reps 20 --out "$OUT/packed.json" > "$OUT/packed.log" 2>&1
             grep -E "ratio|bytes|NVFP4|error" "$OUT/packed.log" | head -40 ;;
     search) python3 benchmarks/search_bench.py --out "$OUT/search.json" 2>&1 | tail -25 ;;
+    profile) python3 benchmarks/host_profile.py > "$OUT/host_profile.txt" 2>&1; grep -E "tottime|kernels.py|jit.py|driver|launch|Self CPU|aten::|triton|mx" "$OUT/host_profile.txt" | head -40 ;;
   esac
   echo "== $step: $((SECONDS - t0)) s"
 done

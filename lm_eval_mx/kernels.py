@@ -260,7 +260,7 @@ def _mx_kernel(
 
 
 # Elements per program and warps of the flat kernel (benchmarks/gpu_bench.py --tiles), and of the general one.
-TILE_ELEMENTS, NUM_WARPS = 2048, 4
+TILE_ELEMENTS, NUM_WARPS = 4096, 4
 AMAX_TILES = 16  # tiles per program of the per-tensor maximum pass: one atomic per 16 tiles
 GENERAL_TILE_ELEMENTS, GENERAL_WARPS = 1024, 2
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

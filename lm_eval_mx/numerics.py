@@ -99,7 +99,7 @@ def tensor_scale(amax: torch.Tensor, fmt: ElemFormat) -> tuple[torch.Tensor, tor
     A scale below float32's smallest normal (an all-zero or near-zero tensor) is replaced by 1,
     so that its reciprocal is finite; such a tensor quantizes to zeros.
     """
-    ts = amax / (E4M3.max_normal * fmt.max_normal)
+    ts = amax / amax.new_full((), E4M3.max_normal * fmt.max_normal)  # a tensor divisor: see e4m3_block_scales
     ts = torch.where(ts >= _F32_MIN_NORMAL, ts, torch.ones_like(ts))
     return ts, 1.0 / ts
 
@@ -107,7 +107,9 @@ def tensor_scale(amax: torch.Tensor, fmt: ElemFormat) -> tuple[torch.Tensor, tor
 def e4m3_block_scales(amax: torch.Tensor, fmt: ElemFormat, ts: torch.Tensor | None) -> torch.Tensor:
     """Block scales as E4M3 values (float32): ``(amax / max_normal) / ts`` rounded to nearest-even
     E4M3, subnormals kept, saturating at 448."""
-    s = amax / fmt.max_normal
+    # Divided by a tensor, not a Python number: CUDA torch turns division by a number into multiplication by
+    # its reciprocal (rounded twice); by a tensor it divides, correctly rounded, as the CPU and the kernel do.
+    s = amax / amax.new_full((), fmt.max_normal)
     if ts is not None:
         s = s / ts
     return round_elements(s, E4M3, Rounding.EVEN)
