@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import re
 from pathlib import Path
 
+import pytest
+import torch
+from conftest import tiny_model
 from test_numerics import CASES, GOLDEN
+
+from lm_eval_mx.cli import main
+from lm_eval_mx.compare import plan_configs, resolve_device
+from lm_eval_mx.config import MXConfig
+from lm_eval_mx.divergence import run_divergence
+from lm_eval_mx.testing import build_tokenizer
 
 DATA_README = GOLDEN.parent / "README.md"
 
@@ -21,3 +33,164 @@ def test_golden_data_readme_describes_the_file():
     cited = [p for p in (root / "README.md", root / "lm_eval_mx" / "numerics.py") if "tests/data/README.md" in p.read_text()]
     assert len(cited) == 2
     assert "custom_cuda=True" in text  # the provenance: microxcaling's CUDA path
+
+
+# --- compare and divergence, run for real through the CLI entry point, without --device ----------------------
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """A machine without CUDA, whatever this one has (HFLM and accelerate ask torch the same question)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_compare_runs_for_real_without_device(tiny_dir, tmp_path, cpu_only, capsys):
+    """compare_main -> run_configs -> simple_evaluate on a saved model, on the CPU when --device is left out;
+    a configuration that overflows E8M0 (int8 with 2-bit scales) shows NaN, flagged, with its count."""
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--model_args", f"pretrained={tiny_dir}", "--tasks", "mx_corpus_ppl", "--limit", "2",
+               "--config", "format=fp4_e2m1,mlp_only=True", "--config", "format=int8,scale_bits=2",
+               "--output_dir", str(out)])
+    assert rc == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert list(data["configs"]) == ["fp4_e2m1 mlp", "int8 e2m0"]
+    assert data["nonfinite_requests"] == {"baseline": {}, "fp4_e2m1 mlp": {}, "int8 e2m0": {"mx_corpus_ppl": 2}}
+    row = next(r for r in data["rows"] if r["metric"] == "bits_per_byte")
+    assert math.isfinite(row["baseline"]) and math.isfinite(row["mx"]["fp4_e2m1 mlp"]["value"])
+    assert row["mx"]["fp4_e2m1 mlp"]["delta"] != 0 and not row["mx"]["fp4_e2m1 mlp"]["flagged"]
+    assert math.isnan(row["mx"]["int8 e2m0"]["value"]) and row["mx"]["int8 e2m0"]["flagged"]
+    assert len(list(out.glob("results_*.json"))) == 3
+    table = capsys.readouterr().out
+    assert re.search(r"mx_corpus_ppl │ bits_per_byte .* NaN ! │ +NaN ! │", table)
+    assert re.search(r"mx_corpus_ppl │ non-finite requests │ +0 │ +0 │ +│ +2 │", table)
+
+
+def test_divergence_runs_for_real_without_device(tiny_dir, tmp_path, cpu_only, capsys):
+    out = tmp_path / "div.json"
+    rc = main(["divergence", "--model_args", f"pretrained={tiny_dir}", "--config", "format=fp4_e2m1,mlp_only=True",
+               "--max_length", "32", "--max_tokens", "200", "--sensitivity", "block", "--top_k", "1",
+               "--output", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert 100 < res["metrics"]["tokens"] < 200 and res["metrics"]["kl_base_mx"] > 0
+    assert res["replaced_layers"] == 6 and len(res["sqnr_db"]) == 6
+    worst = res["sensitivity"]["worst"]
+    assert len(worst) == 1 and f"exclude={res['sensitivity']['exclude']}" in capsys.readouterr().out
+
+
+def test_default_device(monkeypatch):
+    """--device, else model_args' device, else cuda when available, else cpu; conflicts and absent CUDA refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == "cpu"
+    assert resolve_device(None, {"device": "cpu"}) == resolve_device("cpu", {"device": "cpu"}) == "cpu"
+    with pytest.raises(ValueError, match="device given twice: --device cpu and model_args device=cuda:1"):
+        resolve_device("cpu", {"device": "cuda:1"})
+    with pytest.raises(ValueError, match="device cuda:0: CUDA is not available here"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device(None) == "cuda"
+
+
+# --- every bad input is a one-line error naming it, raised before the model loads ----------------------------
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Any model load fails the test: the error must come first."""
+    from lm_eval_mx.model import HFMXLM
+
+    monkeypatch.setattr(HFMXLM, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+COMPARE = ["compare", "--model_args", "pretrained=/nonexistent", "--tasks", "mx_corpus_ppl"]
+DIVERGENCE = ["divergence", "--model_args", "pretrained=/nonexistent"]
+MX = ["--config", "format=fp4"]
+BAD_INPUTS = {
+    "sweep key twice": ([*COMPARE, "--sweep", "format=fp8 format=fp4"], "sweep: key 'format' given twice"),
+    "same config twice": ([*COMPARE, "--config", "format=fp8", "--config", "format=fp8_e4m3"],
+                          "--config 'format=fp8' and --config 'format=fp8_e4m3' are the same MX configuration"),
+    "sweep repeats a config": ([*COMPARE, *MX, "--sweep", "format=fp4_e2m1,int8"],
+                               "--config 'format=fp4' and --sweep point 'format=fp4_e2m1' are the same"),
+    "config is the baseline": ([*COMPARE, *MX, "--config", "roles=none"],
+                               "--config 'roles=none' puts nothing in MX: that is the baseline"),
+    "sweep point is the baseline": ([*COMPARE, "--sweep", "roles=mlp,none"], "--sweep point 'roles=none' puts nothing"),
+    "config key twice": ([*COMPARE, "--config", "format=fp8,format=fp4"], "format given twice in 'format=fp8,format=fp4'"),
+    "config item without =": ([*COMPARE, "--config", "fp8"], "expected key=value, got 'fp8'"),
+    "limit 0": ([*COMPARE, *MX, "--limit", "0"], "--limit must be an integer >= 1 (examples per task) or a fraction"),
+    "limit -1": ([*COMPARE, *MX, "--limit", "-1"], "--limit must be an integer >= 1"),
+    "limit 1.5": ([*COMPARE, *MX, "--limit", "1.5"], "--limit must be an integer >= 1"),
+    "compare batch 0": ([*COMPARE, *MX, "--batch_size", "0"], "--batch_size must be an integer >= 1, auto or auto:N"),
+    "num_fewshot -1": ([*COMPARE, *MX, "--num_fewshot", "-1"], "--num_fewshot must be >= 0"),
+    "unknown task": (["compare", "--model_args", "pretrained=/nonexistent", "--tasks", "mx_corpus_pp", *MX],
+                     "--tasks: unknown task 'mx_corpus_pp' (did you mean mx_corpus_ppl"),
+    "no pretrained": (["compare", "--tasks", "mx_corpus_ppl", *MX], "--model_args needs pretrained="),
+    "cuda without cuda": ([*COMPARE, *MX, "--device", "cuda"], "device cuda: CUDA is not available here"),
+    "results and config": (["compare", "--results", "a.json", "b.json", *MX], "--config would be ignored"),
+    "top_k 0": ([*DIVERGENCE, *MX, "--sensitivity", "block", "--top_k", "0"], "--top_k must be >= 1"),
+    "top_k -1": ([*DIVERGENCE, *MX, "--sensitivity", "layer", "--top_k", "-1"], "--top_k must be >= 1"),
+    "top_k alone": ([*DIVERGENCE, *MX, "--top_k", "2"], "--top_k sets how many units --sensitivity's"),
+    "max_tokens 0": ([*DIVERGENCE, *MX, "--max_tokens", "0"], "--max_tokens must be >= 2, got 0"),
+    "max_tokens -5": ([*DIVERGENCE, *MX, "--max_tokens", "-5"], "--max_tokens must be >= 2, got -5"),
+    "divergence roles=none": ([*DIVERGENCE, "--config", "roles=none"], "--config 'roles=none' puts nothing in MX"),
+    "divergence batch 0": ([*DIVERGENCE, *MX, "--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    "max_length 0": ([*DIVERGENCE, *MX, "--max_length", "0"], "--max_length must be >= 2"),
+    "max_length -1": ([*DIVERGENCE, *MX, "--max_length", "-1"], "--max_length must be >= 2"),
+    "corpus missing": ([*DIVERGENCE, *MX, "--corpus", "/nonexistent/a.txt"],
+                       "--corpus: cannot read /nonexistent/a.txt: No such file or directory"),
+    "output dir missing": ([*DIVERGENCE, *MX, "--output", "/nonexistent/d.json"], "--output /nonexistent/d.json: not a file"),
+}
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_a_one_line_error_before_loading(argv, message, no_load, cpu_only):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    text = str(e.value.code)
+    assert text.startswith(f"lm-eval-mx {argv[0]}: ") and "\n" not in text
+    assert message in text
+
+
+def test_bad_files_are_one_line_errors_naming_them(tmp_path, no_load):
+    binary, empty, not_results, ok = (tmp_path / n for n in ("bin.txt", "empty.txt", "other.json", "ok.json"))
+    binary.write_bytes(b"\xff\xfe text")
+    empty.write_text("\n\n  \n")
+    not_results.write_text(json.dumps({"accuracy": 0.5}))
+    ok.write_text(json.dumps({"results": {"t": {"acc,none": 0.5}}}))
+    cases = [
+        ([*DIVERGENCE, *MX, "--corpus", str(binary)], f"--corpus: {binary} is not UTF-8 text"),
+        ([*DIVERGENCE, *MX, "--corpus", str(empty)], f"--corpus: {empty} holds no text"),
+        (["compare", "--results", str(ok), str(not_results)], f"{not_results} is not an lm-eval results file"),
+        (["compare", "--results", str(ok), str(binary)], f"{binary} is not a JSON file"),
+        (["compare", "--results", str(ok), str(tmp_path / "gone.json")], f"cannot read {tmp_path / 'gone.json'}"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_top_k_must_leave_a_unit_in_mx():
+    """Known only once the model is converted: top_k >= the number of units would exclude every one."""
+    tok = build_tokenizer()
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tok))
+    with pytest.raises(ValueError, match="--top_k 2: the model has 2 MX blocks, so the exclude pattern would keep all"):
+        run_divergence(model, tok, ["We hold these truths to be self-evident."], MXConfig(), max_length=8,
+                       sensitivity="block", top_k=2, progress=False)
+
+
+def test_labels_are_unique_so_no_run_is_lost(tmp_path):
+    """Distinct configurations may share a label (it names only what differs from the defaults, and not the
+    backend); each keeps its own column and entry, for runs and for --results files alike."""
+    configs = plan_configs([("a", {"format": "fp8"}), ("b", {"format": "fp8", "backend": "torch"})])
+    assert [label for label, _ in configs] == ["fp8_e4m3 [format=fp8]", "fp8_e4m3 [format=fp8,backend=torch]"]
+    files = []
+    for name in ("base", "run1", "run2"):
+        f = tmp_path / name / "results.json"
+        f.parent.mkdir()
+        cfg = {} if name == "base" else {"mx_config": {}, "mx_label": "fp8_e4m3", "mx_report": {"replaced_layers": 7}}
+        f.write_text(json.dumps({"results": {"t": {"acc,none": 0.5}}, "config": cfg}))
+        files.append(str(f))
+    assert main(["compare", "--results", *files, "--output_dir", str(tmp_path / "out")]) == 0
+    data = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert len(data["configs"]) == 2 and len(data["rows"][0]["mx"]) == 2
