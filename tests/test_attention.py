@@ -8,7 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_model
+from packaging.version import Version
 
 from lm_eval_mx.attention import NAME, AttentionError, mx_attention_forward
 from lm_eval_mx.config import MXConfig, parse_mx_args
@@ -125,8 +127,10 @@ def test_supported_architectures(arch):
         assert torch.equal(model(IDS).logits, ref)
 
 
+# GPT-J dispatches attention through the interface from transformers 5.24 (5.17-5.23: a clear error).
+GPTJ_RUNS = Version(transformers.__version__) >= Version("5.24")
 REFUSED = {"gpt_neo": "GPTNeoForCausalLM", "mpt": "MptForCausalLM", "falcon": "FalconForCausalLM",
-           "bloom": "BloomForCausalLM"}
+           "bloom": "BloomForCausalLM", **({} if GPTJ_RUNS else {"gptj": "GPTJForCausalLM"})}
 
 
 @pytest.mark.parametrize("arch", REFUSED)
@@ -187,7 +191,7 @@ def test_lm_eval_records_attn_bmm(tiny_dir):
     assert res["config"]["mx_report"]["attn_bmm"] == "fp8_e4m3"
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt_neox", "gptj", "qwen2_moe", "olmoe", "gemma"])
+@pytest.mark.parametrize("arch", ["opt", "gpt_neox", *(["gptj"] if GPTJ_RUNS else []), "qwen2_moe", "olmoe", "gemma"])
 def test_other_supported_architectures_run_mx_attention(arch):
     """The README's supported list beyond the seed architectures, pinned: every attention layer runs the MX
     function (an AttentionError here fails the test), each call exact against the hand reference."""
