@@ -166,7 +166,7 @@ def compare_main(ns: argparse.Namespace) -> int:
             if len(ns.results) < 2:
                 raise ValueError("--results needs a baseline file and at least one MX file")
             runs = [cmp.load_results(p) for p in ns.results]
-            labels = cmp.unique_labels([r.label for r in runs], [Path(p).name for p in ns.results])
+            labels = cmp.unique_labels([r.label for r in runs], list(ns.results))
             for r, label in zip(runs, labels):
                 r.label = label
         else:

@@ -217,13 +217,14 @@ def to_json(rows: list[Row], runs: list[Run]) -> dict[str, Any]:
 
 
 def rich_table(rows: list[Row], labels: list[str], title: str = "Baseline vs MX") -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=title, caption=footnote(rows))
-    for i, col in enumerate(header(labels)):
-        t.add_column(col, justify="left" if i < 2 else "right", overflow="fold")
+    for i, col in enumerate(header(labels)):  # labels and task names are text, not markup: "[...]" stays
+        t.add_column(escape(col), justify="left" if i < 2 else "right", overflow="fold")
     for cells in table_cells(rows):
-        t.add_row(*cells)
+        t.add_row(*map(escape, cells))
     return t
 
 

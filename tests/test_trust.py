@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
+from rich.console import Console
 from test_numerics import CASES, GOLDEN
 
 from lm_eval_mx import demo
 from lm_eval_mx.cli import main
-from lm_eval_mx.compare import plan_configs, resolve_device
+from lm_eval_mx.compare import Run, build_rows, plan_configs, resolve_device, rich_table
 from lm_eval_mx.config import MXConfig
 from lm_eval_mx.divergence import run_divergence
 from lm_eval_mx.numerics import quantize_mx
@@ -119,6 +120,10 @@ BAD_INPUTS = {
     "config is the baseline": ([*COMPARE, *MX, "--config", "roles=none"],
                                "--config 'roles=none' puts nothing in MX: that is the baseline"),
     "sweep point is the baseline": ([*COMPARE, "--sweep", "roles=mlp,none"], "--sweep point 'roles=none' puts nothing"),
+    "MX key in model_args": (["compare", "--model_args", "pretrained=/x,format=fp8", "--tasks", "t", *MX],
+                             "put MX keys (format) in --config/--sweep, not --model_args"),
+    "divergence MX key in model_args": (["divergence", "--model_args", "pretrained=/x,roles=mlp", *MX],
+                                        "put MX keys (roles) in --config, not --model_args"),
     "config key twice": ([*COMPARE, "--config", "format=fp8,format=fp4"], "format given twice in 'format=fp8,format=fp4'"),
     "config item without =": ([*COMPARE, "--config", "fp8"], "expected key=value, got 'fp8'"),
     "limit 0": ([*COMPARE, *MX, "--limit", "0"], "--limit must be an integer >= 1 (examples per task) or a fraction"),
@@ -197,8 +202,14 @@ def test_labels_are_unique_so_no_run_is_lost(tmp_path):
         f.write_text(json.dumps({"results": {"t": {"acc,none": 0.5}}, "config": cfg}))
         files.append(str(f))
     assert main(["compare", "--results", *files, "--output_dir", str(tmp_path / "out")]) == 0
+    assert f"| fp8_e4m3 [{files[1]}] | Δ fp8_e4m3 [{files[1]}] |" in (tmp_path / "out" / "compare.md").read_text()
+    console = Console(width=1000, record=True)
+    console.print(rich_table(build_rows(Run("b", None, {}), []), [f"x [{files[2]}]", "[bold]"]))
+    text = console.export_text()
+    assert f"x [{files[2]}]" in text and "[bold]" in text  # labels are text, not rich markup
     data = json.loads((tmp_path / "out" / "compare.json").read_text())
-    assert len(data["configs"]) == 2 and len(data["rows"][0]["mx"]) == 2
+    assert list(data["configs"]) == [f"fp8_e4m3 [{files[1]}]", f"fp8_e4m3 [{files[2]}]"]
+    assert len(data["rows"][0]["mx"]) == 2
 
 
 # --- sibling projections share one quantized input ------------------------------------------------------------
