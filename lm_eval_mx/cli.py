@@ -191,8 +191,13 @@ def compare_main(ns: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"lm-eval-mx compare: {e}") from None
     if not ns.results:
-        runs = cmp.run_configs(base, configs, tasks, limit=limit, num_fewshot=ns.num_fewshot, batch_size=batch,
-                               device=device, seed=ns.seed, task_manager=task_manager)
+        from .selection import SelectionError
+
+        try:
+            runs = cmp.run_configs(base, configs, tasks, limit=limit, num_fewshot=ns.num_fewshot, batch_size=batch,
+                                   device=device, seed=ns.seed, task_manager=task_manager)
+        except SelectionError as e:  # checked on the loaded model, before any evaluation
+            raise SystemExit(f"lm-eval-mx compare: {e}") from None
         if not runs:  # non-zero rank
             return 0
     labels = [r.label for r in runs[1:]]

@@ -477,6 +477,7 @@ def run_configs(
     from lm_eval.tasks import TaskManager
 
     from .model import HFMXLM
+    from .selection import SelectionError, select
 
     labels = ["baseline", *(label for label, _ in configs)]
     if len(set(labels)) != len(labels):
@@ -488,6 +489,11 @@ def run_configs(
     args = {**base_args, "batch_size": batch_size, "roles": "none", "mx_keep_original": True,
             "device": resolve_device(device, base_args)}
     lm = HFMXLM(**args)
+    for label, cfg in configs:  # a pattern or role that selects no layer fails now, not after the baseline's run
+        try:
+            select(lm.model, cfg)
+        except SelectionError as e:
+            raise SelectionError(f"configuration {label!r}: {e}") from None
     plan = [("baseline", MXConfig(roles=())), *configs]
     runs: list[Run] = []
     from rich.progress import Progress

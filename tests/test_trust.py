@@ -179,6 +179,20 @@ def test_bad_files_are_one_line_errors_naming_them(tmp_path, no_load):
         assert message in str(e.value.code) and "\n" not in str(e.value.code)
 
 
+def test_selection_errors_come_before_the_baseline_runs(tiny_dir, monkeypatch, cpu_only):
+    """A pattern that matches no layer is known once the model is loaded: before any evaluation, not after
+    the baseline's."""
+    import lm_eval
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **k: pytest.fail("evaluated before checking the configs"))
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--model_args", f"pretrained={tiny_dir}", "--tasks", "mx_corpus_ppl", *MX,
+              "--config", "include=nothing_here"])
+    assert str(e.value.code).startswith("lm-eval-mx compare: configuration 'fp8_e4m3 attn_qkv|attn_out|mlp_up|"
+                                        "mlp_down|experts|router|lm_head|other +/nothing_here/': include pattern "
+                                        "'nothing_here' matches no linear layer")
+
+
 def test_top_k_must_leave_a_unit_in_mx():
     """Known only once the model is converted: top_k >= the number of units would exclude every one."""
     tok = build_tokenizer()
