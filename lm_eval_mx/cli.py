@@ -68,10 +68,10 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", default=None, help="grid of MX configurations: 'key=v1,v2 key2=v3,v4'")
     p.add_argument("--results", nargs="+", default=None, metavar="JSON",
                    help="tabulate existing lm-eval results files instead of running (first = baseline)")
-    p.add_argument("--limit", type=float, default=None, help="examples per task (int) or fraction")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (integer >= 1) or a fraction in (0, 1)")
     p.add_argument("--num_fewshot", type=int, default=None)
-    p.add_argument("--batch_size", default="1")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
+    p.add_argument("--batch_size", default="1", help="integer >= 1, auto or auto:N (default 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--include_path", default=None, help="extra task directory (lm-eval-mx's tasks/ is always included)")
     p.add_argument("--output_dir", default="mx_compare", help="where compare.md/.csv/.json/.png go (default: mx_compare)")
@@ -93,43 +93,54 @@ def _divergence_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model_args", required=True, help="hf model args without MX keys, e.g. pretrained=PATH,dtype=bfloat16")
     p.add_argument("--config", required=True, metavar="MX_ARGS", help="the MX configuration, e.g. format=fp4,mlp_only=True")
     p.add_argument("--corpus", nargs="+", default=None, metavar="TXT", help="text files (default: tasks/corpus/*.txt)")
-    p.add_argument("--max_length", type=int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--max_tokens", type=int, default=None, help="stop after this many corpus tokens")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available)")
+    p.add_argument("--max_length", type=int, default=256, help="tokens per sequence, >= 2 (default 256)")
+    p.add_argument("--max_tokens", type=int, default=None, help="stop after this many corpus tokens (>= 2)")
+    p.add_argument("--batch_size", type=int, default=4, help="sequences per forward, >= 1 (default 4)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
     p.add_argument("--sensitivity", choices=("block", "layer"), default=None,
                    help="also rank blocks/layers by the KL each adds alone in MX (one extra forward per unit)")
-    p.add_argument("--top_k", type=int, default=3, help="how many of the worst units the exclude pattern keeps in high precision")
+    p.add_argument("--top_k", type=int, default=None,
+                   help="with --sensitivity: how many of the worst units the exclude pattern keeps in high "
+                        "precision (>= 1 and fewer than the units; default 3)")
     p.add_argument("--output", default=None, metavar="JSON", help="write the full result here")
 
 
 def divergence_main(ns: argparse.Namespace) -> int:
+    """Check every input, load the model once, measure, print (and write --output)."""
     import json
 
-    from lm_eval.utils import simple_parse_args_string
     from rich.console import Console
 
-    from .config import MX_KEYS, parse_mx_args
-    from .divergence import render, run_divergence
+    from .compare import parse_config, parse_kv, parse_model_args, resolve_device
+    from .divergence import check_args, read_corpus, render, run_divergence
+
+    try:
+        base = parse_model_args(ns.model_args, "--config")
+        source = f"--config {ns.config!r}"
+        config = parse_config(source, parse_kv(ns.config, source))
+        if config.packed:
+            raise ValueError("divergence compares MX with the same model's high-precision weights: packed=True "
+                             "keeps only the MX codes; measure the same configuration without packed")
+        if not config.enabled:
+            raise ValueError(f"{source} puts nothing in MX, so there is no divergence to measure; "
+                             "select layers (roles=..., include=...) or attn_bmm=True")
+        check_args(max_length=ns.max_length, batch_size=ns.batch_size, max_tokens=ns.max_tokens,
+                   sensitivity=ns.sensitivity, top_k=ns.top_k)
+        texts = read_corpus([Path(f) for f in ns.corpus] if ns.corpus else sorted((tasks_dir() / "corpus").glob("*.txt")))
+        if ns.output and (Path(ns.output).is_dir() or not Path(ns.output).parent.is_dir()):
+            raise ValueError(f"--output {ns.output}: not a file in an existing directory")
+        base["device"] = resolve_device(ns.device, base)
+    except ValueError as e:
+        raise SystemExit(f"lm-eval-mx divergence: {e}") from None
     from .model import HFMXLM
 
-    base = simple_parse_args_string(ns.model_args)
-    if any(k in MX_KEYS for k in base):
-        raise SystemExit("divergence: put MX keys in --config, not --model_args")
-    config, rest = parse_mx_args(simple_parse_args_string(ns.config))
-    if rest:
-        raise SystemExit(f"divergence: --config holds MX keys only; got {', '.join(rest)}")
-    if config.packed:
-        raise SystemExit("divergence compares MX with the same model's high-precision weights: packed=True "
-                         "keeps only the MX codes; measure the same configuration without packed")
-    files = [Path(f) for f in ns.corpus] if ns.corpus else sorted((tasks_dir() / "corpus").glob("*.txt"))
-    texts = [t for f in files for t in f.read_text(encoding="utf-8").split("\n\n") if t.strip()]
-    if ns.device:
-        base["device"] = ns.device
     lm = HFMXLM(**base, roles="none", mx_keep_original=True)
-    result = run_divergence(lm.model, lm.tokenizer, texts, config, max_length=ns.max_length,
-                            batch_size=ns.batch_size, max_tokens=ns.max_tokens, sensitivity=ns.sensitivity,
-                            top_k=ns.top_k)
+    try:
+        result = run_divergence(lm.model, lm.tokenizer, texts, config, max_length=ns.max_length,
+                                batch_size=ns.batch_size, max_tokens=ns.max_tokens, sensitivity=ns.sensitivity,
+                                top_k=ns.top_k)
+    except ValueError as e:  # inputs that only the loaded model can judge (corpus too short, top_k vs units)
+        raise SystemExit(f"lm-eval-mx divergence: {e}") from None
     Console(width=160).print(render(result))
     if ns.output:
         Path(ns.output).write_text(json.dumps(result, indent=2))
@@ -137,54 +148,68 @@ def divergence_main(ns: argparse.Namespace) -> int:
 
 
 def compare_main(ns: argparse.Namespace) -> int:
-    from lm_eval.utils import simple_parse_args_string
+    """Tabulate --results files, or run the baseline and every configuration; inputs are checked first."""
+    from lm_eval.tasks import TaskManager
     from rich.console import Console
 
-    from .compare import build_rows, expand_sweep, load_results, rich_table, run_configs, write_outputs
-    from .config import MX_KEYS, parse_mx_args
+    from . import compare as cmp
 
     console = Console(width=160)
-    if ns.results:
-        if len(ns.results) < 2:
-            raise SystemExit("compare --results needs a baseline file and at least one MX file")
-        runs = [load_results(p) for p in ns.results]
-    else:
-        if not ns.tasks:
-            raise SystemExit("compare: --tasks is required (or --results FILES)")
-        base = simple_parse_args_string(ns.model_args)
-        mx_in_base = [k for k in base if k in MX_KEYS]
-        if mx_in_base:
-            raise SystemExit(f"compare: put MX keys ({', '.join(mx_in_base)}) in --config/--sweep, not --model_args")
-        specs = [simple_parse_args_string(c) for c in ns.config]
-        if ns.sweep:
-            specs += expand_sweep(ns.sweep)
-        if not specs:
-            raise SystemExit("compare: give at least one --config or a --sweep")
-        configs = []
-        for spec in specs:
-            cfg, rest = parse_mx_args(spec)
-            if rest:
-                raise SystemExit(f"compare: --config holds MX keys only ({', '.join(MX_KEYS)}); got {', '.join(rest)}")
-            configs.append((cfg.label(), cfg))
-        include = str(tasks_dir()) if ns.include_path is None else [str(tasks_dir()), ns.include_path]
-        batch = int(ns.batch_size) if str(ns.batch_size).isdigit() else ns.batch_size
-        limit = int(ns.limit) if ns.limit is not None and ns.limit >= 1 else ns.limit
-        runs = run_configs(base, configs, [t for t in ns.tasks.split(",") if t], limit=limit,
-                           num_fewshot=ns.num_fewshot, batch_size=batch, device=ns.device, seed=ns.seed,
-                           include_path=include)
+    out = Path(ns.output_dir)
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--output_dir {out} is a file, not a directory")
+        if ns.results:
+            given = [f for f in ("model_args", "tasks", "config", "sweep") if getattr(ns, f)]
+            if given:
+                raise ValueError(f"--results tabulates existing files; --{', --'.join(given)} would be ignored")
+            if len(ns.results) < 2:
+                raise ValueError("--results needs a baseline file and at least one MX file")
+            runs = [cmp.load_results(p) for p in ns.results]
+            labels = cmp.unique_labels([r.label for r in runs], list(ns.results))
+            for r, label in zip(runs, labels):
+                r.label = label
+        else:
+            if not ns.tasks:
+                raise ValueError("--tasks is required (or --results FILES)")
+            base = cmp.parse_model_args(ns.model_args, "--config/--sweep")
+            specs = [(f"--config {c!r}", cmp.parse_kv(c, f"--config {c!r}")) for c in ns.config]
+            if ns.sweep:
+                points = cmp.expand_sweep(ns.sweep)
+                specs += [(f"--sweep point {' '.join(f'{k}={v}' for k, v in p.items())!r}", p) for p in points]
+            if not specs:
+                raise ValueError("give at least one --config or a --sweep")
+            configs = cmp.plan_configs(specs)
+            limit, batch = cmp.check_run_args(ns.limit, ns.batch_size, ns.num_fewshot)
+            if ns.include_path is not None and not Path(ns.include_path).is_dir():
+                raise ValueError(f"--include_path {ns.include_path}: no such directory")
+            device = cmp.resolve_device(ns.device, base)
+            include = [str(tasks_dir())] + ([ns.include_path] if ns.include_path else [])
+            task_manager = TaskManager(include_path=include)
+            tasks = [t for t in ns.tasks.split(",") if t]
+            cmp.check_tasks(tasks, task_manager)
+    except ValueError as e:
+        raise SystemExit(f"lm-eval-mx compare: {e}") from None
+    if not ns.results:
+        from .selection import SelectionError
+
+        try:
+            runs = cmp.run_configs(base, configs, tasks, limit=limit, num_fewshot=ns.num_fewshot, batch_size=batch,
+                                   device=device, seed=ns.seed, task_manager=task_manager)
+        except SelectionError as e:  # checked on the loaded model, before any evaluation
+            raise SystemExit(f"lm-eval-mx compare: {e}") from None
         if not runs:  # non-zero rank
             return 0
     labels = [r.label for r in runs[1:]]
-    rows = build_rows(runs[0], runs[1:])
-    console.print(rich_table(rows, labels))
-    out = Path(ns.output_dir)
+    rows = cmp.build_rows(runs[0], runs[1:])
+    console.print(cmp.rich_table(rows, labels))
     if not ns.results:
         import json
 
         out.mkdir(parents=True, exist_ok=True)
         for i, r in enumerate(runs):
             (out / f"results_{i:02d}.json").write_text(json.dumps(r.results, indent=2, default=str))
-    paths = write_outputs(runs, out)
+    paths = cmp.write_outputs(runs, out)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

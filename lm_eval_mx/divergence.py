@@ -16,6 +16,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -149,6 +150,49 @@ def exclude_pattern(units: list[str], granularity: str) -> str:
     return "^(?:" + "|".join(re.escape(u) for u in units) + ")$"
 
 
+SENSITIVITY = ("block", "layer")
+DEFAULT_TOP_K = 3
+
+
+def check_args(*, max_length: int, batch_size: int, max_tokens: int | None, sensitivity: str | None,
+               top_k: int | None) -> None:
+    """Refuse, before any model work, arguments that would fail late or mean something odd.
+
+    (``top_k=0`` would print ``exclude=^(?:)``, a pattern that keeps every layer in high precision.)
+    """
+    if max_length < 2:
+        raise ValueError(f"--max_length must be >= 2 (a sequence predicts its tokens after the first), got {max_length}")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"--max_tokens must be >= 2, got {max_tokens}")
+    if sensitivity is not None and sensitivity not in SENSITIVITY:
+        raise ValueError(f"--sensitivity must be one of {', '.join(SENSITIVITY)}, got {sensitivity!r}")
+    if top_k is not None:
+        if sensitivity is None:
+            raise ValueError("--top_k sets how many units --sensitivity's exclude pattern keeps: it needs --sensitivity")
+        if top_k < 1:
+            raise ValueError(f"--top_k must be >= 1 (the exclude pattern keeps the worst top_k), got {top_k}")
+
+
+def read_corpus(files: list[Path]) -> list[str]:
+    """Paragraphs (blank-line separated) of UTF-8 text files; a one-line error naming a bad file."""
+    if not files:
+        raise ValueError("--corpus: no text file given")
+    texts: list[str] = []
+    for f in files:
+        try:
+            paragraphs = [t for t in f.read_text(encoding="utf-8").split("\n\n") if t.strip()]
+        except OSError as e:
+            raise ValueError(f"--corpus: cannot read {f}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--corpus: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if not paragraphs:
+            raise ValueError(f"--corpus: {f} holds no text")
+        texts += paragraphs
+    return texts
+
+
 def run_divergence(
     model: nn.Module,
     tokenizer: Any,
@@ -159,12 +203,18 @@ def run_divergence(
     batch_size: int = 4,
     max_tokens: int | None = None,
     sensitivity: str | None = None,
-    top_k: int = 3,
+    top_k: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Apply ``config`` to ``model`` (keeping originals) and measure divergence; returns a JSON-able dict."""
+    """Apply ``config`` to ``model`` (keeping originals) and measure divergence; returns a JSON-able dict.
+
+    ``top_k`` (with ``sensitivity``; default 3) must leave at least one unit in MX.
+    """
     from tqdm.auto import tqdm
 
+    check_args(max_length=max_length, batch_size=batch_size, max_tokens=max_tokens,
+               sensitivity=sensitivity, top_k=top_k)
+    top_k = DEFAULT_TOP_K if top_k is None else top_k
     device = next(model.parameters()).device
     batches = token_batches(tokenizer, texts, max_length, batch_size, max_tokens)
     if not batches:
@@ -172,6 +222,9 @@ def run_divergence(
     report = apply_mx(model, config, keep_original=True)
     stats, sqnr = TokenStats(), _SQNR()
     units = units_of(model, sensitivity) if sensitivity else {}
+    if sensitivity and top_k >= len(units):
+        raise ValueError(f"--top_k {top_k}: the model has {len(units)} MX {sensitivity}s, so the exclude pattern "
+                         f"would keep all of them in high precision; use --top_k below {len(units)}")
     unit_kl: dict[str, float] = defaultdict(float)
     for batch in tqdm(batches, desc="divergence", unit="batch", disable=not progress):
         with mx_disabled(model):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_model
+from packaging.version import Version
 
 from lm_eval_mx.attention import NAME, AttentionError, mx_attention_forward
 from lm_eval_mx.config import MXConfig, parse_mx_args
@@ -22,6 +26,39 @@ class _Module(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.config = type("Cfg", (), {})()
+
+
+def mx_eager_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float,
+                       fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention written out: Q and K quantized along the head dim, P along the keys, V along the
+    sequence; ``allowed[..., i, j]``: query i may see key j. Returns (output [B, T, H, D], probabilities)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    s = quantize_mx(q, fmt) @ quantize_mx(k, fmt).transpose(2, 3) * scaling + mask
+    p = torch.softmax(s, -1)
+    return (quantize_mx(p, fmt) @ quantize_mx(v, fmt, axis=-2)).transpose(1, 2), p
+
+
+@contextlib.contextmanager
+def recorded_attention() -> Iterator[list[dict]]:
+    """Every call of the MX attention function while the block runs: its inputs and output."""
+    from transformers import AttentionInterface
+
+    from lm_eval_mx import attention
+
+    calls: list[dict] = []
+
+    def record(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        out, probs = attention.mx_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        calls.append({"q": query, "k": key, "v": value, "mask": attention_mask, "scaling": scaling, "out": out})
+        return out, probs
+
+    AttentionInterface.register(NAME, record)
+    try:
+        yield calls
+    finally:
+        attention._register()
 
 
 def _eager_mask(pad_from: int, t: int, b: int = 2) -> torch.Tensor:
@@ -47,15 +84,12 @@ def test_function_matches_hand_reference_bit_for_bit():
     attention._STATES[id(mod.config)] = attention._State(spec, True, "sdpa")
     try:
         out, probs = mx_attention_forward(mod, q, k, v, mask, scaling=0.125)
-        # hand-written reference: quantize Q, K along d; P along keys; V along the sequence
-        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-        vv = vv.clone()
+        vv = v.clone()
         vv[1, :, 30:] = 0  # keys nobody attends (padding) never set a scale
-        s = quantize_mx(q, "fp4_e2m1") @ quantize_mx(kk, "fp4_e2m1").transpose(2, 3) * 0.125 + mask
-        p = torch.softmax(s, -1)
-        ref = (quantize_mx(p, "fp4_e2m1") @ quantize_mx(vv, "fp4_e2m1", axis=-2)).transpose(1, 2)
+        ref, p = mx_eager_reference(q, k, vv, mask == 0, 0.125, "fp4_e2m1")
         assert torch.equal(out, ref)
         assert torch.equal(probs, p)
+        kk = k.repeat_interleave(2, 1)
         # garbage in padded positions of V changes nothing
         v2 = v.clone()
         v2[1, :, 30:] = 1e4
@@ -93,10 +127,20 @@ def test_supported_architectures(arch):
         assert torch.equal(model(IDS).logits, ref)
 
 
-@pytest.mark.parametrize("arch", ["gpt_neo", "mpt"])
+# GPT-J dispatches attention through the interface from transformers 5.24 (5.17-5.23: a clear error).
+GPTJ_RUNS = Version(transformers.__version__) >= Version("5.24")
+REFUSED = {"gpt_neo": "GPTNeoForCausalLM", "mpt": "MptForCausalLM", "falcon": "FalconForCausalLM",
+           "bloom": "BloomForCausalLM", **({} if GPTJ_RUNS else {"gptj": "GPTJForCausalLM"})}
+
+
+@pytest.mark.parametrize("arch", REFUSED)
 def test_unsupported_architectures_error(arch):
-    with pytest.raises(AttentionError, match="does not dispatch attention through transformers' AttentionInterface"):
-        apply_mx(tiny_model(arch), MXConfig(roles=(), attn_bmm=True))
+    """The README's refused list, pinned: each raises AttentionError naming the model, and stays as it was."""
+    model = tiny_model(arch)
+    impl = model.config._attn_implementation
+    with pytest.raises(AttentionError, match=f"attn_bmm: {REFUSED[arch]} does not dispatch attention through"):
+        apply_mx(model, MXConfig(roles=(), attn_bmm=True))
+    assert model.config._attn_implementation == impl
 
 
 def test_copy_without_state_is_an_error():
@@ -112,20 +156,6 @@ def test_attn_bmm_false_leaves_attention_alone():
     impl = model.config._attn_implementation
     apply_mx(model, MXConfig())
     assert model.config._attn_implementation == impl
-
-
-def test_sliding_window_and_generation_with_cache():
-    import transformers as tf
-    from conftest import tiny_config
-
-    cfg = tiny_config("mixtral")
-    cfg.sliding_window = 8
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    apply_mx(model, MXConfig(attn_bmm=True, bmm_format="fp8_e5m2"))
-    with torch.no_grad():
-        out = model.generate(IDS[:, :6], max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert out.shape == (1, 11)
 
 
 def test_mx_disabled_switches_bmm_off():
@@ -161,21 +191,94 @@ def test_lm_eval_records_attn_bmm(tiny_dir):
     assert res["config"]["mx_report"]["attn_bmm"] == "fp8_e4m3"
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt_neox", "falcon", "bloom", "gptj", "qwen2_moe", "olmoe", "gemma"])
-def test_other_architectures_run_mx_attention_or_refuse(arch, monkeypatch):
-    """Never silent: either every attention layer runs the MX attention function, or a clear error."""
-    from lm_eval_mx import attention
-
+@pytest.mark.parametrize("arch", ["opt", "gpt_neox", *(["gptj"] if GPTJ_RUNS else []), "qwen2_moe", "olmoe", "gemma"])
+def test_other_supported_architectures_run_mx_attention(arch):
+    """The README's supported list beyond the seed architectures, pinned: every attention layer runs the MX
+    function (an AttentionError here fails the test), each call exact against the hand reference."""
     model = tiny_model(arch)
-    try:
-        apply_mx(model, MXConfig(roles=(), attn_bmm=True))
-    except AttentionError as e:
-        assert type(model).__name__ in str(e)
-        return
-    calls = []
-    real = attention.mx_attention_forward
-    monkeypatch.setattr(attention, "mx_attention_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    attention._register()  # re-register the wrapped function under the same name
-    with torch.no_grad():
+    apply_mx(model, MXConfig(roles=(), attn_bmm=True))
+    with recorded_attention() as calls, torch.no_grad():
         out = model(IDS).logits
     assert len(calls) == model.config.num_hidden_layers and torch.isfinite(out).all()
+    t = IDS.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    for c in calls:
+        scaling = c["scaling"] if c["scaling"] is not None else c["q"].shape[-1] ** -0.5
+        assert torch.equal(c["out"], mx_eager_reference(c["q"], c["k"], c["v"], causal, scaling, "fp8_e4m3")[0])
+
+
+def _sliding_model(window: int) -> torch.nn.Module:
+    import transformers as tf
+    from conftest import tiny_config
+
+    from lm_eval_mx.testing import randomize_
+
+    cfg = tiny_config("mixtral")
+    cfg.sliding_window = window
+    torch.manual_seed(0)
+    return randomize_(tf.AutoModelForCausalLM.from_config(cfg), 0.2, 0).eval()
+
+
+def test_sliding_window_mask_matches_hand_reference():
+    """Mixtral with a window of 8 over 20 tokens: each layer's MX attention output equals the written-out
+    reference with query i seeing keys i-7..i, bit for bit, and differs from plain causal attention."""
+    window, t = 8, IDS.shape[1]
+    model = _sliding_model(window)
+    apply_mx(model, MXConfig(attn_bmm=True, bmm_format="fp8_e5m2"))
+    with recorded_attention() as calls, torch.no_grad():
+        model(IDS)
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    sliding = (j <= i) & (i - j < window)
+    assert len(calls) == 2
+    for c in calls:
+        ref, _ = mx_eager_reference(c["q"], c["k"], c["v"], sliding, c["scaling"], "fp8_e5m2")
+        assert torch.equal(c["out"], ref)
+        causal, _ = mx_eager_reference(c["q"], c["k"], c["v"], j <= i, c["scaling"], "fp8_e5m2")
+        assert not torch.equal(c["out"][:, window:], causal[:, window:])
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_generation_with_kv_cache(window):
+    """KV-cache decoding through mx_eager, checked with values.
+
+    A cached step cannot be compared bit for bit with a full forward in MX: V is quantized along the
+    sequence, so in a full forward a position's output depends (through block scales) on later tokens,
+    and even the last position, which sees the same keys either way, is computed by float32 GEMMs of 1 row
+    instead of T rows, whose last-bit differences an MX rounding can turn into a flipped element (seen:
+    0.97 in a logit). So, exactly: (1) in MX, each decoding step's attention call equals the hand reference
+    on the keys and values it was given, with the causal (and sliding-window) mask written out from the
+    absolute positions, and those keys and values are the ones the earlier steps cached plus the new token's;
+    (2) with the MX matmuls switched off inside mx_eager, cached and uncached greedy generation agree token
+    for token and the cached step's logits equal the full forward's last position to float32 accuracy.
+    """
+    from lm_eval_mx.attention import bmm_enabled
+
+    model = _sliding_model(window) if window else tiny_model("llama")
+    apply_mx(model, MXConfig(roles=(), attn_bmm=True))
+    prompt, new = IDS[:, :10], 6
+    with recorded_attention() as calls, torch.no_grad():
+        model.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == layers * new
+    for step in range(new):
+        for layer in range(layers):
+            c = calls[step * layers + layer]
+            end = prompt.shape[1] - 1 + step  # absolute position of the last token this call feeds
+            m, n = c["q"].shape[-2], c["k"].shape[-2]
+            assert m == (prompt.shape[1] if step == 0 else 1)
+            assert n == (end + 1 if window is None else min(end + 1, max(m, window)))  # a window trims the cache
+            if step:
+                before = calls[(step - 1) * layers + layer]
+                for name in ("k", "v"):  # the cached keys/values are exactly the earlier steps' ones
+                    assert torch.equal(c[name][..., :-1, :], before[name][..., -(n - 1):, :])
+            q_pos, k_pos = torch.arange(end - m + 1, end + 1)[:, None], torch.arange(end - n + 1, end + 1)[None, :]
+            allowed = (k_pos <= q_pos) & ((q_pos - k_pos < window) if window else True)
+            ref, _ = mx_eager_reference(c["q"], c["k"], c["v"], allowed, c["scaling"], "fp8_e4m3")
+            assert torch.equal(c["out"], ref)
+    with torch.no_grad(), bmm_enabled(model, False):
+        cached = model.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=0)
+        uncached = model.generate(prompt, max_new_tokens=new, do_sample=False, pad_token_id=0, use_cache=False)
+        full = model(IDS).logits[0, -1]
+        step = model(IDS[:, -1:], past_key_values=model(IDS[:, :-1], use_cache=True).past_key_values).logits[0, -1]
+    assert torch.equal(cached, uncached)
+    assert torch.allclose(step, full, atol=1e-5) and not torch.equal(full, torch.zeros_like(full))

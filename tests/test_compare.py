@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from lm_eval_mx.compare import Run, build_rows, expand_sweep, load_results, to_csv, to_markdown, write_outputs
+from lm_eval_mx.compare import (
+    Run,
+    build_rows,
+    expand_sweep,
+    load_results,
+    plot,
+    to_csv,
+    to_markdown,
+    write_outputs,
+)
 from lm_eval_mx.config import MXConfig
 from lm_eval_mx.divergence import exclude_pattern, run_divergence, token_batches, units_of
 from lm_eval_mx.layers import mx_layers
@@ -123,3 +132,71 @@ def test_divergence_zero_when_mx_off_and_matches_hand_computation():
     assert all(re.search(sens["exclude"], n) for n, _ in mx_layers(model2) if n.startswith(sens["worst"][0] + "."))
     assert units_of(model2, "layer").keys() == {n for n, _ in mx_layers(model2)}
     assert exclude_pattern(["a.b"], "layer") == r"^(?:a\.b)$"
+
+
+def _nan_runs() -> tuple[Run, Run, Run]:
+    """A baseline, a healthy MX run and one whose task had 3 non-finite requests (NaN perplexity, finite acc)."""
+    base = Run("baseline", None, fake(0.60, 0.01, 20.0, {"mx_nonfinite_requests": {}}))
+    ok = Run("fp8", {}, fake(0.59, 0.01, 21.0, {"mx_nonfinite_requests": {}}))
+    bad = fake(0.25, 0.01, float("nan"), {"mx_nonfinite_requests": {"task_a": 3}})
+    del bad["results"]["task_a"]["acc_stderr,none"]
+    bad["results"]["task_a"]["bits_per_byte,none"] = float("inf")
+    return base, ok, Run("fp4", {}, bad)
+
+
+def test_nonfinite_metrics_show_as_nan_flagged_with_counts(tmp_path):
+    """NaN is not '-' (absent); a finite metric of a task with non-finite requests is flagged too."""
+    base, ok, bad = _nan_runs()
+    rows = {(r.task, r.metric): r for r in build_rows(base, [ok, bad])}
+    ppl, acc, bpb = rows[("task_a", "word_perplexity")], rows[("task_a", "acc")], rows[("task_a", "bits_per_byte")]
+    assert math.isnan(ppl.values[1]) and math.isnan(ppl.delta(1)) and ppl.significant(1) is None
+    assert bpb.baseline is None and bpb.values == [None, float("inf")]  # only the broken run reports it
+    assert acc.flagged(1) and not acc.flagged(0) and acc.nonfinite == [0, 3]
+    md = to_markdown(list(rows.values()), ["fp8", "fp4"])
+    assert "| task_a | word_perplexity | 20.0000 | 21.0000 | +1.0000 ? | NaN ! | NaN ! |" in md
+    assert "| task_a | acc | 0.6000 ±0.0100 | 0.5900 | -0.0100 | 0.2500 ! | -0.3500 ! |" in md
+    assert "| task_a | bits_per_byte | - | - | - | inf ! | - |" in md
+    assert "| task_a | non-finite requests | 0 | 0 |  | 3 |  |" in md
+    assert "! NaN/inf value, or the run scored requests of this task non-finite" in md
+    lines = to_csv(list(rows.values()), ["fp8", "fp4"]).splitlines()
+    assert lines[0].endswith(",nonfinite_requests,flagged")
+    assert "task_a,word_perplexity,fp4,nan,,nan,20.0,,,3,True" in lines
+    assert "task_a,word_perplexity,fp8,21.0,,1.0,20.0,,,0,False" in lines
+    data = json.loads(write_outputs([base, ok, bad], tmp_path)["json"].read_text())
+    assert data["nonfinite_requests"] == {"baseline": {}, "fp8": {}, "fp4": {"task_a": 3}}
+    entry = next(r for r in data["rows"] if r["metric"] == "word_perplexity")["mx"]["fp4"]
+    assert math.isnan(entry["value"]) and entry["flagged"] and entry["nonfinite_requests"] == 3
+
+
+def test_healthy_table_has_no_flags_and_unrecorded_counts_stay_unknown():
+    """Files without mx_nonfinite_requests (plain hf) are 'not recorded', not zero, and raise no flag."""
+    rows = build_rows(Run("baseline", None, fake(0.6, 0.01, 20.0)), [Run("x", {}, fake(0.5, 0.01, 30.0))])
+    assert rows[0].baseline_nonfinite is None and rows[0].nonfinite == [None]
+    md = to_markdown(rows, ["x"])
+    assert "!" not in md and "non-finite" not in md
+
+
+def test_plot_marks_nan_and_absent_deltas_instead_of_zero_bars(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    drawn: dict[str, list] = {"bar": [], "scatter": [], "annotate": [], "ticks": []}
+    for name in ("bar", "scatter", "annotate"):
+        real = getattr(Axes, name)
+        monkeypatch.setattr(Axes, name, lambda self, *a, _n=name, _r=real, **k: drawn[_n].append(a) or _r(self, *a, **k))
+    real_ticks = Axes.set_xticks
+    monkeypatch.setattr(Axes, "set_xticks", lambda self, t, labels=None, **k: drawn["ticks"].append(labels)
+                        or real_ticks(self, t, labels, **k))
+    base, ok, bad = _nan_runs()
+    rows = [r for r in build_rows(base, [ok, bad]) if r.metric == "word_perplexity"]
+    plot(rows, ["fp8", "fp4"], tmp_path / "p.png")
+    (positions, heights), = drawn["bar"]
+    assert list(positions) == [0] and list(heights) == [pytest.approx(1.0)]  # the NaN run has no bar at all
+    assert drawn["scatter"] == [([1], [0])]
+    assert [a[0] for a in drawn["annotate"]] == ["NaN"]
+    assert drawn["ticks"] == [["fp8", "fp4\n3 non-finite"]]
+    drawn["annotate"].clear()
+    absent = Run("fp4", {}, {"results": {"task_a": {"acc,none": 0.5}}, "config": {}})
+    plot([r for r in build_rows(base, [ok, absent]) if r.metric == "word_perplexity"], ["fp8", "fp4"],
+         tmp_path / "q.png")
+    assert [a[0] for a in drawn["annotate"]] == ["absent"]

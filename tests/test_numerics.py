@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lm_eval_mx.formats import ALIASES, FORMATS, get_format
@@ -106,16 +107,43 @@ def test_idempotent(values, fmt, rounding, block, mode):
     assert torch.equal(quantize_mx(q, fmt, block, rounding=rounding, scale_mode=mode), q)
 
 
+def _scaling_is_exact(x: torch.Tensor, fmt_name: str, k: int, block: int = 32) -> bool:
+    """True where quantize(x * 2**k) == quantize(x) * 2**k must hold: x * 2**k is exact in float32, and in
+    every block (not just the tensor) both shared exponents, floor(log2 max|x|) - emax and that plus k,
+    stay inside E8M0's [-127, 127] (at the clamp, scaling changes which values survive)."""
+    if not torch.equal(x * 2.0**k * 2.0**-k, x):  # x * 2**k underflowed (or overflowed) and was rounded
+        return False
+    emax = get_format(fmt_name).emax
+    padded = torch.nn.functional.pad(x, (0, (-len(x)) % block)).view(-1, block)
+    for amax in padded.abs().amax(1).tolist():
+        if amax == 0:
+            continue
+        exp = math.frexp(amax)[1] - 1 - emax  # floor(log2(amax)) - emax, exact for float32 values
+        if exp + min(k, 0) < -127 or exp + max(k, 0) > 127:
+            return False
+    return True
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=64), fmt_names, roundings,
        st.integers(-60, 60))
 def test_power_of_two_scaling_is_exact(values, fmt, rounding, k):
     x = _tensor(values)
-    # stay clear of the clamped smallest scale, where scaling changes which values survive
-    if x.abs().max() < 2.0**-60:
-        return
+    assume(_scaling_is_exact(x, fmt, k))
     q = quantize_mx(x, fmt, 32, rounding=rounding)
     assert torch.equal(quantize_mx(x * 2.0**k, fmt, 32, rounding=rounding), q * 2.0**k)
+
+
+def test_power_of_two_scaling_precondition_is_per_block():
+    """Regression: the tensor maximum (1.0) is far from the clamp, but the second block's (2**-62) is not:
+    scaled by 2**-60 its shared exponent would be -130, clamped to -127, and 1.25 * 2**-76 changes value."""
+    x = _tensor([1.0] * 32 + [2.0**-62, 1.25 * 2.0**-76])
+    q = quantize_mx(x, "fp8_e4m3", 32)
+    assert not _scaling_is_exact(x, "fp8_e4m3", -60)
+    assert not torch.equal(quantize_mx(x * 2.0**-60, "fp8_e4m3", 32), q * 2.0**-60)
+    for k in (-57, 0, 60):  # the second block's exponent -70 + k stays >= -127
+        assert _scaling_is_exact(x, "fp8_e4m3", k)
+        assert torch.equal(quantize_mx(x * 2.0**k, "fp8_e4m3", 32), q * 2.0**k)
 
 
 @settings(max_examples=150, deadline=None)
