@@ -11,6 +11,7 @@ high precision.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import defaultdict
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MXConfig
-from .layers import MXLayer, mx_disabled, mx_layers, mx_only
+from .layers import MXLayer, mx_disabled, mx_layers, mx_only, set_spec
 from .selection import apply_mx
 
 _BLOCK = re.compile(r"^(.*?\.(?:layers|h|blocks|layer|decoder_layers)\.\d+)\.")
@@ -246,6 +247,9 @@ def run_divergence(
         "metrics": stats.summary(),
         "sqnr_db": dict(sorted(sqnr.db().items(), key=lambda kv: kv[1])),
     }
+    rotated = [(n, m) for n, m in mx_layers(model) if m.mx_spec.rotation is not None]
+    if rotated:
+        out["sqnr_db_unrotated"] = _sqnr_without_rotation(model, rotated, batches, device)
     if sensitivity:
         n = max(stats.tokens, 1)
         ranking = sorted(((u, kl / n) for u, kl in unit_kl.items()), key=lambda kv: -kv[1])
@@ -253,6 +257,30 @@ def run_divergence(
         out["sensitivity"] = {"granularity": sensitivity, "kl_alone": dict(ranking), "worst": worst,
                               "exclude": exclude_pattern(worst, sensitivity)}
     return out
+
+
+def _sqnr_without_rotation(model: nn.Module, rotated: list[tuple[str, MXLayer]], batches: list[torch.Tensor],
+                           device: torch.device) -> dict[str, float]:
+    """Each rotated layer's output SQNR with the same scheme but no rotation, on the same inputs (one more pass
+    over the corpus; the rotated weights are put back afterwards)."""
+    saved = []
+    for _, m in rotated:
+        saved.append((m, m.mx_spec, {n: getattr(m, f"_mx_{n}") for n in m.mx_prequantized}))
+        set_spec(m, dataclasses.replace(m.mx_spec, rotation=None))
+    sqnr = _SQNR()
+    try:
+        for batch in batches:
+            handles = sqnr.hooks(model)
+            try:
+                _logprobs(model, batch, device)
+            finally:
+                for h in handles:
+                    h.remove()
+    finally:
+        for m, spec, weights in saved:
+            set_spec(m, spec, weights)
+    names = {n for n, _ in rotated}
+    return {n: db for n, db in sqnr.db().items() if n in names}
 
 
 def render(result: dict[str, Any], top: int = 10) -> Any:
@@ -274,8 +302,12 @@ def render(result: dict[str, Any], top: int = 10) -> Any:
     s = Table(title=f"Lowest output SQNR (of {len(result['sqnr_db'])} MX layers)")
     s.add_column("layer")
     s.add_column("SQNR dB", justify="right")
+    unrotated = result.get("sqnr_db_unrotated")
+    if unrotated:
+        s.add_column("without rotation", justify="right")
     for name, db in list(result["sqnr_db"].items())[:top]:
-        s.add_row(name, f"{db:.2f}")
+        extra = [f"{unrotated[name]:.2f}" if name in unrotated else "-"] if unrotated else []
+        s.add_row(name, f"{db:.2f}", *extra)
     parts.append(s)
     if "sensitivity" in result:
         sens = result["sensitivity"]

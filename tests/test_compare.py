@@ -21,7 +21,7 @@ from lm_eval_mx.compare import (
     to_markdown,
     write_outputs,
 )
-from lm_eval_mx.config import MXConfig
+from lm_eval_mx.config import MXConfig, parse_mx_args
 from lm_eval_mx.divergence import exclude_pattern, run_divergence, token_batches, units_of
 from lm_eval_mx.layers import mx_layers
 from lm_eval_mx.testing import build_tokenizer
@@ -200,3 +200,53 @@ def test_plot_marks_nan_and_absent_deltas_instead_of_zero_bars(tmp_path, monkeyp
     plot([r for r in build_rows(base, [ok, absent]) if r.metric == "word_perplexity"], ["fp8", "fp4"],
          tmp_path / "q.png")
     assert [a[0] for a in drawn["annotate"]] == ["absent"]
+
+
+def test_sweep_takes_schemes_and_rotations():
+    combos = expand_sweep("format=mxfp4,nvfp4 rotation=none,hadamard")
+    labels = [parse_mx_args(c)[0].label() for c in combos]
+    assert labels == ["fp4_e2m1", "fp4_e2m1 rot", "nvfp4", "nvfp4 rot"]
+    with pytest.raises(ValueError, match="nvfp4 fixes block_size=16"):
+        expand_sweep("format=nvfp4 block_size=32")
+
+
+def test_divergence_reports_sqnr_with_and_without_rotation():
+    """With a rotation, each rotated layer's SQNR also without it, on the same inputs; the rotated weights are back
+    afterwards (the model's outputs are unchanged by the extra pass)."""
+    tok = build_tokenizer()
+    texts = ["We hold these truths to be self-evident, that all men are created equal."] * 3
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tok))
+    cfg = parse_mx_args({"format": "fp4", "rotation": "hadamard", "rotation_roles": "mlp_down"})[0]
+    res = run_divergence(model, tok, texts, cfg, max_length=16, batch_size=2, progress=False)
+    rotated = {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    assert set(res["sqnr_db_unrotated"]) == rotated
+    assert all(res["sqnr_db_unrotated"][n] != res["sqnr_db"][n] for n in rotated)
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        after = model(ids).logits
+    fresh = tiny_model("llama")
+    fresh.resize_token_embeddings(len(tok))
+    from lm_eval_mx import apply_mx
+
+    apply_mx(fresh, cfg)
+    with torch.no_grad():
+        assert torch.equal(after, fresh(ids).logits)
+    assert "without rotation" in render_text(res)
+    plain = tiny_model("llama")
+    plain.resize_token_embeddings(len(tok))
+    res = run_divergence(plain, tok, texts, parse_mx_args({"format": "fp4"})[0], max_length=16, batch_size=2,
+                         progress=False)
+    assert "sqnr_db_unrotated" not in res and "without rotation" not in render_text(res)
+
+
+def render_text(result) -> str:
+    import io
+
+    from rich.console import Console
+
+    from lm_eval_mx.divergence import render
+
+    console = Console(file=io.StringIO(), width=200)
+    console.print(render(result))
+    return console.file.getvalue()
