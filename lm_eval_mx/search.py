@@ -15,6 +15,7 @@ the other ranks exit at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,7 +23,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -155,6 +156,95 @@ class Unit:
         return "^" + re.escape(self.name) + r"\."
 
 
+def _blocks(model: nn.Module) -> list[str]:
+    """The transformer blocks of ``model`` in order: every child of the list(s) holding its MX blocks."""
+    from .divergence import units_of
+
+    out: list[str] = []
+    for unit, layers in units_of(model, "block").items():
+        if layers == {unit}:
+            continue  # a layer outside any block
+        parent = unit.rpartition(".")[0]
+        for child, _ in model.get_submodule(parent).named_children():
+            if f"{parent}.{child}" not in out:
+                out.append(f"{parent}.{child}")
+    return out
+
+
+class _Replay:
+    """Blocks that finish before a measurement's first MX layer compute exactly what the baseline computed:
+    their outputs, recorded in the baseline pass, are replayed instead of recomputed (a unit in block k
+    costs the blocks from k on, not the whole model). Checked once against a full forward; off (with a
+    note) when a block or MX layer runs twice per forward or the replayed forward is not bit-identical."""
+
+    def __init__(self, model: nn.Module, blocks: list[str], layers: list[str]) -> None:
+        self.model, self.layers = model, layers
+        self.blocks = {b: model.get_submodule(b) for b in blocks}
+        self.outputs: dict[str, list[Any]] = {b: [] for b in blocks}
+        self.order: dict[str, int] = {}  # position in the forward: ("end", block) and ("start", layer)
+        self.batch = 0
+        self.ok = bool(blocks)
+        self.note: str | None = None
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Hooks for the baseline pass: each block's output per batch, and (in the first batch) the order
+        in which blocks end and MX layers start. Call :meth:`next_batch` after each batch."""
+        seen: set[str] = set()
+
+        def mark(key: str) -> None:
+            if self.batch:
+                return
+            if key in seen:
+                self.ok, self.note = False, f"{key.split(' ', 1)[1]} runs more than once per forward"
+            seen.add(key)
+            self.order.setdefault(key, len(self.order))
+
+        def block_hook(name: str) -> Any:
+            def hook(module: nn.Module, args: Any, out: Any) -> None:
+                mark(f"end {name}")
+                self.outputs[name].append(out)
+            return hook
+
+        def layer_hook(name: str) -> Any:
+            return lambda module, args: mark(f"start {name}")
+
+        modules = dict(self.model.named_modules())
+        handles = [m.register_forward_hook(block_hook(b)) for b, m in self.blocks.items()]
+        handles += [modules[n].register_forward_pre_hook(layer_hook(n)) for n in self.layers]
+        self.batch = 0
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def next_batch(self) -> None:
+        self.batch += 1
+
+    def replayable(self, mx: set[str]) -> list[str]:
+        """Blocks whose forward ends before the first of the ``mx`` layers starts."""
+        if not self.ok or not mx:
+            return []
+        start = min(self.order.get(f"start {n}", -1) for n in mx)
+        return [b for b in self.blocks if self.order.get(f"end {b}", math.inf) < start]
+
+    @contextlib.contextmanager
+    def replaying(self, blocks: list[str]) -> Iterator[None]:
+        """These blocks return their recorded output of batch ``self.batch`` instead of computing it."""
+        saved = {b: self.blocks[b].__dict__.get("forward") for b in blocks}  # accelerate hooks set one
+        try:
+            for b in blocks:
+                self.blocks[b].forward = lambda *a, _b=b, **k: self.outputs[_b][self.batch]
+            yield
+        finally:
+            for b, fwd in saved.items():
+                if fwd is None:
+                    del self.blocks[b].forward
+                else:
+                    self.blocks[b].forward = fwd
+
+
 class Measurer:
     """One model copy whose selected layers switch formats in place; measures KL against its baseline.
 
@@ -163,7 +253,7 @@ class Measurer:
     """
 
     def __init__(self, model: nn.Module, config: MXConfig, candidates: tuple[str, ...], granularity: str,
-                 batches: list[torch.Tensor], device: torch.device | str) -> None:
+                 batches: list[torch.Tensor], device: torch.device | str, replay: bool = True) -> None:
         from .divergence import units_of
         from .layers import mx_layers
         from .selection import apply_mx, layer_spec, reduction_dims, select
@@ -183,6 +273,7 @@ class Measurer:
                     for f in candidates}
             self.units.append(Unit(name, ordered, sum(params[n] for n in ordered), bits))
         self._baseline: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.replay = _Replay(model, _blocks(model), list(self.modules)) if replay else None
 
     @property
     def tokens(self) -> int:
@@ -194,9 +285,42 @@ class Measurer:
             from .divergence import _logprobs
             from .layers import mx_disabled
 
+            replay = self.replay
             with mx_disabled(self.model):
-                self._baseline = [_logprobs(self.model, b, self.device) for b in self.batches]
+                if replay is None:
+                    self._baseline = [_logprobs(self.model, b, self.device) for b in self.batches]
+                    return self._baseline
+                self._baseline = []
+                with replay.recording():
+                    for batch in self.batches:
+                        self._baseline.append(_logprobs(self.model, batch, self.device))
+                        replay.next_batch()
+                self._check_replay()
         return self._baseline
+
+    def _check_replay(self) -> None:
+        """Replay every block but the last on the first batch: the log-probabilities must be bit-identical."""
+        import torch
+
+        from .divergence import _logprobs
+        from .layers import mx_disabled
+
+        replay = self.replay
+        assert replay is not None and self._baseline is not None
+        if replay.ok:
+            blocks = list(replay.blocks)[:-1]
+            replay.batch = 0
+            try:
+                with mx_disabled(self.model), replay.replaying(blocks):
+                    same = torch.equal(_logprobs(self.model, self.batches[0], self.device)[0], self._baseline[0][0])
+                if not same:
+                    replay.note = "the replayed forward is not bit-identical to the full one"
+            except Exception as e:  # any failure means: measure with full forwards
+                same, replay.note = False, f"replaying failed ({type(e).__name__}: {e})"
+            replay.ok = same
+        if not replay.ok:
+            replay.outputs.clear()
+            print(f"note: every measurement runs the whole model: {replay.note}", file=sys.stderr)
 
     def _install(self, assignment: dict[str, str]) -> set[str]:
         """Put each unit's layers in its format (weights quantized here, once); the names now in MX."""
@@ -220,8 +344,13 @@ class Measurer:
 
         baseline = self.baseline()
         total = 0.0
-        with mx_only(self.model, self._install(assignment)):
-            for batch, (lb, targets) in zip(self.batches, baseline):
+        on = self._install(assignment)
+        replay = self.replay
+        skip = replay.replayable(on) if replay is not None else []
+        with mx_only(self.model, on), (replay.replaying(skip) if skip and replay else contextlib.nullcontext()):
+            for i, (batch, (lb, targets)) in enumerate(zip(self.batches, baseline)):
+                if replay is not None:
+                    replay.batch = i
                 lm, _ = _logprobs(self.model, batch, self.device)
                 total += kl_sum(lb, lm)
                 if stats is not None:
@@ -340,10 +469,9 @@ def solve(units: list[Unit], candidates: tuple[str, ...], sensitivities: dict[st
 
     cheapest = ", ".join(f"{f} {float(units[0].bits[f] / units[0].params):g}" for f in candidates)
     limit = None if bits is None else Fraction(str(bits)) * params * scale
-    if limit is not None:
-        if front.bits[0] > limit:
-            raise SearchError(f"--bits {bits:g} is below the cheapest mix, {avg(0):.4f} bits per weight (every unit "
-                              f"in its cheapest candidate; bits per weight: {cheapest})")
+    if limit is not None and front.bits[0] > limit:
+        raise SearchError(f"--bits {bits:g} is below the cheapest mix, {avg(0):.4f} bits per weight (every unit "
+                          f"in its cheapest candidate; bits per weight: {cheapest})")
     if max_kl is not None:
         ok = np.flatnonzero(front.kl <= max_kl)
         if not len(ok):
