@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -77,7 +78,10 @@ def parse_candidates(value: str | Iterable[str]) -> tuple[str, ...]:
     items = [v for v in items if v]
     out: list[str] = []
     for item in items:
-        name = check_format_name(item, allow_high_precision=True)
+        try:
+            name = check_format_name(item, allow_high_precision=True)
+        except ValueError as e:
+            raise SearchError(f"--candidates: {e}") from None
         name = HP if name in HIGH_PRECISION else name
         if name in out:
             raise SearchError(f"--candidates names {name} twice ({item!r}); give each format once")
@@ -93,7 +97,10 @@ def search_config(args: dict[str, Any]) -> MXConfig:
     for key in args:
         if key in _REFUSED:
             raise SearchError(f"--config {key}: {_REFUSED[key]}")
-    config, rest = parse_mx_args(args)
+    try:
+        config, rest = parse_mx_args(args)
+    except ValueError as e:
+        raise SearchError(f"--config: {e}") from None
     if rest:
         allowed = [k for k in MX_KEYS if k not in _REFUSED]
         raise SearchError(f"--config holds MX keys only ({', '.join(allowed)}); got {', '.join(rest)}")
@@ -455,9 +462,10 @@ def _integer_costs(units: list[Unit], candidates: tuple[str, ...]) -> tuple[np.n
 
 
 def solve(units: list[Unit], candidates: tuple[str, ...], sensitivities: dict[str, dict[str, float]],
-          bits: float | None = None, max_kl: float | None = None) -> Solution:
+          bits: float | Fraction | None = None, max_kl: float | None = None) -> Solution:
     """The mix of least predicted KL with average bits <= ``bits``; with ``max_kl`` the mix of fewest bits
-    with predicted KL <= ``max_kl`` (refused when that exceeds ``bits``). Exact (see :func:`pareto_frontier`)."""
+    with predicted KL <= ``max_kl`` (refused when that exceeds ``bits``). Exact (see :func:`pareto_frontier`);
+    ``bits`` is read as the decimal it prints as (5.3 is 53/10) or as an exact Fraction."""
     check_budget(bits, max_kl)
     costs, scale = _integer_costs(units, candidates)
     kls = np.array([[sensitivities[u.name][f] for f in candidates] for u in units], dtype=np.float64)
@@ -470,7 +478,7 @@ def solve(units: list[Unit], candidates: tuple[str, ...], sensitivities: dict[st
     cheapest = ", ".join(f"{f} {float(units[0].bits[f] / units[0].params):g}" for f in candidates)
     limit = None if bits is None else Fraction(str(bits)) * params * scale
     if limit is not None and front.bits[0] > limit:
-        raise SearchError(f"--bits {bits:g} is below the cheapest mix, {avg(0):.4f} bits per weight (every unit "
+        raise SearchError(f"--bits {float(bits):g} is below the cheapest mix, {avg(0):.4f} bits per weight (every unit "
                           f"in its cheapest candidate; bits per weight: {cheapest})")
     if max_kl is not None:
         ok = np.flatnonzero(front.kl <= max_kl)
@@ -483,7 +491,7 @@ def solve(units: list[Unit], candidates: tuple[str, ...], sensitivities: dict[st
             within = int(np.flatnonzero(front.bits <= limit)[-1])
             raise SearchError(
                 f"refused: the cheapest mix with predicted KL <= {max_kl:g} averages {avg(state):.4f} bits per "
-                f"weight, above --bits {bits:g}; within {bits:g} bits the least predicted KL is "
+                f"weight, above --bits {float(bits):g}; within {float(bits):g} bits the least predicted KL is "
                 f"{front.kl[within]:.6g} (raise --bits or --max_kl)")
     else:
         state = int(np.flatnonzero(front.bits <= limit)[-1])
@@ -492,26 +500,10 @@ def solve(units: list[Unit], candidates: tuple[str, ...], sensitivities: dict[st
     return Solution(assignment, avg(state), float(front.kl[state]), len(front.bits))
 
 
-def brute_force(units: list[Unit], candidates: tuple[str, ...], sensitivities: dict[str, dict[str, float]],
-                bits: float) -> tuple[float, float]:
-    """(least predicted KL, its average bits) over every assignment within ``bits``: the solver's check."""
-    import itertools
-
-    params = sum(u.params for u in units)
-    best = (math.inf, math.inf)
-    for combo in itertools.product(candidates, repeat=len(units)):
-        total = sum((u.bits[f] for u, f in zip(units, combo)), Fraction(0))
-        if total > Fraction(str(bits)) * params:
-            continue
-        kl = sum(sensitivities[u.name][f] for u, f in zip(units, combo))
-        best = min(best, (kl, float(total / params)))
-    return best
-
-
-def mix_bits(units: list[Unit], assignment: dict[str, str]) -> float:
-    """Average bits per selected weight of a mix."""
+def mix_bits(units: list[Unit], assignment: dict[str, str]) -> Fraction:
+    """Average bits per selected weight of a mix (exact)."""
     total = sum((u.bits[assignment[u.name]] for u in units), Fraction(0))
-    return float(total / sum(u.params for u in units))
+    return total / sum(u.params for u in units)
 
 
 # ---------------------------------------------------------------------------------------------- recipe
@@ -737,15 +729,20 @@ def _check_args(ns: argparse.Namespace, cached: dict[str, Any] | None) -> None:
             raise SearchError(f"put MX keys ({', '.join(mx)}) in --config, not --model_args")
 
 
-def _validate_tasks(tasks: str) -> list[str]:
-    """Task names checked before the (long) measurement."""
+@functools.cache
+def _known_tasks() -> frozenset[str]:
+    """lm-eval's task names with ours (indexing them takes seconds: once per process)."""
     from lm_eval.tasks import TaskManager
 
     from .cli import tasks_dir
 
+    return frozenset(TaskManager(include_path=str(tasks_dir())).all_tasks)
+
+
+def _validate_tasks(tasks: str) -> list[str]:
+    """Task names checked before the (long) measurement."""
     names = [t for t in tasks.split(",") if t]
-    known = set(TaskManager(include_path=str(tasks_dir())).all_tasks)
-    unknown = [t for t in names if t not in known]
+    unknown = [t for t in names if t not in _known_tasks()]
     if not names or unknown:
         raise SearchError(f"--validate: unknown task(s) {', '.join(unknown) or '(none given)'}; "
                           "`lm-eval-mx ls tasks` lists them")
@@ -789,9 +786,11 @@ def main(ns: argparse.Namespace) -> int:
     if world > 1:  # rank 0 alone: accelerate/HFLM must not wait for the ranks that exited
         for key in _DIST_ENV:
             os.environ.pop(key, None)
+    from .selection import SelectionError
+
     try:
         return _run(ns)
-    except SearchError as e:
+    except (SearchError, SelectionError) as e:
         raise SystemExit(f"search: {e}") from None
 
 
@@ -860,7 +859,7 @@ def _run(ns: argparse.Namespace) -> int:
         uniform = {}
         for f in candidates:
             mix = {u.name: f for u in units}
-            uniform[f] = {"avg_bits": mix_bits(units, mix), "predicted_kl": sum(sens[u.name][f] for u in units),
+            uniform[f] = {"avg_bits": float(mix_bits(units, mix)), "predicted_kl": sum(sens[u.name][f] for u in units),
                           **measurer.measure(mix)}
         corpus["tokens"] = measurer.tokens
         timing["measure_s"] = time.perf_counter() - t0
