@@ -849,6 +849,10 @@ def _run(ns: argparse.Namespace) -> int:
                                 corpus["max_tokens"])
         if not batches:
             raise SearchError("the corpus gave no token sequence longer than one token")
+        held = sum(int(b[:, 0].sum()) for b in batches)
+        if held < corpus["max_tokens"]:
+            console.print(f"note: the corpus holds {held} tokens, fewer than max_tokens {corpus['max_tokens']}: "
+                          "all of it is measured (--corpus adds text)")
         measurer = Measurer(lm.model, config, candidates, granularity, batches, lm.device)
         timing["load_s"] = time.perf_counter() - t0
     if cached is None:
