@@ -759,16 +759,21 @@ def _texts(files: list[str] | None) -> list[str]:
     return [t for p in paths for t in p.read_text(encoding="utf-8").split("\n\n") if t.strip()]
 
 
+def _device(device: str | None) -> str:
+    """``--device``, else cuda when available, else cpu (hf's own default is cuda even without one)."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _load(model_args: str, device: str | None) -> Any:
     """The model once, in high precision, with MX switchable (hf-mx's loading: dtype, gguf_file, ...)."""
-    import torch
     from lm_eval.utils import simple_parse_args_string
 
     from .model import HFMXLM
 
     base = simple_parse_args_string(model_args)
-    base["device"] = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return HFMXLM(**base, roles="none", mx_keep_original=True)
+    return HFMXLM(**base, device=_device(device), roles="none", mx_keep_original=True)
 
 
 def _timed(fn: Any) -> tuple[Any, float]:
@@ -920,6 +925,6 @@ def _validate(recipe: dict[str, Any], paste: str, config_args: dict[str, Any], c
         if f != HP:
             configs.append((f"{f} {recipe['uniform'][f]['avg_bits']:.2f}b", parse_mx_args({**config_args, "format": f})[0]))
     limit = int(ns.limit) if ns.limit is not None and ns.limit >= 1 else ns.limit
-    runs = run_configs(base, configs, tasks, limit=limit, batch_size=ns.batch_size, device=ns.device,
+    runs = run_configs(base, configs, tasks, limit=limit, batch_size=ns.batch_size, device=_device(ns.device),
                        include_path=str(tasks_dir()))
     console.print(rich_table(build_rows(runs[0], runs[1:]), [r.label for r in runs[1:]]))

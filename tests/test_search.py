@@ -7,7 +7,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from fractions import Fraction
@@ -323,8 +322,8 @@ def test_validate_evaluates_baseline_recipe_and_uniform_mixes(tiny_dir, tmp_path
     """--validate: compare's table of baseline, the recipe and each uniform MX candidate on lm-eval tasks."""
     out = tmp_path / "r.json"
     cli_main(["search", "--model_args", f"pretrained={tiny_dir}", "--candidates", "fp4,fp8,bf16", "--bits", "7",
-              "--granularity", "block", "--device", "cpu", "--max_tokens", "256", "--output", str(out), "--quiet",
-              "--validate", "mx_corpus_ppl", "--limit", "2"])
+              "--granularity", "block", "--max_tokens", "256", "--output", str(out), "--quiet",
+              "--validate", "mx_corpus_ppl", "--limit", "2"])  # default device: cuda if available, else cpu
     recipe = json.loads(out.read_text())
     assert recipe["model_args"]["layer_formats"] == [[r"^model\.layers\.0\.", FP8], [r"^model\.layers\.1\.", FP4]]
     table = capsys.readouterr().out.split("Baseline vs MX")[1]
@@ -335,17 +334,18 @@ def test_validate_evaluates_baseline_recipe_and_uniform_mixes(tiny_dir, tmp_path
 
 
 @pytest.mark.slow
-def test_accelerate_rank0_measures_others_exit(tiny_dir, tmp_path):
-    accelerate = Path(sys.executable).parent / "accelerate"
-    if not accelerate.exists() and not shutil.which("accelerate"):
-        pytest.skip("accelerate CLI not installed")
+def test_two_processes_rank0_measures_others_exit(tiny_dir, tmp_path):
+    """Two processes as `accelerate launch --multi_gpu` starts them (torch.distributed.run: RANK, WORLD_SIZE,
+    LOCAL_RANK set; `accelerate launch --cpu` starts one process only): rank 1 exits at once with a note,
+    rank 0 measures alone (its model loading must not wait for rank 1) and writes the recipe."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "-m", "lm_eval_mx.cli", "search", "--model_args", f"pretrained={tiny_dir}",
-           "--candidates", "fp4,fp8", "--bits", "6", "--granularity", "block", "--max_tokens", "256", "--quiet",
-           "--output", str(tmp_path / "r.json")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "lm_eval_mx.cli", "search", "--model_args", f"pretrained={tiny_dir}", "--candidates", "fp4,fp8",
+           "--bits", "6", "--granularity", "block", "--max_tokens", "256", "--quiet", "--output",
+           str(tmp_path / "r.json")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 1 of 2 exits; the measurement is single-process" in proc.stderr
+    assert proc.stdout.count("wrote ") == 1
     assert json.loads((tmp_path / "r.json").read_text())["avg_bits"] <= 6
