@@ -773,7 +773,10 @@ def _load(model_args: str, device: str | None) -> Any:
     from .model import HFMXLM
 
     base = simple_parse_args_string(model_args)
-    return HFMXLM(**base, device=_device(device), roles="none", mx_keep_original=True)
+    if device and base.get("device") not in (None, device):
+        raise SearchError(f"--device {device} and --model_args device={base['device']} disagree; give one")
+    base["device"] = _device(device or base.get("device"))
+    return HFMXLM(**base, roles="none", mx_keep_original=True)
 
 
 def _timed(fn: Any) -> tuple[Any, float]:
@@ -925,6 +928,6 @@ def _validate(recipe: dict[str, Any], paste: str, config_args: dict[str, Any], c
         if f != HP:
             configs.append((f"{f} {recipe['uniform'][f]['avg_bits']:.2f}b", parse_mx_args({**config_args, "format": f})[0]))
     limit = int(ns.limit) if ns.limit is not None and ns.limit >= 1 else ns.limit
-    runs = run_configs(base, configs, tasks, limit=limit, batch_size=ns.batch_size, device=_device(ns.device),
+    runs = run_configs(base, configs, tasks, limit=limit, batch_size=ns.batch_size, device=_device(ns.device or base.get("device")),
                        include_path=str(tasks_dir()))
     console.print(rich_table(build_rows(runs[0], runs[1:]), [r.label for r in runs[1:]]))

@@ -86,6 +86,9 @@ def test_bad_inputs_fail_before_the_model_loads(tmp_path):
     for extra, match in cases:
         with pytest.raises(SystemExit, match=match):
             cli_main(args + extra)
+    with pytest.raises(SystemExit, match="--device cpu and --model_args device=meta disagree"):
+        cli_main(["search", "--model_args", "pretrained=/no/such/model,device=meta", "--device", "cpu", "--candidates",
+                  "fp4,fp8", "--bits", "6", "--output", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match=r"MX keys .*w_format.* in --config"):
         cli_main(["search", "--model_args", "pretrained=/x,w_format=fp4", "--candidates", "fp4,fp8", "--bits", "6"])
 
