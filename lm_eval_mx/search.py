@@ -847,7 +847,7 @@ def _run(ns: argparse.Namespace) -> int:
         sens = {u: {f: s[f] for f in candidates} for u, s in cached["sensitivities"].items()}
         uniform = {f: row for f, row in cached["uniform"].items() if f in candidates}
         solution, timing["solve_s"] = _timed(lambda: solve(units, candidates, sens, ns.bits, ns.max_kl))
-    measurer = None
+    measurer = lm = None
     if cached is None or not ns.no_measure:
         t0 = time.perf_counter()
         lm = _load(model_args, ns.device)
@@ -905,20 +905,22 @@ def _run(ns: argparse.Namespace) -> int:
     console.print(render(recipe))
     console.print(f"wrote {out}; evaluate it with:\n  lm_eval --model hf-mx --model_args {paste} --tasks ...")
     if tasks:
-        del measurer
-        _validate(recipe, paste, config_args, candidates, tasks, ns, console)
+        measurer = lm = None  # free the measured copy: compare loads its own
+        _validate(recipe, paste, config_args, candidates, tasks, ns)
     return 0
 
 
 def _validate(recipe: dict[str, Any], paste: str, config_args: dict[str, Any], candidates: tuple[str, ...],
-              tasks: list[str], ns: argparse.Namespace, console: Any) -> None:
-    """Baseline vs the recipe vs each uniform MX candidate on lm-eval tasks, one table (as compare prints)."""
+              tasks: list[str], ns: argparse.Namespace) -> None:
+    """Baseline vs the recipe vs each uniform MX candidate on lm-eval tasks: compare's table, printed and
+    written (md/csv/json/png) to ``<output>_validate/``."""
     import gc
 
     from lm_eval.utils import simple_parse_args_string
+    from rich.console import Console
 
     from .cli import tasks_dir
-    from .compare import build_rows, rich_table, run_configs
+    from .compare import build_rows, rich_table, run_configs, write_outputs
 
     gc.collect()
     base = {k: v for k, v in simple_parse_args_string(paste).items() if k != "recipe"}
@@ -928,6 +930,10 @@ def _validate(recipe: dict[str, Any], paste: str, config_args: dict[str, Any], c
         if f != HP:
             configs.append((f"{f} {recipe['uniform'][f]['avg_bits']:.2f}b", parse_mx_args({**config_args, "format": f})[0]))
     limit = int(ns.limit) if ns.limit is not None and ns.limit >= 1 else ns.limit
-    runs = run_configs(base, configs, tasks, limit=limit, batch_size=ns.batch_size, device=_device(ns.device or base.get("device")),
-                       include_path=str(tasks_dir()))
+    runs = run_configs(base, configs, tasks, limit=limit, batch_size=ns.batch_size,
+                       device=_device(ns.device or base.get("device")), include_path=str(tasks_dir()))
+    console = Console(width=240)  # baseline + one column pair per mix
     console.print(rich_table(build_rows(runs[0], runs[1:]), [r.label for r in runs[1:]]))
+    out = Path(ns.output)
+    paths = write_outputs(runs, out.with_name(f"{out.stem}_validate"))
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))

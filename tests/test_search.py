@@ -334,6 +334,8 @@ def test_validate_evaluates_baseline_recipe_and_uniform_mixes(tiny_dir, tmp_path
     row = next(line for line in table.splitlines() if "bits_per_byte" in line)
     base, ours, _, fp4, _, fp8, _ = (float(c.split()[0]) for c in row.split("│")[3:10])
     assert base < fp8 < ours < fp4  # more bits, closer to the baseline
+    written = json.loads((tmp_path / "r_validate" / "compare.json").read_text())
+    assert list(written["configs"]) == ["search 6.25b", "fp4_e2m1 4.25b", "fp8_e4m3 8.25b"]
 
 
 @pytest.mark.slow
