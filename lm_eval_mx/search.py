@@ -643,13 +643,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "search",
         help="choose each layer's (or block's) format under a bits or KL budget; write a recipe for hf-mx",
         description=(
-            "Mixed precision under a budget. On one model copy, measures the KL(baseline || MX) that each unit "
-            "(layer or transformer block) causes alone in each candidate format, then picks the formats that "
-            "meet the budget at the least predicted KL (sum of the units' KLs; an exact multiple-choice "
-            "knapsack), measures the chosen mix for real and writes a recipe: "
-            "lm_eval --model hf-mx --model_args pretrained=...,recipe=recipe.json. "
-            "The measurement is single-process: under accelerate launch, rank 0 measures and writes and the "
-            "other ranks exit at once."
+            "Mixed precision under a budget. On one model copy, measures the KL(baseline || MX) that each unit\n"
+            "(layer or transformer block) causes alone in each candidate format, then picks the formats that\n"
+            "meet the budget at the least predicted KL (the sum of the units' KLs; an exact multiple-choice\n"
+            "knapsack), measures the chosen mix for real and writes a recipe for\n"
+            "  lm_eval --model hf-mx --model_args pretrained=...,recipe=recipe.json\n"
+            "The measurement is single-process: under accelerate launch, rank 0 measures and writes the\n"
+            "recipe and the other ranks exit at once."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
