@@ -5,6 +5,7 @@
     lm-eval-mx compare --sweep "format=fp8_e4m3,fp4_e2m1 roles=mlp,all" ...
     lm-eval-mx compare --results base.json mx.json          (tabulate existing results files)
     lm-eval-mx divergence --model_args pretrained=PATH --config format=fp4 --sensitivity block
+    lm-eval-mx search --model_args pretrained=PATH --candidates fp4_e2m1,fp8_e4m3,bf16 --bits 6   (writes recipe.json)
     lm-eval-mx formats                                      (the MX element formats)
 """
 
@@ -14,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, search
 
 
 def tasks_dir() -> Path:
@@ -253,9 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         ),
     )
     parser.add_argument("--version", action="version", version=f"lm-eval-mx {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{compare,divergence,formats,run,ls,validate}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,divergence,search,formats,run,ls,validate}")
     _compare_parser(sub)
     _divergence_parser(sub)
+    search.add_parser(sub)
     sub.add_parser("formats", help="list the element formats, their aliases and the named schemes (mxfp4, nvfp4, ...)")
     sub.add_parser("run", help="lm-eval's run command (hf-mx and offline tasks loaded)", add_help=False)
     if not argv or argv[0] in ("-h", "--help", "--version"):
@@ -265,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         return compare_main(parser.parse_args(argv))
     if argv[0] == "divergence":
         return divergence_main(parser.parse_args(argv))
+    if argv[0] == "search":
+        return search.main(parser.parse_args(argv))
     if argv[0] == "formats":
         return formats_main()
     run_lm_eval(argv)
