@@ -24,10 +24,10 @@ status=0
 for step in ${STEPS:-tests quant tiles host mlp generate loglik packed}; do
   t0=$SECONDS
   case $step in
-    tests) python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/test_gpu.txt" 2>&1
+    tests) python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/test_gpu.txt" 2>&1
            rc=$?; tail -15 "$OUT/test_gpu.txt" | grep -v "^\.*$"; [ $rc -eq 0 ] || status=1 ;;
     quant|tiles|host|mlp) python3 benchmarks/gpu_bench.py --only $step --out "$OUT/gpu_bench_$step.json" 2>&1 | tail -25 ;;
-    generate) python3 benchmarks/generate_bench.py --preset llama-3.2-1b llama-3.1-8b --requests 16 --passes 2 --out "$OUT/generate.json" 2>&1 \
+    generate) python3 benchmarks/generate_bench.py --preset ${GEN_PRESETS:-llama-3.2-1b llama-3.1-8b} --requests 16 --passes 2 --out "$OUT/generate.json" 2>&1 \
                 | grep -v "^ *\[\|^ *[0-9.]*,\?$\|^ *\]" | tail -45 ;;
     loglik) python3 benchmarks/e2e_throughput.py --preset llama-3.2-1b --docs 32 --tokens 2048 --batch_size 8 \
               --out "$OUT/loglik.json" 2>&1 | tail -25 ;;
