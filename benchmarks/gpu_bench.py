@@ -3,8 +3,8 @@
 1. ``quant``: activation quantization (bf16 in, bf16 out) against a device copy of the same tensor, for
    MXFP8, MXFP4, NVFP4 (its per-tensor maximum pass included) and block-Hadamard-rotated MXFP4 / NVFP4.
 2. ``tiles``: the flat kernel's elements per program and warps (to choose kernels.TILE_ELEMENTS/NUM_WARPS).
-3. ``mlp``: a transformers ``LlamaMLP`` of Llama-3.1-8B's shapes converted by ``apply_mx`` (the fused
-   SiLU gate on), against bf16 and against a bf16 control on the same fake-quantized weights and inputs.
+3. ``mlp``: a transformers ``LlamaMLP`` of Llama-3.1-8B's shapes converted by ``apply_mx``, against bf16 and
+   against a bf16 control on the same fake-quantized weights and inputs.
 4. ``host``: microseconds of host time per MX activation call at decode size (no GPU wait), beside F.linear.
 
     python benchmarks/gpu_bench.py [--only quant tiles mlp host] [--out results.json]
@@ -104,8 +104,6 @@ def bench_mlp(tokens: list[int], reps: int) -> list[dict]:
         torch.cuda.synchronize()
         notes[name] = {"apply_s": round(time.perf_counter() - t0, 3), "notes": report.notes}
         mx[name] = m
-    unfused = copy.deepcopy(mx["MXFP8"])
-    unfused.down_proj.register_forward_hook(lambda *a: None)  # an observer: the gate runs unfused
     rows = []
     with torch.no_grad():
         for t in tokens:
@@ -116,7 +114,6 @@ def bench_mlp(tokens: list[int], reps: int) -> list[dict]:
                 ctl = _control(m, base)
                 fns[name] = lambda x=x, m=m: m(x)
                 fns[f"bf16 control on {name} data"] = lambda xq=xq, ctl=ctl: ctl(xq)
-            fns["MXFP8 gate unfused"] = lambda x=x: unfused(x)
             ms = bench(fns, reps)
             row = {"tokens": t, "bf16_ms": ms["bf16"]} | {k: round(v / ms["bf16"], 3) for k, v in ms.items()}
             rows.append(row)

@@ -12,15 +12,11 @@ subnormals in Triton (only libdevice calls flush), which the 2**-127 scale needs
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
-from triton.language.extra import libdevice
-from triton.runtime.driver import driver
 
 from .formats import E4M3, Rounding, ScaleMode, Scheme, TensorScale
 from .packing import MXPacked, codes_per_byte, unpack_mx
@@ -28,7 +24,6 @@ from .rotation import Rotation, norm_scale, rotate, signs
 
 _ROUNDING = {Rounding.EVEN: 0, Rounding.NEAREST: 1, Rounding.FLOOR: 2}
 _SCALE_MODE = {ScaleMode.FLOOR: 0, ScaleMode.CEIL: 1, ScaleMode.EVEN: 2, ScaleMode.RCEIL: 3}
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -118,32 +113,12 @@ def _quantize_blocks(x, amax_ptr, EMAX, EMIN, MBITS, MAX_NORMAL, INV_MAX_NORMAL,
 
 
 @triton.jit
-def _exp(x):
-    """expf as CUDA's math library computes it (torch's silu calls it); the CPU interpreter has numpy's exp."""
-    if _INTERPRET:
-        return tl.exp(x)
-    else:
-        return libdevice.exp(x)
-
-
-@triton.jit
-def _to_dtype_grid(v, DTYPE: tl.constexpr):
-    """float32 ``v`` rounded to the grid of the dtype a torch op would return (0: float32, 1: bfloat16,
-    2: float16), round half to even; bf16 on the bits, so the interpreter and the GPU agree."""
-    if DTYPE == 1:
-        b = v.to(tl.int32, bitcast=True)
-        v = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-    elif DTYPE == 2:
-        v = v.to(tl.float16).to(tl.float32)
-    return v
-
-
-@triton.jit
 def _cast_out(out, ty, RNE_BF16: tl.constexpr):
-    """The float32 result in the output dtype. E4M3-scaled values need rounding in bf16: done on the
-    bits (round half to even), as torch's cast does, rather than left to the conversion instruction."""
+    """The float32 result in the output dtype. E4M3-scaled values need rounding in bf16: done on the bits
+    (round half to even), as torch's cast does, so the CPU interpreter (which truncates) and the GPU agree."""
     if RNE_BF16:
-        out = _to_dtype_grid(out, 1)
+        b = out.to(tl.int32, bitcast=True)
+        out = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
     return out.to(ty)
 
 
@@ -169,30 +144,20 @@ def _tile_offsets(tile, ROWS: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _load(ptr, src, offs, n_elems, EVEN: tl.constexpr):
-    """float32 values at ``ptr + src``; lanes whose output offset is past the end read as 0 (whole tile rows)."""
+def _load(ptr, offs, n_elems, EVEN: tl.constexpr):
+    """float32 values at ``ptr + offs``; lanes past the end (whole tile rows) read as 0."""
     if EVEN:
-        return tl.load(ptr + src).to(tl.float32)
+        return tl.load(ptr + offs).to(tl.float32)
     else:
-        return tl.load(ptr + src, mask=offs < n_elems, other=0.0).to(tl.float32)
+        return tl.load(ptr + offs, mask=offs < n_elems, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _load_tile(x_ptr, u_ptr, sign_ptr, r, offs, n_elems, n_cols, in_stride, ROWS: tl.constexpr,
-               W: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr,
-               SIGNS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr, IN_DTYPE: tl.constexpr):
-    """The program's [ROWS, W] tile of the flat output (rows of W consecutive elements) in float32: the input,
-    or with GATED ``silu(gate) * up`` (gate at x_ptr, up at u_ptr, rows ``in_stride`` apart) rounded as torch's
-    two ops round it; rotated when ROT > 0."""
-    if GATED:
-        start = r * W
-        src = ((start // n_cols) * in_stride + start % n_cols)[:, None] + tl.arange(0, W)[None, :]
-        g = _load(x_ptr, src, offs, n_elems, EVEN)
-        u = _load(u_ptr, src, offs, n_elems, EVEN)
-        act = _to_dtype_grid(tl.math.div_rn(g, 1.0 + _exp(-g)), IN_DTYPE)  # torch's silu: x / (1 + exp(-x))
-        x = _to_dtype_grid(act * u, IN_DTYPE)
-    else:
-        x = _load(x_ptr, offs, offs, n_elems, EVEN)
+def _load_tile(x_ptr, sign_ptr, r, offs, n_elems, n_cols, ROWS: tl.constexpr, W: tl.constexpr, ROT: tl.constexpr,
+               LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr, SIGNS: tl.constexpr, EVEN: tl.constexpr):
+    """The program's [ROWS, W] tile of the flat input (rows of W consecutive elements) in float32, rotated when
+    ROT > 0."""
+    x = _load(x_ptr, offs, n_elems, EVEN)
     if ROT > 0:
         x = _rotate(x, sign_ptr, (r * W) % n_cols, ROT_SCALE, ROWS, W, ROT, LOG_ROT, SIGNS)
     return x
@@ -200,19 +165,17 @@ def _load_tile(x_ptr, u_ptr, sign_ptr, r, offs, n_elems, n_cols, in_stride, ROWS
 
 @triton.jit
 def _mx_flat_kernel(
-    x_ptr, u_ptr, y_ptr, sign_ptr, amax_ptr, n_elems, n_cols, in_stride,
+    x_ptr, y_ptr, sign_ptr, amax_ptr, n_elems, n_cols,
     EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, MAX_NORMAL: tl.constexpr,
     INV_MAX_NORMAL: tl.constexpr, SCALE_EMAX: tl.constexpr, TENSOR_DIV: tl.constexpr,
     ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr, E4M3: tl.constexpr, TENSOR: tl.constexpr,
     RNE_BF16: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr, SIGNS: tl.constexpr,
-    ROWS: tl.constexpr, W: tl.constexpr, BS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr,
-    IN_DTYPE: tl.constexpr,
+    ROWS: tl.constexpr, W: tl.constexpr, BS: tl.constexpr, EVEN: tl.constexpr,
 ):
     """Rotation (optional) and fake quantization of a tensor whose rows are whole blocks: each program reads
     a [ROWS, W] tile once and writes it once (W: blocks and rotation blocks fit in it)."""
     r, offs = _tile_offsets(tl.program_id(0), ROWS, W)
-    x = _load_tile(x_ptr, u_ptr, sign_ptr, r, offs, n_elems, n_cols, in_stride, ROWS, W, ROT, LOG_ROT, ROT_SCALE,
-                   SIGNS, EVEN, GATED, IN_DTYPE)
+    x = _load_tile(x_ptr, sign_ptr, r, offs, n_elems, n_cols, ROWS, W, ROT, LOG_ROT, ROT_SCALE, SIGNS, EVEN)
     out = _quantize_blocks(tl.reshape(x, (ROWS, W // BS, BS)), amax_ptr, EMAX, EMIN, MBITS, MAX_NORMAL,
                            INV_MAX_NORMAL, SCALE_EMAX, TENSOR_DIV, ROUNDING, SCALE_MODE, E4M3, TENSOR)
     out = _cast_out(tl.reshape(out, (ROWS, W)), y_ptr.dtype.element_ty, RNE_BF16)
@@ -223,17 +186,15 @@ def _mx_flat_kernel(
 
 
 @triton.jit
-def _amax_flat_kernel(x_ptr, u_ptr, sign_ptr, amax_ptr, n_elems, n_cols, in_stride, ROWS: tl.constexpr,
-                      W: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr,
-                      SIGNS: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr, IN_DTYPE: tl.constexpr,
-                      TILES: tl.constexpr):
-    """The per-tensor maximum of |x| (of what the quantizer sees: gated, rotated), as int32 bits: each program
+def _amax_flat_kernel(x_ptr, sign_ptr, amax_ptr, n_elems, n_cols, ROWS: tl.constexpr, W: tl.constexpr,
+                      ROT: tl.constexpr, LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr, SIGNS: tl.constexpr,
+                      EVEN: tl.constexpr, TILES: tl.constexpr):
+    """The per-tensor maximum of |x| (of what the quantizer sees: rotated), as int32 bits: each program
     takes TILES consecutive tiles and does one atomic max (one per tile would serialise on the one address)."""
     m = tl.zeros((), dtype=tl.int32)
     for i in tl.static_range(TILES):
         r, offs = _tile_offsets(tl.program_id(0) * TILES + i, ROWS, W)
-        x = _load_tile(x_ptr, u_ptr, sign_ptr, r, offs, n_elems, n_cols, in_stride, ROWS, W, ROT, LOG_ROT, ROT_SCALE,
-                       SIGNS, EVEN, GATED, IN_DTYPE)
+        x = _load_tile(x_ptr, sign_ptr, r, offs, n_elems, n_cols, ROWS, W, ROT, LOG_ROT, ROT_SCALE, SIGNS, EVEN)
         m = tl.maximum(m, tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0))
     tl.atomic_max(amax_ptr, m)
 
@@ -263,7 +224,6 @@ def _mx_kernel(
 TILE_ELEMENTS, NUM_WARPS = 4096, 4
 AMAX_TILES = 16  # tiles per program of the per-tensor maximum pass: one atomic per 16 tiles
 GENERAL_TILE_ELEMENTS, GENERAL_WARPS = 1024, 2
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @dataclass(frozen=True)
@@ -289,7 +249,7 @@ class _Plan:
 
     @functools.cached_property
     def amax_kwargs(self) -> dict[bool, dict]:
-        keep = ("ROWS", "W", "ROT", "LOG_ROT", "ROT_SCALE", "SIGNS", "GATED", "IN_DTYPE")
+        keep = ("ROWS", "W", "ROT", "LOG_ROT", "ROT_SCALE", "SIGNS")
         return {even: {**{k: self.kwargs[k] for k in keep}, "EVEN": even, "TILES": AMAX_TILES} for even in (False, True)}
 
 
@@ -299,8 +259,8 @@ _OPTIONS = {"enable_fp_fusion": False}
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(scheme: Scheme, rotation: Rotation | None, n_cols: int, dtype: torch.dtype, out: torch.dtype,
-          tile_elements: int, num_warps: int, gated: bool) -> _Plan:
+def _plan(scheme: Scheme, rotation: Rotation | None, n_cols: int, out: torch.dtype,
+          tile_elements: int, num_warps: int) -> _Plan:
     fmt = scheme.elem
     block = n_cols if scheme.block_size == 0 else min(scheme.block_size, n_cols)
     rot = 0 if rotation is None else rotation.block_for(n_cols)
@@ -315,10 +275,8 @@ def _plan(scheme: Scheme, rotation: Rotation | None, n_cols: int, dtype: torch.d
         rows = max(1, tile_elements // width)
         seed = rotation is not None and rotation.seed is not None
         numerics.update(ROT=rot, LOG_ROT=max(rot, 1).bit_length() - 1, ROT_SCALE=norm_scale(rot) if rot else 1.0,
-                        SIGNS=seed, ROWS=rows, W=width, BS=block, GATED=gated, IN_DTYPE=_DTYPES[dtype])
+                        SIGNS=seed, ROWS=rows, W=width, BS=block)
         return _Plan(True, width, rows, numerics, rotation if seed else None, {**_OPTIONS, "num_warps": num_warps})
-    if gated:
-        raise ValueError(f"the fused gate needs rows of whole power-of-two blocks (row {n_cols}, block {block})")
     rows, nb, bp = _tile(block, GENERAL_TILE_ELEMENTS)
     numerics.update(ROWS=rows, NB=nb, BP=bp)
     return _Plan(False, block, rows, numerics, None, {**_OPTIONS, "num_warps": GENERAL_WARPS})
@@ -355,10 +313,10 @@ def quantize_triton(
     moved = axis not in (-1, x.dim() - 1)
     xc = (x.movedim(axis, -1) if moved else x).contiguous()
     n_cols = xc.shape[-1]
-    plan = _plan(scheme, rotation, n_cols, x.dtype, x.dtype, tile_elements, num_warps, False)
+    plan = _plan(scheme, rotation, n_cols, x.dtype, tile_elements, num_warps)
     y = torch.empty_like(xc)
     if plan.flat:
-        _launch_flat(plan, xc, xc, y, n_cols, n_cols)
+        _launch_flat(plan, xc, y, n_cols)
     else:
         if rotation is not None:
             xc = rotate(xc, rotation)
@@ -369,77 +327,22 @@ def quantize_triton(
     return y.movedim(-1, axis) if moved else y
 
 
-def _launch_flat(plan: _Plan, x: torch.Tensor, u: torch.Tensor, y: torch.Tensor, n_cols: int, in_stride: int) -> None:
+def _launch_flat(plan: _Plan, x: torch.Tensor, y: torch.Tensor, n_cols: int) -> None:
     n = y.numel()
-    c = plan.kwargs
     n_tiles = _cdiv(n, plan.tile)
-    even = n % plan.tile == 0
     signs = _signs(plan.signs, n_cols, y.device) if plan.signs is not None else y
-    if c["TENSOR"]:
+    if plan.kwargs["TENSOR"]:
         amax = torch.zeros((), dtype=torch.int32, device=y.device)
         whole = n % (plan.tile * AMAX_TILES) == 0  # no tile past the end: loads need no mask
-        _AMAX((_cdiv(n_tiles, AMAX_TILES),), (x, u, signs, amax, n, n_cols, in_stride), plan.amax_kwargs[whole],
-              plan.options)
+        _amax_flat_kernel[(_cdiv(n_tiles, AMAX_TILES),)](x, signs, amax, n, n_cols, **plan.amax_kwargs[whole],
+                                                         **plan.options)
     else:
         amax = y
-    _FLAT((n_tiles,), (x, u, y, signs, amax, n, n_cols, in_stride), plan.flat_kwargs[even], plan.options)
-
-
-def _arg_key(a: object) -> object:
-    """How Triton specializes a runtime argument: tensors by dtype and 16-byte alignment, integers by being 1,
-    a multiple of 16, or past 32 bits."""
-    if isinstance(a, int):
-        return (a == 1, not a & 15, a < 2**31)
-    return (a.dtype, not a.data_ptr() & 15)  # type: ignore[attr-defined]
+    _mx_flat_kernel[(n_tiles,)](x, y, signs, amax, n, n_cols, **plan.flat_kwargs[n % plan.tile == 0], **plan.options)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # triton.cdiv is a jit function: slow to call from Python
-
-
-class _Launcher:
-    """A Triton kernel launched without Triton's per-call argument binding (tens of microseconds of host time a
-    call, which decode steps of many small calls feel): the first launch for each argument specialization goes
-    through Triton and returns the compiled kernel, kept here; later ones call its launcher directly with the
-    same arguments. Results are those of a normal launch; launch hooks (profilers) get the normal path."""
-
-    def __init__(self, fn: triton.JITFunction) -> None:
-        self.fn = fn
-        self.names = fn.arg_names
-        self.cache: dict[tuple, tuple] = {}
-
-    def __call__(self, grid: tuple[int, ...], args: tuple, kwargs: dict, options: dict) -> None:
-        device = args[0].device.index
-        key = (id(kwargs), device, *map(_arg_key, args))
-        hit = self.cache.get(key)
-        if hit is None or knobs.runtime.launch_enter_hook is not None:
-            kernel = self.fn[grid](*args, **kwargs, **options)
-            if hit is None and hasattr(kernel, "function"):
-                self.cache[key] = (kernel, tuple(kwargs[name] for name in self.names[len(args):]), kwargs)
-            return
-        kernel, tail, _ = hit
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, 1, driver.active.get_current_stream(device),
-                   kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
-
-
-def gated_quantize_triton(gate: torch.Tensor, up: torch.Tensor, scheme: Scheme,
-                          rotation: Rotation | None = None) -> torch.Tensor:
-    """``quantize(silu(gate) * up)`` in one pass (read gate and up, write the quantized product), bit-identical
-    to torch's ``F.silu(gate) * up`` followed by :func:`quantize_triton`. ``gate`` and ``up`` may be the two
-    halves of one tensor (Phi-3's ``gate_up_proj`` output): rows share a stride, the last axis is contiguous."""
-    if gate.shape != up.shape or gate.dtype != up.dtype or gate.stride() != up.stride() or gate.stride(-1) != 1:
-        raise ValueError("the fused gate takes gate and up of one shape, dtype and row layout, last axis contiguous")
-    n_cols = gate.shape[-1]
-    rows = gate.numel() // n_cols
-    g2 = gate.reshape(rows, n_cols) if gate.is_contiguous() else gate.view(-1, n_cols)  # views of the same rows
-    u2 = up.reshape(rows, n_cols) if up.is_contiguous() else up.view(-1, n_cols)
-    plan = _plan(scheme, rotation, n_cols, gate.dtype, gate.dtype, TILE_ELEMENTS, NUM_WARPS, True)
-    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    _launch_flat(plan, g2, u2, y, n_cols, g2.stride(0))
-    return y
-
-
-_FLAT, _AMAX = _Launcher(_mx_flat_kernel), _Launcher(_amax_flat_kernel)
 
 
 def _signs(rotation: Rotation, n: int, device: torch.device) -> torch.Tensor:

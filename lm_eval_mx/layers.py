@@ -86,14 +86,6 @@ class MXSpec:
         _LAST_ACT["entry"] = (weakref.ref(x), x._version, key, xq)
         return xq
 
-    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """``act(silu(gate) * up)`` in one Triton pass (see :func:`fusable_gate`), bit-identical to the two torch
-        ops followed by :meth:`act`."""
-        from .kernels import gated_quantize_triton
-
-        assert self.a is not None
-        return gated_quantize_triton(gate, up, self.a, self.rotation)
-
     def describe(self) -> str:
         a = self.a.name if self.a else "-"
         rot = f", rot={self.rotation.label()}" if self.rotation else ""
@@ -147,14 +139,7 @@ class MXLinear(MXLayer):
     MX_WEIGHTS = {"weight": -1}
 
     def _mx_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.mx_matmul(self.mx_spec.act(x))
-
-    def mx_matmul(self, xq: torch.Tensor) -> torch.Tensor:
-        """The layer on an input already rotated and quantized (the fused gate hands one over)."""
-        return F.linear(xq, self.mx_weight("weight"), self.bias)  # type: ignore[arg-type]
-
-    def weight_in_features(self) -> int:
-        return self.mx_shapes["weight"][-1] if isinstance(self, MXPackedLayer) else self.weight.shape[-1]
+        return F.linear(self.mx_spec.act(x), self.mx_weight("weight"), self.bias)  # type: ignore[arg-type]
 
 
 class MXConv1D(MXLayer):
@@ -188,13 +173,6 @@ class MXExperts(MXLayer):
             out = out + getattr(self, f"{name}_bias")[expert]
         return out
 
-    def _default_gate(self) -> bool:
-        """transformers' default ``act(gate) * up`` (a model's own ``_apply_gate`` is left to run)."""
-        import transformers.integrations.moe as moe
-
-        default = getattr(moe, "_default_apply_gate", None)
-        return default is not None and getattr(type(self), "_apply_gate", None) is default
-
     def _mx_forward(  # type: ignore[override]
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -208,103 +186,11 @@ class MXExperts(MXLayer):
                 continue
             token_idx, slot = torch.where(top_k_index == expert)
             h = self._project(xq[token_idx], "gate_up_proj" if has_gate else "up_proj", expert)
-            if has_gate and self._default_gate() and fusable_gate(spec, self.act_fn, h.is_cuda, h.shape[-1] // 2):
-                h = spec.gated(*h.chunk(2, dim=-1))
-            else:
-                h = spec.act(self._apply_gate(h) if has_gate else self.act_fn(h))
-            h = self._project(h, "down_proj", expert)
+            h = self._apply_gate(h) if has_gate else self.act_fn(h)
+            h = self._project(spec.act(h), "down_proj", expert)
             h = h * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, h.to(out.dtype))
         return out
-
-
-def is_silu(act: object) -> bool:
-    """torch's SiLU as transformers instantiates it (no hub kernel swapped into its forward)."""
-    if isinstance(act, nn.SiLU):
-        return True
-    return type(act).__name__ == "SiLUActivation" and type(act).forward.__qualname__ == "SiLUActivation.forward"
-
-
-def fusable_gate(spec: MXSpec, act: object, on_cuda: bool, width: int) -> bool:
-    """Whether ``silu(gate) * up`` (``width`` wide) and the down projection's input quantization can run as one
-    Triton pass: activations quantized, a SiLU gate, CUDA with the Triton backend, rows of whole power-of-two
-    blocks (the flat kernel's condition). Elsewhere the unfused ops run, with the same results."""
-    if spec.a is None or not on_cuda or not is_silu(act) or resolve_backend(spec.backend) != "triton":
-        return False
-    block = spec.a.block_size or width
-    tile = max(block, spec.rotation.block_for(width) if spec.rotation else 0)
-    return block & (block - 1) == 0 and width % tile == 0 and tile <= 4096
-
-
-def _observed(module: nn.Module) -> bool:
-    """Hooks would see a module's input: accelerate's, forward (pre-)hooks, global ones (divergence's SQNR)."""
-    from torch.nn.modules import module as torch_module
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook")
-                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
-
-
-class MXGatedMLP(nn.Module):
-    """A SwiGLU MLP (its forward is transformers' Llama or Phi-3 pattern, checked against its source) whose
-    ``silu(gate) * up`` is fused with the down projection's input quantization where :func:`fusable_gate`
-    allows and nothing observes the down projection; otherwise its own forward runs."""
-
-    mx_gate_kind: str  # "split": gate_proj and up_proj; "chunk": gate_up_proj's two halves
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        down = self.down_proj
-        act = getattr(self, "act_fn", None) or getattr(self, "activation_fn", None)
-        if (not isinstance(down, MXLinear) or not down.mx_enabled or _observed(down)
-                or not fusable_gate(down.mx_spec, act, x.is_cuda, down.weight_in_features())):
-            return super().forward(x)  # type: ignore[misc]
-        if self.mx_gate_kind == "split":
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return down.mx_matmul(down.mx_spec.gated(gate, up))
-
-
-# transformers' SwiGLU MLP forwards (whitespace removed, the input named X): Llama's, copied by Mistral, Qwen2/3,
-# Qwen2-MoE, OLMo, Granite, ...; and Phi-3's fused gate_up_proj.
-_GATED_FORWARDS = {
-    "down_proj=self.down_proj(self.act_fn(self.gate_proj(X))*self.up_proj(X))returndown_proj": "split",
-    "up_states=self.gate_up_proj(X)gate,up_states=up_states.chunk(2,dim=-1)up_states=up_states*self.activation_fn(gate)"
-    "returnself.down_proj(up_states)": "chunk",
-}
-
-
-def gate_kind(module: nn.Module) -> str | None:
-    """``split``/``chunk`` when ``module``'s forward is one of the SwiGLU patterns above with a SiLU gate, else None."""
-    import inspect
-    import re
-
-    forward = type(module).forward
-    try:
-        lines = inspect.getsource(forward).splitlines()
-        params = list(inspect.signature(forward).parameters)
-    except (OSError, TypeError, ValueError):
-        return None
-    body = "".join(line.split("#")[0] for line in lines[1:] if line.strip())
-    if len(params) != 2:
-        return None
-    body = re.sub(rf"\b{params[1]}\b", "X", re.sub(r"\s+", "", body))
-    kind = _GATED_FORWARDS.get(body)
-    act = getattr(module, "act_fn" if kind == "split" else "activation_fn", None)
-    return kind if kind and is_silu(act) else None
-
-
-def fuse_gates(model: nn.Module) -> int:
-    """Give every SwiGLU MLP whose down projection is an MX layer the fused gate (:class:`MXGatedMLP`)."""
-    n = 0
-    for module in model.modules():
-        if isinstance(module, MXGatedMLP) or not isinstance(getattr(module, "down_proj", None), MXLinear):
-            continue
-        kind = gate_kind(module)
-        if kind is not None:
-            module.__class__ = _mx_class(MXGatedMLP, type(module))
-            module.mx_gate_kind = kind
-            n += 1
-    return n
 
 
 class MXPackedLayer(MXLayer):
@@ -382,8 +268,8 @@ class MXPackedLayer(MXLayer):
 
 
 class MXPackedLinear(MXPackedLayer, MXLinear):
-    def mx_matmul(self, xq: torch.Tensor) -> torch.Tensor:
-        return self.mx_linear(xq, "weight", self.bias)
+    def _mx_forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.mx_linear(self.mx_spec.act(x), "weight", self.bias)
 
 
 class MXPackedConv1D(MXPackedLayer, MXConv1D):
@@ -408,7 +294,7 @@ PACKED: dict[type[MXLayer], type[MXPackedLayer]] = {
 
 @functools.cache
 def _mx_class(mixin: type[MXLayer], base: type[nn.Module]) -> type[nn.Module]:
-    prefix = "MXPacked" if issubclass(mixin, MXPackedLayer) else "MXGated" if mixin is MXGatedMLP else "MX"
+    prefix = "MXPacked" if issubclass(mixin, MXPackedLayer) else "MX"
     return type(f"{prefix}{base.__name__}", (mixin, base), {"__module__": __name__})
 
 
@@ -504,10 +390,6 @@ def remove_mx(model: nn.Module) -> int:
     from .attention import disable
 
     disable(model)
-    for module in model.modules():
-        if isinstance(module, MXGatedMLP):
-            module.__class__ = type(module).__bases__[1]
-            module.__dict__.pop("mx_gate_kind", None)
     n = 0
     for _, module in list(mx_layers(model)):
         if not module.mx_keep_original:

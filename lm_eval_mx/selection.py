@@ -27,7 +27,6 @@ from .layers import (
     MXSpec,
     convert,
     convert_packed,
-    fuse_gates,
     mx_layers,
 )
 from .rotation import Rotation, is_power_of_two
@@ -412,10 +411,6 @@ def convert_layers(model: nn.Module, config: MXConfig, keep_original: bool = Fal
         row = next(iter(dims.values()))
         report.replaced.append(LayerEntry(c.name, c.role, c.kind, spec.w.name, spec.a.name if spec.a else None, numel,
                                           rotation or None, spec.w.bits(row)))
-    fused = fuse_gates(model)
-    if fused:
-        report.notes.append(f"{fused} SwiGLU MLPs: silu(gate) * up fused with the down projection's input "
-                            "quantization on CUDA with Triton (bit-identical to the unfused ops)")
     return report
 
 

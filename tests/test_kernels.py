@@ -1,5 +1,5 @@
 """The Triton kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1, in a subprocess): every
-scheme, rotation, dtype and axis, a third of the golden cases, the fused SiLU gate and the packed decoder, bit for
+scheme, rotation, dtype and axis, a third of the golden cases and the packed decoder, bit for
 bit against the torch reference. The GPU run (tests/test_gpu.py) checks the same on CUDA, all cases."""
 
 from __future__ import annotations
@@ -28,4 +28,4 @@ def test_kernels_match_torch_under_the_interpreter():
     assert lines[-1] == "0 mismatches"
     counts = {line.split(":")[0]: int(line.split(":")[1].split()[0]) for line in lines[:-1]}
     assert counts["schemes x rotations x dtypes"] > 200 and counts["golden cases"] > 300
-    assert counts["fused gate"] == 12 and counts["packed decode"] == 10
+    assert counts["packed decode"] == 10
