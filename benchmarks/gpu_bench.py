@@ -6,8 +6,9 @@
 3. ``mlp``: a transformers ``LlamaMLP`` of Llama-3.1-8B's shapes converted by ``apply_mx``, against bf16 and
    against a bf16 control on the same fake-quantized weights and inputs.
 4. ``host``: microseconds of host time per MX activation call at decode size (no GPU wait), beside F.linear.
+5. ``attention`` (only when named): Llama-3.1-8B attention, sdpa vs eager vs MX attention matmuls.
 
-    python benchmarks/gpu_bench.py [--only quant tiles mlp host] [--out results.json]
+    python benchmarks/gpu_bench.py [--only quant tiles mlp host attention] [--out results.json]
 """
 
 from __future__ import annotations
@@ -122,6 +123,52 @@ def bench_mlp(tokens: list[int], reps: int) -> list[dict]:
     return rows
 
 
+def _attention_fns(mod, mods: dict, q, k, v, mask, s: float) -> dict:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from lm_eval_mx import attention
+
+    fns = {"sdpa": lambda: sdpa_attention_forward(mod, q, k, v, None, scaling=s),
+           "eager": lambda: eager_attention_forward(mod, q, k, v, mask, s)}
+    return fns | {f"MX {fmt}": lambda m=m: attention.mx_attention_forward(m, q, k, v, mask, scaling=s)
+                  for fmt, m in mods.items()}
+
+
+def bench_attention(tokens: list[int], reps: int) -> list[dict]:
+    """Llama-3.1-8B attention (32 heads, 8 KV heads, d=128, causal, bf16): sdpa vs eager vs MX eager."""
+    from transformers.masking_utils import eager_mask
+
+    from lm_eval_mx import attention
+    from lm_eval_mx.layers import MXSpec
+
+    class Mod(torch.nn.Module):
+        num_key_value_groups, is_causal = 4, True
+
+        def __init__(self):
+            super().__init__()
+            self.config = type("Cfg", (), {})()
+
+    mods = {fmt: Mod().eval() for fmt in ("fp8_e4m3", "fp4_e2m1")}
+    for fmt, mod in mods.items():
+        attention._STATES[id(mod.config)] = attention._State(MXSpec.make(fmt, fmt), True, "sdpa")
+    s = 128**-0.5
+    rows = []
+    for t in [min(x, 4096) for x in tokens]:
+        q = torch.randn(1, 32, t, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 8, t, 128, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, 8, t, 128, device="cuda", dtype=torch.bfloat16)
+        mask = eager_mask(batch_size=1, q_length=t, kv_length=t, dtype=torch.bfloat16, device="cuda")
+        fns = _attention_fns(Mod().eval(), mods, q, k, v, mask, s)
+        ms = bench(fns, reps)
+        row = {"tokens": t, "sdpa_ms": ms["sdpa"]} | {k_: round(v_ / ms["sdpa"], 3) for k_, v_ in ms.items()}
+        rows.append(row)
+        print(json.dumps(row))
+    for mod in mods.values():
+        attention._STATES.pop(id(mod.config), None)
+    return rows
+
+
 def bench_host(iters: int = 2000) -> dict:
     """Host microseconds per call at decode size: the GPU never waits for these (8 tokens), so the loop
     measures what each call costs the CPU; F.linear and a plain Triton-free op for scale."""
@@ -151,7 +198,8 @@ def bench_host(iters: int = 2000) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", default=["quant", "tiles", "mlp", "host"], choices=["quant", "tiles", "mlp", "host"])
+    p.add_argument("--only", nargs="+", default=["quant", "tiles", "mlp", "host"],
+                   choices=["quant", "tiles", "mlp", "host", "attention"])
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", default=None)
@@ -169,6 +217,8 @@ def main() -> None:
         res["mlp"] = bench_mlp(ns.tokens, ns.reps)
     if "host" in ns.only:
         res["host"] = bench_host()
+    if "attention" in ns.only:
+        res["attention"] = bench_attention(ns.tokens, ns.reps)
     if ns.out:
         with open(ns.out, "w") as f:
             json.dump(res, f, indent=1)
