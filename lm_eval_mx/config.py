@@ -418,15 +418,21 @@ MX_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MXConfig)) + tuple(_PRES
 _LINEAR_KEYS = ("w_format", "role_formats", "layer_formats", "exclude", "weight_only", "packed", "packed_gemm")
 
 
+def read_json(path: Any, what: str, error: type[ValueError] = ValueError) -> Any:
+    """A JSON file's content; ``error`` naming ``what`` and the file when it is missing or not JSON."""
+    p = Path(str(path))
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise error(f"{what}: no such file {str(p)!r}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise error(f"{what}: cannot read {str(p)!r} as JSON: {e}") from None
+
+
 def load_recipe(path: Any) -> dict[str, Any]:
     """The MX keys a recipe file holds (``{"model_args": {...}}``, as ``lm-eval-mx search`` writes)."""
     p = Path(str(path))
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"recipe: no such file {str(p)!r}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"recipe: cannot read {str(p)!r} as JSON: {e}") from None
+    data = read_json(p, "recipe")
     args = data.get("model_args") if isinstance(data, dict) else None
     if not isinstance(args, dict) or not args:
         raise ValueError(f"recipe: {str(p)!r} has no 'model_args' object (a recipe written by lm-eval-mx search has one)")

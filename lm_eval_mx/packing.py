@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import ElemFormat, Rounding, ScaleFormat, ScaleMode, Scheme, TensorScale
+from .formats import ElemFormat, Scheme, TensorScale
 from .numerics import check_args, make_scheme, pow2, quantize_blocks, tensor_scale
 from .rotation import Rotation, rotate
 
@@ -147,18 +147,11 @@ def pack(
     return MXPacked(packed, scales, x.shape, scheme, bs, ts)
 
 
-def pack_mx(
-    x: torch.Tensor,
-    elem_format: str | ElemFormat,
-    block_size: int = 32,
-    rounding: str | Rounding = "even",
-    scale_bits: int = 8,
-    scale_mode: str | ScaleMode = "floor",
-    scale_format: str | ScaleFormat = "e8m0",
-    tensor_scale: str | TensorScale = "none",
-) -> MXPacked:
-    """Quantize ``x`` along its last axis and store it packed (the keywords of ``quantize_mx``)."""
-    return pack(x, make_scheme(elem_format, block_size, rounding, scale_bits, scale_mode, scale_format, tensor_scale))
+def pack_mx(x: torch.Tensor, elem_format: str | ElemFormat, block_size: int = 32, **scheme_keys: object) -> MXPacked:
+    """Quantize ``x`` along its last axis and store it packed; ``scheme_keys`` are those of
+    :func:`lm_eval_mx.numerics.make_scheme` (block_size, rounding, scale_bits, scale_mode, scale_format,
+    tensor_scale), with quantize_mx's defaults (OCP MX)."""
+    return pack(x, make_scheme(elem_format, block_size, **scheme_keys))  # type: ignore[arg-type]
 
 
 def scale_multipliers(p: MXPacked) -> torch.Tensor:

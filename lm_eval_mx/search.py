@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import MX_KEYS, MXConfig, parse_mx_args
+from .config import MX_KEYS, MXConfig, parse_mx_args, read_json
 from .formats import HIGH_PRECISION, check_format_name
 
 if TYPE_CHECKING:
@@ -525,12 +525,7 @@ _CACHE_KEYS = ("candidates", "granularity", "config", "layers", "params", "unit_
 def read_search(path: str | Path) -> dict[str, Any]:
     """A recipe written by ``lm-eval-mx search``, with the cached measurements that ``--from`` re-solves."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise SearchError(f"--from: no such file {str(p)!r}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise SearchError(f"--from: cannot read {str(p)!r} as JSON: {e}") from None
+    data = read_json(p, "--from", SearchError)
     missing = [k for k in _CACHE_KEYS if not isinstance(data, dict) or k not in data]
     if missing:
         raise SearchError(f"--from: {str(p)!r} lacks {', '.join(missing)}: only a recipe written by "
