@@ -206,7 +206,7 @@ def _tiny(layers: int, seed: int = 0, std: float = 0.1):
 def six_blocks():
     """A 6-block tiny Llama measured per block with fp4/fp8: (measurer, sensitivities)."""
     model, tok = _tiny(6)
-    batches = token_batches(tok, _corpus(), 64, 8, 1024)
+    batches = token_batches(tok, _corpus(), 64, 8, 512)
     m = Measurer(model, search_config({}), (FP4, FP8), "block", batches, "cpu")
     return m, m.sensitivities(progress=False)
 
