@@ -145,10 +145,13 @@ def units_of(model: nn.Module, granularity: str) -> dict[str, set[str]]:
 
 
 def exclude_pattern(units: list[str], granularity: str) -> str:
-    """A regex for ``exclude=`` (no commas: lm-eval splits model_args on them)."""
-    if granularity == "block":
-        return "^(?:" + "|".join(re.escape(u) + r"\." for u in units) + ")"
-    return "^(?:" + "|".join(re.escape(u) for u in units) + ")$"
+    """A regex for ``exclude=`` (no commas: lm-eval splits model_args on them): a block's layers, or a
+    layer by its whole name (also, with blocks, a layer outside any block, such as lm_head)."""
+    def one(unit: str) -> str:
+        block = _BLOCK.match(unit + ".") if granularity == "block" else None
+        return re.escape(unit) + (r"\." if block is not None and block[1] == unit else "$")
+
+    return "^(?:" + "|".join(one(u) for u in units) + ")"
 
 
 SENSITIVITY = ("block", "layer")

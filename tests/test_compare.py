@@ -131,7 +131,11 @@ def test_divergence_zero_when_mx_off_and_matches_hand_computation():
 
     assert all(re.search(sens["exclude"], n) for n, _ in mx_layers(model2) if n.startswith(sens["worst"][0] + "."))
     assert units_of(model2, "layer").keys() == {n for n, _ in mx_layers(model2)}
-    assert exclude_pattern(["a.b"], "layer") == r"^(?:a\.b)$"
+    assert exclude_pattern(["a.b"], "layer") == r"^(?:a\.b$)"
+    # a unit outside any block (lm_head) is excluded by its whole name, not as a block prefix
+    both = exclude_pattern(["model.layers.1", "lm_head"], "block")
+    assert re.search(both, "lm_head") and re.search(both, "model.layers.1.mlp.up_proj")
+    assert not re.search(both, "model.layers.10.mlp.up_proj") and not re.search(both, "lm_head_2")
 
 
 def _nan_runs() -> tuple[Run, Run, Run]:
