@@ -117,22 +117,24 @@ def test_bad_model_arg_is_a_clear_error(tiny_dir, tmp_path):
 
 @needs_install
 @pytest.mark.slow
-def test_accelerate_two_cpu_processes(tiny_dir, tmp_path):
-    """Two accelerate processes on CPU: one results file, with the MX config, same metric as one process.
+def test_two_cpu_processes(tiny_dir, tmp_path):
+    """Two processes (torch.distributed.run; ``accelerate launch --cpu --num_processes 2`` starts only one):
+    one results file, with the MX config, the same metric as one process.
 
     (lm-eval shards requests only across GPUs; on CPU each process scores everything.)
     """
-    if not shutil.which("accelerate", path=str(BIN)):
-        pytest.skip("accelerate CLI not installed")
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir()
     two.mkdir()
     single = run([sys.executable, "-m", "lm_eval", *lm_eval_args(tiny_dir, one), "--include_path", TASKS], one)
-    cmd = [str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lm_eval", *lm_eval_args(tiny_dir, two),
-           "--include_path", TASKS]
-    double = run(cmd, two)
-    assert len(list(two.rglob("results_*.json"))) == 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lm_eval",
+           *lm_eval_args(tiny_dir, two), "--include_path", TASKS]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, cwd=two)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[rank1]" in proc.stderr  # a second process really ran
+    files = list(two.rglob("results_*.json"))
+    assert len(files) == 1
+    double = json.loads(files[0].read_text())
     check_results(double)
     key = "bits_per_byte,none"
     assert double["results"]["mx_corpus_ppl"][key] == single["results"]["mx_corpus_ppl"][key]
