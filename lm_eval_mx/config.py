@@ -246,6 +246,7 @@ class MXConfig:
                 )
 
     def _check_rotation(self) -> None:
+        object.__setattr__(self, "rotation", str(self.rotation).strip().lower())
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {', '.join(ROTATIONS)}, got {self.rotation!r}")
         given = [k for k in ("rotation_block", "rotation_seed", "rotation_roles") if getattr(self, k) is not None]
@@ -414,6 +415,8 @@ class MXConfig:
 _PRESETS = {"mlp_only": "mlp", "attn_only": "attn"}
 _SHORTHANDS = ("format", "recipe")
 MX_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MXConfig)) + tuple(_PRESETS) + _SHORTHANDS
+# Keys whose values include "none" (lm-eval's CLI hands those over as None).
+_NONE_KEYS = ("roles", "rotation", "tensor_scale")
 # Keys that only act on linear layers (ignored when roles=none).
 _LINEAR_KEYS = ("w_format", "role_formats", "layer_formats", "exclude", "weight_only", "packed", "packed_gemm")
 
@@ -459,7 +462,12 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
     rest = {k: v for k, v in args.items() if k not in MX_KEYS}
     mx = {k: v for k, v in args.items() if k in MX_KEYS}
     for k, v in mx.items():
-        if v is None or (isinstance(v, str) and not v.strip()) or (isinstance(v, (list, tuple, dict)) and not v):
+        if v is None and k in _NONE_KEYS:  # lm-eval's CLI reads the word none as Python None
+            mx[k] = "none"
+        elif v is None:
+            raise ValueError(f"{k}=None: lm-eval's --model_args turns the word none into Python None, and {k} takes "
+                             "no such value; give a value or leave the key out")
+        elif (isinstance(v, str) and not v.strip()) or (isinstance(v, (list, tuple, dict)) and not v):
             raise ValueError(f"{k} is empty; give a value or leave the key out")
     kw: dict[str, Any] = {}
 

@@ -125,3 +125,19 @@ def test_recipe_file(tmp_path):
 def test_equal_configs_compare_equal():
     assert cfg(format="mxfp4") == cfg(w_format="fp4_e2m1", a_format="e2m1")
     assert MXConfig(**cfg(format="nvfp4", rotation="hadamard").to_dict()) == cfg(format="nvfp4", rotation="hadamard")
+
+
+def test_none_values_through_lm_eval_s_cli_parser():
+    """lm-eval's --model_args parser turns the word none into Python None: roles=none, rotation=none and
+    tensor_scale=none still mean "none"; other keys say what happened."""
+    from lm_eval.utils import simple_parse_args_string
+
+    def cli(text):
+        return parse_mx_args(simple_parse_args_string(text))[0]
+
+    assert not cli("roles=none").enabled and cli("roles=none").label() == "baseline"
+    assert cli("roles=none,attn_bmm=True").attn_bmm and cli("roles=none,attn_bmm=True").roles == ()
+    assert cli("rotation=None").rotation == "none" and cli("rotation=Hadamard").rotation == "hadamard"
+    assert cli("format=fp4,scale_format=e4m3,tensor_scale=none").tensor_scale == "none"
+    with pytest.raises(ValueError, match="include=None: lm-eval's --model_args turns the word none into Python None"):
+        cli("include=none")

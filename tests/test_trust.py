@@ -206,8 +206,8 @@ def test_top_k_must_leave_a_unit_in_mx():
 def test_labels_are_unique_so_no_run_is_lost(tmp_path):
     """Distinct configurations may share a label (it names only what differs from the defaults, and not the
     backend); each keeps its own column and entry, for runs and for --results files alike."""
-    configs = plan_configs([("a", {"format": "fp8"}), ("b", {"format": "fp8", "backend": "torch"})])
-    assert [label for label, _ in configs] == ["fp8_e4m3 [format=fp8]", "fp8_e4m3 [format=fp8,backend=torch]"]
+    configs = plan_configs([("a", {"format": "fp8"}), ("b", {"format": "fp8", "mx_backend": "torch"})])
+    assert [label for label, _ in configs] == ["fp8_e4m3 [format=fp8]", "fp8_e4m3 [format=fp8,mx_backend=torch]"]
     files = []
     for name in ("base", "run1", "run2"):
         f = tmp_path / name / "results.json"
@@ -236,17 +236,20 @@ def _quantizer_log(model: torch.nn.Module, monkeypatch) -> tuple[list[str], dict
     calls: list[str] = []
     fed: dict[str, tuple] = {}
     current: list[str] = []
-    real_quantize, real_act = layers.MXSpec.quantize, layers.MXSpec.act
+    real_quantizer, real_act = layers.MXSpec.quantizer, layers.MXSpec.act
 
-    def quantize(self, x, fmt, axis):
-        calls.append(fmt.name)
-        return real_quantize(self, x, fmt, axis)
+    def quantizer(self):
+        def quantize(x, scheme, axis, rotation=None):
+            calls.append(scheme.name)
+            return real_quantizer.func(self)(x, scheme, axis, rotation)
+
+        return quantize
 
     def act(self, x):
         fed[current[-1]] = (x, real_act(self, x))
         return fed[current[-1]][1]
 
-    monkeypatch.setattr(layers.MXSpec, "quantize", quantize)
+    monkeypatch.setattr(layers.MXSpec, "quantizer", property(quantizer))
     monkeypatch.setattr(layers.MXSpec, "act", act)
     for name, module in layers.mx_layers(model):
         module.register_forward_pre_hook(lambda m, args, _n=name: current.append(_n))
