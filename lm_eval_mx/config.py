@@ -184,6 +184,8 @@ class MXConfig:
     mx_backend: str = "auto"
     packed: bool = False
     packed_gemm: str = "dequant"
+    # The keys the user gave (parse_mx_args fills it): checks of settings that a model's layers leave unused.
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Canonicalise so that equal configurations compare and serialise equal.
@@ -372,6 +374,7 @@ class MXConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["given"]
         d["roles"] = list(self.roles)
         d["layer_formats"] = [list(r) for r in self.layer_formats]
         d["rotation_roles"] = None if self.rotation_roles is None else list(self.rotation_roles)
@@ -415,6 +418,8 @@ class MXConfig:
 _PRESETS = {"mlp_only": "mlp", "attn_only": "attn"}
 _SHORTHANDS = ("format", "recipe")
 MX_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MXConfig)) + tuple(_PRESETS) + _SHORTHANDS
+# MX keys that may be added to a recipe's: how it runs and stores, not the numbers it was measured with.
+_BESIDE_RECIPE = ("mx_backend", "packed", "packed_gemm", "attn_bmm", "bmm_format")
 # Keys whose values include "none" (lm-eval's CLI hands those over as None).
 _NONE_KEYS = ("roles", "rotation", "tensor_scale")
 # Keys that only act on linear layers (ignored when roles=none).
@@ -458,6 +463,10 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
         clash = [k for k, v in recipe.items() if k in args and args[k] != v]
         if clash:
             raise ValueError(f"recipe sets {', '.join(clash)} too; give each key once (in the recipe or model_args)")
+        changes = [k for k in args if k in MX_KEYS and k not in recipe and k not in _BESIDE_RECIPE]
+        if changes:
+            raise ValueError(f"{', '.join(changes)} would change the numerics the recipe was measured with; edit the "
+                             f"recipe file instead (beside recipe=, model_args may add: {', '.join(_BESIDE_RECIPE)})")
         args = {**recipe, **args}
     rest = {k: v for k, v in args.items() if k not in MX_KEYS}
     mx = {k: v for k, v in args.items() if k in MX_KEYS}
@@ -521,7 +530,7 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
                 raise ValueError(f"role_formats names {', '.join(twice)} more than once; give each role one format")
             value = {k.strip(): v.strip() for k, v in pairs}
         kw["role_formats"] = value
-    config = MXConfig(**kw)
+    config = MXConfig(**kw, given=frozenset(mx))
     _check_given(config, mx)
     return config, rest
 

@@ -294,7 +294,26 @@ def select(model: nn.Module, config: MXConfig) -> tuple[list[Candidate], list[tu
     kept = [c for c in selected if config.formats_for(c.role, c.name) is None]
     for c in kept:
         skipped.append((c.name, c.role, f"layer_formats rule {config.layer_rule(c.name)[0] + 1} keeps it in high precision"))  # type: ignore[index]
-    return [c for c in selected if c not in kept], skipped, candidates
+    chosen = [c for c in selected if c not in kept]
+    if not chosen and not config.attn_bmm:
+        raise SelectionError("layer_formats keeps every selected layer in high precision: nothing is in MX "
+                             "(use roles=none for the baseline)")
+    _check_unused(config, chosen)
+    return chosen, skipped, candidates
+
+
+def _check_unused(config: MXConfig, chosen: list[Candidate]) -> None:
+    """Settings that no chosen layer uses, once ``layer_formats`` rules have decided theirs: refused."""
+    by_role = [c for c in chosen if config.layer_rule(c.name) is None]  # layers whose formats come from the keys
+    unused = [k for k in ("format", "w_format", "a_format") if k in config.given and not by_role]
+    roles = {c.role for c in by_role}
+    unused += [f"role_formats {k}" for k in config.role_formats if not roles & set(expand_roles(k))]
+    schemes = {config.scheme(f) for c in chosen for f in config.formats_for(c.role, c.name) or () if f}  # type: ignore[union-attr]
+    if not any(s.is_mx for s in schemes):
+        unused += [k for k in ("scale_mode", "scale_bits") if k in config.given]
+    if unused:
+        raise SelectionError(f"{', '.join(unused)} would be ignored: every selected layer it could act on takes its "
+                             "format from a layer_formats rule (or from another key)")
 
 
 def _check_rules(config: MXConfig, selected: list[Candidate], candidates: list[Candidate]) -> None:

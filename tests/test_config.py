@@ -107,9 +107,11 @@ def test_layer_formats_first_match_wins():
 
 def test_recipe_file(tmp_path):
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"model_args": {"format": "fp4", "layer_formats": [["mlp", "fp8"]]}, "avg_bits": 5}))
-    c, rest = parse_mx_args({"recipe": str(path), "mlp_only": True})
-    assert c.w_format == "fp4_e2m1" and c.layer_formats == (("mlp", "fp8_e4m3"),) and rest == {}
+    path.write_text(json.dumps({"model_args": {"format": "fp4", "mlp_only": True, "layer_formats": [["mlp", "fp8"]]},
+                                "avg_bits": 5}))
+    c, rest = parse_mx_args({"recipe": str(path), "mx_backend": "torch", "dtype": "float32"})
+    assert c.w_format == "fp4_e2m1" and c.layer_formats == (("mlp", "fp8_e4m3"),) and rest == {"dtype": "float32"}
+    assert c.roles == ("mlp_up", "mlp_down", "experts") and c.mx_backend == "torch"
     with pytest.raises(ValueError, match="recipe sets format too"):
         parse_mx_args({"recipe": str(path), "format": "fp8"})
     with pytest.raises(ValueError, match="recipe: no such file"):
@@ -141,3 +143,12 @@ def test_none_values_through_lm_eval_s_cli_parser():
     assert cli("format=fp4,scale_format=e4m3,tensor_scale=none").tensor_scale == "none"
     with pytest.raises(ValueError, match="include=None: lm-eval's --model_args turns the word none into Python None"):
         cli("include=none")
+
+
+def test_beside_a_recipe_only_keys_that_keep_its_numerics(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"model_args": {"roles": "mlp", "layer_formats": [[".*", "fp4"]]}}))
+    assert parse_mx_args({"recipe": str(path), "mx_backend": "torch", "attn_bmm": True})[0].mx_backend == "torch"
+    for key, value in (("weight_only", True), ("block_size", 16), ("rotation", "hadamard"), ("format", "int8")):
+        with pytest.raises(ValueError, match=f"{key} would change the numerics the recipe was measured with"):
+            parse_mx_args({"recipe": str(path), key: value})

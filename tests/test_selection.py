@@ -298,3 +298,22 @@ def test_accelerate_hook_kept():
     out = layer(x)
     assert Count.n == 1
     assert torch.equal(out, F.linear(quantize_mx(x, "fp8"), layer.weight))
+
+
+@pytest.mark.parametrize("args, match", [
+    ({"layer_formats": ".*:fp4", "role_formats": "mlp:fp8"}, "role_formats mlp would be ignored"),
+    ({"layer_formats": ".*:fp4", "format": "int8"}, "format would be ignored"),
+    ({"layer_formats": ".*:nvfp4", "scale_mode": "ceil"}, "scale_mode would be ignored"),
+    ({"layer_formats": ".*:bf16"}, "layer_formats keeps every selected layer in high precision"),
+])
+def test_keys_that_layer_rules_leave_unused_are_refused(args, match):
+    """Once layer_formats rules decide every layer a key could act on, the key is refused, not dropped."""
+    with pytest.raises(SelectionError, match=match):
+        apply_mx(tiny_model("llama"), parse_mx_args(args)[0])
+
+
+def test_rules_and_keys_together():
+    model = tiny_model("llama")
+    report = apply_mx(model, parse_mx_args({"layer_formats": r"mlp:nvfp4", "format": "int8", "scale_mode": "ceil"})[0])
+    formats = {e.name.split(".", 3)[-1]: e.w_format for e in report.replaced}
+    assert formats["mlp.down_proj"] == "nvfp4" and formats["self_attn.q_proj"] == "int8"
