@@ -110,8 +110,9 @@ class AttentionError(ValueError):
     """The model cannot run MX attention matmuls."""
 
 
-def enable(model: nn.Module, spec: MXSpec) -> None:
-    """Switch ``model`` to MX attention matmuls; a clear error if its attention cannot be routed."""
+def _switch(model: nn.Module) -> str | None:
+    """Set ``model``'s attention to ``mx_eager``; returns the implementation it had. A clear error if its
+    attention cannot be routed."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise AttentionError(f"attn_bmm: {type(model).__name__} is not a transformers model")
@@ -133,7 +134,19 @@ def enable(model: nn.Module, spec: MXSpec) -> None:
         raise unsupported from e
     if config._attn_implementation != NAME:
         raise unsupported
-    _STATES[id(config)] = _State(spec, True, original if original != NAME else "sdpa")
+    return original
+
+
+def enable(model: nn.Module, spec: MXSpec) -> None:
+    """Switch ``model`` to MX attention matmuls; a clear error if its attention cannot be routed."""
+    original = _switch(model)
+    _STATES[id(model.config)] = _State(spec, True, original if original != NAME else "sdpa")
+
+
+def check(model: nn.Module) -> None:
+    """:func:`enable`'s checks, leaving the model as it was (to refuse a configuration before any evaluation)."""
+    original = _switch(model)
+    model.set_attn_implementation(original if original and original != NAME else "sdpa")  # type: ignore[operator]
 
 
 def disable(model: nn.Module) -> bool:

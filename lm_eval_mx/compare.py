@@ -476,8 +476,9 @@ def run_configs(
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    from .attention import AttentionError
     from .model import HFMXLM
-    from .selection import SelectionError, select
+    from .selection import SelectionError, check_config
 
     labels = ["baseline", *(label for label, _ in configs)]
     if len(set(labels)) != len(labels):
@@ -489,10 +490,10 @@ def run_configs(
     args = {**base_args, "batch_size": batch_size, "roles": "none", "mx_keep_original": True,
             "device": resolve_device(device, base_args)}
     lm = HFMXLM(**args)
-    for label, cfg in configs:  # a pattern or role that selects no layer fails now, not after the baseline's run
+    for label, cfg in configs:  # what a configuration cannot do on this model fails now, not after the baseline's run
         try:
-            select(lm.model, cfg)
-        except SelectionError as e:
+            check_config(lm.model, cfg)
+        except (SelectionError, AttentionError) as e:
             raise SelectionError(f"configuration {label!r}: {e}") from None
     plan = [("baseline", MXConfig(roles=())), *configs]
     runs: list[Run] = []

@@ -460,6 +460,20 @@ def count_packed_bytes(model: nn.Module, report: MXReport) -> None:
     report.packed_bytes, report.dense_bytes = packed, dense
 
 
+def check_config(model: nn.Module, config: MXConfig) -> None:
+    """Everything :func:`apply_mx` would refuse on ``model``, without changing it: the selection, every layer's
+    rotation against its dimensions, and the attention matmuls (SelectionError or AttentionError)."""
+    selected, _, _ = select(model, config)
+    for c in selected:
+        layer_spec(config, c)
+    if config.attn_bmm:
+        from . import attention
+
+        rotation_for(config, BMM_ROLE, config.scheme(config.attn_bmm_format), {"head_dim": attention.head_dim(model)},
+                     "attn_bmm (Q, K)")
+        attention.check(model)
+
+
 def apply_mx(model: nn.Module, config: MXConfig, keep_original: bool = False, progress: bool = False) -> MXReport:
     """Convert the layers that ``config`` selects to MX (and the attention matmuls), in place.
 

@@ -19,8 +19,9 @@ from test_numerics import CASES, GOLDEN
 from lm_eval_mx import demo
 from lm_eval_mx.cli import main
 from lm_eval_mx.compare import Run, build_rows, plan_configs, resolve_device, rich_table
-from lm_eval_mx.config import MXConfig
+from lm_eval_mx.config import MXConfig, parse_mx_args
 from lm_eval_mx.divergence import run_divergence
+from lm_eval_mx.layers import mx_layers
 from lm_eval_mx.numerics import quantize_mx
 from lm_eval_mx.selection import apply_mx
 from lm_eval_mx.testing import build_tokenizer
@@ -191,6 +192,32 @@ def test_selection_errors_come_before_the_baseline_runs(tiny_dir, monkeypatch, c
     assert str(e.value.code).startswith("lm-eval-mx compare: configuration 'fp8_e4m3 attn_qkv|attn_out|mlp_up|"
                                         "mlp_down|experts|router|lm_head|other +/nothing_here/': include pattern "
                                         "'nothing_here' matches no linear layer")
+
+
+@pytest.mark.parametrize("config, message", [
+    ("format=fp4,rotation=hadamard,rotation_block=128", "rotation block 128 does not divide the reduction dimension 64"),
+    ("format=fp4,rotation=hadamard,roles=none,attn_bmm=True", "attn_bmm (Q, K) (head_dim): rotation block 32"),
+])
+def test_rotation_and_attention_errors_come_before_the_baseline_runs(tiny_dir, monkeypatch, cpu_only, config, message):
+    """A rotation block that does not divide a layer (or the head dimension) is refused with the model loaded,
+    before any evaluation; the configuration is not left half-applied on the model."""
+    import lm_eval
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **k: pytest.fail("evaluated before checking the configs"))
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--model_args", f"pretrained={tiny_dir}", "--tasks", "mx_corpus_ppl", *MX, "--config", config])
+    assert message in str(e.value.code)
+
+
+def test_check_config_leaves_the_model_as_it_was():
+    from lm_eval_mx.attention import NAME
+    from lm_eval_mx.selection import check_config
+
+    model = tiny_model("llama")
+    before = model.config._attn_implementation
+    check_config(model, parse_mx_args({"attn_bmm": True, "format": "fp4"})[0])
+    assert model.config._attn_implementation == before != NAME
+    assert not list(mx_layers(model))
 
 
 def test_top_k_must_leave_a_unit_in_mx():
