@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything measured on a lent GPU, in one device call (the steps you name):
 #   tests     tests/test_gpu.py (golden cases on both backends, Triton == torch property test, schemes, rotations,
-#             the fused gate, packed weights, whole models)
+#             packed weights, whole models)
 #   quant     activation quantizer vs a device copy (MXFP8, MXFP4, NVFP4, rotated)   } benchmarks/gpu_bench.py
 #   tiles     the flat kernel's tile/warps sweep                                     }
 #   host      host microseconds per MX call at decode size                           }

@@ -71,6 +71,7 @@ ALIASES: dict[str, str] = {
     "e5m2": "fp8_e5m2",
     "float8_e5m2": "fp8_e5m2",
     "mxfp6": "fp6_e2m3",
+    "fp6": "fp6_e2m3",
     "mxfp6_e2m3": "fp6_e2m3",
     "e2m3": "fp6_e2m3",
     "mxfp6_e3m2": "fp6_e3m2",

@@ -8,7 +8,7 @@ are quantized in ``forward`` along the reduction axis. With MX switched off
 original weights, bit for bit.
 
 Packed layers (``MXPacked*``, :func:`convert_packed`) hold each selected weight
-as uint8 MX codes plus E8M0 scales instead: they are set up on the meta model
+as uint8 codes plus uint8 block scales (E8M0 or E4M3) instead: they are set up on the meta model
 before a checkpoint loads and filled by the loader (:mod:`lm_eval_mx.hf_quantizer`).
 """
 
@@ -54,7 +54,8 @@ class MXSpec:
         backend: str = "auto",
         rotation: Rotation | None = None,
     ) -> MXSpec:
-        """From element format names under one block size and scale settings (E8M0 scales)."""
+        """From element format names under one block size and E8M0 scale settings (tests and benchmarks; layers
+        get theirs from :func:`lm_eval_mx.selection.layer_spec`)."""
 
         def scheme(name: str) -> Scheme:
             return make_scheme(name, block_size, rounding, scale_bits, scale_mode)

@@ -6,9 +6,10 @@ round with subnormals kept and saturate to the format's max normal, blocks holdi
 inf/nan become NaN, zeros come back as +0.0. All of it is float32 arithmetic with
 power-of-two factors, so every step is exact.
 
-E4M3 scales (NVFP4) follow torchao's ``nvfp4_quantize`` step by step (README,
-*NVFP4*): every division is one correctly rounded float32 operation, so the result
-is defined to the bit and the Triton kernel reproduces it.
+E4M3 scales (NVFP4) follow torchao's ``nvfp4_quantize`` arithmetic, with the deviations the
+README lists (E4M3 subnormal scales kept, all-zero and non-finite tensors): every division is
+one correctly rounded float32 operation, so the result is defined to the bit and the Triton
+kernel reproduces it.
 
 The code runs unchanged on CPU and CUDA (and under ``torch.compile``).
 """
