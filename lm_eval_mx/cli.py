@@ -150,7 +150,6 @@ def divergence_main(ns: argparse.Namespace) -> int:
 
 def compare_main(ns: argparse.Namespace) -> int:
     """Tabulate --results files, or run the baseline and every configuration; inputs are checked first."""
-    from lm_eval.tasks import TaskManager
     from rich.console import Console
 
     from . import compare as cmp
@@ -186,8 +185,8 @@ def compare_main(ns: argparse.Namespace) -> int:
                 raise ValueError(f"--include_path {ns.include_path}: no such directory")
             device = cmp.resolve_device(ns.device, base)
             include = [str(tasks_dir())] + ([ns.include_path] if ns.include_path else [])
-            task_manager = TaskManager(include_path=include)
             tasks = [t for t in ns.tasks.split(",") if t]
+            task_manager = cmp.task_manager_for(tasks, include)
             cmp.check_tasks(tasks, task_manager)
     except ValueError as e:
         raise SystemExit(f"lm-eval-mx compare: {e}") from None

@@ -353,3 +353,14 @@ def test_torchao_cross_check_cannot_skip_in_ci():
     assert importlib.util.find_spec("torchao") is not None, (
         "CI is set but torchao is not installed: tests/test_numerics.py::test_scale_modes_match_torchao would "
         "skip; install the [test] extra")
+
+
+def test_offline_tasks_need_no_index_of_lm_evals_own():
+    """compare with only the offline tasks skips indexing lm-eval's ~13,000 task files; other names still resolve."""
+    from lm_eval_mx.cli import tasks_dir
+    from lm_eval_mx.compare import task_manager_for
+
+    local = task_manager_for(["mx_corpus_ppl", "piqa_offline"], [str(tasks_dir())])
+    assert "arc_easy" not in local.all_tasks and "mx_corpus_ppl" in local.all_tasks
+    full = task_manager_for(["mx_corpus_ppl", "arc_easy"], [str(tasks_dir())])
+    assert {"arc_easy", "mx_corpus_ppl"} <= set(full.all_tasks)
