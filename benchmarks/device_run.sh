@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything measured on a lent GPU, in one device call (the steps you name):
-#   tests     tests/test_gpu.py (golden cases on both backends, Triton == torch property test, schemes, rotations,
+#   tests     tests/test_gpu.py (PYTEST_N=8: xdist workers; golden cases on both backends, Triton == torch property test, schemes, rotations,
 #             packed weights, whole models)
 #   quant     activation quantizer vs a device copy (MXFP8, MXFP4, NVFP4, rotated)   } benchmarks/gpu_bench.py
 #   tiles     the flat kernel's tile/warps sweep                                     }
@@ -24,7 +24,7 @@ status=0
 for step in ${STEPS:-tests quant tiles host mlp generate loglik packed}; do
   t0=$SECONDS
   case $step in
-    tests) python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/test_gpu.txt" 2>&1
+    tests) python3 -m pytest -q -p no:cacheprovider --maxfail=20 tests/test_gpu.py ${PYTEST_N:+-n $PYTEST_N} ${PYTEST_K:+-k "$PYTEST_K"} > "$OUT/test_gpu.txt" 2>&1
            rc=$?; tail -15 "$OUT/test_gpu.txt" | grep -v "^\.*$"; [ $rc -eq 0 ] || status=1 ;;
     quant|tiles|host|mlp) python3 benchmarks/gpu_bench.py --only $step --out "$OUT/gpu_bench_$step.json" 2>&1 | tail -25 ;;
     generate) python3 benchmarks/generate_bench.py --preset ${GEN_PRESETS:-llama-3.2-1b llama-3.1-8b} --requests 16 --passes 2 --out "$OUT/generate.json" 2>&1 \

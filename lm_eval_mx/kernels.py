@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .formats import E4M3, Rounding, ScaleMode, Scheme, TensorScale
 from .packing import MXPacked, codes_per_byte, unpack_mx
-from .rotation import Rotation, norm_scale, rotate, signs
+from .rotation import Rotation, is_power_of_two, norm_scale, rotate, signs
 
 _ROUNDING = {Rounding.EVEN: 0, Rounding.NEAREST: 1, Rounding.FLOOR: 2}
 _SCALE_MODE = {ScaleMode.FLOOR: 0, ScaleMode.CEIL: 1, ScaleMode.EVEN: 2, ScaleMode.RCEIL: 3}
@@ -271,7 +271,7 @@ def _plan(scheme: Scheme, rotation: Rotation | None, n_cols: int, out: torch.dty
         ROUNDING=_ROUNDING[scheme.rounding], SCALE_MODE=_SCALE_MODE[scheme.scale_mode], E4M3=not scheme.is_mx,
         TENSOR=scheme.tensor_scale is TensorScale.AMAX, RNE_BF16=not scheme.is_mx and out == torch.bfloat16,
     )
-    if _is_pow2(block) and n_cols % width == 0 and width <= 4096:
+    if is_power_of_two(block) and n_cols % width == 0 and width <= 4096:
         rows = max(1, tile_elements // width)
         seed = rotation is not None and rotation.seed is not None
         numerics.update(ROT=rot, LOG_ROT=max(rot, 1).bit_length() - 1, ROT_SCALE=norm_scale(rot) if rot else 1.0,
@@ -288,10 +288,6 @@ def _tile(block: int, elements: int) -> tuple[int, int, int]:
     nb = max(1, min(1024 // bp, 64))
     rows = max(1, elements // (nb * bp))
     return rows, nb, bp
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 def quantize_triton(
