@@ -71,9 +71,9 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
                    help="tabulate existing lm-eval results files instead of running (first = baseline)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (integer >= 1) or a fraction in (0, 1)")
     p.add_argument("--num_fewshot", type=int, default=None)
-    p.add_argument("--batch_size", default="1", help="integer >= 1, auto or auto:N (default 1)")
+    p.add_argument("--batch_size", default=None, help="integer >= 1, auto or auto:N (default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=None, help="lm-eval's seeds (default 1234)")
     p.add_argument("--include_path", default=None, help="extra task directory (lm-eval-mx's tasks/ is always included)")
     p.add_argument("--output_dir", default="mx_compare", help="where compare.md/.csv/.json/.png go (default: mx_compare)")
 
@@ -127,13 +127,15 @@ def divergence_main(ns: argparse.Namespace) -> int:
                              "select layers (roles=..., include=...) or attn_bmm=True")
         check_args(max_length=ns.max_length, batch_size=ns.batch_size, max_tokens=ns.max_tokens,
                    sensitivity=ns.sensitivity, top_k=ns.top_k)
-        texts = read_corpus([Path(f) for f in ns.corpus] if ns.corpus else sorted((tasks_dir() / "corpus").glob("*.txt")))
+        texts = read_corpus(ns.corpus)
         if ns.output and (Path(ns.output).is_dir() or not Path(ns.output).parent.is_dir()):
             raise ValueError(f"--output {ns.output}: not a file in an existing directory")
         base["device"] = resolve_device(ns.device, base)
+        from .model import HFMXLM, check_hf_args
+
+        check_hf_args(config, base)
     except ValueError as e:
         raise SystemExit(f"lm-eval-mx divergence: {e}") from None
-    from .model import HFMXLM
 
     lm = HFMXLM(**base, roles="none", mx_keep_original=True)
     try:
@@ -160,7 +162,8 @@ def compare_main(ns: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--output_dir {out} is a file, not a directory")
         if ns.results:
-            given = [f for f in ("model_args", "tasks", "config", "sweep") if getattr(ns, f)]
+            given = [f for f in ("model_args", "tasks", "config", "sweep", "limit", "num_fewshot", "batch_size",
+                                 "device", "seed", "include_path") if getattr(ns, f) not in (None, "", [])]
             if given:
                 raise ValueError(f"--results tabulates existing files; --{', --'.join(given)} would be ignored")
             if len(ns.results) < 2:
@@ -180,7 +183,7 @@ def compare_main(ns: argparse.Namespace) -> int:
             if not specs:
                 raise ValueError("give at least one --config or a --sweep")
             configs = cmp.plan_configs(specs)
-            limit, batch = cmp.check_run_args(ns.limit, ns.batch_size, ns.num_fewshot)
+            limit, batch = cmp.check_run_args(ns.limit, ns.batch_size or "1", ns.num_fewshot)
             if ns.include_path is not None and not Path(ns.include_path).is_dir():
                 raise ValueError(f"--include_path {ns.include_path}: no such directory")
             device = cmp.resolve_device(ns.device, base)
@@ -195,8 +198,9 @@ def compare_main(ns: argparse.Namespace) -> int:
 
         try:
             runs = cmp.run_configs(base, configs, tasks, limit=limit, num_fewshot=ns.num_fewshot, batch_size=batch,
-                                   device=device, seed=ns.seed, task_manager=task_manager)
-        except SelectionError as e:  # checked on the loaded model, before any evaluation
+                                   device=device, seed=1234 if ns.seed is None else ns.seed,
+                                   task_manager=task_manager)
+        except (SelectionError, ValueError) as e:  # arguments, then the loaded model: before any evaluation
             raise SystemExit(f"lm-eval-mx compare: {e}") from None
         if not runs:  # non-zero rank
             return 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import MX_KEYS, MXConfig, parse_mx_args, suggest
+from .config import MX_KEYS, MXConfig, _as_bool, parse_mx_args, suggest
 
 
 @dataclass
@@ -478,7 +478,7 @@ def run_configs(
     """Evaluate the baseline then each MX configuration on one model copy; every argument is checked first,
     before the model loads."""
     packed = [label for label, cfg in configs if cfg.packed]
-    if packed or base_args.get("packed") not in (None, False, "False", "false"):
+    if packed or _as_bool("packed", base_args.get("packed", False)):
         raise ValueError(
             "compare evaluates every configuration on one high-precision copy, but packed=True loads a model "
             "per configuration: run `lm-eval-mx run --model hf-mx --model_args ...,packed=True` for each "
@@ -488,13 +488,18 @@ def run_configs(
     from lm_eval.tasks import TaskManager
 
     from .attention import AttentionError
-    from .model import HFMXLM
+    from .model import HFMXLM, check_hf_args
     from .selection import SelectionError, check_config
 
     labels = ["baseline", *(label for label, _ in configs)]
     if len(set(labels)) != len(labels):
         raise ValueError(f"configuration labels must be unique and not 'baseline' (compare.json is keyed by them): {labels}")
     check_configs([(f"configuration {label!r}", cfg) for label, cfg in configs])
+    for label, cfg in configs:  # against the hf arguments (attn_implementation, the backend on this machine)
+        try:
+            check_hf_args(cfg, base_args)
+        except ValueError as e:
+            raise ValueError(f"configuration {label!r}: {e}") from None
     limit, batch_size = check_run_args(limit, batch_size, num_fewshot)
     task_manager = task_manager or TaskManager(include_path=include_path)
     check_tasks(tasks, task_manager)

@@ -5,7 +5,6 @@ Plain Python (no torch), so a bad ``model_args`` value fails before any model lo
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -26,6 +25,7 @@ from .formats import (
     get_scale_format,
     get_scale_mode,
     get_tensor_scale,
+    suggest,
 )
 
 ROLES: tuple[str, ...] = (
@@ -258,6 +258,8 @@ class MXConfig:
             return
         from .rotation import is_power_of_two
 
+        if self.rotation_seed is not None and not 0 <= self.rotation_seed < 2**63:
+            raise ValueError(f"rotation_seed must be an integer in [0, 2**63), got {self.rotation_seed}")
         if self.rotation_block is not None and self.rotation_block != 0 and not is_power_of_two(self.rotation_block):
             raise ValueError(
                 f"rotation_block must be a power of two (Sylvester Hadamard blocks) or 0 (the whole reduction "
@@ -283,6 +285,13 @@ class MXConfig:
         schemes = [self.scheme(name) for name in self.formats_in_use()]
         if not schemes:
             return
+        if self.rotation != "none" and self.rotation_block is None:
+            from .rotation import is_power_of_two
+
+            odd = sorted({s.block_size for s in schemes if s.block_size and not is_power_of_two(s.block_size)})
+            if odd:
+                raise ValueError(f"rotation_block defaults to the block size, {odd[0]}, which is not a power of two; "
+                                 "give rotation_block=N (a power of two) or 0 (the whole dimension)")
         mx = [s for s in schemes if s.is_mx]
         for key in ("scale_mode", "scale_bits"):
             if getattr(self, key) is not None and not mx:
@@ -291,8 +300,9 @@ class MXConfig:
 
     @property
     def selects_layers(self) -> bool:
-        """True when some linear layer is meant to be selected (roles or a pattern)."""
-        return bool(self.roles) or self.include is not None
+        """True when some linear layer is meant to be selected: ``include`` narrows the roles' layers, so
+        roles=none selects nothing whatever the pattern."""
+        return bool(self.roles)
 
     @property
     def enabled(self) -> bool:
@@ -417,13 +427,14 @@ class MXConfig:
 # User-facing keys beyond MXConfig's own fields.
 _PRESETS = {"mlp_only": "mlp", "attn_only": "attn"}
 _SHORTHANDS = ("format", "recipe")
-MX_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MXConfig)) + tuple(_PRESETS) + _SHORTHANDS
+MX_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MXConfig) if f.name != "given") + tuple(_PRESETS) + _SHORTHANDS
 # MX keys that may be added to a recipe's: how it runs and stores, not the numbers it was measured with.
 _BESIDE_RECIPE = ("mx_backend", "packed", "packed_gemm", "attn_bmm", "bmm_format")
 # Keys whose values include "none" (lm-eval's CLI hands those over as None).
 _NONE_KEYS = ("roles", "rotation", "tensor_scale")
 # Keys that only act on linear layers (ignored when roles=none).
-_LINEAR_KEYS = ("w_format", "role_formats", "layer_formats", "exclude", "weight_only", "packed", "packed_gemm")
+_LINEAR_KEYS = ("w_format", "role_formats", "layer_formats", "include", "exclude", "weight_only", "packed",
+                "packed_gemm")
 
 
 def read_json(path: Any, what: str, error: type[ValueError] = ValueError) -> Any:
@@ -537,22 +548,22 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
 
 def _check_given(config: MXConfig, mx: dict[str, Any]) -> None:
     """Keys the user gave that this configuration would not use: refused, with the reason."""
-    if config.weight_only and "a_format" in mx and not config.attn_bmm:
+    bmm_reads_a = config.attn_bmm and config.bmm_format is None  # the attention matmuls take a_format
+    if "packed_gemm" in mx and not config.packed:
+        raise ValueError("packed_gemm chooses how packed weights are multiplied: it needs packed=True")
+    if config.weight_only and "a_format" in mx and not bmm_reads_a:
         raise ValueError("a_format would be ignored: weight_only=True keeps layer inputs in high precision "
-                         "(a_format is used with weight_only only by attn_bmm=True)")
+                         "(a_format is used with weight_only only by attn_bmm=True without bmm_format)")
     if not config.selects_layers:
-        linear = [k for k in (*_LINEAR_KEYS, "format") if k in mx and not (k == "format" and config.attn_bmm)]
+        linear = [k for k in (*_LINEAR_KEYS, "format") if k in mx and not (k == "format" and bmm_reads_a)]
+        if config.attn_bmm and not bmm_reads_a and "a_format" in mx:
+            linear.append("a_format")
         if not config.attn_bmm:
             linear += [k for k in ("a_format", "block_size", "scale_format", "tensor_scale", "rounding",
                                    "scale_bits", "scale_mode", "mx_backend") if k in mx]
         if linear:
             raise ValueError(f"{', '.join(linear)} would be ignored: roles=none puts no linear layer in MX"
                              + ("" if config.attn_bmm else " (and attn_bmm is off)"))
-
-
-def suggest(key: str, allowed: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=3)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 __all__ = ["BACKENDS", "FORMATS", "MX_KEYS", "ROLES", "ROLE_GROUPS", "MXConfig", "parse_mx_args"]

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,10 +179,16 @@ def check_args(*, max_length: int, batch_size: int, max_tokens: int | None, sens
             raise ValueError(f"--top_k must be >= 1 (the exclude pattern keeps the worst top_k), got {top_k}")
 
 
-def read_corpus(files: list[Path]) -> list[str]:
-    """Paragraphs (blank-line separated) of UTF-8 text files; a one-line error naming a bad file."""
+def read_corpus(files: Sequence[str | Path] | None) -> list[str]:
+    """Paragraphs (blank-line separated) of UTF-8 text files (None: the shipped corpus, tasks/corpus/*.txt);
+    a one-line error naming a bad file."""
+    if files is None:
+        from .cli import tasks_dir
+
+        files = sorted((tasks_dir() / "corpus").glob("*.txt"))
     if not files:
         raise ValueError("--corpus: no text file given")
+    files = [Path(f) for f in files]
     texts: list[str] = []
     for f in files:
         try:

@@ -60,29 +60,35 @@ FORMATS: dict[str, ElemFormat] = {
     )
 }
 
+# The OCP MX v1.0 scheme names (block 32, E8M0 scales) and their element formats: named schemes
+# (NAMED_SCHEMES) and aliases of the element formats alike.
+MX_NAMES: dict[str, str] = {
+    "mxfp8": "fp8_e4m3",
+    "mxfp8_e5m2": "fp8_e5m2",
+    "mxfp6_e2m3": "fp6_e2m3",
+    "mxfp6_e3m2": "fp6_e3m2",
+    "mxfp4": "fp4_e2m1",
+    "mxint8": "int8",
+    "mxint4": "int4",
+    "mxint2": "int2",
+}
+
 # What users type, mapped to canonical names (lower-cased, '-' read as '_').
 ALIASES: dict[str, str] = {
-    "mxfp8": "fp8_e4m3",
+    **MX_NAMES,
     "mxfp8_e4m3": "fp8_e4m3",
     "fp8": "fp8_e4m3",
     "e4m3": "fp8_e4m3",
     "float8_e4m3fn": "fp8_e4m3",
-    "mxfp8_e5m2": "fp8_e5m2",
     "e5m2": "fp8_e5m2",
     "float8_e5m2": "fp8_e5m2",
     "mxfp6": "fp6_e2m3",
     "fp6": "fp6_e2m3",
-    "mxfp6_e2m3": "fp6_e2m3",
     "e2m3": "fp6_e2m3",
-    "mxfp6_e3m2": "fp6_e3m2",
     "e3m2": "fp6_e3m2",
-    "mxfp4": "fp4_e2m1",
     "mxfp4_e2m1": "fp4_e2m1",
     "fp4": "fp4_e2m1",
     "e2m1": "fp4_e2m1",
-    "mxint8": "int8",
-    "mxint4": "int4",
-    "mxint2": "int2",
 }
 
 
@@ -255,14 +261,7 @@ def _mx(elem: str) -> Scheme:
 # NVFP4 fixes its block (16), its scales (E4M3) and its per-tensor scale: changing those needs
 # the separate keys (w_format/a_format=fp4_e2m1, block_size, scale_format, tensor_scale).
 NAMED_SCHEMES: dict[str, Scheme] = {
-    "mxfp8": _mx("fp8_e4m3"),
-    "mxfp8_e5m2": _mx("fp8_e5m2"),
-    "mxfp6_e2m3": _mx("fp6_e2m3"),
-    "mxfp6_e3m2": _mx("fp6_e3m2"),
-    "mxfp4": _mx("fp4_e2m1"),
-    "mxint8": _mx("int8"),
-    "mxint4": _mx("int4"),
-    "mxint2": _mx("int2"),
+    **{name: _mx(elem) for name, elem in MX_NAMES.items()},
     "nvfp4": Scheme(FORMATS["fp4_e2m1"], 16, ScaleFormat.E4M3, TensorScale.AMAX),
 }
 # Named schemes whose block and scale settings are fixed (the others are element formats in MX).
@@ -284,12 +283,17 @@ def check_format_name(name: str, allow_high_precision: bool = False) -> str:
     key = canonical_name(name)
     if key in FORMATS or key in FIXED_SCHEMES or (allow_high_precision and key in HIGH_PRECISION):
         return key
-    import difflib
-
     extra = f"; high precision: {_choices(HIGH_PRECISION)}" if allow_high_precision else ""
-    close = difflib.get_close_matches(key, [*FORMATS, *ALIASES, *FIXED_SCHEMES], n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(
         f"unknown MX element format {name!r}; valid formats: {_choices(FORMATS)}; schemes: "
-        f"{_choices(FIXED_SCHEMES)}{extra} (aliases: {_choices(ALIASES)}; `lm-eval-mx formats` lists them){hint}"
+        f"{_choices(FIXED_SCHEMES)}{extra} (aliases: {_choices(ALIASES)}; `lm-eval-mx formats` lists them)"
+        + suggest(key, [*FORMATS, *ALIASES, *FIXED_SCHEMES])
     )
+
+
+def suggest(key: str, allowed: list[str] | tuple[str, ...]) -> str:
+    """" (did you mean ...?)" with the closest allowed names, or ""."""
+    import difflib
+
+    close = difflib.get_close_matches(key, list(allowed), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""

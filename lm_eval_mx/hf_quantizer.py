@@ -9,7 +9,8 @@ high-precision model is never held in memory, only one tensor at a time.
 ``packed=True``.
 
 The config and quantizer are registered with transformers under ``quant_method="mx"``
-when this module is imported (``import lm_eval_mx`` does it).
+when this module is imported (``from lm_eval_mx import MXQuantizationConfig`` and hf-mx's
+``packed=True`` import it).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class MXQuantizationConfig(QuantizationConfigMixin):
             unknown = sorted(set(mx) - {f.name for f in fields(MXConfig)})
             if unknown:
                 raise ValueError(f"MXQuantizationConfig: {unknown} are not MXConfig fields")
-            config = MXConfig(**mx)
+            config = _from_dict(mx)
         elif isinstance(mx, MXConfig):
             config = mx
         else:
@@ -71,11 +72,17 @@ class MXQuantizationConfig(QuantizationConfigMixin):
                 raise ValueError(f"MXQuantizationConfig: unknown keys {sorted(rest)}; valid: the MX keys of hf-mx "
                                  "(w_format, a_format, roles, include, exclude, ...)")
         self.quant_method = QUANT_METHOD
-        self.mx = MXConfig(**{**config.to_dict(), "packed": True}).to_dict()
+        # with the keys the user gave: the checks of settings a model's layers leave unused need them
+        self.mx = {**MXConfig(**{**config.to_dict(), "packed": True}).to_dict(), "given": sorted(config.given)}
 
     @property
     def mx_config(self) -> MXConfig:
-        return MXConfig(**self.mx)
+        return _from_dict(self.mx)
+
+
+def _from_dict(mx: dict[str, Any]) -> MXConfig:
+    """MXConfig from its dict (``given`` serialized as a list)."""
+    return MXConfig(**{**mx, "given": frozenset(mx.get("given", ()))})
 
 
 class MXPack(ConversionOps):

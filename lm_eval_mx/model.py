@@ -150,7 +150,7 @@ def _check_packed_args(pretrained: Any, keep_original: bool, args: dict[str, Any
             raise ValueError(f"packed=True cannot be combined with {key}: {why}")
 
 
-def _check_hf_args(config: MXConfig, rest: dict[str, Any]) -> None:
+def check_hf_args(config: MXConfig, rest: dict[str, Any]) -> None:
     """MX settings that the hf arguments would contradict or leave without effect: refused before loading."""
     backend = resolve_backend(config.mx_backend)  # e.g. mx_backend=triton without CUDA
     if config.attn_bmm and rest.get("attn_implementation") not in (None, ATTENTION_NAME):
@@ -192,7 +192,7 @@ class HFMXLM(HFLM):
             raise ValueError("hf-mx needs pretrained=<model path or hub id>")
         check_model_args({"pretrained": pretrained, **kwargs})
         config, rest = parse_mx_args(kwargs)
-        _check_hf_args(config, rest)
+        check_hf_args(config, rest)
         self.mx_keep_original = _as_bool("mx_keep_original", rest.pop("mx_keep_original", False))
         self._mx_packed = None
         if config.packed:

@@ -701,10 +701,17 @@ def process_rank() -> tuple[int, int]:
 
 
 def _check_args(ns: argparse.Namespace, cached: dict[str, Any] | None) -> None:
+    """Every option checked before the model loads (the measurement takes minutes)."""
+    from .compare import check_run_args
+
     if ns.limit is not None and not ns.validate:
         raise SearchError("--limit limits the --validate evaluation: give --validate TASKS too")
     if ns.batch_size < 1:
         raise SearchError(f"--batch_size must be >= 1, got {ns.batch_size}")
+    try:
+        check_run_args(ns.limit, ns.batch_size)
+    except ValueError as e:
+        raise SearchError(str(e)) from None
     for key in ("max_tokens", "max_length"):
         value = getattr(ns, key)
         if value is not None and value < 2:
@@ -716,12 +723,13 @@ def _check_args(ns: argparse.Namespace, cached: dict[str, Any] | None) -> None:
                               "drop --" + ", --".join(given) + " (or run a new search)")
     elif ns.model_args is None:
         raise SearchError("--model_args is required (pretrained=PATH,...), unless --from re-solves a recipe")
-    if ns.model_args:
-        from lm_eval.utils import simple_parse_args_string
-
-        mx = [k for k in simple_parse_args_string(ns.model_args) if k in MX_KEYS]
-        if mx:
-            raise SearchError(f"put MX keys ({', '.join(mx)}) in --config, not --model_args")
+    model_args = _parse(ns.model_args or (cached or {}).get("model", ""), "--model_args")
+    mx = [k for k in model_args if k in MX_KEYS]
+    if mx:
+        raise SearchError(f"put MX keys ({', '.join(mx)}) in --config, not --model_args")
+    _device(ns.device, model_args)
+    if ns.config:
+        _parse(ns.config, "--config")
 
 
 @functools.cache
@@ -745,33 +753,41 @@ def _validate_tasks(tasks: str) -> list[str]:
 
 
 def _texts(files: list[str] | None) -> list[str]:
-    from .cli import tasks_dir
+    from .divergence import read_corpus
 
-    paths = [Path(f) for f in files] if files else sorted((tasks_dir() / "corpus").glob("*.txt"))
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise SearchError(f"--corpus: no such file {', '.join(missing)}")
-    return [t for p in paths for t in p.read_text(encoding="utf-8").split("\n\n") if t.strip()]
-
-
-def _device(device: str | None) -> str:
-    """``--device``, else cuda when available, else cpu (hf's own default is cuda even without one)."""
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return read_corpus(files)
+    except ValueError as e:
+        raise SearchError(str(e)) from None
 
 
 def _load(model_args: str, device: str | None) -> Any:
     """The model once, in high precision, with MX switchable (hf-mx's loading: dtype, gguf_file, ...)."""
-    from lm_eval.utils import simple_parse_args_string
-
     from .model import HFMXLM
 
-    base = simple_parse_args_string(model_args)
-    if device and base.get("device") not in (None, device):
-        raise SearchError(f"--device {device} and --model_args device={base['device']} disagree; give one")
-    base["device"] = _device(device or base.get("device"))
+    base = _parse(model_args, "--model_args")
+    base["device"] = _device(device, base)
     return HFMXLM(**base, roles="none", mx_keep_original=True)
+
+
+def _parse(text: str, what: str) -> dict[str, Any]:
+    """``key=value,...`` as compare parses it (a key given twice is refused)."""
+    from .compare import parse_kv
+
+    try:
+        return parse_kv(text, what)
+    except ValueError as e:
+        raise SearchError(str(e)) from None
+
+
+def _device(device: str | None, model_args: dict[str, Any]) -> str:
+    """``--device``, else model_args' device, else cuda when available, else cpu (hf's own default is cuda)."""
+    from .compare import resolve_device
+
+    try:
+        return resolve_device(device, model_args)
+    except ValueError as e:
+        raise SearchError(str(e)) from None
 
 
 def _timed(fn: Any) -> tuple[Any, float]:
@@ -798,7 +814,6 @@ def main(ns: argparse.Namespace) -> int:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from lm_eval.utils import simple_parse_args_string
     from rich.console import Console
 
     console = Console(width=160)
@@ -823,7 +838,7 @@ def _run(ns: argparse.Namespace) -> int:
         if not ns.candidates:
             raise SearchError("--candidates is required, e.g. fp4_e2m1,fp8_e4m3,bf16")
         candidates = parse_candidates(ns.candidates)
-        config_args = simple_parse_args_string(ns.config) if ns.config else {}
+        config_args = _parse(ns.config, "--config") if ns.config else {}
         granularity, model_args = ns.granularity or "layer", ns.model_args
         corpus = {"files": [str(Path(f).resolve()) for f in ns.corpus] if ns.corpus else None,
                   "max_tokens": ns.max_tokens or DEFAULT_MAX_TOKENS, "max_length": ns.max_length or 256}
@@ -844,11 +859,12 @@ def _run(ns: argparse.Namespace) -> int:
         solution, timing["solve_s"] = _timed(lambda: solve(units, candidates, sens, ns.bits, ns.max_kl))
     measurer = lm = None
     if cached is None or not ns.no_measure:
+        texts = _texts(corpus["files"])  # a bad corpus file fails before the model loads
         t0 = time.perf_counter()
         lm = _load(model_args, ns.device)
         from .divergence import token_batches
 
-        batches = token_batches(lm.tokenizer, _texts(corpus["files"]), corpus["max_length"], ns.batch_size,
+        batches = token_batches(lm.tokenizer, texts, corpus["max_length"], ns.batch_size,
                                 corpus["max_tokens"])
         if not batches:
             raise SearchError("the corpus gave no token sequence longer than one token")
@@ -911,22 +927,21 @@ def _validate(recipe: dict[str, Any], paste: str, config_args: dict[str, Any], c
     written (md/csv/json/png) to ``<output>_validate/``."""
     import gc
 
-    from lm_eval.utils import simple_parse_args_string
     from rich.console import Console
 
     from .cli import tasks_dir
-    from .compare import build_rows, rich_table, run_configs, write_outputs
+    from .compare import build_rows, check_run_args, rich_table, run_configs, write_outputs
 
     gc.collect()
-    base = {k: v for k, v in simple_parse_args_string(paste).items() if k != "recipe"}
+    base = {k: v for k, v in _parse(paste, "--model_args").items() if k != "recipe"}
     recipe_cfg, _ = parse_mx_args({"recipe": str(Path(ns.output).resolve())})
     configs = [(f"search {recipe['avg_bits']:.2f}b", recipe_cfg)]
     for f in candidates:
         if f != HP:
             configs.append((f"{f} {recipe['uniform'][f]['avg_bits']:.2f}b", parse_mx_args({**config_args, "format": f})[0]))
-    limit = int(ns.limit) if ns.limit is not None and ns.limit >= 1 else ns.limit
+    limit, _ = check_run_args(ns.limit, ns.batch_size)
     runs = run_configs(base, configs, tasks, limit=limit, batch_size=ns.batch_size,
-                       device=_device(ns.device or base.get("device")), include_path=str(tasks_dir()))
+                       device=_device(ns.device, base), include_path=str(tasks_dir()))
     console = Console(width=240)  # baseline + one column pair per mix
     console.print(rich_table(build_rows(runs[0], runs[1:]), [r.label for r in runs[1:]]))
     out = Path(ns.output)

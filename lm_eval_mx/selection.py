@@ -29,7 +29,7 @@ from .layers import (
     convert_packed,
     mx_layers,
 )
-from .rotation import Rotation, is_power_of_two
+from .rotation import Rotation
 
 _ATTN_BLOCKS = {"attn", "self_attn", "attention", "self_attention", "crossattention", "mixer", "attn_layer"}
 _MLP_BLOCKS = {"mlp", "ffn", "feed_forward", "feedforward", "block_sparse_moe", "moe", "ff", "shared_expert", "shared_experts"}
@@ -305,15 +305,19 @@ def select(model: nn.Module, config: MXConfig) -> tuple[list[Candidate], list[tu
 def _check_unused(config: MXConfig, chosen: list[Candidate]) -> None:
     """Settings that no chosen layer uses, once ``layer_formats`` rules have decided theirs: refused."""
     by_role = [c for c in chosen if config.layer_rule(c.name) is None]  # layers whose formats come from the keys
-    unused = [k for k in ("format", "w_format", "a_format") if k in config.given and not by_role]
     roles = {c.role for c in by_role}
+    covered = {r for k in config.role_formats for r in expand_roles(k)}  # roles role_formats decides
+    by_keys = roles - covered  # roles whose formats come from format/w_format/a_format
+    bmm_reads_a = config.attn_bmm and config.bmm_format is None
+    unused = [k for k in ("format", "w_format", "a_format") if k in config.given and not by_keys
+              and not (k != "w_format" and bmm_reads_a)]
     unused += [f"role_formats {k}" for k in config.role_formats if not roles & set(expand_roles(k))]
     schemes = {config.scheme(f) for c in chosen for f in config.formats_for(c.role, c.name) or () if f}  # type: ignore[union-attr]
     if not any(s.is_mx for s in schemes):
         unused += [k for k in ("scale_mode", "scale_bits") if k in config.given]
     if unused:
         raise SelectionError(f"{', '.join(unused)} would be ignored: every selected layer it could act on takes its "
-                             "format from a layer_formats rule (or from another key)")
+                             "format from a layer_formats rule or role_formats (or from another key)")
 
 
 def _check_rules(config: MXConfig, selected: list[Candidate], candidates: list[Candidate]) -> None:
@@ -352,13 +356,8 @@ def rotation_for(config: MXConfig, role: str, scheme: Scheme, dims: dict[str, in
     """
     if not config.rotates(role):
         return None
-    block = config.rotation_block
-    if block is None:
-        block = scheme.block_size
-        if block and not is_power_of_two(block):
-            raise SelectionError(f"{where}: rotation_block defaults to the block size, {block}, which is not a power "
-                                 "of two; give rotation_block=N (a power of two) or 0 (the whole dimension)")
-    rotation = Rotation(block, config.rotation_seed)
+    block = scheme.block_size if config.rotation_block is None else config.rotation_block  # a power of two or 0:
+    rotation = Rotation(block, config.rotation_seed)  # MXConfig checked it
     for name, dim in dims.items():
         try:
             rotation.block_for(dim)
@@ -401,7 +400,7 @@ def convert_layers(model: nn.Module, config: MXConfig, keep_original: bool = Fal
     get_in = getattr(model, "get_input_embeddings", None)
     emb = get_in() if callable(get_in) else None
     iterator = selected
-    if progress:
+    if progress and selected:  # no empty bar for a configuration that selects nothing (compare's baseline)
         from tqdm.auto import tqdm
 
         iterator = tqdm(selected, desc="MX: quantizing weights", unit="layer", leave=False)

@@ -14,8 +14,9 @@ from packaging.version import Version
 
 from lm_eval_mx.attention import NAME, AttentionError, mx_attention_forward
 from lm_eval_mx.config import MXConfig, parse_mx_args
+from lm_eval_mx.formats import NAMED_SCHEMES, Scheme
 from lm_eval_mx.layers import MXSpec, mx_disabled, remove_mx
-from lm_eval_mx.numerics import quantize_mx
+from lm_eval_mx.numerics import make_scheme, quantize
 from lm_eval_mx.selection import apply_mx
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 7, 120, 33, 2, 11, 80, 9, 1, 4, 6, 8, 10, 12, 14]])
@@ -29,15 +30,16 @@ class _Module(torch.nn.Module):
 
 
 def mx_eager_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scaling: float,
-                       fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       fmt: str | Scheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager attention written out: Q and K quantized along the head dim, P along the keys, V along the
     sequence; ``allowed[..., i, j]``: query i may see key j. Returns (output [B, T, H, D], probabilities)."""
+    scheme = make_scheme(fmt) if isinstance(fmt, str) else fmt
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    s = quantize_mx(q, fmt) @ quantize_mx(k, fmt).transpose(2, 3) * scaling + mask
+    s = quantize(q, scheme, -1) @ quantize(k, scheme, -1).transpose(2, 3) * scaling + mask
     p = torch.softmax(s, -1)
-    return (quantize_mx(p, fmt) @ quantize_mx(v, fmt, axis=-2)).transpose(1, 2), p
+    return (quantize(p, scheme, -1) @ quantize(v, scheme, -2)).transpose(1, 2), p
 
 
 @contextlib.contextmanager
@@ -70,7 +72,9 @@ def _eager_mask(pad_from: int, t: int, b: int = 2) -> torch.Tensor:
     return mask
 
 
-def test_function_matches_hand_reference_bit_for_bit():
+@pytest.mark.parametrize("scheme", [make_scheme("fp4_e2m1"), NAMED_SCHEMES["nvfp4"]], ids=lambda s: s.name)
+def test_function_matches_hand_reference_bit_for_bit(scheme):
+    """MX and NVFP4 (bmm_format=nvfp4: per-tensor scales of Q, K, P and V per call) against the written-out math."""
     from lm_eval_mx import attention
 
     g = torch.Generator().manual_seed(0)
@@ -80,13 +84,13 @@ def test_function_matches_hand_reference_bit_for_bit():
     v = torch.randn(b, hkv, t, d, generator=g) * 3
     mask = _eager_mask(30, t)
     mod = _Module()
-    spec = MXSpec.make("fp4_e2m1", "fp4_e2m1")
+    spec = MXSpec(scheme, scheme)
     attention._STATES[id(mod.config)] = attention._State(spec, True, "sdpa")
     try:
         out, probs = mx_attention_forward(mod, q, k, v, mask, scaling=0.125)
         vv = v.clone()
         vv[1, :, 30:] = 0  # keys nobody attends (padding) never set a scale
-        ref, p = mx_eager_reference(q, k, vv, mask == 0, 0.125, "fp4_e2m1")
+        ref, p = mx_eager_reference(q, k, vv, mask == 0, 0.125, scheme)
         assert torch.equal(out, ref)
         assert torch.equal(probs, p)
         kk = k.repeat_interleave(2, 1)
@@ -235,6 +239,25 @@ def test_sliding_window_mask_matches_hand_reference():
         assert torch.equal(c["out"], ref)
         causal, _ = mx_eager_reference(c["q"], c["k"], c["v"], j <= i, c["scaling"], "fp8_e5m2")
         assert not torch.equal(c["out"][:, window:], causal[:, window:])
+
+
+def test_nvfp4_bmm_in_a_model_matches_hand_reference():
+    """bmm_format=nvfp4 beside NVFP4 linears (format=nvfp4, attn_bmm=True): each layer's attention output equals
+    the written-out NVFP4 attention of its recorded Q, K, V, bit for bit."""
+    t = IDS.shape[1]
+    model = tiny_model("llama")
+    config = parse_mx_args({"format": "nvfp4", "attn_bmm": True, "bmm_format": "nvfp4"})[0]
+    report = apply_mx(model, config)
+    assert report.attn_bmm == "nvfp4" and config.label() == "nvfp4 bmm"
+    with recorded_attention() as calls, torch.no_grad():
+        model(IDS)
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    assert len(calls) == 2
+    for c in calls:
+        ref, _ = mx_eager_reference(c["q"], c["k"], c["v"], j <= i, c["scaling"], NAMED_SCHEMES["nvfp4"])
+        assert torch.equal(c["out"], ref)
+        mx, _ = mx_eager_reference(c["q"], c["k"], c["v"], j <= i, c["scaling"], "fp4_e2m1")
+        assert not torch.equal(c["out"], mx)
 
 
 @pytest.mark.parametrize("window", [None, 4])

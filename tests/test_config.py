@@ -51,12 +51,21 @@ def cfg(**kw):
         ({"format": "nvfp4", "scale_mode": "ceil"}, "scale_mode shapes E8M0"),
         ({"format": "fp4", "tensor_scale": "amax"}, "tensor_scale=amax needs scale_format=e4m3"),
         ({"format": "fp4", "scale_format": "e4m3", "scale_bits": 7}, "scale_bits and scale_mode shape E8M0"),
-        ({"format": "nvfp5"}, "unknown MX element format 'nvfp5'; valid formats: .*; did you mean nvfp4"),
+        ({"format": "nvfp5"}, "unknown MX element format 'nvfp5'; valid formats: .*[(]did you mean nvfp4"),
         ({"scale_format": "e5m2"}, "unknown scale_format 'e5m2'; valid: e4m3, e8m0"),
         ({"layer_formats": "x:fp9"}, "unknown MX element format 'fp9'"),
         ({"layer_formats": "x"}, "expected 'pattern:format' rules"),
         ({"layer_formats": ":fp4"}, "a rule has an empty pattern"),
         ({"layer_formats": "a:fp4|a:fp8"}, "pattern 'a' is given twice"),
+        # settings the attention matmuls' own format leaves unused
+        ({"weight_only": True, "attn_bmm": True, "a_format": "fp4", "bmm_format": "fp8"}, "a_format would be ignored"),
+        ({"roles": "none", "attn_bmm": True, "a_format": "fp4", "bmm_format": "fp8"}, "a_format would be ignored"),
+        ({"roles": "none", "attn_bmm": True, "format": "fp4", "bmm_format": "fp8"}, "format would be ignored"),
+        ({"roles": "none", "include": "mlp"}, "include would be ignored: roles=none"),
+        ({"packed_gemm": "dequant"}, "packed_gemm chooses how packed weights are multiplied: it needs packed=True"),
+        ({"rotation": "hadamard", "block_size": 24}, "rotation_block defaults to the block size, 24, which is not a power"),
+        ({"rotation": "hadamard", "rotation_seed": 2**70}, r"rotation_seed must be an integer in \[0, 2\*\*63\)"),
+        ({"rotation": "hadamard", "rotation_seed": -1}, r"rotation_seed must be an integer in \[0, 2\*\*63\)"),
     ],
 )
 def test_refused_with_the_reason(args, match):
@@ -72,6 +81,8 @@ def test_accepted_forms():
     rest = parse_mx_args({"backend": "causal", "format": "fp4"})[1]
     assert rest == {"backend": "causal"}  # hf's own key, no longer an MX key
     assert "backend" not in MX_KEYS and "mx_backend" in MX_KEYS
+    assert "given" not in MX_KEYS  # MXConfig's record of the keys given is not itself a key
+    assert parse_mx_args({"given": "format"})[1] == {"given": "format"}
 
 
 def test_nvfp4_and_mixed_schemes():

@@ -140,6 +140,16 @@ def test_config_round_trip_and_errors():
         MXQuantizationConfig(packed_gemm="fast")
     with pytest.raises(ValueError, match=r"packed_gemm .* needs packed=True"):
         MXConfig(packed_gemm="fused")
+    ruled = MXQuantizationConfig(layer_formats=".*:fp4", format="int8")  # the keys given survive the round trip
+    assert MXQuantizationConfig.from_dict(ruled.to_dict()).mx_config.given == {"layer_formats", "format", "packed"}
+
+
+def test_packed_refuses_keys_that_layer_rules_leave_unused(dirs):
+    """The unused-key check runs for packed loading too: format is decided by a rule for every layer."""
+    from lm_eval_mx.selection import SelectionError
+
+    with pytest.raises(SelectionError, match="format would be ignored"):
+        _load(dirs["llama"], quantization_config=MXQuantizationConfig(layer_formats=".*:fp4", format="int8"))
 
 
 def test_packed_needs_loading_and_cannot_switch_off(dirs, tmp_path):

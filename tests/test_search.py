@@ -71,6 +71,9 @@ def test_candidates_config_and_budget_are_checked():
 
 def test_bad_inputs_fail_before_the_model_loads(tmp_path):
     """A path that does not exist as the model: these errors come first."""
+    latin1, empty = tmp_path / "latin1.txt", tmp_path / "empty.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    empty.write_text("\n\n  \n")
     args = ["search", "--model_args", "pretrained=/no/such/model", "--device", "cpu", "--output",
             str(tmp_path / "r.json")]
     cases = [
@@ -82,15 +85,29 @@ def test_bad_inputs_fail_before_the_model_loads(tmp_path):
         (["--candidates", "fp4,fp8", "--bits", "6", "--validate", "mx_corpus_ppl,no_such_task"],
          "--validate: unknown task.*no_such_task"),
         (["--candidates", "fp4,fp8", "--bits", "6", "--validate", "no_such_task"], "unknown task.*no_such_task"),
+        (["--candidates", "fp4,fp8", "--bits", "6", "--validate", "mx_corpus_ppl", "--limit", "1.5"],
+         "--limit must be an integer >= 1"),
+        (["--candidates", "fp4,fp8", "--bits", "6", "--validate", "mx_corpus_ppl", "--limit", "0"],
+         "--limit must be an integer >= 1"),
+        (["--candidates", "fp4,fp8", "--bits", "6", "--config", "roles=mlp,roles=all"], "--config: roles given twice"),
+        (["--candidates", "fp4,fp8", "--bits", "6", "--config", "roles"], "--config: expected key=value"),
+        (["--candidates", "fp4,fp8", "--bits", "6", "--corpus", str(tmp_path / "missing.txt")],
+         "--corpus: cannot read .*missing.txt"),
+        (["--candidates", "fp4,fp8", "--bits", "6", "--corpus", str(latin1)], "--corpus: .*latin1.txt is not UTF-8"),
+        (["--candidates", "fp4,fp8", "--bits", "6", "--corpus", str(empty)], "--corpus: .*empty.txt holds no text"),
     ]
     for extra, match in cases:
         with pytest.raises(SystemExit, match=match):
             cli_main(args + extra)
-    with pytest.raises(SystemExit, match="--device cpu and --model_args device=meta disagree"):
+    with pytest.raises(SystemExit, match="device given twice: --device cpu and model_args device=meta"):
         cli_main(["search", "--model_args", "pretrained=/no/such/model,device=meta", "--device", "cpu", "--candidates",
                   "fp4,fp8", "--bits", "6", "--output", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match=r"MX keys .*w_format.* in --config"):
         cli_main(["search", "--model_args", "pretrained=/x,w_format=fp4", "--candidates", "fp4,fp8", "--bits", "6"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="device cuda: CUDA is not available here"):
+            cli_main(["search", "--model_args", "pretrained=/x", "--device", "cuda", "--candidates", "fp4,fp8",
+                      "--bits", "6"])
 
 
 # ---------------------------------------------------------------------------------------------- solver

@@ -10,6 +10,7 @@ from conftest import ARCHS, MORE_ARCHS, tiny_model
 from lm_eval_mx.config import MXConfig, parse_mx_args
 from lm_eval_mx.layers import MXLayer, mx_disabled, mx_layers
 from lm_eval_mx.numerics import quantize, quantize_mx
+from lm_eval_mx.rotation import rotate
 from lm_eval_mx.selection import SelectionError, apply_mx, find_candidates
 
 # Exact expected count of linear-like layers per role (2 transformer blocks each).
@@ -61,6 +62,8 @@ def test_gpt2_c_proj_regression():
 
 
 def _q(t, scheme, rotation, axis=-1):
+    if scheme is None:  # weight-only: the input is only rotated (when the configuration rotates)
+        return t if rotation is None else rotate(t, rotation).to(t.dtype)
     return quantize(t, scheme, axis, rotation)
 
 
@@ -95,6 +98,8 @@ SCHEME_CONFIGS = [
     {"format": "nvfp4"},
     {"format": "fp4_e2m1", "rotation": "hadamard", "rotation_seed": 5},
     {"format": "nvfp4", "rotation": "hadamard"},
+    {"role_formats": "attn:mxfp8|mlp:nvfp4"},
+    {"format": "nvfp4", "weight_only": True},
 ]
 
 
@@ -128,7 +133,11 @@ def test_every_layer_equals_reference(arch, cfg):
     specs = dict(mx_layers(model))
     for name, (args, out) in seen.items():
         before, spec = orig_mods[name], specs[name].mx_spec
-        assert spec.w.name == config.scheme(cfg["format"]).name and (spec.rotation is not None) == ("rotation" in cfg)
+        w_fmt, a_fmt = config.formats_for(specs[name].mx_role, name)
+        assert spec.w == config.scheme(w_fmt) and (spec.rotation is not None) == ("rotation" in cfg)
+        assert spec.a == (None if a_fmt is None else config.scheme(a_fmt))
+        if "role_formats" in cfg:
+            assert spec.w.name == ("nvfp4" if specs[name].mx_role in ("mlp_up", "mlp_down", "experts") else "fp8_e4m3")
         if type(before).__name__.endswith("Experts"):
             ref = _reference_experts(before, *args, spec)
         else:
@@ -305,11 +314,21 @@ def test_accelerate_hook_kept():
     ({"layer_formats": ".*:fp4", "format": "int8"}, "format would be ignored"),
     ({"layer_formats": ".*:nvfp4", "scale_mode": "ceil"}, "scale_mode would be ignored"),
     ({"layer_formats": ".*:bf16"}, "layer_formats keeps every selected layer in high precision"),
+    ({"role_formats": "attn:fp8|mlp:fp8", "format": "fp4"}, "format would be ignored"),
+    ({"role_formats": "attn:fp8|mlp_up:fp8", "layer_formats": "down_proj:int8", "w_format": "fp4"},
+     "w_format would be ignored"),
 ])
 def test_keys_that_layer_rules_leave_unused_are_refused(args, match):
     """Once layer_formats rules decide every layer a key could act on, the key is refused, not dropped."""
     with pytest.raises(SelectionError, match=match):
         apply_mx(tiny_model("llama"), parse_mx_args(args)[0])
+
+
+def test_format_used_by_the_roles_role_formats_leaves_or_by_the_attention_matmuls():
+    apply_mx(tiny_model("llama"), parse_mx_args({"role_formats": "mlp:fp8", "format": "fp4"})[0])  # attention: fp4
+    report = apply_mx(tiny_model("llama"), parse_mx_args({"role_formats": "attn:fp8|mlp:fp8", "format": "fp4",
+                                                          "attn_bmm": True})[0])
+    assert report.attn_bmm == "fp4_e2m1"  # format's a_format feeds the attention matmuls
 
 
 def test_rules_and_keys_together():
