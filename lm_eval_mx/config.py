@@ -68,7 +68,10 @@ def _as_list(value: Any) -> list[str]:
 def expand_roles(value: Any, what: str = "roles", extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Role names and group names (``mlp``, ``attn``, ``all``, ``none``) to a tuple of roles."""
     out: list[str] = []
-    for item in _as_list(value):
+    items = _as_list(value)
+    if len(items) > 1 and "none" in (i.lower() for i in items):
+        raise ValueError(f"{what}={'|'.join(items)}: none means no role and cannot be combined with others")
+    for item in items:
         key = item.lower()
         if key in ROLE_GROUPS:
             out.extend(ROLE_GROUPS[key])
@@ -226,7 +229,10 @@ class MXConfig:
             if not str(key).strip():
                 raise ValueError(f"role_formats: a rule names no role (':{fmt}'); valid roles: {', '.join(ROLES)}")
             expand_roles(key, "role_formats")  # validates the role or group name
-            formats[str(key).strip().lower()] = check_format_name(fmt)
+            name = str(key).strip().lower()
+            if name in formats:
+                raise ValueError(f"role_formats names {name} more than once; give each role one format")
+            formats[name] = check_format_name(fmt)
         set_(self, "role_formats", formats)
         set_(self, "layer_formats", _parse_rules("layer_formats", self.layer_formats) if self.layer_formats else ())
         self._check_selection()

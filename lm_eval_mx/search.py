@@ -679,7 +679,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max_tokens", type=int, default=None,
                    help=f"corpus tokens measured (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--max_length", type=int, default=None, help="tokens per sequence (default 256)")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=4,
+                   help="sequences per forward of the measurement (recorded in the recipe; --from measures with the "
+                        "recipe's) and of --validate's evaluation (default 4)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
     p.add_argument("--output", default=DEFAULT_OUTPUT, metavar="JSON", help=f"the recipe (default {DEFAULT_OUTPUT})")
     p.add_argument("--from", dest="from_", default=None, metavar="JSON",
@@ -841,7 +843,8 @@ def _run(ns: argparse.Namespace) -> int:
         config_args = _parse(ns.config, "--config") if ns.config else {}
         granularity, model_args = ns.granularity or "layer", ns.model_args
         corpus = {"files": [str(Path(f).resolve()) for f in ns.corpus] if ns.corpus else None,
-                  "max_tokens": ns.max_tokens or DEFAULT_MAX_TOKENS, "max_length": ns.max_length or 256}
+                  "max_tokens": ns.max_tokens or DEFAULT_MAX_TOKENS, "max_length": ns.max_length or 256,
+                  "batch_size": ns.batch_size}
     config = search_config(config_args)
     configs = candidate_configs(config, candidates)
     fixed = [format_bits(config, f) for f in candidates if f == HP or configs[f].scheme(f).block_size]
@@ -864,7 +867,9 @@ def _run(ns: argparse.Namespace) -> int:
         lm = _load(model_args, ns.device)
         from .divergence import token_batches
 
-        batches = token_batches(lm.tokenizer, texts, corpus["max_length"], ns.batch_size,
+        # the recipe's batches: per-tensor activation scales (NVFP4) see a whole batch, so a new mix is
+        # measured as its sensitivities were
+        batches = token_batches(lm.tokenizer, texts, corpus["max_length"], corpus.get("batch_size", ns.batch_size),
                                 corpus["max_tokens"])
         if not batches:
             raise SearchError("the corpus gave no token sequence longer than one token")

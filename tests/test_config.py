@@ -62,6 +62,7 @@ def cfg(**kw):
         ({"roles": "none", "attn_bmm": True, "a_format": "fp4", "bmm_format": "fp8"}, "a_format would be ignored"),
         ({"roles": "none", "attn_bmm": True, "format": "fp4", "bmm_format": "fp8"}, "format would be ignored"),
         ({"roles": "none", "include": "mlp"}, "include would be ignored: roles=none"),
+        ({"roles": "none|mlp"}, "roles=none|mlp: none means no role and cannot be combined"),
         ({"packed_gemm": "dequant"}, "packed_gemm chooses how packed weights are multiplied: it needs packed=True"),
         ({"rotation": "hadamard", "block_size": 24}, "rotation_block defaults to the block size, 24, which is not a power"),
         ({"rotation": "hadamard", "rotation_seed": 2**70}, r"rotation_seed must be an integer in \[0, 2\*\*63\)"),
@@ -81,6 +82,8 @@ def test_accepted_forms():
     rest = parse_mx_args({"backend": "causal", "format": "fp4"})[1]
     assert rest == {"backend": "causal"}  # hf's own key, no longer an MX key
     assert "backend" not in MX_KEYS and "mx_backend" in MX_KEYS
+    with pytest.raises(ValueError, match="role_formats names mlp more than once"):
+        MXConfig(role_formats={"mlp": "fp4", "MLP ": "fp8"})  # the Python API's dict, keys differing in case
     assert "given" not in MX_KEYS  # MXConfig's record of the keys given is not itself a key
     assert parse_mx_args({"given": "format"})[1] == {"given": "format"}
 

@@ -299,6 +299,7 @@ def test_search_writes_a_recipe_that_hf_mx_evaluates(tiny_dir, tmp_path, capsys)
     assert rules[6] == [r"^model\.layers\.0\.mlp\.down_proj$", recipe["assignment"]["model.layers.0.mlp.down_proj"]]
     assert recipe["measured_kl"] > 0 and 0 < recipe["top1_agreement"] <= 1
     assert recipe["uniform"][FP4]["avg_bits"] == 4.25 and recipe["uniform"]["bf16"]["kl_base_mx"] == 0.0
+    assert recipe["corpus"]["batch_size"] == 4  # --from measures new mixes in the same batches
 
     from lm_eval_mx.layers import mx_layers
     from lm_eval_mx.model import HFMXLM
