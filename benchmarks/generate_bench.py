@@ -46,10 +46,11 @@ def build(preset: str, device: str) -> tuple[torch.nn.Module, object]:
     return randomize_(model, 0.02).eval(), tokenizer
 
 
-def requests(tokenizer, n: int, context_tokens: int, new_tokens: int) -> list[Instance]:
+def requests(tokenizer, n: int, context_tokens: int, new_tokens: int, static: bool = False) -> list[Instance]:
     ids = tokenizer(" ".join(p.read_text() for p in sorted(corpus_dir().glob("*.txt"))))["input_ids"]
     ctxs = [tokenizer.decode(ids[i * 131 :][:context_tokens]) for i in range(n)]
-    gen = {"until": ["\n\n\n\n"], "max_gen_toks": new_tokens, "do_sample": False}
+    gen = {"until": ["\n\n\n\n"], "max_gen_toks": new_tokens, "do_sample": False,
+           **({"cache_implementation": "static"} if static else {})}  # as --gen_kwargs cache_implementation=static
     return [Instance("generate_until", {}, (c, dict(gen)), i) for i, c in enumerate(ctxs)]
 
 
@@ -70,19 +71,23 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--device", default="cuda", help="cuda (the benchmark), or cpu for a quick check of the script")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--static", action="store_true",
+                   help="transformers' static cache, whose decode step transformers compiles (torch.compile, CUDA graphs)")
     p.add_argument("--out", default=None)
     ns = p.parse_args()
-    out = {"device": torch.cuda.get_device_name() if ns.device == "cuda" else "cpu", "torch": torch.__version__, "batch_size": ns.batch_size,
+    out = {"device": torch.cuda.get_device_name() if ns.device == "cuda" else "cpu", "torch": torch.__version__,
+           "static_cache": ns.static, "batch_size": ns.batch_size,
            "requests": ns.requests, "new_tokens": ns.new_tokens, "presets": {}}
     for preset in ns.preset:
         base, tok = build(preset, ns.device)
         lms = {}
-        for name, keys in VARIANTS.items():
+        for name, keys in ((n, VARIANTS[n]) for n in dict.fromkeys(["hf", *ns.variants])):
             model = base if keys is None else copy.deepcopy(base)
             cls = HFLM if keys is None else HFMXLM
             lms[name] = cls(pretrained=model, tokenizer=tok, batch_size=ns.batch_size, max_length=2048,
                             **(keys or {}))
-        reqs = requests(tok, ns.requests, ns.context, ns.new_tokens)
+        reqs = requests(tok, ns.requests, ns.context, ns.new_tokens, ns.static)
         for lm in lms.values():
             run(lm, reqs[: ns.batch_size])  # warm-up: kernels compiled, allocator warm
         times = {name: [] for name in lms}

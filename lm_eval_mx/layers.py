@@ -77,7 +77,9 @@ class MXSpec:
         """Rotate and quantize an input along its last axis; siblings fed the same tensor share one result."""
         if self.a is None:
             return x if self.rotation is None else rotate(x, self.rotation).to(x.dtype)
-        if x.is_inference():  # no version counter: an in-place change could not be seen
+        # inference tensors have no version counter (an in-place change could not be seen), and under
+        # torch.compile identity and versions are the tracer's: quantize without the sibling cache there
+        if torch.compiler.is_compiling() or x.is_inference():
             return self.quantizer(x, self.a, -1, self.rotation)
         key = (self.a, self.rotation, self.backend)
         hit = _LAST_ACT.get("entry")

@@ -54,6 +54,7 @@ def block_for(dim: int, block: int) -> int:
     return dim & -dim if block == 0 else block
 
 
+@torch.compiler.assume_constant_result  # a Python number under torch.compile, not a traced .item()
 def norm_scale(block: int) -> float:
     """fp32(1/√n), the normalisation (one rounding; exact when n is a power of four)."""
     return float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
@@ -65,6 +66,7 @@ def _signs(seed: int, n: int, device: torch.device) -> torch.Tensor:
     return (torch.randint(0, 2, (n,), generator=g, dtype=torch.int32) * 2 - 1).to(torch.float32).to(device)
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: the cached tensor, no generator traced
 def signs(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The ±1 signs of positions 0..n-1: ``torch.randint(0, 2, (n,))`` from ``torch.Generator().manual_seed(seed)``
     (cached per device: a rotation in every forward must not copy them each time)."""

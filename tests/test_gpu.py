@@ -125,6 +125,26 @@ def test_models_triton_equal_torch_backend(arch, cfg):
     assert torch.isfinite(logits["torch"]).all() and torch.equal(logits["torch"], logits["triton"])
 
 
+@pytest.mark.parametrize("cfg", [{"format": "fp8_e4m3"}, {"format": "nvfp4"},
+                                 {"format": "fp4_e2m1", "rotation": "hadamard", "rotation_seed": 2}], ids=str)
+def test_torch_compile_of_triton_layers_is_exact(cfg):
+    """torch.compile (dynamo, eager backend: no fusion of the model's own ops) of a model whose MX layers
+    launch the Triton kernels gives the eager logits bit for bit."""
+    from conftest import tiny_model
+
+    from lm_eval_mx import apply_mx
+    from lm_eval_mx.config import parse_mx_args
+
+    ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    apply_mx(model, parse_mx_args({**cfg, "mx_backend": "triton"})[0])
+    with torch.no_grad():
+        ref = model(ids).logits
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="eager")(ids).logits
+    assert torch.equal(out, ref)
+
+
 def test_layers_on_cuda_match_cpu():
     """Weights quantized once on the GPU (Triton) equal the CPU reference bit for bit."""
     from conftest import tiny_model

@@ -175,6 +175,24 @@ def test_weights_quantized_once(monkeypatch):
     assert len(acts) == 2 * 14  # every linear quantized its input, each forward
 
 
+@pytest.mark.parametrize("cfg", [{"format": "fp8_e4m3"}, {"format": "nvfp4", "rotation": "hadamard"},
+                                 {"format": "fp4", "rotation": "hadamard", "rotation_seed": 3}],
+                         ids=["mxfp8", "nvfp4-rot", "mxfp4-rot-seed"])
+def test_torch_compile_traces_mx_layers_whole_and_exactly(cfg):
+    """Under torch.compile (dynamo; the eager backend, so no kernel fusion changes float results) an MX model
+    traces as one graph and computes exactly what it computes eagerly: the sibling-input cache, keyed by
+    tensor identity, stays out of the trace (it would bake one layer's quantized input into another's)."""
+    model = tiny_model("llama")
+    apply_mx(model, parse_mx_args(cfg)[0])
+    with torch.no_grad():
+        ref = model(IDS).logits
+        explained = torch._dynamo.explain(model)(IDS)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="eager", fullgraph=True)(IDS).logits
+    assert explained.graph_break_count == 0
+    assert torch.equal(out, ref)
+
+
 def test_mx_disabled_restores_baseline_exactly():
     base = tiny_model("qwen2")
     model = tiny_model("qwen2")
