@@ -183,6 +183,7 @@ def compare_main(ns: argparse.Namespace) -> int:
             if not specs:
                 raise ValueError("give at least one --config or a --sweep")
             configs = cmp.plan_configs(specs)
+            cmp.check_against_model_args(base, configs)
             limit, batch = cmp.check_run_args(ns.limit, ns.batch_size or "1", ns.num_fewshot)
             if ns.include_path is not None and not Path(ns.include_path).is_dir():
                 raise ValueError(f"--include_path {ns.include_path}: no such directory")
@@ -200,7 +201,7 @@ def compare_main(ns: argparse.Namespace) -> int:
             runs = cmp.run_configs(base, configs, tasks, limit=limit, num_fewshot=ns.num_fewshot, batch_size=batch,
                                    device=device, seed=1234 if ns.seed is None else ns.seed,
                                    task_manager=task_manager)
-        except (SelectionError, ValueError) as e:  # arguments, then the loaded model: before any evaluation
+        except SelectionError as e:  # checked on the loaded model, before any evaluation
             raise SystemExit(f"lm-eval-mx compare: {e}") from None
         if not runs:  # non-zero rank
             return 0

@@ -461,6 +461,24 @@ def check_tasks(tasks: list[str], task_manager: Any) -> None:
         raise ValueError(f"--tasks: unknown task {hints} (`lm-eval-mx ls tasks` lists them)")
 
 
+def check_against_model_args(base_args: dict[str, Any], configs: list[tuple[str, MXConfig]]) -> None:
+    """What each configuration cannot do with these hf arguments on this machine (packed, attn_implementation,
+    the backend): ``ValueError`` naming the configuration, before the model loads."""
+    from .model import check_hf_args
+
+    if any(cfg.packed for _, cfg in configs) or _as_bool("packed", base_args.get("packed", False)):
+        raise ValueError(
+            "compare evaluates every configuration on one high-precision copy, but packed=True loads a model "
+            "per configuration: run `lm-eval-mx run --model hf-mx --model_args ...,packed=True` for each "
+            "(and the baseline), then `lm-eval-mx compare --results BASELINE.json MX.json ...`"
+        )
+    for label, cfg in configs:
+        try:
+            check_hf_args(cfg, base_args)
+        except ValueError as e:
+            raise ValueError(f"configuration {label!r}: {e}") from None
+
+
 def run_configs(
     base_args: dict[str, Any],
     configs: list[tuple[str, MXConfig]],
@@ -477,29 +495,18 @@ def run_configs(
 ) -> list[Run]:
     """Evaluate the baseline then each MX configuration on one model copy; every argument is checked first,
     before the model loads."""
-    packed = [label for label, cfg in configs if cfg.packed]
-    if packed or _as_bool("packed", base_args.get("packed", False)):
-        raise ValueError(
-            "compare evaluates every configuration on one high-precision copy, but packed=True loads a model "
-            "per configuration: run `lm-eval-mx run --model hf-mx --model_args ...,packed=True` for each "
-            "(and the baseline), then `lm-eval-mx compare --results BASELINE.json MX.json ...`"
-        )
+    check_against_model_args(base_args, configs)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     from .attention import AttentionError
-    from .model import HFMXLM, check_hf_args
+    from .model import HFMXLM
     from .selection import SelectionError, check_config
 
     labels = ["baseline", *(label for label, _ in configs)]
     if len(set(labels)) != len(labels):
         raise ValueError(f"configuration labels must be unique and not 'baseline' (compare.json is keyed by them): {labels}")
     check_configs([(f"configuration {label!r}", cfg) for label, cfg in configs])
-    for label, cfg in configs:  # against the hf arguments (attn_implementation, the backend on this machine)
-        try:
-            check_hf_args(cfg, base_args)
-        except ValueError as e:
-            raise ValueError(f"configuration {label!r}: {e}") from None
     limit, batch_size = check_run_args(limit, batch_size, num_fewshot)
     task_manager = task_manager or TaskManager(include_path=include_path)
     check_tasks(tasks, task_manager)

@@ -25,6 +25,7 @@ from .formats import (
     get_scale_format,
     get_scale_mode,
     get_tensor_scale,
+    is_power_of_two,
     suggest,
 )
 
@@ -262,8 +263,6 @@ class MXConfig:
             if given:
                 raise ValueError(f"{', '.join(given)} would be ignored: they need rotation=hadamard")
             return
-        from .rotation import is_power_of_two
-
         if self.rotation_seed is not None and not 0 <= self.rotation_seed < 2**63:
             raise ValueError(f"rotation_seed must be an integer in [0, 2**63), got {self.rotation_seed}")
         if self.rotation_block is not None and self.rotation_block != 0 and not is_power_of_two(self.rotation_block):
@@ -292,8 +291,6 @@ class MXConfig:
         if not schemes:
             return
         if self.rotation != "none" and self.rotation_block is None:
-            from .rotation import is_power_of_two
-
             odd = sorted({s.block_size for s in schemes if s.block_size and not is_power_of_two(s.block_size)})
             if odd:
                 raise ValueError(f"rotation_block defaults to the block size, {odd[0]}, which is not a power of two; "

@@ -270,6 +270,10 @@ FIXED_SCHEMES: frozenset[str] = frozenset({"nvfp4"})
 HIGH_PRECISION: frozenset[str] = frozenset({"bf16", "none"})
 
 
+def is_power_of_two(n: int) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n > 0 and n & (n - 1) == 0
+
+
 def canonical_name(name: str) -> str:
     """Lower-cased, '-' read as '_', aliases resolved: the key of FORMATS or NAMED_SCHEMES."""
     key = str(name).strip().lower().replace("-", "_")

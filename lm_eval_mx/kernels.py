@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .formats import E4M3, Rounding, ScaleMode, Scheme, TensorScale
+from .formats import E4M3, Rounding, ScaleMode, Scheme, TensorScale, is_power_of_two
 from .packing import MXPacked, codes_per_byte, unpack_mx
-from .rotation import Rotation, is_power_of_two, norm_scale, rotate, signs
+from .rotation import Rotation, norm_scale, rotate, signs
 
 _ROUNDING = {Rounding.EVEN: 0, Rounding.NEAREST: 1, Rounding.FLOOR: 2}
 _SCALE_MODE = {ScaleMode.FLOOR: 0, ScaleMode.CEIL: 1, ScaleMode.EVEN: 2, ScaleMode.RCEIL: 3}

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .formats import is_power_of_two
+
 
 @dataclass(frozen=True)
 class Rotation:
@@ -42,10 +44,6 @@ class Rotation:
 
     def label(self) -> str:
         return ("Hfull" if self.block == 0 else f"H{self.block}") + (f"±{self.seed}" if self.seed is not None else "")
-
-
-def is_power_of_two(n: int) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n > 0 and n & (n - 1) == 0
 
 
 def block_for(dim: int, block: int) -> int:

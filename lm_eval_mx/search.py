@@ -44,6 +44,7 @@ HP_BITS = 16  # what a high-precision weight counts, as in MXReport.avg_bits
 GRANULARITIES = ("layer", "block")
 DEFAULT_OUTPUT = "recipe.json"
 DEFAULT_MAX_TOKENS = 8192
+DEFAULT_BATCH_SIZE = 4
 # --config keys the search decides or cannot honour, with the reason.
 _REFUSED = {
     "format": "the search decides the formats of the selected layers (give them with --candidates)",
@@ -679,9 +680,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max_tokens", type=int, default=None,
                    help=f"corpus tokens measured (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--max_length", type=int, default=None, help="tokens per sequence (default 256)")
-    p.add_argument("--batch_size", type=int, default=4,
-                   help="sequences per forward of the measurement (recorded in the recipe; --from measures with the "
-                        "recipe's) and of --validate's evaluation (default 4)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help=f"sequences per forward of the measurement (recorded in the recipe: --from measures in the "
+                        f"recipe's batches) and of --validate's evaluation (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
     p.add_argument("--output", default=DEFAULT_OUTPUT, metavar="JSON", help=f"the recipe (default {DEFAULT_OUTPUT})")
     p.add_argument("--from", dest="from_", default=None, metavar="JSON",
@@ -708,10 +709,13 @@ def _check_args(ns: argparse.Namespace, cached: dict[str, Any] | None) -> None:
 
     if ns.limit is not None and not ns.validate:
         raise SearchError("--limit limits the --validate evaluation: give --validate TASKS too")
-    if ns.batch_size < 1:
+    if ns.batch_size is not None and ns.batch_size < 1:
         raise SearchError(f"--batch_size must be >= 1, got {ns.batch_size}")
+    if cached is not None and ns.batch_size is not None and not ns.validate:
+        raise SearchError("--from measures in the recipe's own batches (its corpus.batch_size); --batch_size sets only "
+                          "the --validate evaluation's: drop it or give --validate")
     try:
-        check_run_args(ns.limit, ns.batch_size)
+        check_run_args(ns.limit, ns.batch_size or DEFAULT_BATCH_SIZE)
     except ValueError as e:
         raise SearchError(str(e)) from None
     for key in ("max_tokens", "max_length"):
@@ -844,7 +848,7 @@ def _run(ns: argparse.Namespace) -> int:
         granularity, model_args = ns.granularity or "layer", ns.model_args
         corpus = {"files": [str(Path(f).resolve()) for f in ns.corpus] if ns.corpus else None,
                   "max_tokens": ns.max_tokens or DEFAULT_MAX_TOKENS, "max_length": ns.max_length or 256,
-                  "batch_size": ns.batch_size}
+                  "batch_size": ns.batch_size or DEFAULT_BATCH_SIZE}
     config = search_config(config_args)
     configs = candidate_configs(config, candidates)
     fixed = [format_bits(config, f) for f in candidates if f == HP or configs[f].scheme(f).block_size]
@@ -869,7 +873,7 @@ def _run(ns: argparse.Namespace) -> int:
 
         # the recipe's batches: per-tensor activation scales (NVFP4) see a whole batch, so a new mix is
         # measured as its sensitivities were
-        batches = token_batches(lm.tokenizer, texts, corpus["max_length"], corpus.get("batch_size", ns.batch_size),
+        batches = token_batches(lm.tokenizer, texts, corpus["max_length"], corpus.get("batch_size", DEFAULT_BATCH_SIZE),
                                 corpus["max_tokens"])
         if not batches:
             raise SearchError("the corpus gave no token sequence longer than one token")
@@ -944,8 +948,8 @@ def _validate(recipe: dict[str, Any], paste: str, config_args: dict[str, Any], c
     for f in candidates:
         if f != HP:
             configs.append((f"{f} {recipe['uniform'][f]['avg_bits']:.2f}b", parse_mx_args({**config_args, "format": f})[0]))
-    limit, _ = check_run_args(ns.limit, ns.batch_size)
-    runs = run_configs(base, configs, tasks, limit=limit, batch_size=ns.batch_size,
+    limit, batch_size = check_run_args(ns.limit, ns.batch_size or DEFAULT_BATCH_SIZE)
+    runs = run_configs(base, configs, tasks, limit=limit, batch_size=batch_size,
                        device=_device(ns.device, base), include_path=str(tasks_dir()))
     console = Console(width=240)  # baseline + one column pair per mix
     console.print(rich_table(build_rows(runs[0], runs[1:]), [r.label for r in runs[1:]]))

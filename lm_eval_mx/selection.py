@@ -313,6 +313,8 @@ def _check_unused(config: MXConfig, chosen: list[Candidate]) -> None:
               and not (k != "w_format" and bmm_reads_a)]
     unused += [f"role_formats {k}" for k in config.role_formats if not roles & set(expand_roles(k))]
     schemes = {config.scheme(f) for c in chosen for f in config.formats_for(c.role, c.name) or () if f}  # type: ignore[union-attr]
+    if config.attn_bmm:  # the attention matmuls' operands use the scale keys too
+        schemes.add(config.scheme(config.attn_bmm_format))
     if not any(s.is_mx for s in schemes):
         unused += [k for k in ("scale_mode", "scale_bits") if k in config.given]
     if unused:

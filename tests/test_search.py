@@ -324,6 +324,8 @@ def test_search_writes_a_recipe_that_hf_mx_evaluates(tiny_dir, tmp_path, capsys)
     search._load, saved = no_load, search._load
     try:
         cli_main(["search", "--from", str(out), "--bits", "5", "--no_measure", "--output", str(again), "--quiet"])
+        with pytest.raises(SystemExit, match=r"--from measures in the recipe's own batches"):
+            cli_main(["search", "--from", str(out), "--bits", "5", "--batch_size", "8"])
         with pytest.raises(SystemExit, match=r"--from reuses the recipe's measurements.*--granularity"):
             cli_main(["search", "--from", str(out), "--bits", "5", "--granularity", "block"])
         with pytest.raises(SystemExit, match="--from has sensitivities for fp4_e2m1,fp8_e4m3,bf16 only, not nvfp4"):

@@ -347,6 +347,9 @@ def test_format_used_by_the_roles_role_formats_leaves_or_by_the_attention_matmul
     report = apply_mx(tiny_model("llama"), parse_mx_args({"role_formats": "attn:fp8|mlp:fp8", "format": "fp4",
                                                           "attn_bmm": True})[0])
     assert report.attn_bmm == "fp4_e2m1"  # format's a_format feeds the attention matmuls
+    for args in ({"role_formats": "all:nvfp4", "attn_bmm": True, "bmm_format": "fp8", "scale_mode": "ceil"},
+                 {"weight_only": True, "w_format": "nvfp4", "attn_bmm": True, "a_format": "fp8", "scale_mode": "ceil"}):
+        assert apply_mx(tiny_model("llama"), parse_mx_args(args)[0]).attn_bmm == "fp8_e4m3"  # scale_mode: E8M0 bmm
 
 
 def test_rules_and_keys_together():
