@@ -451,14 +451,14 @@ def task_manager_for(tasks: list[str], include_path: list[str]) -> Any:
     return TaskManager(include_path=include_path)
 
 
-def check_tasks(tasks: list[str], task_manager: Any) -> None:
-    """Refuse, before the model loads, task names that lm-eval does not know."""
+def check_tasks(tasks: list[str], task_manager: Any, flag: str = "--tasks") -> None:
+    """Refuse, before the model loads, task names that lm-eval does not know (``flag``: the option that gave them)."""
     if not tasks:
-        raise ValueError("--tasks: no task given")
+        raise ValueError(f"{flag}: no task given")
     unknown = [t for t in tasks if not Path(t).is_file() and not task_manager.match_tasks([t])]
     if unknown:
         hints = "; ".join(f"{t!r}{suggest(t, task_manager.all_tasks)}" for t in unknown)
-        raise ValueError(f"--tasks: unknown task {hints} (`lm-eval-mx ls tasks` lists them)")
+        raise ValueError(f"{flag}: unknown task {hints} (`lm-eval-mx ls tasks` lists them)")
 
 
 def check_against_model_args(base_args: dict[str, Any], configs: list[tuple[str, MXConfig]]) -> None:

@@ -176,7 +176,7 @@ class MXConfig:
     roles: tuple[str, ...] = ROLE_GROUPS["all"]
     include: str | None = None
     exclude: str | None = None
-    role_formats: dict[str, str] = field(default_factory=dict)
+    role_formats: dict[str, str] = field(default_factory=dict)  # also given as (role, format) pairs
     layer_formats: tuple[tuple[str, str], ...] = ()
     weight_only: bool = False
     attn_bmm: bool = False
@@ -226,7 +226,8 @@ class MXConfig:
             if getattr(self, key) is not None:
                 _as_pattern(key, getattr(self, key))
         formats: dict[str, str] = {}
-        for key, fmt in dict(self.role_formats).items():
+        items = self.role_formats.items() if isinstance(self.role_formats, dict) else self.role_formats
+        for key, fmt in items:
             if not str(key).strip():
                 raise ValueError(f"role_formats: a rule names no role (':{fmt}'); valid roles: {', '.join(ROLES)}")
             expand_roles(key, "role_formats")  # validates the role or group name
@@ -538,11 +539,7 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
             pairs = [item.split(":", 1) for item in _as_list(value)]
             if any(len(p) != 2 for p in pairs):
                 raise ValueError(f"role_formats must look like 'mlp:fp4_e2m1|attn:fp8_e4m3', got {value!r}")
-            keys = [k.strip().lower() for k, _ in pairs]
-            twice = sorted({k for k in keys if keys.count(k) > 1})
-            if twice:
-                raise ValueError(f"role_formats names {', '.join(twice)} more than once; give each role one format")
-            value = {k.strip(): v.strip() for k, v in pairs}
+            value = [(k.strip(), v.strip()) for k, v in pairs]  # pairs: MXConfig refuses a role named twice
         kw["role_formats"] = value
     config = MXConfig(**kw, given=frozenset(mx))
     _check_given(config, mx)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -45,6 +44,7 @@ GRANULARITIES = ("layer", "block")
 DEFAULT_OUTPUT = "recipe.json"
 DEFAULT_MAX_TOKENS = 8192
 DEFAULT_BATCH_SIZE = 4
+DEFAULT_MAX_LENGTH = 256
 # --config keys the search decides or cannot honour, with the reason.
 _REFUSED = {
     "format": "the search decides the formats of the selected layers (give them with --candidates)",
@@ -679,7 +679,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", nargs="+", default=None, metavar="TXT", help="text files (default: tasks/corpus/*.txt)")
     p.add_argument("--max_tokens", type=int, default=None,
                    help=f"corpus tokens measured (default {DEFAULT_MAX_TOKENS})")
-    p.add_argument("--max_length", type=int, default=None, help="tokens per sequence (default 256)")
+    p.add_argument("--max_length", type=int, default=None, help=f"tokens per sequence (default {DEFAULT_MAX_LENGTH})")
     p.add_argument("--batch_size", type=int, default=None,
                    help=f"sequences per forward of the measurement (recorded in the recipe: --from measures in the "
                         f"recipe's batches) and of --validate's evaluation (default {DEFAULT_BATCH_SIZE})")
@@ -706,22 +706,20 @@ def process_rank() -> tuple[int, int]:
 def _check_args(ns: argparse.Namespace, cached: dict[str, Any] | None) -> None:
     """Every option checked before the model loads (the measurement takes minutes)."""
     from .compare import check_run_args
+    from .divergence import check_args
 
     if ns.limit is not None and not ns.validate:
         raise SearchError("--limit limits the --validate evaluation: give --validate TASKS too")
-    if ns.batch_size is not None and ns.batch_size < 1:
-        raise SearchError(f"--batch_size must be >= 1, got {ns.batch_size}")
+    batch_size = DEFAULT_BATCH_SIZE if ns.batch_size is None else ns.batch_size
+    try:  # the corpus options as divergence takes them, then --validate's as compare does
+        check_args(max_length=DEFAULT_MAX_LENGTH if ns.max_length is None else ns.max_length, batch_size=batch_size,
+                   max_tokens=ns.max_tokens, sensitivity=None, top_k=None)
+        check_run_args(ns.limit, batch_size)
+    except ValueError as e:
+        raise SearchError(str(e)) from None
     if cached is not None and ns.batch_size is not None and not ns.validate:
         raise SearchError("--from measures in the recipe's own batches (its corpus.batch_size); --batch_size sets only "
                           "the --validate evaluation's: drop it or give --validate")
-    try:
-        check_run_args(ns.limit, ns.batch_size or DEFAULT_BATCH_SIZE)
-    except ValueError as e:
-        raise SearchError(str(e)) from None
-    for key in ("max_tokens", "max_length"):
-        value = getattr(ns, key)
-        if value is not None and value < 2:
-            raise SearchError(f"--{key} must be >= 2 tokens, got {value}")
     if cached is not None:
         given = [k for k in _MEASUREMENT_OPTIONS if getattr(ns, k) is not None]
         if given:
@@ -738,24 +736,18 @@ def _check_args(ns: argparse.Namespace, cached: dict[str, Any] | None) -> None:
         _parse(ns.config, "--config")
 
 
-@functools.cache
-def _known_tasks() -> frozenset[str]:
-    """lm-eval's task names with ours (indexing them takes seconds: once per process)."""
-    from lm_eval.tasks import TaskManager
-
+def _validate_tasks(tasks: str) -> tuple[list[str], Any]:
+    """The --validate task names, checked before the (long) measurement, and the task manager that knows them."""
     from .cli import tasks_dir
+    from .compare import check_tasks, task_manager_for
 
-    return frozenset(TaskManager(include_path=str(tasks_dir())).all_tasks)
-
-
-def _validate_tasks(tasks: str) -> list[str]:
-    """Task names checked before the (long) measurement."""
     names = [t for t in tasks.split(",") if t]
-    unknown = [t for t in names if t not in _known_tasks()]
-    if not names or unknown:
-        raise SearchError(f"--validate: unknown task(s) {', '.join(unknown) or '(none given)'}; "
-                          "`lm-eval-mx ls tasks` lists them")
-    return names
+    try:
+        manager = task_manager_for(names, [str(tasks_dir())])
+        check_tasks(names, manager, "--validate")
+    except ValueError as e:
+        raise SearchError(str(e)) from None
+    return names, manager
 
 
 def _texts(files: list[str] | None) -> list[str]:
@@ -847,7 +839,7 @@ def _run(ns: argparse.Namespace) -> int:
         config_args = _parse(ns.config, "--config") if ns.config else {}
         granularity, model_args = ns.granularity or "layer", ns.model_args
         corpus = {"files": [str(Path(f).resolve()) for f in ns.corpus] if ns.corpus else None,
-                  "max_tokens": ns.max_tokens or DEFAULT_MAX_TOKENS, "max_length": ns.max_length or 256,
+                  "max_tokens": ns.max_tokens or DEFAULT_MAX_TOKENS, "max_length": ns.max_length or DEFAULT_MAX_LENGTH,
                   "batch_size": ns.batch_size or DEFAULT_BATCH_SIZE}
     config = search_config(config_args)
     configs = candidate_configs(config, candidates)
@@ -855,7 +847,7 @@ def _run(ns: argparse.Namespace) -> int:
     if ns.bits is not None and len(fixed) == len(candidates) and Fraction(str(ns.bits)) < min(fixed):
         raise SearchError(f"--bits {ns.bits:g} is below the cheapest candidate, "
                           f"{min(candidates, key=lambda f: format_bits(config, f))} at {float(min(fixed)):g} bits")
-    tasks = _validate_tasks(ns.validate) if ns.validate else None
+    tasks = _validate_tasks(ns.validate) if ns.validate else None  # (names, task manager)
     paste = paste_args(model_args, ns.output)
     timing: dict[str, float] = {}
     solution = None
@@ -931,14 +923,13 @@ def _run(ns: argparse.Namespace) -> int:
 
 
 def _validate(recipe: dict[str, Any], paste: str, config_args: dict[str, Any], candidates: tuple[str, ...],
-              tasks: list[str], ns: argparse.Namespace) -> None:
+              tasks: tuple[list[str], Any], ns: argparse.Namespace) -> None:
     """Baseline vs the recipe vs each uniform MX candidate on lm-eval tasks: compare's table, printed and
     written (md/csv/json/png) to ``<output>_validate/``."""
     import gc
 
     from rich.console import Console
 
-    from .cli import tasks_dir
     from .compare import build_rows, check_run_args, rich_table, run_configs, write_outputs
 
     gc.collect()
@@ -949,8 +940,9 @@ def _validate(recipe: dict[str, Any], paste: str, config_args: dict[str, Any], c
         if f != HP:
             configs.append((f"{f} {recipe['uniform'][f]['avg_bits']:.2f}b", parse_mx_args({**config_args, "format": f})[0]))
     limit, batch_size = check_run_args(ns.limit, ns.batch_size or DEFAULT_BATCH_SIZE)
-    runs = run_configs(base, configs, tasks, limit=limit, batch_size=batch_size,
-                       device=_device(ns.device, base), include_path=str(tasks_dir()))
+    names, manager = tasks
+    runs = run_configs(base, configs, names, limit=limit, batch_size=batch_size, device=_device(ns.device, base),
+                       task_manager=manager)
     console = Console(width=240)  # baseline + one column pair per mix
     console.print(rich_table(build_rows(runs[0], runs[1:]), [r.label for r in runs[1:]]))
     out = Path(ns.output)

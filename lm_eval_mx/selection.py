@@ -358,8 +358,8 @@ def rotation_for(config: MXConfig, role: str, scheme: Scheme, dims: dict[str, in
     """
     if not config.rotates(role):
         return None
-    block = scheme.block_size if config.rotation_block is None else config.rotation_block  # a power of two or 0:
-    rotation = Rotation(block, config.rotation_seed)  # MXConfig checked it
+    # a power of two or 0, as MXConfig checked
+    rotation = Rotation(scheme.block_size if config.rotation_block is None else config.rotation_block, config.rotation_seed)
     for name, dim in dims.items():
         try:
             rotation.block_for(dim)
