@@ -24,9 +24,10 @@ test: venv
 
 lint: venv
 	$(PY) -m ruff check lm_eval_mx tests benchmarks tasks
+	$(VENV)/bin/lint-imports
 
 demo: venv
-	$(PY) -m lm_eval_mx.demo
+	$(VENV)/bin/lm-eval-mx demo
 
 bench: venv
 	$(PY) benchmarks/quantize_cpu.py

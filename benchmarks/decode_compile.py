@@ -25,7 +25,7 @@ from lm_eval_mx import apply_mx, parse_mx_args
 def build(layers: int) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lm_eval_mx.testing import PRESETS, randomize_
+    from lm_eval_mx.hf.testing import PRESETS, randomize_
 
     spec = dict(PRESETS["llama-3.2-1b"], num_hidden_layers=layers)
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)

@@ -18,8 +18,8 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_mx.model import HFMXLM
-from lm_eval_mx.testing import PRESETS, corpus_dir, save_random_model
+from lm_eval_mx.hf.model import HFMXLM
+from lm_eval_mx.hf.testing import PRESETS, corpus_dir, save_random_model
 
 
 def documents(tokenizer, n: int, tokens: int) -> list[str]:

@@ -19,8 +19,8 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_mx.model import HFMXLM
-from lm_eval_mx.testing import PRESETS, _prepare, corpus_dir, randomize_
+from lm_eval_mx.hf.model import HFMXLM
+from lm_eval_mx.hf.testing import PRESETS, _prepare, corpus_dir, randomize_
 
 VARIANTS = {  # name: MX keys (None: plain hf)
     "hf": None,

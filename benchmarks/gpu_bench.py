@@ -21,10 +21,10 @@ import time
 import torch
 from timing import bench
 
-from lm_eval_mx.formats import NAMED_SCHEMES
-from lm_eval_mx.kernels import quantize_triton
-from lm_eval_mx.numerics import make_scheme
-from lm_eval_mx.rotation import Rotation
+from lm_eval_mx.kernels.triton_mx import quantize_triton
+from lm_eval_mx.numerics.formats import NAMED_SCHEMES
+from lm_eval_mx.numerics.quantize import make_scheme
+from lm_eval_mx.numerics.rotation import Rotation
 
 SHAPES = [(2048, 4096), (2048, 14336), (8192, 4096), (8192, 14336)]
 MXFP8, MXFP4, NVFP4 = make_scheme("fp8_e4m3"), make_scheme("fp4_e2m1"), NAMED_SCHEMES["nvfp4"]
@@ -127,7 +127,7 @@ def _attention_fns(mod, mods: dict, q, k, v, mask, s: float) -> dict:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    from lm_eval_mx import attention
+    from lm_eval_mx.nn import attention
 
     fns = {"sdpa": lambda: sdpa_attention_forward(mod, q, k, v, None, scaling=s),
            "eager": lambda: eager_attention_forward(mod, q, k, v, mask, s)}
@@ -139,8 +139,8 @@ def bench_attention(tokens: list[int], reps: int) -> list[dict]:
     """Llama-3.1-8B attention (32 heads, 8 KV heads, d=128, causal, bf16): sdpa vs eager vs MX eager."""
     from transformers.masking_utils import eager_mask
 
-    from lm_eval_mx import attention
-    from lm_eval_mx.layers import MXSpec
+    from lm_eval_mx.nn import attention
+    from lm_eval_mx.nn.spec import MXSpec
 
     class Mod(torch.nn.Module):
         num_key_value_groups, is_causal = 4, True
@@ -172,7 +172,7 @@ def bench_attention(tokens: list[int], reps: int) -> list[dict]:
 def bench_host(iters: int = 2000) -> dict:
     """Host microseconds per call at decode size: the GPU never waits for these (8 tokens), so the loop
     measures what each call costs the CPU; F.linear and a plain Triton-free op for scale."""
-    from lm_eval_mx.layers import MXSpec
+    from lm_eval_mx.nn.spec import MXSpec
 
     out = {}
     for k in (2048, 4096):

@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lm_eval_mx import apply_mx, parse_mx_args
-from lm_eval_mx.layers import MXSpec
+from lm_eval_mx.nn.spec import MXSpec
 
 
 def quantizer_profile(calls: int = 3000) -> None:
@@ -64,7 +64,7 @@ def decode_split(steps: int = 32, passes: int = 3) -> None:
 
     from generate_bench import build
 
-    from lm_eval_mx.layers import MXLayer
+    from lm_eval_mx.nn.layers import MXLayer
 
     base, _ = build("llama-3.2-1b", "cuda")
     mx = copy.deepcopy(base)
@@ -84,7 +84,7 @@ def decode_split(steps: int = 32, passes: int = 3) -> None:
         "hf-mx MXFP8": mx,
         "hf-mx, quantizer = identity": swapped(lambda x, *_: x),  # MX layer code, no kernel
         "hf-mx, quantizer = x.clone()": swapped(lambda x, *_: x.clone()),  # one plain kernel launch instead
-        "hf-mx, torch backend": swapped(__import__("lm_eval_mx.numerics").numerics.quantize_torch),
+        "hf-mx, torch backend": swapped(__import__("lm_eval_mx.numerics.quantize").numerics.quantize_torch),
     }
     torch.cuda.set_sync_debug_mode("error")  # a host-device synchronization in the quantizer would raise here
     x = torch.randn(8, 1, 2048, device="cuda", dtype=torch.bfloat16)

@@ -16,7 +16,7 @@ TASKS=${TASKS:-mx_corpus_ppl}
 BATCH=${BATCH:-4}
 N=$(python3 -c "import torch; print(torch.cuda.device_count())")
 rm -f "$OUT/times.txt"; mkdir -p "$OUT"
-[ -d "$MODEL" ] || python3 -m lm_eval_mx.testing --preset llama-3.1-8b --out "$MODEL"
+[ -d "$MODEL" ] || python3 -m lm_eval_mx.hf.testing --preset llama-3.1-8b --out "$MODEL"
 MX="pretrained=$MODEL,dtype=bfloat16,mlp_only=True"
 COMMON=(--model hf-mx --tasks "$TASKS" --batch_size "$BATCH")
 
@@ -30,9 +30,9 @@ run() {  # name, then the command; samples per-GPU memory while it runs
   kill $smi
 }
 
-run one python3 -m lm_eval_mx.cli run "${COMMON[@]}" --model_args "$MX" --device cuda:0
+run one python3 -m lm_eval_mx.commands.cli run "${COMMON[@]}" --model_args "$MX" --device cuda:0
 MULTI=$([ "$N" -gt 1 ] && echo --multi_gpu || true)
 run dp accelerate launch $MULTI --num_processes "$N" --num_machines 1 --mixed_precision no --dynamo_backend no \
-  -m lm_eval_mx.cli run "${COMMON[@]}" --model_args "$MX"
-run sharded python3 -m lm_eval_mx.cli run "${COMMON[@]}" --model_args "$MX,parallelize=True"
+  -m lm_eval_mx.commands.cli run "${COMMON[@]}" --model_args "$MX"
+run sharded python3 -m lm_eval_mx.commands.cli run "${COMMON[@]}" --model_args "$MX,parallelize=True"
 python3 benchmarks/multi_gpu_check.py "$OUT" "$N"

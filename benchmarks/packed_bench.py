@@ -24,9 +24,9 @@ from timing import bench
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lm_eval_mx import MXConfig, MXQuantizationConfig, apply_mx
-from lm_eval_mx.kernels import mx_packed_linear_triton, mx_unpack_triton
-from lm_eval_mx.packing import pack_mx
-from lm_eval_mx.testing import PRESETS, save_random_checkpoint
+from lm_eval_mx.hf.testing import PRESETS, save_random_checkpoint
+from lm_eval_mx.kernels.triton_mx import mx_packed_linear_triton, mx_unpack_triton
+from lm_eval_mx.numerics.packing import pack_mx
 
 MLP = dict(roles="mlp", a_format="fp8_e4m3")
 VARIANTS: dict[str, tuple[str, dict]] = {  # name: (how it is loaded, MX keys)

@@ -26,7 +26,7 @@ for step in $STEPS; do case $step in
      cat "$OUT/dequant_tiles.txt" ;;
   3) M=/tmp/mixtral-8x7b
      t0=$SECONDS
-     python3 -m lm_eval_mx.testing --preset mixtral-8x7b --out $M --stream --dtype float8_e4m3fn --device cuda
+     python3 -m lm_eval_mx.hf.testing --preset mixtral-8x7b --out $M --stream --dtype float8_e4m3fn --device cuda
      echo "checkpoint written in $((SECONDS - t0)) s: $(du -sh $M | cut -f1)"; df -h /tmp | tail -1
      python3 benchmarks/packed_mixtral.py --model $M --out "$OUT/packed_mixtral.json" > "$OUT/packed_mixtral.log" 2>&1 \
        || { tail -40 "$OUT/packed_mixtral.log"; exit 1; }

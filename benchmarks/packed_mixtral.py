@@ -2,7 +2,7 @@
 
     python benchmarks/packed_mixtral.py --model /tmp/mixtral --out mixtral.json
 
-The checkpoint (``python -m lm_eval_mx.testing --preset mixtral-8x7b --stream``)
+The checkpoint (``python -m lm_eval_mx.hf.testing --preset mixtral-8x7b --stream``)
 loads through ``from_pretrained`` with ``packed=True``: each expert tensor is
 packed as it is read, so the bf16 model (93 GB) never exists. Records load time,
 peak GPU memory, the packed-weight report and lm-eval's results.
@@ -18,8 +18,8 @@ import torch
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
 
-from lm_eval_mx.cli import tasks_dir
-from lm_eval_mx.model import HFMXLM
+from lm_eval_mx.hf.model import HFMXLM
+from lm_eval_mx.hf.tasks import tasks_dir
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from lm_eval_mx.numerics import quantize_mx
+from lm_eval_mx.numerics.quantize import quantize_mx
 
 
 def timed(fn, reps: int = 5) -> float:

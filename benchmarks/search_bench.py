@@ -6,7 +6,7 @@ split into load / measurement / solve / final measure.
 
 The model has the preset's shapes and random weights (std 0.02, bf16 on CUDA); its vocabulary is the real
 model's (128,256 for Llama-3.2) so that the LM head and the log-softmax over the vocabulary cost what they
-cost on the real model, while the local tokenizer (:mod:`lm_eval_mx.testing`) only produces its first 320 ids.
+cost on the real model, while the local tokenizer (:mod:`lm_eval_mx.hf.testing`) only produces its first 320 ids.
 The shipped corpus holds about 4,800 tokens of the local tokenizer, so the benchmark measures on the corpus
 repeated until it holds ``--max_tokens``. Measurement = baseline log-probabilities + every (layer, candidate)
 pass + the uniform mixes.
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from lm_eval_mx.cli import main as cli_main
-from lm_eval_mx.testing import PRESETS, _prepare, corpus_dir, randomize_
+from lm_eval_mx.commands.cli import main as cli_main
+from lm_eval_mx.hf.testing import PRESETS, _prepare, corpus_dir, randomize_
 
 REAL_VOCAB = {"llama-3.2-1b": 128256, "llama-3.1-8b": 128256}
 

@@ -11,15 +11,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "quantize_mx": "lm_eval_mx.numerics",
-    "get_format": "lm_eval_mx.formats",
-    "FORMATS": "lm_eval_mx.formats",
-    "MXConfig": "lm_eval_mx.config",
-    "parse_mx_args": "lm_eval_mx.config",
+    "quantize_mx": "lm_eval_mx.numerics.quantize",
+    "get_format": "lm_eval_mx.numerics.formats",
+    "FORMATS": "lm_eval_mx.numerics.formats",
+    "MXConfig": "lm_eval_mx.selection.config",
+    "parse_mx_args": "lm_eval_mx.selection.config",
     "apply_mx": "lm_eval_mx.selection",
     "MXReport": "lm_eval_mx.selection",
-    "mx_disabled": "lm_eval_mx.layers",
-    "MXQuantizationConfig": "lm_eval_mx.hf_quantizer",
+    "mx_disabled": "lm_eval_mx.nn.layers",
+    "MXQuantizationConfig": "lm_eval_mx.hf.quantizer",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -17,7 +17,7 @@ from types import ModuleType
 
 TARGET = "lm_eval.models"
 MODEL_NAME = "hf-mx"
-MODEL_PATH = "lm_eval_mx.model:HFMXLM"
+MODEL_PATH = "lm_eval_mx.hf.model:HFMXLM"
 
 
 def register() -> None:

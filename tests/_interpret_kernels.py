@@ -12,11 +12,11 @@ assert os.environ.get("TRITON_INTERPRET") == "1"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lm_eval_mx.formats import NAMED_SCHEMES  # noqa: E402
-from lm_eval_mx.kernels import mx_unpack_triton, quantize_triton  # noqa: E402
-from lm_eval_mx.numerics import make_scheme, quantize_torch  # noqa: E402
-from lm_eval_mx.packing import pack, unpack_mx  # noqa: E402
-from lm_eval_mx.rotation import Rotation  # noqa: E402
+from lm_eval_mx.kernels.triton_mx import mx_unpack_triton, quantize_triton  # noqa: E402
+from lm_eval_mx.numerics.formats import NAMED_SCHEMES  # noqa: E402
+from lm_eval_mx.numerics.packing import pack, unpack_mx  # noqa: E402
+from lm_eval_mx.numerics.quantize import make_scheme, quantize_torch  # noqa: E402
+from lm_eval_mx.numerics.rotation import Rotation  # noqa: E402
 
 FAILS: list[str] = []
 

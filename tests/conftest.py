@@ -65,7 +65,7 @@ MORE_ARCHS = ["opt", "gpt_neox", "falcon", "bloom", "gptj", "qwen2_moe", "olmoe"
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    from lm_eval_mx.testing import randomize_
+    from lm_eval_mx.hf.testing import randomize_
 
     torch.manual_seed(seed)  # HF init of the vectors (biases, norms) draws from the global generator
     model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype)
@@ -79,7 +79,7 @@ def arch(request) -> str:
 
 def save_tiny(path, arch: str = "llama", seed: int = 0) -> str:
     """Save a tiny random model of ``arch`` with a locally trained tokenizer to ``path``."""
-    from lm_eval_mx.testing import save_random_model
+    from lm_eval_mx.hf.testing import save_random_model
 
     return save_random_model(path, tiny_config(arch), seed=seed)
 

@@ -12,12 +12,13 @@ import transformers
 from conftest import tiny_model
 from packaging.version import Version
 
-from lm_eval_mx.attention import NAME, AttentionError, mx_attention_forward
-from lm_eval_mx.config import MXConfig, parse_mx_args
-from lm_eval_mx.formats import NAMED_SCHEMES, Scheme
-from lm_eval_mx.layers import MXSpec, mx_disabled, remove_mx
-from lm_eval_mx.numerics import make_scheme, quantize
-from lm_eval_mx.selection import apply_mx
+from lm_eval_mx.nn.attention import NAME, AttentionError, mx_attention_forward
+from lm_eval_mx.nn.layers import mx_disabled, remove_mx
+from lm_eval_mx.nn.spec import MXSpec
+from lm_eval_mx.numerics.formats import NAMED_SCHEMES, Scheme
+from lm_eval_mx.numerics.quantize import make_scheme, quantize
+from lm_eval_mx.selection.apply import apply_mx
+from lm_eval_mx.selection.config import MXConfig, parse_mx_args
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 7, 120, 33, 2, 11, 80, 9, 1, 4, 6, 8, 10, 12, 14]])
 SUPPORTED = ["llama", "qwen2", "phi", "phi3", "mixtral", "gpt2"]
@@ -47,7 +48,7 @@ def recorded_attention() -> Iterator[list[dict]]:
     """Every call of the MX attention function while the block runs: its inputs and output."""
     from transformers import AttentionInterface
 
-    from lm_eval_mx import attention
+    from lm_eval_mx.nn import attention
 
     calls: list[dict] = []
 
@@ -75,7 +76,7 @@ def _eager_mask(pad_from: int, t: int, b: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("scheme", [make_scheme("fp4_e2m1"), NAMED_SCHEMES["nvfp4"]], ids=lambda s: s.name)
 def test_function_matches_hand_reference_bit_for_bit(scheme):
     """MX and NVFP4 (bmm_format=nvfp4: per-tensor scales of Q, K, P and V per call) against the written-out math."""
-    from lm_eval_mx import attention
+    from lm_eval_mx.nn import attention
 
     g = torch.Generator().manual_seed(0)
     b, h, hkv, t, d = 2, 4, 2, 40, 32
@@ -116,7 +117,7 @@ def test_supported_architectures(arch):
     assert report.attn_bmm == "fp8_e4m3" and report.replaced == []
     assert model.config._attn_implementation == NAME
     calls = []
-    from lm_eval_mx import attention
+    from lm_eval_mx.nn import attention
 
     orig = attention._STATES[id(model.config)].spec.quantizer
     attention._STATES[id(model.config)].spec.__dict__["quantizer"] = lambda *a: calls.append(a[2]) or orig(*a)
@@ -215,7 +216,7 @@ def _sliding_model(window: int) -> torch.nn.Module:
     import transformers as tf
     from conftest import tiny_config
 
-    from lm_eval_mx.testing import randomize_
+    from lm_eval_mx.hf.testing import randomize_
 
     cfg = tiny_config("mixtral")
     cfg.sliding_window = window
@@ -274,7 +275,7 @@ def test_generation_with_kv_cache(window):
     (2) with the MX matmuls switched off inside mx_eager, cached and uncached greedy generation agree token
     for token and the cached step's logits equal the full forward's last position to float32 accuracy.
     """
-    from lm_eval_mx.attention import bmm_enabled
+    from lm_eval_mx.nn.attention import bmm_enabled
 
     model = _sliding_model(window) if window else tiny_model("llama")
     apply_mx(model, MXConfig(roles=(), attn_bmm=True))

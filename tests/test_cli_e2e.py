@@ -89,7 +89,7 @@ def test_opt_out_env_var(tiny_dir, tmp_path):
 @needs_install
 def test_import_lm_eval_registers_without_importing_torch():
     code = ("import sys, lm_eval.models; from lm_eval.api.registry import model_registry;"
-            "print('hf-mx' in model_registry, 'hf' in model_registry, 'lm_eval_mx.model' in sys.modules)")
+            "print('hf-mx' in model_registry, 'hf' in model_registry, 'lm_eval_mx.hf.model' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "True", "False"], out.stderr
 
@@ -108,7 +108,7 @@ def test_simple_evaluate_in_process(tiny_dir):
 
 
 def test_bad_model_arg_is_a_clear_error(tiny_dir, tmp_path):
-    cmd = [sys.executable, "-m", "lm_eval_mx.cli", "run",
+    cmd = [sys.executable, "-m", "lm_eval_mx.commands.cli", "run",
            *lm_eval_args(tiny_dir, tmp_path, mx="w_format=fp5")]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0

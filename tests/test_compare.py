@@ -11,20 +11,13 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from lm_eval_mx.compare import (
-    Run,
-    build_rows,
-    expand_sweep,
-    load_results,
-    plot,
-    to_csv,
-    to_markdown,
-    write_outputs,
-)
-from lm_eval_mx.config import MXConfig, parse_mx_args
-from lm_eval_mx.divergence import exclude_pattern, run_divergence, token_batches, units_of
-from lm_eval_mx.layers import mx_layers
-from lm_eval_mx.testing import build_tokenizer
+from lm_eval_mx.algorithms.corpus import token_batches
+from lm_eval_mx.algorithms.divergence import exclude_pattern, run_divergence, units_of
+from lm_eval_mx.commands.compare import expand_sweep
+from lm_eval_mx.commands.results_table import Run, build_rows, load_results, plot, to_csv, to_markdown, write_outputs
+from lm_eval_mx.hf.testing import build_tokenizer
+from lm_eval_mx.nn.layers import mx_layers
+from lm_eval_mx.selection.config import MXConfig, parse_mx_args
 
 
 def fake(acc: float, se: float | None, ppl: float, cfg: dict | None = None) -> dict:
@@ -249,7 +242,7 @@ def render_text(result) -> str:
 
     from rich.console import Console
 
-    from lm_eval_mx.divergence import render
+    from lm_eval_mx.commands.divergence import render
 
     console = Console(file=io.StringIO(), width=200)
     console.print(render(result))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lm_eval_mx.config import MX_KEYS, MXConfig, parse_mx_args
-from lm_eval_mx.formats import NAMED_SCHEMES, ScaleFormat, TensorScale
+from lm_eval_mx.numerics.formats import NAMED_SCHEMES, ScaleFormat, TensorScale
+from lm_eval_mx.selection.config import MX_KEYS, MXConfig, parse_mx_args
 
 
 def cfg(**kw):

@@ -12,10 +12,10 @@ import pytest
 import torch
 from test_numerics import CASES, run_golden
 
-from lm_eval_mx.backends import get_quantizer
-from lm_eval_mx.formats import FORMATS, NAMED_SCHEMES
-from lm_eval_mx.numerics import make_scheme, quantize_torch
-from lm_eval_mx.rotation import Rotation
+from lm_eval_mx.kernels.backends import get_quantizer
+from lm_eval_mx.numerics.formats import FORMATS, NAMED_SCHEMES
+from lm_eval_mx.numerics.quantize import make_scheme, quantize_torch
+from lm_eval_mx.numerics.rotation import Rotation
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 BACKENDS = ["torch", "triton"]
@@ -113,7 +113,7 @@ def test_models_triton_equal_torch_backend(arch, cfg):
     from conftest import tiny_model
 
     from lm_eval_mx import apply_mx
-    from lm_eval_mx.config import parse_mx_args
+    from lm_eval_mx.selection.config import parse_mx_args
 
     ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0)).cuda()
     logits = {}
@@ -133,7 +133,7 @@ def test_torch_compile_of_triton_layers_is_exact(cfg):
     from conftest import tiny_model
 
     from lm_eval_mx import apply_mx
-    from lm_eval_mx.config import parse_mx_args
+    from lm_eval_mx.selection.config import parse_mx_args
 
     ids = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0)).cuda()
     model = tiny_model("llama", dtype=torch.bfloat16).cuda()
@@ -165,8 +165,8 @@ def test_layers_on_cuda_match_cpu():
 
 def test_attention_bmm_on_cuda_matches_reference():
     """MX attention matmuls through the Triton backend equal the CPU torch reference operands."""
-    from lm_eval_mx import attention
-    from lm_eval_mx.layers import MXSpec
+    from lm_eval_mx.nn import attention
+    from lm_eval_mx.nn.spec import MXSpec
 
     class Mod(torch.nn.Module):
         def __init__(self):
@@ -209,7 +209,7 @@ TILE = (64, 64, 64)  # one compilation per format width; autotuning is exercised
 def _pack(w, scheme, bs):
     from dataclasses import replace
 
-    from lm_eval_mx.packing import pack
+    from lm_eval_mx.numerics.packing import pack
 
     return pack(w, replace(scheme, block_size=bs if scheme.is_mx else scheme.block_size))
 
@@ -218,8 +218,8 @@ def _pack(w, scheme, bs):
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=str)
 def test_packed_gemm_decodes_weights_exactly(scheme, shape):
     """x = I (float32, IEEE dot): every output is one weight, so it must equal unpack_mx bit for bit."""
-    from lm_eval_mx.kernels import mx_packed_linear_triton, mx_unpack_triton
-    from lm_eval_mx.packing import unpack_mx
+    from lm_eval_mx.kernels.triton_mx import mx_packed_linear_triton, mx_unpack_triton
+    from lm_eval_mx.numerics.packing import unpack_mx
 
     _, n, k, bs = shape
     w = _hard_weight(n, k, torch.Generator().manual_seed(n + k))
@@ -241,9 +241,9 @@ def test_packed_gemm_matches_fake_quant_up_to_accumulation_order(scheme, shape):
     """Stated tolerance: the float32 accumulator is within 2·K·2⁻²⁴·Σ|x||w| of the exact product sum
     (a summation-order bound), and bf16 outputs differ from the fake-quant F.linear by at most that
     plus one bf16 rounding of each (2⁻⁸ relative each)."""
-    from lm_eval_mx.kernels import mx_packed_linear_triton
-    from lm_eval_mx.numerics import quantize_mx
-    from lm_eval_mx.packing import unpack_mx
+    from lm_eval_mx.kernels.triton_mx import mx_packed_linear_triton
+    from lm_eval_mx.numerics.packing import unpack_mx
+    from lm_eval_mx.numerics.quantize import quantize_mx
 
     m, n, k, bs = shape
     g = torch.Generator().manual_seed(m * n * k)
@@ -273,7 +273,7 @@ def test_packed_models_on_cuda(tmp_path, arch, kw):
     from transformers import AutoModelForCausalLM
 
     from lm_eval_mx import MXQuantizationConfig, apply_mx
-    from lm_eval_mx.config import parse_mx_args
+    from lm_eval_mx.selection.config import parse_mx_args
 
     d = save_tiny(tmp_path, arch)
     ids = torch.arange(80, device="cuda").view(2, 40) % 128

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from lm_eval_mx.config import MXConfig, parse_mx_args
-from lm_eval_mx.layers import mx_layers
-from lm_eval_mx.selection import apply_mx
+from lm_eval_mx.nn.layers import mx_layers
+from lm_eval_mx.selection.apply import apply_mx
+from lm_eval_mx.selection.config import MXConfig, parse_mx_args
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 7, 120, 33, 2, 11, 80]])
 
@@ -39,7 +39,7 @@ def test_peft_adapters_are_skipped_and_base_layers_keep_their_roles():
 def test_hf_mx_with_peft_adapter(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lm_eval_mx.model import HFMXLM
+    from lm_eval_mx.hf.model import HFMXLM
 
     adapter = tmp_path / "adapter"
     _lora(AutoModelForCausalLM.from_pretrained(tiny_dir)).save_pretrained(adapter)

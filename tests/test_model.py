@@ -9,9 +9,9 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 
-from lm_eval_mx.config import MXConfig
-from lm_eval_mx.model import HFMXLM, mx_cache_tag
-from lm_eval_mx.selection import apply_mx
+from lm_eval_mx.hf.model import HFMXLM, mx_cache_tag
+from lm_eval_mx.selection.apply import apply_mx
+from lm_eval_mx.selection.config import MXConfig
 
 PAIRS = [
     ("We hold these truths to be", " self-evident"),

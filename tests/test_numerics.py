@@ -12,8 +12,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from lm_eval_mx.formats import ALIASES, FORMATS, get_format
-from lm_eval_mx.numerics import quantize_mx
+from lm_eval_mx.numerics.formats import ALIASES, FORMATS, get_format
+from lm_eval_mx.numerics.quantize import quantize_mx
 
 GOLDEN = Path(__file__).parent / "data" / "microxcaling_mx_golden.npz"
 _DATA = np.load(GOLDEN)

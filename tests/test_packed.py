@@ -8,13 +8,13 @@ from conftest import save_tiny
 from test_model import requests
 from transformers import AutoModelForCausalLM
 
-from lm_eval_mx.attention import AttentionError
-from lm_eval_mx.config import MXConfig
-from lm_eval_mx.hf_quantizer import MXHfQuantizer, MXQuantizationConfig
-from lm_eval_mx.layers import MXPackedLayer, mx_disabled, mx_layers
-from lm_eval_mx.model import HFMXLM
-from lm_eval_mx.packing import pack_mx
-from lm_eval_mx.selection import apply_mx
+from lm_eval_mx.hf.model import HFMXLM
+from lm_eval_mx.hf.quantizer import MXHfQuantizer, MXQuantizationConfig
+from lm_eval_mx.nn.attention import AttentionError
+from lm_eval_mx.nn.layers import MXPackedLayer, mx_disabled, mx_layers
+from lm_eval_mx.numerics.packing import pack_mx
+from lm_eval_mx.selection.apply import apply_mx
+from lm_eval_mx.selection.config import MXConfig
 
 CONFIGS = [
     dict(w_format="fp4_e2m1", a_format="fp8_e4m3"),
@@ -146,7 +146,7 @@ def test_config_round_trip_and_errors():
 
 def test_packed_refuses_keys_that_layer_rules_leave_unused(dirs):
     """The unused-key check runs for packed loading too: format is decided by a rule for every layer."""
-    from lm_eval_mx.selection import SelectionError
+    from lm_eval_mx.selection.apply import SelectionError
 
     with pytest.raises(SelectionError, match="format would be ignored"):
         _load(dirs["llama"], quantization_config=MXQuantizationConfig(layer_formats=".*:fp4", format="int8"))
@@ -205,7 +205,7 @@ def test_streamed_float8_checkpoint_loads_packed(tmp_path):
     """The big-model path: a checkpoint written tensor by tensor in float8, cast to bf16 and packed on load."""
     from conftest import tiny_config
 
-    from lm_eval_mx.testing import save_random_checkpoint
+    from lm_eval_mx.hf.testing import save_random_checkpoint
 
     d = save_random_checkpoint(tmp_path, tiny_config("mixtral"), std=0.2, dtype=torch.float8_e4m3fn, shard_bytes=40_000)
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
@@ -221,7 +221,7 @@ def test_streamed_float8_checkpoint_loads_packed(tmp_path):
 
 
 def test_compare_refuses_packed_before_loading(monkeypatch):
-    from lm_eval_mx.compare import run_configs
+    from lm_eval_mx.commands.compare import run_configs
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match=r"packed=True loads a model per configuration.*--results"):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from test_numerics import assert_bits_equal
 
-from lm_eval_mx.formats import FORMATS
-from lm_eval_mx.numerics import quantize_mx
-from lm_eval_mx.packing import code_table, pack_mx, unpack_mx
+from lm_eval_mx.numerics.formats import FORMATS
+from lm_eval_mx.numerics.packing import code_table, pack_mx, unpack_mx
+from lm_eval_mx.numerics.quantize import quantize_mx
 
 
 def _data(shape, seed=0) -> torch.Tensor:

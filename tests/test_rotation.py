@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import ARCHS, tiny_model
 
-from lm_eval_mx import layers
-from lm_eval_mx.config import parse_mx_args
-from lm_eval_mx.layers import mx_layers
-from lm_eval_mx.numerics import quantize
-from lm_eval_mx.rotation import Rotation, block_for, hadamard, norm_scale, rotate, signs
-from lm_eval_mx.selection import SelectionError, apply_mx
+from lm_eval_mx.nn import layers
+from lm_eval_mx.nn.layers import mx_layers
+from lm_eval_mx.numerics.quantize import quantize
+from lm_eval_mx.numerics.rotation import Rotation, block_for, hadamard, norm_scale, rotate, signs
+from lm_eval_mx.selection.apply import SelectionError, apply_mx
+from lm_eval_mx.selection.config import parse_mx_args
 
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 7, 120, 33, 2, 11, 80]])
 
@@ -142,8 +142,8 @@ def test_attention_q_k_rotated_along_the_head_dimension():
     """Q and K rotated by the same H along the head dimension before quantization; P and V as without rotation."""
     from test_attention import _eager_mask, _Module
 
-    from lm_eval_mx import attention
-    from lm_eval_mx.layers import MXSpec
+    from lm_eval_mx.nn import attention
+    from lm_eval_mx.nn.spec import MXSpec
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 24, 16, generator=g) for _ in range(3))

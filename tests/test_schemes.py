@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lm_eval_mx.formats import FORMATS, NAMED_SCHEMES
-from lm_eval_mx.numerics import make_scheme, quantize
-from lm_eval_mx.packing import pack, unpack_mx
+from lm_eval_mx.numerics.formats import FORMATS, NAMED_SCHEMES
+from lm_eval_mx.numerics.packing import pack, unpack_mx
+from lm_eval_mx.numerics.quantize import make_scheme, quantize
 
 NV = NAMED_SCHEMES["nvfp4"]
 SINGLE = make_scheme("fp4_e2m1", 16, scale_format="e4m3")

@@ -16,20 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from lm_eval_mx import search
-from lm_eval_mx.cli import main as cli_main
-from lm_eval_mx.cli import tasks_dir
-from lm_eval_mx.divergence import _logprobs, kl_sum, token_batches
-from lm_eval_mx.search import (
-    Measurer,
-    SearchError,
-    Unit,
-    candidate_configs,
-    mix_bits,
-    parse_candidates,
-    search_config,
-    solve,
-)
+from lm_eval_mx.algorithms.corpus import token_batches
+from lm_eval_mx.algorithms.divergence import _logprobs, kl_sum
+from lm_eval_mx.algorithms.search import solver, units
+from lm_eval_mx.algorithms.search.measure import Measurer
+from lm_eval_mx.algorithms.search.solver import mix_bits, solve
+from lm_eval_mx.algorithms.search.units import SearchError, Unit, candidate_configs, parse_candidates, search_config
+from lm_eval_mx.commands import search
+from lm_eval_mx.commands.cli import main as cli_main
+from lm_eval_mx.hf.tasks import tasks_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 FP4, FP8 = "fp4_e2m1", "fp8_e4m3"
@@ -66,7 +61,7 @@ def test_candidates_config_and_budget_are_checked():
     for bits, max_kl, match in ((None, None, "give a budget"), (0.0, None, "--bits must be a positive number"),
                                 (math.nan, None, "--bits must be a positive number"), (None, -1.0, "--max_kl must be")):
         with pytest.raises(SearchError, match=match):
-            search.check_budget(bits, max_kl)
+            solver.check_budget(bits, max_kl)
 
 
 def test_bad_inputs_fail_before_the_model_loads(tmp_path):
@@ -136,7 +131,7 @@ def _units(params: list[int], candidates: tuple[str, ...], rows: list[int] | Non
     out = []
     for i, p in enumerate(params):
         row = None if rows is None else rows[i]
-        out.append(Unit(f"u{i}", (f"u{i}",), p, {f: p * search.format_bits(config, f, row) for f in candidates}))
+        out.append(Unit(f"u{i}", (f"u{i}",), p, {f: p * units.format_bits(config, f, row) for f in candidates}))
     return out
 
 
@@ -203,7 +198,7 @@ def _corpus() -> list[str]:
 
 @functools.cache
 def _tokenizer():
-    from lm_eval_mx.testing import build_tokenizer
+    from lm_eval_mx.hf.testing import build_tokenizer
 
     return build_tokenizer()
 
@@ -212,7 +207,7 @@ def _tiny(layers: int, seed: int = 0, std: float = 0.1):
     """A tiny random Llama; std 0.1 keeps MX perturbations small enough to add up (std 0.2 is chaotic)."""
     import transformers as tf
 
-    from lm_eval_mx.testing import randomize_
+    from lm_eval_mx.hf.testing import randomize_
 
     tok = _tokenizer()
     torch.manual_seed(seed)
@@ -304,8 +299,8 @@ def test_search_writes_a_recipe_that_hf_mx_evaluates(tiny_dir, tmp_path, capsys)
     assert recipe["uniform"][FP4]["avg_bits"] == 4.25 and recipe["uniform"]["bf16"]["kl_base_mx"] == 0.0
     assert recipe["corpus"]["batch_size"] == 4  # --from measures new mixes in the same batches
 
-    from lm_eval_mx.layers import mx_layers
-    from lm_eval_mx.model import HFMXLM
+    from lm_eval_mx.hf.model import HFMXLM
+    from lm_eval_mx.nn.layers import mx_layers
 
     lm = HFMXLM.create_from_arg_string(f"pretrained={tiny_dir},recipe={out}", {"device": "cpu"})  # lm_eval's path
     formats = {n: m.mx_spec.w.name for n, m in mx_layers(lm.model)}
@@ -369,7 +364,7 @@ def test_two_processes_rank0_measures_others_exit(tiny_dir, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "lm_eval_mx.cli", "search", "--model_args", f"pretrained={tiny_dir}", "--candidates", "fp4,fp8",
+           "lm_eval_mx.commands.cli", "search", "--model_args", f"pretrained={tiny_dir}", "--candidates", "fp4,fp8",
            "--bits", "6", "--granularity", "block", "--max_tokens", "256", "--quiet", "--output",
            str(tmp_path / "r.json")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)

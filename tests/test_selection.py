@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from conftest import ARCHS, MORE_ARCHS, tiny_model
 
-from lm_eval_mx.config import MXConfig, parse_mx_args
-from lm_eval_mx.layers import MXLayer, mx_disabled, mx_layers
-from lm_eval_mx.numerics import quantize, quantize_mx
-from lm_eval_mx.rotation import rotate
-from lm_eval_mx.selection import SelectionError, apply_mx, find_candidates
+from lm_eval_mx.nn.layers import MXLayer, mx_disabled, mx_layers
+from lm_eval_mx.numerics.quantize import quantize, quantize_mx
+from lm_eval_mx.numerics.rotation import rotate
+from lm_eval_mx.selection.apply import SelectionError, apply_mx
+from lm_eval_mx.selection.config import MXConfig, parse_mx_args
+from lm_eval_mx.selection.roles import find_candidates
 
 # Exact expected count of linear-like layers per role (2 transformer blocks each).
 EXPECTED = {
@@ -158,7 +159,7 @@ def test_mlp_only_leaves_attention_untouched(arch):
 
 
 def test_weights_quantized_once(monkeypatch):
-    from lm_eval_mx import layers
+    from lm_eval_mx.nn import layers
 
     model = tiny_model("llama")
     apply_mx(model, MXConfig())

@@ -16,15 +16,17 @@ from conftest import tiny_model
 from rich.console import Console
 from test_numerics import CASES, GOLDEN
 
-from lm_eval_mx import demo
-from lm_eval_mx.cli import main
-from lm_eval_mx.compare import Run, build_rows, plan_configs, resolve_device, rich_table
-from lm_eval_mx.config import MXConfig, parse_mx_args
-from lm_eval_mx.divergence import run_divergence
-from lm_eval_mx.layers import mx_layers
-from lm_eval_mx.numerics import quantize_mx
-from lm_eval_mx.selection import apply_mx
-from lm_eval_mx.testing import build_tokenizer
+from lm_eval_mx.algorithms.divergence import run_divergence
+from lm_eval_mx.commands import demo
+from lm_eval_mx.commands.args import resolve_device
+from lm_eval_mx.commands.cli import main
+from lm_eval_mx.commands.compare import plan_configs
+from lm_eval_mx.commands.results_table import Run, build_rows, rich_table
+from lm_eval_mx.hf.testing import build_tokenizer
+from lm_eval_mx.nn.layers import mx_layers
+from lm_eval_mx.numerics.quantize import quantize_mx
+from lm_eval_mx.selection.apply import apply_mx
+from lm_eval_mx.selection.config import MXConfig, parse_mx_args
 
 DATA_README = GOLDEN.parent / "README.md"
 
@@ -104,7 +106,7 @@ def test_default_device(monkeypatch):
 @pytest.fixture
 def no_load(monkeypatch):
     """Any model load fails the test: the error must come first."""
-    from lm_eval_mx.model import HFMXLM
+    from lm_eval_mx.hf.model import HFMXLM
 
     monkeypatch.setattr(HFMXLM, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
 
@@ -220,8 +222,8 @@ def test_rotation_and_attention_errors_come_before_the_baseline_runs(tiny_dir, m
 
 
 def test_check_config_leaves_the_model_as_it_was():
-    from lm_eval_mx.attention import NAME
-    from lm_eval_mx.selection import check_config
+    from lm_eval_mx.nn.attention import NAME
+    from lm_eval_mx.selection.apply import check_config
 
     model = tiny_model("llama")
     before = model.config._attn_implementation
@@ -268,7 +270,7 @@ def test_labels_are_unique_so_no_run_is_lost(tmp_path):
 
 def _quantizer_log(model: torch.nn.Module, monkeypatch) -> tuple[list[str], dict[str, tuple]]:
     """Count the backend quantizer's calls, and record per MX layer (input, quantized input it multiplied)."""
-    from lm_eval_mx import layers
+    from lm_eval_mx.nn import layers
 
     calls: list[str] = []
     fed: dict[str, tuple] = {}
@@ -329,10 +331,10 @@ def test_demo_dtype_follows_native_bf16(flags, dtype, tmp_path):
 
 def test_demo_dtype_override_and_report(monkeypatch, capsys):
     """--dtype wins over the CPU check, and the demo says which dtype it took and why."""
-    import lm_eval_mx.cli
+    import lm_eval_mx.commands.cli
 
     seen: list[list[str]] = []
-    monkeypatch.setattr(lm_eval_mx.cli, "main", lambda args: seen.append(args) or 0)
+    monkeypatch.setattr(lm_eval_mx.commands.cli, "main", lambda args: seen.append(args) or 0)
     monkeypatch.setattr(demo, "cpu_flags", lambda: {"avx2"})
     assert demo.main(["--pretrained", "/m"]) == 0
     assert demo.main(["--pretrained", "/m", "--dtype", "bfloat16"]) == 0
@@ -367,8 +369,8 @@ def test_torchao_cross_check_cannot_skip_in_ci():
 
 def test_offline_tasks_need_no_index_of_lm_evals_own():
     """compare with only the offline tasks skips indexing lm-eval's ~13,000 task files; other names still resolve."""
-    from lm_eval_mx.cli import tasks_dir
-    from lm_eval_mx.compare import task_manager_for
+    from lm_eval_mx.commands.args import task_manager_for
+    from lm_eval_mx.hf.tasks import tasks_dir
 
     local = task_manager_for(["mx_corpus_ppl", "piqa_offline"], [str(tasks_dir())])
     assert "arc_easy" not in local.all_tasks and "mx_corpus_ppl" in local.all_tasks

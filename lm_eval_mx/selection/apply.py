@@ -1,241 +1,20 @@
-"""Which layers of a causal LM become MX: roles by module structure, not substrings.
-
-A layer's role comes from its own name *and* the block it sits in: GPT-2's
-``attn.c_proj`` is ``attn_out`` while ``mlp.c_proj`` is ``mlp_down`` (the
-prototype's substring bug quantized both as one).
+"""Apply an ``MXConfig`` to a model: select layers by role and rule, check every setting is used, convert.
 """
 
 from __future__ import annotations
 
-import io
 import re
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from .config import BMM_ROLE, ROLES, MXConfig, expand_roles
-from .formats import Scheme
-from .layers import (
-    MXConv1D,
-    MXExperts,
-    MXLayer,
-    MXLinear,
-    MXPackedLayer,
-    MXSpec,
-    convert,
-    convert_packed,
-    mx_layers,
-)
-from .rotation import Rotation
-
-_ATTN_BLOCKS = {"attn", "self_attn", "attention", "self_attention", "crossattention", "mixer", "attn_layer"}
-_MLP_BLOCKS = {"mlp", "ffn", "feed_forward", "feedforward", "block_sparse_moe", "moe", "ff", "shared_expert", "shared_experts"}
-_QKV = {
-    "q_proj", "k_proj", "v_proj", "qkv_proj", "wqkv", "c_attn", "query_key_value", "query", "key",
-    "value", "in_proj", "qkv", "w_pack", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
-    "kv_proj", "q", "k", "v",
-}
-_ATTN_OUT = {"o_proj", "out_proj", "dense", "c_proj", "wo", "o", "proj"}
-_UP = {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "w1", "w3", "fc_in", "dense_h_to_4h", "wi", "wi_0", "wi_1"}
-_DOWN = {"down_proj", "c_proj", "fc2", "w2", "fc_out", "dense_4h_to_h", "wo"}
-_ROUTERS = {"router", "gate", "router_gate"}
-_UNAMBIGUOUS = (
-    dict.fromkeys(_QKV - {"q", "k", "v", "query", "key", "value", "qkv", "in_proj"}, "attn_qkv")
-    | dict.fromkeys(("o_proj", "out_proj"), "attn_out")
-    | dict.fromkeys(_UP - {"wi", "wi_0", "wi_1", "w1", "w3"}, "mlp_up")
-    | dict.fromkeys(_DOWN - {"c_proj", "wo", "w2"}, "mlp_down")
-)
-
-
-@dataclass
-class Candidate:
-    """A linear-like layer: its name, module, kind (linear/conv1d/experts) and role."""
-
-    name: str
-    module: nn.Module
-    kind: str
-    role: str
-
-    @property
-    def numel(self) -> int:
-        mixin = _MIXINS[self.kind]
-        return sum(getattr(self.module, n).numel() for n in mixin.MX_WEIGHTS if isinstance(getattr(self.module, n, None), torch.Tensor))
-
-
-_MIXINS: dict[str, type[MXLayer]] = {"linear": MXLinear, "conv1d": MXConv1D, "experts": MXExperts}
-
-
-def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, MXLayer):
-        return None
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return "conv1d"
-    down = getattr(module, "down_proj", None)
-    up = getattr(module, "gate_up_proj", getattr(module, "up_proj", None))
-    if isinstance(down, nn.Parameter) and isinstance(up, nn.Parameter) and down.dim() == 3 and up.dim() == 3:
-        return "experts"
-    return None
-
-
-def classify(name: str, module: nn.Module, kind: str, parent: nn.Module | None, lm_head: nn.Module | None) -> str:
-    """The role of one linear-like layer (see ``config.ROLES``)."""
-    parts = [p for p in name.split(".") if p != "base_layer"]  # PEFT wraps the original as base_layer
-    leaf = parts[-1].lower() if parts else ""
-    if module is lm_head:
-        return "lm_head"
-    if kind == "experts" or "experts" in parts[:-1]:
-        return "experts"
-    if leaf in _ROUTERS and (leaf != "gate" or (parent is not None and hasattr(parent, "experts"))):
-        return "router"
-    for block in reversed(parts[:-1]):
-        b = block.lower()
-        if b in _ATTN_BLOCKS:
-            return "attn_qkv" if leaf in _QKV else "attn_out" if leaf in _ATTN_OUT else "other"
-        if b in _MLP_BLOCKS:
-            return "mlp_up" if leaf in _UP else "mlp_down" if leaf in _DOWN else "other"
-    # No enclosing block (e.g. OPT's decoder-layer fc1/fc2): names that mean one thing anywhere.
-    return _UNAMBIGUOUS.get(leaf, "other")
-
-
-def find_candidates(model: nn.Module) -> tuple[list[Candidate], list[tuple[str, str]]]:
-    """Every linear-like layer with its role, and (name, reason) of layers never quantizable."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    lm_head = get_out() if callable(get_out) else None
-    modules = dict(model.named_modules())
-    out: list[Candidate] = []
-    unusable: list[tuple[str, str]] = []
-    for name, module in modules.items():
-        kind = _kind(module)
-        if kind is None:
-            if type(module).__name__.endswith("Router") and getattr(module, "weight", None) is not None:
-                unusable.append((name, "router module with its own forward (kept in high precision)"))
-            continue
-        if any(p.startswith("lora_") for p in name.split(".")):
-            unusable.append((name, "PEFT adapter layer (kept in high precision)"))
-            continue
-        parent = modules.get(name.rpartition(".")[0]) if "." in name else model
-        role = classify(name, module, kind, parent, lm_head)
-        bad = [n for n in _MIXINS[kind].MX_WEIGHTS if isinstance(getattr(module, n, None), torch.Tensor)
-               and not getattr(module, n).is_floating_point()]
-        if bad:
-            unusable.append((name, f"weight {bad[0]} is {getattr(module, bad[0]).dtype}, already quantized"))
-            continue
-        if kind == "experts" and getattr(module, "has_post_expert_norm", False):
-            unusable.append((name, "experts with a post-expert norm are not supported"))
-            continue
-        out.append(Candidate(name, module, kind, role))
-    return out, unusable
-
-
-@dataclass
-class LayerEntry:
-    name: str
-    role: str
-    kind: str
-    w_format: str
-    a_format: str | None
-    params: int
-    rotation: str | None = None
-    w_bits: float | None = None  # storage bits per weight, block scales included
-
-
-@dataclass
-class MXReport:
-    """What ``apply_mx`` did: replaced layers, skipped candidates and why, coverage."""
-
-    config: dict[str, Any]
-    replaced: list[LayerEntry] = field(default_factory=list)
-    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # name, role, reason
-    notes: list[str] = field(default_factory=list)
-    total_linear_params: int = 0
-    attn_bmm: str | None = None  # format of the attention matmuls, when they are in MX
-    packed_bytes: int | None = None  # packed=True: bytes of the replaced layers' codes + scales...
-    dense_bytes: int | None = None  # ...and of the same weights in the dtype they were loaded in
-
-    @property
-    def replaced_params(self) -> int:
-        return sum(e.params for e in self.replaced)
-
-    def avg_bits(self, high_precision_bits: float = 16.0) -> float | None:
-        """Storage bits per weight over every selectable linear weight: replaced ones at their scheme's
-        bits (scales included), the rest at ``high_precision_bits``; None without linear weights."""
-        if not self.total_linear_params:
-            return None
-        rest = self.total_linear_params - self.replaced_params
-        total = sum(e.params * (e.w_bits or high_precision_bits) for e in self.replaced) + rest * high_precision_bits
-        return round(total / self.total_linear_params, 4)
-
-    def summary(self) -> dict[str, Any]:
-        """Compact form for results files."""
-        per_role = Counter(e.role for e in self.replaced)
-        per_fmt = Counter(f"w={e.w_format},a={e.a_format or '-'}" for e in self.replaced)
-        return {
-            "replaced_layers": len(self.replaced),
-            "replaced_params": self.replaced_params,
-            "linear_params": self.total_linear_params,
-            "coverage_pct": round(100 * self.replaced_params / self.total_linear_params, 3) if self.total_linear_params else 0.0,
-            "layers_per_role": dict(sorted(per_role.items())),
-            "layers_per_format": dict(sorted(per_fmt.items())),
-            "layers_per_rotation": dict(Counter(e.rotation for e in self.replaced if e.rotation)),
-            "avg_weight_bits": self.avg_bits(),
-            "skipped_per_reason": dict(Counter(r for _, _, r in self.skipped)),
-            "attn_bmm": self.attn_bmm,
-            "packed_weight_bytes": self.packed_bytes,
-            "dense_weight_bytes": self.dense_bytes,
-            "packed_ratio": round(self.packed_bytes / self.dense_bytes, 4) if self.packed_bytes and self.dense_bytes else None,
-            "notes": list(self.notes),
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config,
-            "summary": self.summary(),
-            "replaced": [vars(e) for e in self.replaced],
-            "skipped": [{"name": n, "role": r, "reason": why} for n, r, why in self.skipped],
-        }
-
-    def table(self) -> str:
-        """A readable per-role table (rendered with rich)."""
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title="MX replacement report", show_lines=False)
-        for col in ("role", "replaced", "skipped", "formats (w/a)", "params in MX"):
-            t.add_column(col, justify="right" if col in ("replaced", "skipped", "params in MX") else "left")
-        for role in ROLES:
-            rep = [e for e in self.replaced if e.role == role]
-            skp = [s for s in self.skipped if s[1] == role]
-            if not rep and not skp:
-                continue
-            fmts = sorted({f"{e.w_format}/{e.a_format or '-'}" + (f" {e.rotation}" if e.rotation else "") for e in rep})
-            t.add_row(role, str(len(rep)), str(len(skp)), ", ".join(fmts) or "-", f"{sum(e.params for e in rep):,}")
-        s = self.summary()
-        t.caption = (
-            f"{s['replaced_layers']} layers, {s['replaced_params']:,} of {s['linear_params']:,} "
-            f"linear weights ({s['coverage_pct']:.1f}%) in MX"
-            + (f"; attention matmuls in {self.attn_bmm}" if self.attn_bmm else "")
-        )
-        console = Console(width=110, record=True, file=io.StringIO())
-        console.print(t)
-        if self.packed_bytes and self.dense_bytes:
-            console.print(f"stored packed: {_size(self.packed_bytes)} of MX codes + scales instead of "
-                          f"{_size(self.dense_bytes)} ({s['packed_ratio']:.3f}x)")
-        for note in self.notes:
-            console.print(f"note: {note}")
-        return console.export_text()
-
-
-def _size(n: float) -> str:
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    i = 0
-    while n >= 1024 and i < len(units) - 1:
-        n, i = n / 1024, i + 1
-    return f"{n:,.1f} {units[i]}"
+from ..nn.layers import MXPackedLayer, convert, convert_packed, mx_layers
+from ..nn.spec import MXSpec
+from ..numerics.formats import Scheme
+from ..numerics.rotation import Rotation
+from .config import BMM_ROLE, MXConfig, expand_roles
+from .report import LayerEntry, MXReport
+from .roles import MIXINS, Candidate, find_candidates
 
 
 class SelectionError(ValueError):
@@ -340,7 +119,7 @@ def _check_rules(config: MXConfig, selected: list[Candidate], candidates: list[C
 
 def reduction_dims(module: nn.Module, kind: str) -> dict[str, int]:
     """The reduction (input) dimension of each weight of a linear-like layer."""
-    mixin = _MIXINS[kind]
+    mixin = MIXINS[kind]
     out = {}
     for name in mixin.MX_WEIGHTS:
         w = getattr(module, name, None)
@@ -394,7 +173,7 @@ def convert_layers(model: nn.Module, config: MXConfig, keep_original: bool = Fal
         if real:
             raise ValueError(
                 f"packed=True quantizes weights while the checkpoint loads, but {real[0]} is already loaded: "
-                "pass lm_eval_mx.hf_quantizer.MXQuantizationConfig to from_pretrained (hf-mx does this)"
+                "pass lm_eval_mx.hf.quantizer.MXQuantizationConfig to from_pretrained (hf-mx does this)"
             )
         if keep_original:
             raise ValueError("packed=True keeps only the MX codes; keep_original (MX switched off at run time) needs "
@@ -416,12 +195,12 @@ def convert_layers(model: nn.Module, config: MXConfig, keep_original: bool = Fal
             )
         numel = c.numel
         if config.packed:
-            convert_packed(c.module, _MIXINS[c.kind], spec, c.role, config.packed_gemm)
+            convert_packed(c.module, MIXINS[c.kind], spec, c.role, config.packed_gemm)
         else:
-            offloaded = [n for n in _MIXINS[c.kind].MX_WEIGHTS if getattr(getattr(c.module, n, None), "device", None) == torch.device("meta")]
+            offloaded = [n for n in MIXINS[c.kind].MX_WEIGHTS if getattr(getattr(c.module, n, None), "device", None) == torch.device("meta")]
             if offloaded:
                 report.notes.append(f"{c.name}: weights are offloaded, quantized at each forward")
-            convert(c.module, _MIXINS[c.kind], spec, c.role, keep_original)
+            convert(c.module, MIXINS[c.kind], spec, c.role, keep_original)
         dims = reduction_dims(c.module, c.kind)
         rotation = spec.rotation and ",".join(sorted({f"H{spec.rotation.block_for(d)}" for d in dims.values()}))
         if spec.rotation is not None and spec.rotation.block == 0 and any(spec.rotation.block_for(d) != d
@@ -438,7 +217,7 @@ def enable_attention(model: nn.Module, config: MXConfig, report: MXReport) -> No
     """Put the attention matmuls in MX when ``config.attn_bmm`` asks for it (recorded in ``report``)."""
     if not config.attn_bmm:
         return
-    from . import attention
+    from ..nn import attention
 
     scheme = config.scheme(config.attn_bmm_format)
     rotation = rotation_for(config, BMM_ROLE, scheme, {"head_dim": attention.head_dim(model)}, "attn_bmm (Q, K)")
@@ -468,7 +247,7 @@ def check_config(model: nn.Module, config: MXConfig) -> None:
     for c in selected:
         layer_spec(config, c)
     if config.attn_bmm:
-        from . import attention
+        from ..nn import attention
 
         rotation_for(config, BMM_ROLE, config.scheme(config.attn_bmm_format), {"head_dim": attention.head_dim(model)},
                      "attn_bmm (Q, K)")

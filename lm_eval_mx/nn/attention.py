@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import MXSpec
+from .spec import MXSpec
 
 NAME = "mx_eager"
 

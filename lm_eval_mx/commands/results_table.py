@@ -1,23 +1,16 @@
-"""Baseline vs MX: run (or read) lm-eval results and tabulate the deltas.
-
-The model is loaded once; MX is applied, evaluated and removed per configuration
-on the same copy (``HFMXLM.set_mx``), so every run sees identical weights,
-batches and seeds.
+"""Compare's table: lm-eval results (files or runs) to rows of baseline, MX value and delta, written as
+markdown, CSV, JSON, a rich table and a PNG.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from .config import MX_KEYS, MXConfig, _as_bool, parse_mx_args, suggest
 
 
 @dataclass
@@ -163,6 +156,8 @@ def table_cells(rows: list[Row]) -> list[list[str]]:
 
 
 FOOTNOTE = "Δ = MX - baseline; * |Δ| exceeds the combined stderr sqrt(se_base² + se_mx²); ? no stderr reported."
+
+
 FLAG_NOTE = f"! NaN/inf value, or the run scored requests of this task non-finite (row '{NONFINITE_ROW}'); - absent."
 
 
@@ -276,29 +271,6 @@ def plot(rows: list[Row], labels: list[str], path: Path) -> Path | None:
     return path
 
 
-def expand_sweep(spec: str) -> list[dict[str, str]]:
-    """``"format=fp8,fp4 block_size=32,16 roles=mlp,all"`` -> the 8 combinations, as model_args dicts.
-
-    Keys are separated by spaces or ';', alternatives by ','; a value that is
-    itself a list uses '|' (``roles=mlp_up|mlp_down,all``).
-    """
-    axes: list[tuple[str, list[str]]] = []
-    for part in spec.replace(";", " ").split():
-        key, sep, values = part.partition("=")
-        alts = [v for v in values.split(",") if v]
-        if not sep or not key or not alts:
-            raise ValueError(f"sweep: expected key=v1,v2,... but got {part!r}")
-        if key in dict(axes):  # a dict of the grid would keep only the last
-            raise ValueError(f"sweep: key {key!r} given twice in {spec!r}; list its values once: {key}=v1,v2")
-        axes.append((key, alts))
-    if not axes:
-        raise ValueError("sweep: empty specification")
-    combos = [dict(zip([k for k, _ in axes], values)) for values in itertools.product(*(v for _, v in axes))]
-    for c in combos:
-        parse_mx_args(c)  # validate every point of the grid before any run
-    return combos
-
-
 def write_outputs(runs: list[Run], out_dir: Path) -> dict[str, Path]:
     """compare.md / .csv / .json / .png (and each run's results) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -345,195 +317,3 @@ def unique_labels(labels: list[str], details: list[str]) -> list[str]:
     """
     out = [f"{label} [{d}]" if labels.count(label) > 1 else label for label, d in zip(labels, details)]
     return out if len(set(out)) == len(out) else [f"{label} #{i}" for i, label in enumerate(out)]
-
-
-def parse_kv(text: str, what: str) -> dict[str, Any]:
-    """lm-eval's ``key=value,...`` (values typed as lm-eval types them), refusing an item without '=' and a key
-    given twice (lm-eval would keep the last value silently)."""
-    from lm_eval.utils import simple_parse_args_string
-
-    items = [a for a in text.split(",") if a.strip()]
-    keys = [a.partition("=")[0].strip() for a in items]
-    bad = [a for a, k in zip(items, keys) if "=" not in a or not k]
-    if bad:
-        raise ValueError(f"{what}: expected key=value, got {bad[0]!r}")
-    twice = sorted({k for k in keys if keys.count(k) > 1})
-    if twice:
-        raise ValueError(f"{what}: {', '.join(twice)} given twice in {text!r}")
-    return simple_parse_args_string(text)
-
-
-def parse_model_args(text: str, mx_flag: str) -> dict[str, Any]:
-    """``--model_args``: the hf model's arguments, with ``pretrained`` and without MX keys (``mx_flag`` takes those)."""
-    args = parse_kv(text, "--model_args")
-    if "pretrained" not in args:
-        raise ValueError("--model_args needs pretrained=<model path or hub id>")
-    mx_keys = [k for k in args if k in MX_KEYS]
-    if mx_keys:
-        raise ValueError(f"put MX keys ({', '.join(mx_keys)}) in {mx_flag}, not --model_args")
-    return args
-
-
-def parse_config(source: str, spec: dict[str, Any]) -> MXConfig:
-    """One MX configuration from MX keys only; errors name ``source``, e.g. ``--config 'format=fp8'``."""
-    try:
-        cfg, rest = parse_mx_args(spec)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    if rest:
-        raise ValueError(f"{source}: MX keys only ({', '.join(MX_KEYS)}); got {', '.join(rest)}")
-    return cfg
-
-
-def plan_configs(specs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, MXConfig]]:
-    """(label, MXConfig) per (source, MX args), checked by :func:`check_configs`, with unique labels."""
-    parsed = [(source, parse_config(source, spec)) for source, spec in specs]
-    check_configs(parsed)
-    details = [",".join(f"{k}={v}" for k, v in spec.items()) for _, spec in specs]
-    return list(zip(unique_labels([c.label() for _, c in parsed], details), [c for _, c in parsed]))
-
-
-def check_configs(configs: list[tuple[str, MXConfig]]) -> None:
-    """Each (source, config) puts something in MX (the baseline is always run) and none comes twice."""
-    for i, (source, cfg) in enumerate(configs):
-        if not cfg.enabled:
-            raise ValueError(f"{source} puts nothing in MX: that is the baseline, which compare always runs")
-        same = next((s for s, c in configs[:i] if c == cfg), None)
-        if same is not None:
-            raise ValueError(f"{same} and {source} are the same MX configuration ({cfg.label()}): give it once")
-
-
-def check_run_args(limit: float | None, batch_size: int | str, num_fewshot: int | None = None) -> tuple[float | None, int | str]:
-    """(limit, batch_size) as lm-eval takes them, refusing values it would only trip over once the model is loaded."""
-    if limit is not None:
-        if not math.isfinite(limit) or limit <= 0 or (limit >= 1 and limit != int(limit)):
-            raise ValueError(f"--limit must be an integer >= 1 (examples per task) or a fraction in (0, 1), got {limit:g}")
-        limit = int(limit) if limit >= 1 else limit
-    text = str(batch_size)
-    if text.isdigit() and int(text) >= 1:
-        batch: int | str = int(text)
-    elif re.fullmatch(r"auto(:[1-9][0-9]*)?", text):
-        batch = text
-    else:
-        raise ValueError(f"--batch_size must be an integer >= 1, auto or auto:N, got {text!r}")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise ValueError(f"--num_fewshot must be >= 0, got {num_fewshot}")
-    return limit, batch
-
-
-def resolve_device(device: str | None, model_args: dict[str, Any] | None = None) -> str:
-    """``--device``, else model_args' ``device``, else cuda when available, else cpu.
-
-    lm-eval's HFLM defaults to "cuda" and falls back to the CPU only for a device it does not know,
-    so without this a CPU-only machine fails deep in transformers ("Torch not compiled with CUDA enabled").
-    """
-    import torch
-
-    given = (model_args or {}).get("device")
-    if device is not None and given is not None and str(given) != device:
-        raise ValueError(f"device given twice: --device {device} and model_args device={given}")
-    chosen = device if device is not None else given
-    if chosen is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(chosen).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {chosen}: CUDA is not available here; use cpu, or leave --device out")
-    return str(chosen)
-
-
-def task_manager_for(tasks: list[str], include_path: list[str]) -> Any:
-    """lm-eval's TaskManager over ``include_path`` alone when it holds every task (the offline tasks: instant),
-    else with lm-eval's own tasks too (indexing their ~13,000 YAML files takes 15 s or more on 2 cores)."""
-    from lm_eval.tasks import TaskManager
-
-    local = TaskManager(include_path=include_path, include_defaults=False)
-    if all(Path(t).is_file() or local.match_tasks([t]) for t in tasks):
-        return local
-    return TaskManager(include_path=include_path)
-
-
-def check_tasks(tasks: list[str], task_manager: Any, flag: str = "--tasks") -> None:
-    """Refuse, before the model loads, task names that lm-eval does not know (``flag``: the option that gave them)."""
-    if not tasks:
-        raise ValueError(f"{flag}: no task given")
-    unknown = [t for t in tasks if not Path(t).is_file() and not task_manager.match_tasks([t])]
-    if unknown:
-        hints = "; ".join(f"{t!r}{suggest(t, task_manager.all_tasks)}" for t in unknown)
-        raise ValueError(f"{flag}: unknown task {hints} (`lm-eval-mx ls tasks` lists them)")
-
-
-def check_against_model_args(base_args: dict[str, Any], configs: list[tuple[str, MXConfig]]) -> None:
-    """What each configuration cannot do with these hf arguments on this machine (packed, attn_implementation,
-    the backend): ``ValueError`` naming the configuration, before the model loads."""
-    from .model import check_hf_args
-
-    if any(cfg.packed for _, cfg in configs) or _as_bool("packed", base_args.get("packed", False)):
-        raise ValueError(
-            "compare evaluates every configuration on one high-precision copy, but packed=True loads a model "
-            "per configuration: run `lm-eval-mx run --model hf-mx --model_args ...,packed=True` for each "
-            "(and the baseline), then `lm-eval-mx compare --results BASELINE.json MX.json ...`"
-        )
-    for label, cfg in configs:
-        try:
-            check_hf_args(cfg, base_args)
-        except ValueError as e:
-            raise ValueError(f"configuration {label!r}: {e}") from None
-
-
-def run_configs(
-    base_args: dict[str, Any],
-    configs: list[tuple[str, MXConfig]],
-    tasks: list[str],
-    *,
-    limit: float | None = None,
-    num_fewshot: int | None = None,
-    batch_size: int | str = 1,
-    device: str | None = None,
-    seed: int = 1234,
-    include_path: str | list[str] | None = None,
-    task_manager: Any = None,
-    progress: bool = True,
-) -> list[Run]:
-    """Evaluate the baseline then each MX configuration on one model copy; every argument is checked first,
-    before the model loads."""
-    check_against_model_args(base_args, configs)
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    from .attention import AttentionError
-    from .model import HFMXLM
-    from .selection import SelectionError, check_config
-
-    labels = ["baseline", *(label for label, _ in configs)]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"configuration labels must be unique and not 'baseline' (compare.json is keyed by them): {labels}")
-    check_configs([(f"configuration {label!r}", cfg) for label, cfg in configs])
-    limit, batch_size = check_run_args(limit, batch_size, num_fewshot)
-    task_manager = task_manager or TaskManager(include_path=include_path)
-    check_tasks(tasks, task_manager)
-    args = {**base_args, "batch_size": batch_size, "roles": "none", "mx_keep_original": True,
-            "device": resolve_device(device, base_args)}
-    lm = HFMXLM(**args)
-    for label, cfg in configs:  # what a configuration cannot do on this model fails now, not after the baseline's run
-        try:
-            check_config(lm.model, cfg)
-        except (SelectionError, AttentionError) as e:
-            raise SelectionError(f"configuration {label!r}: {e}") from None
-    plan = [("baseline", MXConfig(roles=())), *configs]
-    runs: list[Run] = []
-    from rich.progress import Progress
-
-    with Progress(disable=not progress or lm.rank != 0) as bar:
-        job = bar.add_task("configurations", total=len(plan))
-        for label, cfg in plan:
-            bar.update(job, description=f"evaluating {label}")
-            lm.set_mx(cfg)
-            res = simple_evaluate(
-                model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                bootstrap_iters=1000,
-            )
-            if res is not None:  # None on non-zero ranks under accelerate
-                runs.append(Run(label, cfg.to_dict() if cfg.enabled else None, res))
-            bar.advance(job)
-    lm.set_mx(MXConfig(roles=()))
-    return runs

@@ -15,18 +15,18 @@ import dataclasses
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MXConfig
-from .layers import MXLayer, mx_disabled, mx_layers, mx_only, set_spec
-from .selection import apply_mx
+from ..nn.layers import MXLayer, mx_disabled, mx_layers, mx_only, set_spec
+from ..selection.apply import apply_mx
+from ..selection.config import MXConfig
+from .corpus import token_batches
 
 _BLOCK = re.compile(r"^(.*?\.(?:layers|h|blocks|layer|decoder_layers)\.\d+)\.")
 
@@ -95,31 +95,6 @@ class _SQNR:
         return {n: 10 * math.log10(self.signal[n] / self.noise[n]) if self.noise[n] > 0 else math.inf for n in self.signal}
 
 
-def token_batches(tokenizer: Any, texts: Iterable[str], max_length: int, batch_size: int,
-                  max_tokens: int | None = None) -> list[torch.Tensor]:
-    """Concatenate the texts (EOS-separated) and cut them into [batch, max_length] id tensors."""
-    ids: list[int] = []
-    eos = tokenizer.eos_token_id
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        if max_tokens and len(ids) >= max_tokens:
-            break
-    ids = ids[:max_tokens] if max_tokens else ids
-    seqs = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
-    seqs = [s for s in seqs if len(s) > 1]
-    batches = []
-    for i in range(0, len(seqs), batch_size):
-        group = seqs[i : i + batch_size]
-        width = max(len(s) for s in group)
-        pad = eos if eos is not None else 0
-        t = torch.full((len(group), width), pad, dtype=torch.long)
-        lengths = torch.tensor([len(s) for s in group])
-        for r, s in enumerate(group):
-            t[r, : len(s)] = torch.tensor(s)
-        batches.append(torch.cat([lengths[:, None], t], 1))  # column 0 holds the length
-    return batches
-
-
 def _logprobs(model: nn.Module, batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 log-probabilities [N, vocab] of every predicted (non-padding) token, and the targets [N]."""
     lengths, ids = batch[:, 0], batch[:, 1:].to(device)
@@ -155,6 +130,8 @@ def exclude_pattern(units: list[str], granularity: str) -> str:
 
 
 SENSITIVITY = ("block", "layer")
+
+
 DEFAULT_TOP_K = 3
 
 
@@ -177,30 +154,6 @@ def check_args(*, max_length: int, batch_size: int, max_tokens: int | None, sens
             raise ValueError("--top_k sets how many units --sensitivity's exclude pattern keeps: it needs --sensitivity")
         if top_k < 1:
             raise ValueError(f"--top_k must be >= 1 (the exclude pattern keeps the worst top_k), got {top_k}")
-
-
-def read_corpus(files: Sequence[str | Path] | None) -> list[str]:
-    """Paragraphs (blank-line separated) of UTF-8 text files (None: the shipped corpus, tasks/corpus/*.txt);
-    a one-line error naming a bad file."""
-    if files is None:
-        from .cli import tasks_dir
-
-        files = sorted((tasks_dir() / "corpus").glob("*.txt"))
-    if not files:
-        raise ValueError("--corpus: no text file given")
-    files = [Path(f) for f in files]
-    texts: list[str] = []
-    for f in files:
-        try:
-            paragraphs = [t for t in f.read_text(encoding="utf-8").split("\n\n") if t.strip()]
-        except OSError as e:
-            raise ValueError(f"--corpus: cannot read {f}: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--corpus: {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if not paragraphs:
-            raise ValueError(f"--corpus: {f} holds no text")
-        texts += paragraphs
-    return texts
 
 
 def run_divergence(
@@ -290,40 +243,3 @@ def _sqnr_without_rotation(model: nn.Module, rotated: list[tuple[str, MXLayer]],
             set_spec(m, spec, weights)
     names = {n for n, _ in rotated}
     return {n: db for n, db in sqnr.db().items() if n in names}
-
-
-def render(result: dict[str, Any], top: int = 10) -> Any:
-    """Rich renderables: the metrics table, the worst layers by SQNR, the sensitivity ranking."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    m = result["metrics"]
-    t = Table(title=f"Divergence: {result['label']} ({result['replaced_layers']} MX layers, {m['tokens']} tokens)")
-    for col in ("", "baseline", "MX", "Δ"):
-        t.add_column(col, justify="right")
-    for key, name in (("ce", "cross-entropy (nats)"), ("ppl", "perplexity"), ("entropy", "entropy (nats)")):
-        b, x = m[f"{key}_base"], m[f"{key}_mx"]
-        t.add_row(name, f"{b:.4f}", f"{x:.4f}", f"{x - b:+.4f}")
-    t.add_row("KL(baseline ‖ MX)", "", f"{m['kl_base_mx']:.5f}", "")
-    t.add_row("top-1 agreement", "", f"{100 * m['top1_agreement']:.2f}%", "")
-    parts: list[Any] = [t]
-    s = Table(title=f"Lowest output SQNR (of {len(result['sqnr_db'])} MX layers)")
-    s.add_column("layer")
-    s.add_column("SQNR dB", justify="right")
-    unrotated = result.get("sqnr_db_unrotated")
-    if unrotated:
-        s.add_column("without rotation", justify="right")
-    for name, db in list(result["sqnr_db"].items())[:top]:
-        extra = [f"{unrotated[name]:.2f}" if name in unrotated else "-"] if unrotated else []
-        s.add_row(name, f"{db:.2f}", *extra)
-    parts.append(s)
-    if "sensitivity" in result:
-        sens = result["sensitivity"]
-        r = Table(title=f"KL added by each {sens['granularity']} alone in MX")
-        r.add_column(sens["granularity"])
-        r.add_column("KL", justify="right")
-        for unit, kl in list(sens["kl_alone"].items())[:top]:
-            r.add_row(unit, f"{kl:.5f}")
-        parts += [r, Text(f"keep the worst {len(sens['worst'])} in high precision: exclude={sens['exclude']}")]
-    return Group(*parts)

@@ -59,7 +59,7 @@ def choose_dtype(flags: set[str] | None) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="lm-eval-mx demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # 50 keeps the whole demo within 5 minutes on 2 AVX2 cores in float32, where the exact CPU quantizer of the
     # two MX runs costs as much again as the model
     p.add_argument("--limit", default="50", help="examples per multiple-choice task (default 50)")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from .cli import main as cli_main
+    from . import compare
 
     dtype, why = (ns.dtype, "--dtype") if ns.dtype else choose_dtype(cpu_flags())
     print(f"demo: dtype {dtype} ({why})", flush=True)
@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in CONFIGS:
         args += ["--config", c]
     start = time.perf_counter()
-    rc = cli_main(args)
+    parser = argparse.ArgumentParser(prog="lm-eval-mx")
+    compare.add_parser(parser.add_subparsers())
+    rc = compare.main(parser.parse_args(args))
     minutes, seconds = divmod(round(time.perf_counter() - start), 60)
     import torch
 

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .formats import (
+from ..kernels import BACKENDS
+from ..numerics.formats import (
     FIXED_SCHEMES,
     FORMATS,
     HIGH_PRECISION,
@@ -48,8 +49,6 @@ ROLE_GROUPS: dict[str, tuple[str, ...]] = {
 }
 # The attention matmuls (attn_bmm=True), as rotation_roles names them.
 BMM_ROLE = "attn_bmm"
-# Quantization engines (lm_eval_mx.backends); all give bit-identical results.
-BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 # How packed weights meet activations on CUDA (Triton): "dequant" decodes each weight to the activation
 # dtype with a Triton kernel, then cuBLAS multiplies (bit-identical to fake quantization);
 # "fused" decodes inside a Triton GEMM's main loop (no bf16 copy of the weight; slower, BENCHMARKS.md).
@@ -162,7 +161,7 @@ class MXConfig:
     ``layer_formats`` are ordered (pattern, format) rules that override the role formats of
     matching layers (``bf16``/``none``: keep the layer in high precision).
     ``packed=True`` stores the selected weights as packed MX codes, quantized while
-    the checkpoint loads (:mod:`lm_eval_mx.hf_quantizer`), instead of bf16 copies.
+    the checkpoint loads (:mod:`lm_eval_mx.hf.quantizer`), instead of bf16 copies.
     """
 
     w_format: str = "fp8_e4m3"

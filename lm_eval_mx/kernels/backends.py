@@ -1,7 +1,7 @@
 """Quantization backends: the same exact function, computed by different engines.
 
-``torch`` : eager torch (:mod:`lm_eval_mx.numerics`), CPU and CUDA; the reference.
-``triton``: a one-pass Triton kernel (:mod:`lm_eval_mx.kernels`) for CUDA tensors,
+``torch`` : eager torch (:mod:`lm_eval_mx.numerics.quantize`), CPU and CUDA; the reference.
+``triton``: a one-pass Triton kernel (:mod:`lm_eval_mx.kernels.triton_mx`) for CUDA tensors,
             from the optional ``gpu`` extra; CPU tensors take the torch path.
 ``auto``  : ``triton`` when CUDA and Triton are available, else ``torch``.
 
@@ -17,10 +17,10 @@ from typing import Any, Protocol
 
 import torch
 
-from .config import BACKENDS
-from .formats import Scheme
-from .numerics import quantize_torch
-from .rotation import Rotation
+from ..numerics.formats import Scheme
+from ..numerics.quantize import quantize_torch
+from ..numerics.rotation import Rotation
+from . import BACKENDS
 
 
 class Quantizer(Protocol):
@@ -38,7 +38,7 @@ def _triton(x: torch.Tensor, *args: Any) -> torch.Tensor:
     """The Triton kernel for CUDA tensors, the torch path otherwise (same arguments as ``Quantizer``)."""
     if not x.is_cuda:
         return quantize_torch(x, *args)
-    from .kernels import quantize_triton
+    from .triton_mx import quantize_triton
 
     return quantize_triton(x, *args)
 

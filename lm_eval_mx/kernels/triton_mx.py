@@ -2,7 +2,7 @@
 rotation fused in (one pass: read once, write once; a per-tensor scale adds one read), and
 kernels that decode packed weights (codes + E8M0 or E4M3 scales), alone or inside a GEMM.
 
-The arithmetic is that of :mod:`lm_eval_mx.numerics` and :mod:`lm_eval_mx.rotation`
+The arithmetic is that of :mod:`lm_eval_mx.numerics.quantize` and :mod:`lm_eval_mx.numerics.rotation`
 (exact power-of-two scaling, correctly rounded divisions ``div_rn``, the same butterfly
 order), so results are bit-identical to the torch backend; the GPU tests check every
 golden case and a property test over every scheme. Plain fp32 multiplies keep
@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .formats import E4M3, Rounding, ScaleMode, Scheme, TensorScale, is_power_of_two
-from .packing import MXPacked, codes_per_byte, unpack_mx
-from .rotation import Rotation, norm_scale, rotate, signs
+from ..numerics.formats import E4M3, Rounding, ScaleMode, Scheme, TensorScale, is_power_of_two
+from ..numerics.packing import MXPacked, codes_per_byte, unpack_mx
+from ..numerics.rotation import Rotation, norm_scale, rotate, signs
 
 _ROUNDING = {Rounding.EVEN: 0, Rounding.NEAREST: 1, Rounding.FLOOR: 2}
 _SCALE_MODE = {ScaleMode.FLOOR: 0, ScaleMode.CEIL: 1, ScaleMode.EVEN: 2, ScaleMode.RCEIL: 3}
@@ -298,7 +298,7 @@ def quantize_triton(
     tile_elements: int = TILE_ELEMENTS,
     num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
-    """Same contract as :func:`lm_eval_mx.numerics.quantize_torch`, for CUDA tensors.
+    """Same contract as :func:`lm_eval_mx.numerics.quantize.quantize_torch`, for CUDA tensors.
 
     Rows made of whole power-of-two blocks (nearly every activation) take the flat kernel, with the
     rotation fused in; other shapes take the general kernel, after a torch rotation (same arithmetic).
@@ -363,7 +363,7 @@ def _decode(c_rows, s_rows, row_mask, k0, KP, NB, MBITS, EMIN, ts, BS: tl.conste
             IS_INT: tl.constexpr, COLS: tl.constexpr, E4M3_SCALES: tl.constexpr):
     """float32 values of the packed weights in columns [k0, k0 + COLS) of the rows whose codes start at
     ``c_rows`` (scales at ``s_rows``): each element exactly from its code's bits, times its block's
-    scale factor, the float32 product :func:`lm_eval_mx.packing.unpack_mx` computes.
+    scale factor, the float32 product :func:`lm_eval_mx.numerics.packing.unpack_mx` computes.
 
     Codes are loaded as whole bytes and split in registers; each block's scale is loaded once when
     blocks tile ``COLS`` (otherwise per element), so the loads stay wide.
@@ -429,7 +429,7 @@ def _mx_dequant_kernel(c_ptr, s_ptr, ts_ptr, y_ptr, N, K, KP, NB, MBITS, EMIN, B
 def mx_unpack_triton(
     p: MXPacked, dtype: torch.dtype = torch.float32, tile: tuple[int, int] = DEQUANT_TILE, num_warps: int = DEQUANT_WARPS
 ) -> torch.Tensor:
-    """:func:`lm_eval_mx.packing.unpack_mx` of a 2-D packed weight on the GPU, bit for bit."""
+    """:func:`lm_eval_mx.numerics.packing.unpack_mx` of a 2-D packed weight on the GPU, bit for bit."""
     if not packed_gemm_supported(p) or len(p.shape) != 2:
         return unpack_mx(p, dtype)
     n, k = p.shape
@@ -485,7 +485,7 @@ def _mx_packed_mm_kernel(
 
     Each weight tile is decoded in the main loop: codes -> element value (exact
     float32 from the code's bits) -> times its block's scale factor, the
-    same float32 product :func:`lm_eval_mx.packing.unpack_mx` computes, then
+    same float32 product :func:`lm_eval_mx.numerics.packing.unpack_mx` computes, then
     cast to the activation dtype for the tensor-core dot.
     """
     ts = tl.load(ts_ptr) if HAS_TS else 1.0

@@ -1,7 +1,7 @@
 """Random models of real architectures and a local tokenizer, for offline tests and device runs.
 
-    python -m lm_eval_mx.testing --preset llama-3.1-8b --out /tmp/llama8b   # random weights, bf16
-    python -m lm_eval_mx.testing --preset mixtral-8x7b --out /tmp/mixtral --stream --dtype float8_e4m3fn
+    python -m lm_eval_mx.hf.testing --preset llama-3.1-8b --out /tmp/llama8b   # random weights, bf16
+    python -m lm_eval_mx.hf.testing --preset mixtral-8x7b --out /tmp/mixtral --stream --dtype float8_e4m3fn
 
 ``--stream`` writes the checkpoint one tensor at a time, never building the model:
 for models larger than memory (Mixtral-8x7B is 93 GB in bf16; in float8 it is 47 GB,
@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def corpus_dir() -> Path:
     """The shipped public-domain corpus (source checkout or installed wheel)."""
-    from .cli import tasks_dir
+    from .tasks import tasks_dir
 
     return tasks_dir() / "corpus"
 

@@ -2,7 +2,7 @@
 
 ``from_pretrained(path, quantization_config=MXQuantizationConfig(w_format="fp4_e2m1", roles="mlp"))``
 builds the model on the meta device, turns the selected layers into packed MX
-layers (:func:`lm_eval_mx.layers.convert_packed`), then packs each checkpoint
+layers (:func:`lm_eval_mx.nn.layers.convert_packed`), then packs each checkpoint
 tensor the moment the loader reads it, on the device it is loaded to: the
 high-precision model is never held in memory, only one tensor at a time.
 ``device_map="auto"`` plans with the packed sizes. ``hf-mx`` does all this for
@@ -30,10 +30,11 @@ except ImportError as e:  # transformers 4
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .config import MXConfig, parse_mx_args
-from .layers import MXPackedLayer, mx_layers
-from .packing import packed_layout
-from .selection import MXReport, convert_layers, count_packed_bytes, enable_attention
+from ..nn.layers import MXPackedLayer, mx_layers
+from ..numerics.packing import packed_layout
+from ..selection.apply import convert_layers, count_packed_bytes, enable_attention
+from ..selection.config import MXConfig, parse_mx_args
+from ..selection.report import MXReport
 
 # The loading API used here (ConversionOps, get_quantize_ops, param_element_size) changes within
 # transformers 5; tested with 5.17 and 5.24.

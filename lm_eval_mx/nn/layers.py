@@ -9,7 +9,7 @@ original weights, bit for bit.
 
 Packed layers (``MXPacked*``, :func:`convert_packed`) hold each selected weight
 as uint8 codes plus uint8 block scales (E8M0 or E4M3) instead: they are set up on the meta model
-before a checkpoint loads and filled by the loader (:mod:`lm_eval_mx.hf_quantizer`).
+before a checkpoint loads and filled by the loader (:mod:`lm_eval_mx.hf.quantizer`).
 """
 
 from __future__ import annotations
@@ -17,87 +17,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import Quantizer, get_quantizer, resolve_backend
-from .formats import Scheme, TensorScale
-from .numerics import make_scheme
-from .packing import MXPacked, pack, packed_layout, unpack_mx
-from .rotation import Rotation, rotate
-
-
-@dataclass(frozen=True)
-class MXSpec:
-    """Resolved numerics of one layer: weight and activation schemes (None: weight-only), the
-    rotation applied to both along the reduction axis, and the backend."""
-
-    w: Scheme
-    a: Scheme | None
-    rotation: Rotation | None = None
-    backend: str = "auto"
-
-    @classmethod
-    def make(
-        cls,
-        w_format: str,
-        a_format: str | None,
-        block_size: int = 32,
-        rounding: str = "even",
-        scale_bits: int = 8,
-        scale_mode: str = "floor",
-        backend: str = "auto",
-        rotation: Rotation | None = None,
-    ) -> MXSpec:
-        """From element format names under one block size and E8M0 scale settings (tests and benchmarks; layers
-        get theirs from :func:`lm_eval_mx.selection.layer_spec`)."""
-
-        def scheme(name: str) -> Scheme:
-            return make_scheme(name, block_size, rounding, scale_bits, scale_mode)
-
-        return cls(scheme(w_format), None if a_format is None else scheme(a_format), rotation, backend)
-
-    @functools.cached_property
-    def quantizer(self) -> Quantizer:
-        return get_quantizer(self.backend)
-
-    def weight(self, w: torch.Tensor, axis: int) -> torch.Tensor:
-        """The weight rotated and quantized along its reduction axis (a per-tensor scale: per matrix,
-        so per expert for 3-D expert weights)."""
-        if self.w.tensor_scale is TensorScale.AMAX and w.dim() == 3:
-            return torch.stack([self.weight(e, axis if axis < 0 else axis - 1) for e in w])
-        return self.quantizer(w, self.w, axis, self.rotation)
-
-    def act(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate and quantize an input along its last axis; siblings fed the same tensor share one result."""
-        if self.a is None:
-            return x if self.rotation is None else rotate(x, self.rotation).to(x.dtype)
-        # inference tensors have no version counter (an in-place change could not be seen), and under
-        # torch.compile identity and versions are the tracer's: quantize without the sibling cache there
-        if torch.compiler.is_compiling() or x.is_inference():
-            return self.quantizer(x, self.a, -1, self.rotation)
-        key = (self.a, self.rotation, self.backend)
-        hit = _LAST_ACT.get("entry")
-        if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] == key:
-            return hit[3]
-        xq = self.quantizer(x, self.a, -1, self.rotation)
-        _LAST_ACT["entry"] = (weakref.ref(x), x._version, key, xq)
-        return xq
-
-    def describe(self) -> str:
-        a = self.a.name if self.a else "-"
-        rot = f", rot={self.rotation.label()}" if self.rotation else ""
-        return f"w={self.w.name}, a={a}{rot}"
-
-
-# The last quantized activation: q/k/v and gate/up projections read the same input tensor,
-# so it is quantized once. Keyed by identity and version of the input (weakly held).
-_LAST_ACT: dict[str, tuple] = {}
+from ..kernels.backends import resolve_backend
+from ..numerics.formats import TensorScale
+from ..numerics.packing import MXPacked, pack, packed_layout, unpack_mx
+from ..numerics.rotation import rotate
+from .attention import bmm_enabled, disable
+from .spec import MXSpec
 
 
 class MXLayer(nn.Module):
@@ -262,7 +193,7 @@ class MXPackedLayer(MXLayer):
         """``F.linear(x, W, bias)`` with packed W: the Triton GEMM on CUDA, else dequantize + F.linear."""
         p = self.mx_packed(name, index)
         if x.is_cuda and resolve_backend(self.mx_spec.backend) == "triton":
-            from .kernels import mx_packed_linear_triton, mx_unpack_triton
+            from ..kernels.triton_mx import mx_packed_linear_triton, mx_unpack_triton
 
             if self.mx_gemm == "fused":
                 return mx_packed_linear_triton(x, p, bias)
@@ -390,8 +321,6 @@ def remove_mx(model: nn.Module) -> int:
 
     Returns the number of layers restored.
     """
-    from .attention import disable
-
     disable(model)
     n = 0
     for _, module in list(mx_layers(model)):
@@ -421,8 +350,6 @@ def mx_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
     Needs ``keep_original=True``. MX attention switched off runs plain eager attention.
     """
-    from .attention import bmm_enabled
-
     named = list(mx_layers(model))
     layers = [m for _, m in named]
     missing = [n for n, m in named if not m.mx_keep_original]

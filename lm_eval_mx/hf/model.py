@@ -4,7 +4,7 @@ MX keys are taken out of ``model_args`` before ``HFLM`` sees them, validated
 first (before any model load), and MX is applied once the model is loaded,
 tied and placed, so dtype, device_map, parallelize, GGUF and PEFT keep working.
 With ``packed=True`` the weights are instead packed while they load, through
-transformers' quantizer API (:mod:`lm_eval_mx.hf_quantizer`).
+transformers' quantizer API (:mod:`lm_eval_mx.hf.quantizer`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .attention import NAME as ATTENTION_NAME
-from .backends import resolve_backend
-from .config import MX_KEYS, MXConfig, _as_bool, parse_mx_args, suggest
-from .layers import mx_disabled, remove_mx
-from .selection import MXReport, apply_mx
+from ..kernels.backends import resolve_backend
+from ..nn.attention import NAME as ATTENTION_NAME
+from ..nn.layers import mx_disabled, remove_mx
+from ..numerics.formats import suggest
+from ..selection.apply import apply_mx
+from ..selection.config import MX_KEYS, MXConfig, _as_bool, parse_mx_args
+from ..selection.report import MXReport
 
 log = logging.getLogger("lm_eval_mx")
 
@@ -197,7 +199,7 @@ class HFMXLM(HFLM):
         self._mx_packed = None
         if config.packed:
             _check_packed_args(pretrained, self.mx_keep_original, rest)
-            from .hf_quantizer import MXQuantizationConfig
+            from .quantizer import MXQuantizationConfig
 
             self._mx_packed = MXQuantizationConfig(config)
         super().__init__(pretrained=pretrained, **rest)

@@ -1,7 +1,7 @@
 """Packed storage: element codes and uint8 block scales, the real bits a quantized tensor occupies.
 
 ``pack_mx`` stores a tensor quantized along its last axis as OCP MX codes; ``unpack_mx``
-gives back exactly what :func:`lm_eval_mx.numerics.quantize_mx` returns for the same
+gives back exactly what :func:`lm_eval_mx.numerics.quantize.quantize_mx` returns for the same
 arguments (bit for bit; the tests check every format). Storage per element:
 
 * 8-bit formats (fp8, int8): one code a byte;
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import ElemFormat, Scheme, TensorScale
-from .numerics import check_args, make_scheme, pow2, quantize_blocks, tensor_scale
+from .quantize import check_args, make_scheme, pow2, quantize_blocks, tensor_scale
 from .rotation import Rotation, rotate
 
 _E8M0_NAN = 255
@@ -149,7 +149,7 @@ def pack(
 
 def pack_mx(x: torch.Tensor, elem_format: str | ElemFormat, block_size: int = 32, **scheme_keys: object) -> MXPacked:
     """Quantize ``x`` along its last axis and store it packed; ``scheme_keys`` are those of
-    :func:`lm_eval_mx.numerics.make_scheme` (block_size, rounding, scale_bits, scale_mode, scale_format,
+    :func:`lm_eval_mx.numerics.quantize.make_scheme` (block_size, rounding, scale_bits, scale_mode, scale_format,
     tensor_scale), with quantize_mx's defaults (OCP MX)."""
     return pack(x, make_scheme(elem_format, block_size, **scheme_keys))  # type: ignore[arg-type]
 

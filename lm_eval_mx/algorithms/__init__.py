@@ -1,0 +1,6 @@
+"""Layer 6, algorithms: measurements and searches over a model with MX layers.
+
+``corpus`` (text to token batches), ``divergence`` (KL, agreement, SQNR, per-unit sensitivity) and
+``search`` (measure each unit's KL per format, solve an exact knapsack, read and write recipes).
+May import: hf and everything below it; never the commands.
+"""

@@ -1,0 +1,243 @@
+"""``lm-eval-mx compare``: baseline vs MX configurations of one model on the same tasks, one table.
+
+The model is loaded once; MX is applied, evaluated and removed per configuration
+on the same copy (``HFMXLM.set_mx``), so every run sees identical weights,
+batches and seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+from typing import Any
+
+from ..hf.tasks import tasks_dir
+from ..selection.config import MXConfig, _as_bool, parse_mx_args
+from .args import (
+    check_run_args,
+    check_tasks,
+    parse_config,
+    parse_kv,
+    parse_model_args,
+    resolve_device,
+    task_manager_for,
+)
+from .results_table import Run, build_rows, load_results, rich_table, unique_labels, write_outputs
+
+
+def expand_sweep(spec: str) -> list[dict[str, str]]:
+    """``"format=fp8,fp4 block_size=32,16 roles=mlp,all"`` -> the 8 combinations, as model_args dicts.
+
+    Keys are separated by spaces or ';', alternatives by ','; a value that is
+    itself a list uses '|' (``roles=mlp_up|mlp_down,all``).
+    """
+    axes: list[tuple[str, list[str]]] = []
+    for part in spec.replace(";", " ").split():
+        key, sep, values = part.partition("=")
+        alts = [v for v in values.split(",") if v]
+        if not sep or not key or not alts:
+            raise ValueError(f"sweep: expected key=v1,v2,... but got {part!r}")
+        if key in dict(axes):  # a dict of the grid would keep only the last
+            raise ValueError(f"sweep: key {key!r} given twice in {spec!r}; list its values once: {key}=v1,v2")
+        axes.append((key, alts))
+    if not axes:
+        raise ValueError("sweep: empty specification")
+    combos = [dict(zip([k for k, _ in axes], values)) for values in itertools.product(*(v for _, v in axes))]
+    for c in combos:
+        parse_mx_args(c)  # validate every point of the grid before any run
+    return combos
+
+
+def plan_configs(specs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, MXConfig]]:
+    """(label, MXConfig) per (source, MX args), checked by :func:`check_configs`, with unique labels."""
+    parsed = [(source, parse_config(source, spec)) for source, spec in specs]
+    check_configs(parsed)
+    details = [",".join(f"{k}={v}" for k, v in spec.items()) for _, spec in specs]
+    return list(zip(unique_labels([c.label() for _, c in parsed], details), [c for _, c in parsed]))
+
+
+def check_configs(configs: list[tuple[str, MXConfig]]) -> None:
+    """Each (source, config) puts something in MX (the baseline is always run) and none comes twice."""
+    for i, (source, cfg) in enumerate(configs):
+        if not cfg.enabled:
+            raise ValueError(f"{source} puts nothing in MX: that is the baseline, which compare always runs")
+        same = next((s for s, c in configs[:i] if c == cfg), None)
+        if same is not None:
+            raise ValueError(f"{same} and {source} are the same MX configuration ({cfg.label()}): give it once")
+
+
+def check_against_model_args(base_args: dict[str, Any], configs: list[tuple[str, MXConfig]]) -> None:
+    """What each configuration cannot do with these hf arguments on this machine (packed, attn_implementation,
+    the backend): ``ValueError`` naming the configuration, before the model loads."""
+    from ..hf.model import check_hf_args
+
+    if any(cfg.packed for _, cfg in configs) or _as_bool("packed", base_args.get("packed", False)):
+        raise ValueError(
+            "compare evaluates every configuration on one high-precision copy, but packed=True loads a model "
+            "per configuration: run `lm-eval-mx run --model hf-mx --model_args ...,packed=True` for each "
+            "(and the baseline), then `lm-eval-mx compare --results BASELINE.json MX.json ...`"
+        )
+    for label, cfg in configs:
+        try:
+            check_hf_args(cfg, base_args)
+        except ValueError as e:
+            raise ValueError(f"configuration {label!r}: {e}") from None
+
+
+def run_configs(
+    base_args: dict[str, Any],
+    configs: list[tuple[str, MXConfig]],
+    tasks: list[str],
+    *,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int | str = 1,
+    device: str | None = None,
+    seed: int = 1234,
+    include_path: str | list[str] | None = None,
+    task_manager: Any = None,
+    progress: bool = True,
+) -> list[Run]:
+    """Evaluate the baseline then each MX configuration on one model copy; every argument is checked first,
+    before the model loads."""
+    check_against_model_args(base_args, configs)
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from ..hf.model import HFMXLM
+    from ..nn.attention import AttentionError
+    from ..selection.apply import SelectionError, check_config
+
+    labels = ["baseline", *(label for label, _ in configs)]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"configuration labels must be unique and not 'baseline' (compare.json is keyed by them): {labels}")
+    check_configs([(f"configuration {label!r}", cfg) for label, cfg in configs])
+    limit, batch_size = check_run_args(limit, batch_size, num_fewshot)
+    task_manager = task_manager or TaskManager(include_path=include_path)
+    check_tasks(tasks, task_manager)
+    args = {**base_args, "batch_size": batch_size, "roles": "none", "mx_keep_original": True,
+            "device": resolve_device(device, base_args)}
+    lm = HFMXLM(**args)
+    for label, cfg in configs:  # what a configuration cannot do on this model fails now, not after the baseline's run
+        try:
+            check_config(lm.model, cfg)
+        except (SelectionError, AttentionError) as e:
+            raise SelectionError(f"configuration {label!r}: {e}") from None
+    plan = [("baseline", MXConfig(roles=())), *configs]
+    runs: list[Run] = []
+    from rich.progress import Progress
+
+    with Progress(disable=not progress or lm.rank != 0) as bar:
+        job = bar.add_task("configurations", total=len(plan))
+        for label, cfg in plan:
+            bar.update(job, description=f"evaluating {label}")
+            lm.set_mx(cfg)
+            res = simple_evaluate(
+                model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                bootstrap_iters=1000,
+            )
+            if res is not None:  # None on non-zero ranks under accelerate
+                runs.append(Run(label, cfg.to_dict() if cfg.enabled else None, res))
+            bar.advance(job)
+    lm.set_mx(MXConfig(roles=()))
+    return runs
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="evaluate a baseline and MX configurations of one model on the same tasks, and tabulate Δ",
+        description="Baseline vs MX on the same tasks, batch size and seed; the model is loaded once.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  lm-eval-mx compare --model_args pretrained=PATH,dtype=bfloat16 --tasks hellaswag_offline \\\n"
+            "      --config format=fp8_e4m3 --config format=fp4_e2m1,mlp_only=True --limit 200\n"
+            "  lm-eval-mx compare --model_args pretrained=PATH --tasks mx_corpus_ppl \\\n"
+            "      --sweep 'format=fp8_e4m3,fp4_e2m1 block_size=32,16 roles=mlp,all'\n"
+            "  lm-eval-mx compare --results baseline.json mxfp4.json"
+        ),
+    )
+    p.add_argument("--model_args", default="", help="hf model args without MX keys, e.g. pretrained=PATH,dtype=bfloat16")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (offline tasks are included)")
+    p.add_argument("--config", action="append", default=[], metavar="MX_ARGS",
+                   help="one MX configuration in model_args syntax (repeatable), e.g. format=fp4,mlp_only=True")
+    p.add_argument("--sweep", default=None, help="grid of MX configurations: 'key=v1,v2 key2=v3,v4'")
+    p.add_argument("--results", nargs="+", default=None, metavar="JSON",
+                   help="tabulate existing lm-eval results files instead of running (first = baseline)")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (integer >= 1) or a fraction in (0, 1)")
+    p.add_argument("--num_fewshot", type=int, default=None)
+    p.add_argument("--batch_size", default=None, help="integer >= 1, auto or auto:N (default 1)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
+    p.add_argument("--seed", type=int, default=None, help="lm-eval's seeds (default 1234)")
+    p.add_argument("--include_path", default=None, help="extra task directory (lm-eval-mx's tasks/ is always included)")
+    p.add_argument("--output_dir", default="mx_compare", help="where compare.md/.csv/.json/.png go (default: mx_compare)")
+
+
+def main(ns: argparse.Namespace) -> int:
+    """Tabulate --results files, or run the baseline and every configuration; inputs are checked first."""
+    from rich.console import Console
+
+    console = Console(width=160)
+    out = Path(ns.output_dir)
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--output_dir {out} is a file, not a directory")
+        if ns.results:
+            given = [f for f in ("model_args", "tasks", "config", "sweep", "limit", "num_fewshot", "batch_size",
+                                 "device", "seed", "include_path") if getattr(ns, f) not in (None, "", [])]
+            if given:
+                raise ValueError(f"--results tabulates existing files; --{', --'.join(given)} would be ignored")
+            if len(ns.results) < 2:
+                raise ValueError("--results needs a baseline file and at least one MX file")
+            runs = [load_results(p) for p in ns.results]
+            labels = unique_labels([r.label for r in runs], list(ns.results))
+            for r, label in zip(runs, labels):
+                r.label = label
+        else:
+            if not ns.tasks:
+                raise ValueError("--tasks is required (or --results FILES)")
+            base = parse_model_args(ns.model_args, "--config/--sweep")
+            specs = [(f"--config {c!r}", parse_kv(c, f"--config {c!r}")) for c in ns.config]
+            if ns.sweep:
+                points = expand_sweep(ns.sweep)
+                specs += [(f"--sweep point {' '.join(f'{k}={v}' for k, v in p.items())!r}", p) for p in points]
+            if not specs:
+                raise ValueError("give at least one --config or a --sweep")
+            configs = plan_configs(specs)
+            check_against_model_args(base, configs)
+            limit, batch = check_run_args(ns.limit, ns.batch_size or "1", ns.num_fewshot)
+            if ns.include_path is not None and not Path(ns.include_path).is_dir():
+                raise ValueError(f"--include_path {ns.include_path}: no such directory")
+            device = resolve_device(ns.device, base)
+            include = [str(tasks_dir())] + ([ns.include_path] if ns.include_path else [])
+            tasks = [t for t in ns.tasks.split(",") if t]
+            task_manager = task_manager_for(tasks, include)
+            check_tasks(tasks, task_manager)
+    except ValueError as e:
+        raise SystemExit(f"lm-eval-mx compare: {e}") from None
+    if not ns.results:
+        from ..selection.apply import SelectionError
+
+        try:
+            runs = run_configs(base, configs, tasks, limit=limit, num_fewshot=ns.num_fewshot, batch_size=batch,
+                                   device=device, seed=1234 if ns.seed is None else ns.seed,
+                                   task_manager=task_manager)
+        except SelectionError as e:  # checked on the loaded model, before any evaluation
+            raise SystemExit(f"lm-eval-mx compare: {e}") from None
+        if not runs:  # non-zero rank
+            return 0
+    labels = [r.label for r in runs[1:]]
+    rows = build_rows(runs[0], runs[1:])
+    console.print(rich_table(rows, labels))
+    if not ns.results:
+        import json
+
+        out.mkdir(parents=True, exist_ok=True)
+        for i, r in enumerate(runs):
+            (out / f"results_{i:02d}.json").write_text(json.dumps(r.results, indent=2, default=str))
+    paths = write_outputs(runs, out)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0

@@ -1,0 +1,88 @@
+"""``MXSpec``: the resolved numerics of one layer (weight and input schemes, rotation, backend),
+and the quantization of inputs shared by sibling layers fed the same tensor.
+"""
+
+
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.backends import Quantizer, get_quantizer
+from ..numerics.formats import Scheme, TensorScale
+from ..numerics.quantize import make_scheme
+from ..numerics.rotation import Rotation, rotate
+
+
+@dataclass(frozen=True)
+class MXSpec:
+    """Resolved numerics of one layer: weight and activation schemes (None: weight-only), the
+    rotation applied to both along the reduction axis, and the backend."""
+
+    w: Scheme
+    a: Scheme | None
+    rotation: Rotation | None = None
+    backend: str = "auto"
+
+    @classmethod
+    def make(
+        cls,
+        w_format: str,
+        a_format: str | None,
+        block_size: int = 32,
+        rounding: str = "even",
+        scale_bits: int = 8,
+        scale_mode: str = "floor",
+        backend: str = "auto",
+        rotation: Rotation | None = None,
+    ) -> MXSpec:
+        """From element format names under one block size and E8M0 scale settings (tests and benchmarks; layers
+        get theirs from :func:`lm_eval_mx.selection.layer_spec`)."""
+
+        def scheme(name: str) -> Scheme:
+            return make_scheme(name, block_size, rounding, scale_bits, scale_mode)
+
+        return cls(scheme(w_format), None if a_format is None else scheme(a_format), rotation, backend)
+
+    @functools.cached_property
+    def quantizer(self) -> Quantizer:
+        return get_quantizer(self.backend)
+
+    def weight(self, w: torch.Tensor, axis: int) -> torch.Tensor:
+        """The weight rotated and quantized along its reduction axis (a per-tensor scale: per matrix,
+        so per expert for 3-D expert weights)."""
+        if self.w.tensor_scale is TensorScale.AMAX and w.dim() == 3:
+            return torch.stack([self.weight(e, axis if axis < 0 else axis - 1) for e in w])
+        return self.quantizer(w, self.w, axis, self.rotation)
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate and quantize an input along its last axis; siblings fed the same tensor share one result."""
+        if self.a is None:
+            return x if self.rotation is None else rotate(x, self.rotation).to(x.dtype)
+        # inference tensors have no version counter (an in-place change could not be seen), and under
+        # torch.compile identity and versions are the tracer's: quantize without the sibling cache there
+        if torch.compiler.is_compiling() or x.is_inference():
+            return self.quantizer(x, self.a, -1, self.rotation)
+        key = (self.a, self.rotation, self.backend)
+        hit = _LAST_ACT.get("entry")
+        if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] == key:
+            return hit[3]
+        xq = self.quantizer(x, self.a, -1, self.rotation)
+        _LAST_ACT["entry"] = (weakref.ref(x), x._version, key, xq)
+        return xq
+
+    def describe(self) -> str:
+        a = self.a.name if self.a else "-"
+        rot = f", rot={self.rotation.label()}" if self.rotation else ""
+        return f"w={self.w.name}, a={a}{rot}"
+
+
+# The last quantized activation: q/k/v and gate/up projections read the same input tensor,
+# so it is quantized once. Keyed by identity and version of the input (weakly held).
+_LAST_ACT: dict[str, tuple] = {}
+
+
