@@ -56,7 +56,8 @@ class MXQuantizationConfig(QuantizationConfigMixin):
     or ``MXQuantizationConfig(MXConfig(...))``; ``packed`` is always on here.
     """
 
-    def __init__(self, mx: MXConfig | dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, mx: MXConfig | dict[str, Any] | None = None, origin: dict[str, Any] | None = None,
+                 **kwargs: Any) -> None:
         kwargs.pop("quant_method", None)  # present when rebuilt from a serialized dict
         if mx is not None and kwargs:
             raise ValueError(f"MXQuantizationConfig: give an MXConfig (or its dict) or keys, not both (got {sorted(kwargs)})")
@@ -75,6 +76,9 @@ class MXQuantizationConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         # with the keys the user gave: the checks of settings a model's layers leave unused need them
         self.mx = {**MXConfig(**{**config.to_dict(), "packed": True}).to_dict(), "given": sorted(config.given)}
+        # how a saved checkpoint's codes were made (lm-eval-mx quantize: method, options, calibration); None when
+        # they are packed while loading
+        self.origin = origin
 
     @property
     def mx_config(self) -> MXConfig:
@@ -127,22 +131,19 @@ class MXHfQuantizer(HfQuantizer):
         self.mx_report: MXReport | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
-        if self.pre_quantized:
-            raise ValueError(
-                "this checkpoint says it holds packed MX weights, which lm-eval-mx cannot load yet: load the "
-                "high-precision checkpoint with quantization_config=MXQuantizationConfig(...) instead"
-            )
         device_map = kwargs.get("device_map")
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("packed MX weights cannot be offloaded to disk; give the model GPU or CPU memory")
 
     def param_needs_quantization(self, model: Any, param_name: str, **kwargs: Any) -> bool:
-        return _packed_param(model, param_name) is not None
+        """Packed layers' weights, unless the checkpoint stores them packed (then they load as they are, and a
+        stored tensor of the wrong shape is one of transformers' size-mismatch errors)."""
+        return not self.pre_quantized and _packed_param(model, param_name) is not None
 
     def param_element_size(self, model: Any, param_name: str, param: torch.Tensor) -> float:
         """Bytes per element once packed, so ``device_map="auto"`` plans with the packed size."""
         found = _packed_param(model, param_name)
-        if found is None:
+        if found is None or self.pre_quantized:
             return param.element_size()
         module, name = found
         codes_shape = packed_layout(module.mx_shapes[name], module.mx_spec.w.elem, module.mx_spec.w.block_size)[0]
@@ -159,10 +160,21 @@ class MXHfQuantizer(HfQuantizer):
                 "stay in high precision; there is no separate lm_head weight to pack. Leave lm_head out, or use "
                 "fake quantization (packed=False), which gives lm_head its own MX copy"
             )
+        if self.pre_quantized:  # the checkpoint holds codes, scales and tensor scales: load them as stored
+            for _, m in mx_layers(model):
+                if isinstance(m, MXPackedLayer):
+                    m.mx_expect_codes()
         enable_attention(model, config, self.mx_report)  # refuses unsupported attention before the weights load
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        if self.pre_quantized:
+            # the loader flags every tensor it read; a missing one was only allocated
+            missing = [f"{n}.{k}" for n, m in mx_layers(model) if isinstance(m, MXPackedLayer) for k in m.mx_stored()
+                       if not getattr(getattr(m, k), "_is_hf_initialized", False)]
+            if missing:
+                raise ValueError(f"packed MX checkpoint: {len(missing)} tensors that its quantization_config needs are "
+                                 f"missing (e.g. {', '.join(missing[:3])}); nothing was evaluated")
         unpacked = [f"{n}.{w}" for n, m in mx_layers(model) if isinstance(m, MXPackedLayer)
                     for w in m.mx_prequantized if getattr(m, w).dtype != torch.uint8]
         if unpacked:
@@ -178,7 +190,9 @@ class MXHfQuantizer(HfQuantizer):
         return MXPack(self)
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
-        return False
+        """``save_pretrained`` writes the codes, scales and tensor scales; loading the directory reads them back
+        as they are (pre-quantized), never re-rounding."""
+        return True
 
     @property
     def is_trainable(self) -> bool:

@@ -167,6 +167,29 @@ class MXPackedLayer(MXLayer):
             out[f"{name}_tensor_scale"] = torch.stack(scales).reshape(w.shape[:-2])
         return out
 
+    def mx_stored(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of every tensor a packed checkpoint stores for this layer: codes (under the weight's
+        name), ``_scales`` and, for schemes with a per-tensor scale, ``_tensor_scale``."""
+        out = {}
+        for name in self.mx_prequantized:
+            shape = self.mx_shapes[name]
+            codes, scales, _ = packed_layout(shape, self.mx_spec.w.elem, self.mx_spec.w.block_size)
+            out[name], out[f"{name}_scales"] = (tuple(codes), torch.uint8), (tuple(scales), torch.uint8)
+            if self.mx_spec.w.tensor_scale is TensorScale.AMAX:
+                out[f"{name}_tensor_scale"] = (tuple(shape[:-2]), torch.float32)
+        return out
+
+    def mx_expect_codes(self) -> None:
+        """For a checkpoint that stores packed codes: each weight becomes an empty uint8 parameter of the codes'
+        shape (on the weight's device, meta before loading), so the loader puts the stored codes there as they are.
+        The module is marked initialised: transformers cannot fill missing integer tensors (the quantizer refuses
+        a checkpoint that lacks one)."""
+        for name in self.mx_prequantized:
+            w = getattr(self, name)
+            shape = self.mx_stored()[name][0]
+            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=torch.uint8, device=w.device), requires_grad=False))
+        self._is_hf_initialized = True
+
     def mx_packed(self, name: str, index: int | None = None) -> MXPacked:
         """Weight ``name`` (or its slice ``index`` along the first axis, e.g. one expert) as ``MXPacked``."""
         codes, scales, shape = getattr(self, name), getattr(self, f"{name}_scales"), self.mx_shapes[name]
