@@ -1,4 +1,4 @@
-"""Every command in README.md's ```bash blocks runs as pasted in a POSIX shell.
+"""Every command in README.md's (and BENCHMARKS.md's) ```bash blocks runs as pasted in a POSIX shell.
 
 Each command (``\\`` continuations joined, comments dropped) is scanned as the shell scans it: no unquoted
 ``| ; & < >`` (a pipe or redirection the author did not mean), no unquoted backslash (the shell eats it:
@@ -187,17 +187,26 @@ def check_command(argv: list[str]) -> str:
 
 
 COMMANDS = bash_commands(README.read_text(encoding="utf-8"))
+BENCHMARK_COMMANDS = bash_commands((ROOT / "BENCHMARKS.md").read_text(encoding="utf-8"))
 
 
 def test_readme_has_commands():
     programs = {words(c)[0] for _, c in COMMANDS}
     assert {"lm_eval", "lm-eval", "lm-eval-mx", "python", "make"} <= programs, programs
+    assert len(BENCHMARK_COMMANDS) >= 5
 
 
 @pytest.mark.parametrize("line,cmd", COMMANDS, ids=[f"L{n}" for n, _ in COMMANDS])
 def test_readme_command_runs_as_pasted(line, cmd, recipe_file):
     problems = shell_problems(cmd)
     assert not problems, f"README line {line}: {cmd}\n" + "\n".join(problems)
+    check_command(words(cmd))
+
+
+@pytest.mark.parametrize("line,cmd", BENCHMARK_COMMANDS, ids=[f"L{n}" for n, _ in BENCHMARK_COMMANDS])
+def test_benchmarks_command_runs_as_pasted(line, cmd, recipe_file):
+    problems = shell_problems(cmd)
+    assert not problems, f"BENCHMARKS.md line {line}: {cmd}\n" + "\n".join(problems)
     check_command(words(cmd))
 
 
