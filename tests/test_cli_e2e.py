@@ -83,7 +83,23 @@ def test_opt_out_env_var(tiny_dir, tmp_path):
     cmd = [sys.executable, "-m", "lm_eval", *lm_eval_args(tiny_dir, tmp_path), "--include_path", TASKS]
     proc = subprocess.run(cmd, env={**env(), "LM_EVAL_MX_AUTOLOAD": "0"}, capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
-    assert proc.returncode != 0 and "hf-mx" in (proc.stdout + proc.stderr)
+    # lm-eval's own refusal of an unregistered model, not any crash
+    assert proc.returncode != 0
+    assert "Attempted to load model 'hf-mx', but no model for this name found" in proc.stdout + proc.stderr, (
+        proc.stderr[-3000:])
+    assert not list(tmp_path.rglob("results_*.json"))
+
+
+@needs_install
+@pytest.mark.parametrize("value,registered", [("0", False), (None, True)])
+def test_opt_out_env_var_decides_registration(value, registered):
+    """LM_EVAL_MX_AUTOLOAD=0 leaves hf-mx out of lm-eval's registry; without it the hook registers hf-mx."""
+    code = ("import lm_eval.models; from lm_eval.api.registry import model_registry;"
+            "print('hf-mx' in model_registry, 'hf' in model_registry)")
+    extra = {} if value is None else {"LM_EVAL_MX_AUTOLOAD": value}
+    out = subprocess.run([sys.executable, "-c", code], env={**env(), **extra}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == [str(registered), "True"], out.stderr
 
 
 @needs_install

@@ -247,3 +247,17 @@ def render_text(result) -> str:
     console = Console(file=io.StringIO(), width=200)
     console.print(render(result))
     return console.file.getvalue()
+
+
+def test_corpus_option_replaces_the_shipped_corpus(tmp_path):
+    """README: --corpus FILES measures on those files instead of tasks/corpus (not in addition to it)."""
+    from lm_eval_mx.algorithms.corpus import read_corpus
+    from lm_eval_mx.hf.tasks import tasks_dir
+
+    shipped = read_corpus(None)
+    assert shipped and read_corpus(sorted((tasks_dir() / "corpus").glob("*.txt"))) == shipped
+    mine = tmp_path / "mine.txt"
+    mine.write_text("First paragraph.\n\nSecond paragraph.\n", encoding="utf-8")
+    assert read_corpus([mine]) == ["First paragraph.", "Second paragraph.\n"]
+    both = read_corpus([mine, *sorted((tasks_dir() / "corpus").glob("*.txt"))])  # keeping it: list it too
+    assert both == read_corpus([mine]) + shipped

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from lm_eval_mx.nn.layers import mx_layers
+from lm_eval_mx.nn.layers import mx_disabled, mx_layers
 from lm_eval_mx.selection.apply import apply_mx
 from lm_eval_mx.selection.config import MXConfig, parse_mx_args
 
@@ -23,7 +23,12 @@ def _lora(model):
 
 def test_peft_adapters_are_skipped_and_base_layers_keep_their_roles():
     model = _lora(tiny_model("llama"))
-    report = apply_mx(model, MXConfig())
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        ref = model(IDS).logits
+        with model.disable_adapter():
+            ref_no_adapter = model(IDS).logits
+    report = apply_mx(model, MXConfig(), keep_original=True)
     roles = {e.name: e.role for e in report.replaced}
     assert not any("lora_" in n for n in roles)
     base = "base_model.model.model.layers.0"
@@ -32,11 +37,21 @@ def test_peft_adapters_are_skipped_and_base_layers_keep_their_roles():
     assert roles[f"{base}.mlp.gate_proj"] == "mlp_up"
     assert report.summary()["layers_per_role"] == {"attn_out": 2, "attn_qkv": 6, "mlp_down": 2, "mlp_up": 4}
     assert any(r == "PEFT adapter layer (kept in high precision)" for _, _, r in report.skipped)
+    assert all(torch.equal(p, lora[n]) for n, p in model.named_parameters() if "lora_" in n)
     with torch.no_grad():
-        assert torch.isfinite(model(IDS).logits).all()
+        out = model(IDS).logits
+        with model.disable_adapter():
+            out_no_adapter = model(IDS).logits
+        with mx_disabled(model):
+            assert torch.equal(model(IDS).logits, ref)  # MX off: the PEFT model, bit for bit
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)  # MX changes the output...
+    assert not torch.equal(out, out_no_adapter)  # ...and the adapter still adds to it
+    assert not torch.equal(ref, ref_no_adapter)
 
 
 def test_hf_mx_with_peft_adapter(tiny_dir, tmp_path):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM
 
     from lm_eval_mx.hf.model import HFMXLM
@@ -46,6 +61,16 @@ def test_hf_mx_with_peft_adapter(tiny_dir, tmp_path):
     lm = HFMXLM(pretrained=tiny_dir, peft=str(adapter), device="cpu", mlp_only=True)
     assert lm.mx_report.summary()["layers_per_role"] == {"mlp_down": 2, "mlp_up": 4}
     assert not any("lora_" in n for n, _ in mx_layers(lm.model))
+    # the adapter is loaded and MX applied to its base layers: lm-eval's hf with the same adapter, replaced directly
+    pairs = [("We hold these truths to be", " self-evident"), ("Four score and seven", " years ago")]
+    reqs = [Instance("loglikelihood", {}, pair, i, metadata=("t", i, 1)) for i, pair in enumerate(pairs)]
+    got = lm.loglikelihood(reqs)
+    hf = HFLM(pretrained=tiny_dir, peft=str(adapter), device="cpu")
+    with_adapter = hf.loglikelihood(reqs)
+    apply_mx(hf.model, MXConfig(roles=("mlp_up", "mlp_down", "experts")))
+    assert got == hf.loglikelihood(reqs)
+    assert got != with_adapter
+    assert got != HFMXLM(pretrained=tiny_dir, device="cpu", mlp_only=True).loglikelihood(reqs)  # adapter matters
 
 
 def test_offloaded_weights_are_quantized_at_forward():

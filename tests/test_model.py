@@ -25,11 +25,34 @@ def requests(task: str = "t") -> list[Instance]:
     return [Instance("loglikelihood", {}, pair, i, metadata=(task, i, 1)) for i, pair in enumerate(PAIRS)]
 
 
+def rolling_requests() -> list[Instance]:
+    return [Instance("loglikelihood_rolling", {}, (c + t,), i, metadata=("t", i, 1)) for i, (c, t) in enumerate(PAIRS)]
+
+
+def generate_requests() -> list[Instance]:
+    kwargs = {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}
+    return [Instance("generate_until", {}, (c or t, dict(kwargs)), i, metadata=("t", i, 1))
+            for i, (c, t) in enumerate(PAIRS)]
+
+
 def test_mx_off_is_bit_identical_to_hf(tiny_dir):
+    """roles=none is lm-eval's hf, bit for bit, through every request type lm-eval sends a causal model."""
     hf = HFLM(pretrained=tiny_dir, device="cpu", batch_size=2)
     mx = HFMXLM(pretrained=tiny_dir, device="cpu", batch_size=2, roles="none")
     assert mx.mx_report.replaced == []
     assert hf.loglikelihood(requests()) == mx.loglikelihood(requests())
+    rolling = hf.loglikelihood_rolling(rolling_requests())
+    assert all(math.isfinite(v) for v in rolling)
+    assert mx.loglikelihood_rolling(rolling_requests()) == rolling
+    generated = hf.generate_until(generate_requests())
+    assert any(generated) and mx.generate_until(generate_requests()) == generated
+
+
+def test_mx_on_changes_rolling_and_generation(tiny_dir):
+    """The two checks above can fail: with MX on, the same requests give other numbers."""
+    hf = HFLM(pretrained=tiny_dir, device="cpu", batch_size=2)
+    mx = HFMXLM(pretrained=tiny_dir, device="cpu", batch_size=2, format="fp4_e2m1")
+    assert mx.loglikelihood_rolling(rolling_requests()) != hf.loglikelihood_rolling(rolling_requests())
 
 
 def test_mx_on_equals_direct_replacement(tiny_dir):
@@ -51,11 +74,12 @@ def test_set_mx_swaps_configs_on_one_copy(tiny_dir):
     base = lm.loglikelihood(requests())
     lm.set_mx(MXConfig(w_format="fp4", a_format="fp4"))
     fp4 = lm.loglikelihood(requests())
+    with lm.mx_off():  # MX switched off in place: the baseline, bit for bit
+        assert lm.loglikelihood(requests()) == base
+    assert lm.loglikelihood(requests()) == fp4  # and back on after the block
     lm.set_mx(MXConfig(roles=()))
     assert lm.loglikelihood(requests()) == base
     assert fp4 != base
-    with lm.mx_off():
-        pass
 
 
 def test_unknown_keys_fail_before_loading(tiny_dir, monkeypatch):
@@ -89,21 +113,27 @@ def test_nonfinite_logits_are_reported(tiny_dir, caplog):
     assert "non-finite" in caplog.text and "my_task: 4" in caplog.text
 
 
-def test_cache_tag_differs_per_config(tiny_dir):
+def test_cache_tag_differs_per_config(tiny_dir, tmp_path):
     lm = HFMXLM(pretrained=tiny_dir, device="cpu", mlp_only=True)
     other = MXConfig(w_format="fp4", a_format="fp4")
     assert lm.mx_cache_tag and lm.mx_cache_tag.startswith("mx-")
     assert mx_cache_tag(other, lm.mx_report) != lm.mx_cache_tag
     from lm_eval.api.model import CachingLM
 
-    cached = CachingLM(lm, "/tmp/lm_eval_mx_test_cache.db")
-    assert lm.mx_cache_tag in cached.dbdict.filename
+    cached = CachingLM(lm, str(tmp_path / "cache") + "_rank0.db")  # the path lm-eval's --use_cache makes
+    assert cached.dbdict.filename == str(tmp_path / f"cache_rank0_{lm.mx_cache_tag}.db")  # README, *Caching*
 
 
 def test_bf16_model(tiny_dir):
+    """A bf16 model in MX gives what hf's bf16 model with its layers replaced directly gives, and not hf's own."""
     lm = HFMXLM(pretrained=tiny_dir, device="cpu", dtype="bfloat16", format="fp8_e4m3")
-    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
     out = lm.loglikelihood(requests())
+    hf = HFLM(pretrained=tiny_dir, device="cpu", dtype="bfloat16")
+    base = hf.loglikelihood(requests())
+    apply_mx(hf.model, MXConfig(w_format="fp8_e4m3", a_format="fp8_e4m3"))
+    assert out == hf.loglikelihood(requests())
+    assert out != base
     assert all(math.isfinite(v) for v, _ in out)
 
 

@@ -197,3 +197,27 @@ def test_scale_modes_match_torchao(mode, fmt):
     t = mx_tensor.MXTensor.to_mx(x, dtypes[fmt], 32, scaling_mode=mode_enum)
     ref = t.dequantize(torch.float32)
     assert torch.equal(quantize_mx(x, fmt, 32, rounding="even", scale_mode=mode), ref)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_tiny_block_deviations_from_torchao(fmt):
+    """README, *MX (E8M0 scales)*: where a block's E8M0 scale clamps at 2**-127, torchao dequantizes to half the OCP
+    value with scale_mode floor/ceil/even and to zero with rceil; one power of ten above, both agree."""
+    mx_tensor = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor", reason="torchao not installed")
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+
+    dtype = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[fmt]
+    g = torch.Generator().manual_seed(0)
+    x = (1 + torch.rand(4, 32, generator=g)) * torch.randn(4, 32, generator=g).sign()  # magnitudes in [1, 2)
+    tiny = x * 1e-37  # float32 normals; floor(log2 max) - emax < -127, so the scale clamps at 2**-127
+    assert tiny.abs().min() > 2.0**-126
+    for mode in ("floor", "ceil", "even", "rceil"):
+        def torchao(t, mode=mode):
+            return mx_tensor.MXTensor.to_mx(t, dtype, 32, scaling_mode=ScaleCalculationMode(mode)).dequantize(
+                torch.float32)
+
+        ours = quantize_mx(tiny, fmt, 32, rounding="even", scale_mode=mode)
+        assert (ours != 0).all(), mode
+        assert torch.equal(torchao(tiny), ours * (0.0 if mode == "rceil" else 0.5)), mode
+        normal = x * 1e-30
+        assert torch.equal(torchao(normal), quantize_mx(normal, fmt, 32, rounding="even", scale_mode=mode)), mode

@@ -159,21 +159,32 @@ def test_mlp_only_leaves_attention_untouched(arch):
 
 
 def test_weights_quantized_once(monkeypatch):
-    from lm_eval_mx.nn import layers
+    """The quantizer itself (not the layers' calls into the sibling cache) runs once per weight, at conversion,
+    and in a forward once per distinct input: q/k/v share one, gate/up share one, o_proj and down_proj one each."""
+    from lm_eval_mx.nn import spec as spec_module
 
+    calls: list[torch.Tensor] = []
+    orig = spec_module.get_quantizer
+
+    def counting(name):
+        quantizer = orig(name)
+        return lambda x, *a, **k: calls.append(x) or quantizer(x, *a, **k)
+
+    monkeypatch.setattr(spec_module, "get_quantizer", counting)
     model = tiny_model("llama")
-    apply_mx(model, MXConfig())
-    calls = []
-    orig = layers.MXSpec.weight
-    monkeypatch.setattr(layers.MXSpec, "weight", lambda self, w, axis: calls.append(w.shape) or orig(self, w, axis))
-    acts = []
-    orig_act = layers.MXSpec.act
-    monkeypatch.setattr(layers.MXSpec, "act", lambda self, x: acts.append(x.shape) or orig_act(self, x))
+    linears = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    report = apply_mx(model, MXConfig())
+    assert len(report.replaced) == len(linears) == 14
+    assert sorted(tuple(x.shape) for x in calls) == sorted(tuple(s) for s in linears.values())  # each weight once
+    weights = {p.data_ptr() for p in model.parameters()}
+    calls.clear()
     with torch.no_grad():
         model(IDS)
         model(IDS)
-    assert calls == []  # no weight quantization during forward
-    assert len(acts) == 2 * 14  # every linear quantized its input, each forward
+    layers = len(model.model.layers)
+    assert len(calls) == 2 * 4 * layers, [tuple(x.shape) for x in calls]
+    assert not any(x.data_ptr() in weights for x in calls)  # no weight quantized again during forward
+    assert all(x.shape[:-1] == IDS.shape for x in calls)  # activations only: (batch, tokens, features)
 
 
 @pytest.mark.parametrize("cfg", [{"format": "fp8_e4m3"}, {"format": "nvfp4", "rotation": "hadamard"},

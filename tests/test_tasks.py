@@ -39,10 +39,26 @@ def test_every_offline_task_runs(tiny_dir, tmp_path, monkeypatch):
     res = lm_eval.simple_evaluate(
         model="hf-mx", model_args={"pretrained": tiny_dir, "device": "cpu", "format": "fp4_e2m1"},
         tasks=list(EXPECTED), limit=3, task_manager=TaskManager(include_path=str(TASKS_DIR)), bootstrap_iters=0,
+        log_samples=True,
     )
     for task, metric in EXPECTED.items():
         value = res["results"][task][metric]
         assert isinstance(value, float) and math.isfinite(value), (task, value)
     assert res["n-samples"]["hellaswag_offline"]["effective"] == 3
-    # lm-eval's own hellaswag preprocessing was applied (query built from activity label + ctx)
     assert res["config"]["mx_label"] == "fp4_e2m1"
+    # lm-eval's own hellaswag preprocessing was applied: each request is (query, " " + ending), the query built
+    # from the raw row's activity label and contexts as lm-eval's hellaswag builds it
+    from lm_eval.tasks.hellaswag.utils import preprocess, process_docs
+
+    task = TaskManager(include_path=str(TASKS_DIR)).load_task_or_group(["hellaswag_offline"])["hellaswag_offline"]
+    rows = task.dataset["validation"]
+    expected = process_docs(rows)
+    samples = res["samples"]["hellaswag_offline"]
+    assert len(samples) == 3
+    for sample in samples:
+        row, doc = rows[sample["doc_id"]], expected[sample["doc_id"]]
+        query = preprocess(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
+        assert doc["query"] == query and query.startswith(row["activity_label"].strip() + ":")
+        pairs = [tuple(a) for a in sample["arguments"]]
+        assert pairs == [(query, " " + preprocess(e)) for e in row["endings"]], pairs
+        assert sample["target"] == int(row["label"])

@@ -66,8 +66,8 @@ def formats_main() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``lm-eval-mx``'s own subcommands (``run``, ``ls`` and ``validate`` go to lm-eval's CLI)."""
     parser = argparse.ArgumentParser(
         prog="lm-eval-mx",
         description="Evaluate language models with MX (OCP Microscaling) matmuls in lm-evaluation-harness.",
@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("formats", help="list the element formats, their aliases and the named schemes (mxfp4, nvfp4, ...)")
     sub.add_parser("demo", help="baseline vs MXFP8 vs MXFP4 on SmolLM2-135M, offline, on CPU (make demo)", add_help=False)
     sub.add_parser("run", help="lm-eval's run command (hf-mx and offline tasks loaded)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     if not argv or argv[0] in ("-h", "--help", "--version"):
         parser.parse_args(argv or ["--help"])
         return 0
