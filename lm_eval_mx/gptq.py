@@ -57,13 +57,15 @@ on the weight's device; on CPU two runs give identical bits.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .formats import Scheme, TensorScale
 from .numerics import block_scales, dequantize_elements, quantize_torch, round_on_scales
-from .rotation import Rotation, rotate
+from .rotation import Rotation, fwht, norm_scale, rotate, signs
 
 MAX_RETRIES = 5  # Cholesky retries, each with ten times the relative damping
 MIN_RETRY_DAMP = 1e-6  # the relative damping of a retry when the first was 0
@@ -198,6 +200,7 @@ def gptq_weight(
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError(f"GPTQ: the Hessian of the layer of shape {tuple(w.shape)} has non-finite values")
     device = w.device
+    w = w.detach()
     w32 = rotate(w, rotation) if rotation is not None else w.to(torch.float32)
     h_given = hessian.to(device=device, dtype=torch.float64)
     bs = block_length(n, scheme)
@@ -297,3 +300,95 @@ class HessianAccumulator:
         if self.tokens == 0:
             raise ValueError("HessianAccumulator: no calibration tokens were added")
         return self.sum * (2.0 / self.tokens)
+
+
+def unrotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """``x Rᵀ`` along the last axis, float32: the inverse of :func:`lm_eval_mx.rotation.rotate` up to float32
+    rounding (``R = diag(s) · blockdiag(Hₙ/√n)`` is orthogonal and ``Hₙ`` symmetric)."""
+    xf = x.to(torch.float32)
+    n = xf.shape[-1]
+    block = rotation.block_for(n)
+    y = (fwht(xf.reshape(*xf.shape[:-1], n // block, block)) * norm_scale(block)).reshape(xf.shape)
+    return y * signs(rotation.seed, n, y.device) if rotation.seed is not None else y
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sequential driver: transformer blocks one after another, each calibrated on the outputs of the blocks
+# before it with their weights already quantized.
+
+
+@dataclass
+class GPTQLayer:
+    """One weight GPTQ rounds: ``module`` has a ``weight`` [out_features, in_features] and receives its input
+    as the first positional argument of its forward (``nn.Linear``)."""
+
+    name: str
+    module: torch.nn.Module
+    scheme: Scheme
+    rotation: Rotation | None = None
+
+
+def set_fake_quantized_weight(layer: GPTQLayer, result: GPTQResult) -> None:
+    """The default ``set_weight`` of :func:`gptq_layers`: the fake-quantized weight, rotated back to the
+    original domain when rotating (float32 rounding), written into ``module.weight`` in its dtype, so that the
+    blocks calibrated after it see this layer's quantized weight."""
+    w = result.weight if layer.rotation is None else unrotate(result.weight, layer.rotation)
+    with torch.no_grad():
+        layer.module.weight.copy_(w.to(layer.module.weight.dtype))
+
+
+def gptq_layers(
+    blocks: Sequence[torch.nn.Module],
+    run_block: Callable[[int, torch.nn.Module, Any], Any],
+    layers: Callable[[int, torch.nn.Module], Sequence[Sequence[GPTQLayer]]],
+    inputs: Iterable[Any],
+    options: GPTQOptions | None = None,
+    set_weight: Callable[[GPTQLayer, GPTQResult], None] = set_fake_quantized_weight,
+    on_layer: Callable[[GPTQLayer, GPTQResult], None] | None = None,
+) -> dict[str, GPTQResult]:
+    """GPTQ over a model's blocks in order, each block calibrated on the outputs of the blocks before it, whose
+    weights are already quantized (as in GPTQ's and llm-compressor's sequential pipelines).
+
+    ``blocks``: the transformer blocks; ``inputs``: the calibration inputs of the first block, one item per
+    calibration batch (whatever ``run_block`` takes); ``run_block(i, block, item)``: runs block ``i`` on one item
+    and returns the item the next block takes. ``layers(i, block)``: the block's weights as groups of
+    :class:`GPTQLayer`, in order: each group's Hessians are collected in one pass over the block's inputs with
+    the groups before it already quantized (``[[q, k, v], [o], [gate, up], [down]]`` is "true sequential";
+    one group holding every layer calibrates them all on the block's unquantized forward). ``set_weight``
+    writes a result into its layer (default: :func:`set_fake_quantized_weight`); ``on_layer`` is called after
+    each (progress, logging). Returns the results by layer name. Runs under ``torch.no_grad()``.
+    """
+    items = list(inputs)
+    if not items:
+        raise ValueError("gptq_layers needs at least one calibration input")
+    results: dict[str, GPTQResult] = {}
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            for group in layers(i, block):
+                accs: dict[str, HessianAccumulator] = {}
+                hooks = []
+                for layer in group:
+                    if layer.name in results or layer.name in accs:
+                        raise ValueError(f"gptq_layers: layer {layer.name!r} named twice")
+                    weight = layer.module.weight
+                    acc = accs[layer.name] = HessianAccumulator(weight.shape[1], layer.rotation, weight.device)
+                    hooks.append(layer.module.register_forward_pre_hook(
+                        lambda _m, args, acc=acc: acc.add(args[0])))
+                try:
+                    for item in items:
+                        run_block(i, block, item)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                for layer in group:
+                    acc = accs[layer.name]
+                    if acc.tokens == 0:
+                        raise ValueError(f"gptq_layers: layer {layer.name!r} saw no calibration tokens "
+                                         f"(is it run by block {i}?)")
+                    result = gptq_weight(layer.module.weight, acc.hessian(), layer.scheme, layer.rotation, options)
+                    set_weight(layer, result)
+                    results[layer.name] = result
+                    if on_layer is not None:
+                        on_layer(layer, result)
+            items = [run_block(i, block, item) for item in items]
+    return results

@@ -327,3 +327,122 @@ def test_torchao_gptq_cross_check():
 
     assert out_err(ours) == pytest.approx(out_err(theirs), rel=0.01)
     assert out_err(ours) < 0.5 * out_err(rtn)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sequential driver.
+
+
+def _linear(n_in: int, n_out: int, seed: int) -> torch.nn.Linear:
+    lin = torch.nn.Linear(n_in, n_out, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(seed)))
+    return lin
+
+
+def test_gptq_layers_calibrates_on_quantized_predecessors():
+    from lm_eval_mx.gptq import GPTQLayer, gptq_layers
+
+    torch.manual_seed(0)
+    b0 = torch.nn.Sequential(_linear(64, 96, 1), torch.nn.ReLU(), _linear(96, 64, 2))
+    b1 = torch.nn.Sequential(_linear(64, 32, 3))
+    originals = [b0[0].weight.clone(), b0[2].weight.clone(), b1[0].weight.clone()]
+    x = _correlated(64, tokens=512, seed=4)
+    items = list(x.reshape(4, -1, 64))
+    mx, nv = SCHEMES["mxfp4"], SCHEMES["nvfp4"]
+    rot = Rotation(32, seed=5)
+
+    def layers(i, block):
+        if i == 0:
+            return [[GPTQLayer("b0.0", block[0], mx)], [GPTQLayer("b0.2", block[2], nv, rot)]]
+        return [[GPTQLayer("b1.0", block[0], mx)]]
+
+    seen = []
+    results = gptq_layers([b0, b1], lambda i, block, item: block(item), layers, items, GPTQOptions(block_columns=32),
+                          on_layer=lambda layer, res: seen.append(layer.name))
+    assert seen == ["b0.0", "b0.2", "b1.0"] and list(results) == seen
+    opts = GPTQOptions(block_columns=32)
+
+    def hessian(inp: torch.Tensor, rotation=None) -> torch.Tensor:
+        acc = HessianAccumulator(inp.shape[-1], rotation)
+        for chunk in inp.reshape(4, -1, inp.shape[-1]):
+            acc.add(chunk)
+        return acc.hessian()
+
+    # b0.0 on the inputs; b0.2 on the outputs of the quantized b0.0; b1.0 on the quantized block 0's outputs
+    r00 = gptq_weight(originals[0], hessian(x), mx, None, opts)
+    assert torch.equal(_bits(results["b0.0"].weight), _bits(r00.weight))
+    assert torch.equal(b0[0].weight, r00.weight)  # written back (no rotation: exactly)
+    h1 = torch.relu(x @ r00.weight.T)
+    r02 = gptq_weight(originals[1], hessian(h1, rot), nv, rot, opts)
+    assert torch.equal(_bits(results["b0.2"].weight), _bits(r02.weight))
+    from lm_eval_mx.gptq import unrotate
+
+    assert torch.equal(b0[2].weight, unrotate(r02.weight, rot))  # written back in the original domain
+    torch.testing.assert_close(rotate(b0[2].weight, rot), r02.weight, rtol=0, atol=1e-6)
+    h2 = h1 @ b0[2].weight.T
+    r10 = gptq_weight(originals[2], hessian(h2), mx, None, opts)
+    assert torch.equal(_bits(results["b1.0"].weight), _bits(r10.weight))
+    # ... which is not what calibrating on the unquantized block 0 gives
+    h2_fp = torch.relu(x @ originals[0].T) @ originals[1].T
+    assert not torch.equal(_bits(gptq_weight(originals[2], hessian(h2_fp), mx, None, opts).weight), _bits(r10.weight))
+
+    with pytest.raises(ValueError, match="saw no calibration tokens"):
+        gptq_layers([b1], lambda i, block, item: item, lambda i, block: [[GPTQLayer("x", block[0], mx)]], items)
+    with pytest.raises(ValueError, match="at least one calibration input"):
+        gptq_layers([b1], lambda i, block, item: block(item), layers, [])
+
+
+def test_gptq_layers_tiny_llama():
+    import copy
+
+    from conftest import tiny_model
+
+    from lm_eval_mx.gptq import GPTQLayer, gptq_layers, unrotate
+
+    model = tiny_model("llama")
+    reference = copy.deepcopy(model)
+    rtn_model = copy.deepcopy(model)
+    scheme, rot = SCHEMES["mxfp4"], Rotation(32, seed=0)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    groups = [names[:3], names[3:4], names[4:6], names[6:]]
+    ids = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))
+    calib = list(ids.reshape(4, 2, 24))
+
+    class _Stop(Exception):
+        pass
+
+    captured = []
+
+    def grab(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        for batch in calib:
+            with pytest.raises(_Stop):
+                model(batch, use_cache=False)
+    handle.remove()
+
+    def run_block(_i, block, item):
+        args, kwargs = item
+        out = block(*args, **kwargs)
+        return ((out[0] if isinstance(out, tuple) else out,), kwargs)
+
+    def layers(i, block):
+        return [[GPTQLayer(f"layers.{i}.{name}", block.get_submodule(name), scheme, rot) for name in group]
+                for group in groups]
+
+    results = gptq_layers(model.model.layers, run_block, layers, captured, GPTQOptions(block_columns=32))
+    assert len(results) == 2 * len(names)
+    assert all(r.hessian_error < r.rtn_hessian_error for r in results.values())
+    with torch.no_grad():
+        for block in rtn_model.model.layers:
+            for name in names:
+                lin = block.get_submodule(name)
+                lin.weight.copy_(unrotate(quantize_torch(lin.weight, scheme, rotation=rot), rot))
+        ref, got, rtn = (m(ids, use_cache=False).logits for m in (reference, model, rtn_model))
+    gptq_err, rtn_err = torch.linalg.norm(got - ref), torch.linalg.norm(rtn - ref)
+    assert gptq_err < 0.9 * rtn_err, (gptq_err, rtn_err)
