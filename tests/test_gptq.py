@@ -35,6 +35,17 @@ SCHEMES = {
     "fp4_e4m3_noamax": make_scheme("fp4_e2m1", 16, "even", 8, "floor", "e4m3", "none"),
     "int8_e4m3_amax_nearest": make_scheme("int8", 32, "nearest", 8, "floor", "e4m3", "amax"),
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine each op waits for them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 N_IN = 88  # blocks of 32: 64 + a ragged 24; of 16: 80 + a ragged 8; rotation block 8 divides it
 
 
