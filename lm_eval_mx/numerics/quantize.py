@@ -116,6 +116,46 @@ def e4m3_block_scales(amax: torch.Tensor, fmt: ElemFormat, ts: torch.Tensor | No
     return round_elements(s, E4M3, Rounding.EVEN)
 
 
+def block_scales(
+    amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scales of blocks whose float32 maxima of |x| are ``amax``: (reciprocal that element values are
+    multiplied by before rounding, multiplier that dequantizes them, NaN-block mask, the scales as stored:
+    E8M0 exponents (int32) or E4M3 values (float32)). ``tensor_amax``: the tensor maximum setting the
+    per-tensor scale, required when the scheme has one.
+
+    Shared by :func:`quantize_blocks` and algorithms that round values on scales chosen beforehand (GPTQ).
+    """
+    fmt = scheme.elem
+    if scheme.is_mx:
+        exp, nan = shared_exponent(amax, fmt, scheme.scale_bits, scheme.scale_mode)
+        return pow2(-exp), pow2(exp), nan, exp
+    if scheme.tensor_scale is TensorScale.AMAX:
+        if tensor_amax is None:
+            raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
+        ts, inv_ts = tensor_scale(tensor_amax, fmt)
+        nan = (~torch.isfinite(tensor_amax)).expand_as(amax)  # one non-finite value spoils every scale
+        s8 = e4m3_block_scales(amax, fmt, ts)
+        return inv_ts / s8, ts * s8, nan, s8
+    s8 = e4m3_block_scales(amax, fmt, None)
+    return 1.0 / s8, s8, ~torch.isfinite(amax), s8
+
+
+def round_on_scales(values: torch.Tensor, recip: torch.Tensor, stored: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """Float32 ``values`` rounded to element values (in units of their block's scale) on the scales of
+    :func:`block_scales` (``recip``, ``stored`` broadcast against ``values``)."""
+    q = round_elements(values * recip, scheme.elem, scheme.rounding)
+    if not scheme.is_mx:
+        q = torch.where(stored == 0, torch.zeros_like(q), q)  # a scale that rounds to zero: a zero block
+    return q
+
+
+def dequantize_elements(q: torch.Tensor, mult: torch.Tensor, nan: torch.Tensor) -> torch.Tensor:
+    """Element values times their multiplier, NaN in NaN blocks, zeros as +0."""
+    q = q * mult
+    return torch.where(nan, torch.full_like(q, float("nan")), q) + 0.0  # +0.0: no -0
+
+
 def quantize_blocks(
     blocks: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,33 +165,17 @@ def quantize_blocks(
 
     Dequantized values are ``elements * multiplier`` (NaN where masked).
     """
-    fmt = scheme.elem
     amax = blocks.abs().amax(-1, keepdim=True)
-    if scheme.is_mx:
-        exp, nan = shared_exponent(amax, fmt, scheme.scale_bits, scheme.scale_mode)
-        return round_elements(blocks * pow2(-exp), fmt, scheme.rounding), pow2(exp), nan, exp
-    if scheme.tensor_scale is TensorScale.AMAX:
-        if tensor_amax is None:
-            tensor_amax = blocks.abs().amax()
-        ts, inv_ts = tensor_scale(tensor_amax, fmt)
-        nan = (~torch.isfinite(tensor_amax)).expand_as(amax)  # one non-finite value spoils every scale
-        s8 = e4m3_block_scales(amax, fmt, ts)
-        recip, mult = inv_ts / s8, ts * s8
-    else:
-        nan = ~torch.isfinite(amax)
-        s8 = e4m3_block_scales(amax, fmt, None)
-        recip, mult = 1.0 / s8, s8
-    q = round_elements(blocks * recip, fmt, scheme.rounding)
-    q = torch.where(s8 == 0, torch.zeros_like(q), q)  # a scale that rounds to zero: a zero block
-    return q, mult, nan, s8
+    if scheme.tensor_scale is TensorScale.AMAX and tensor_amax is None:
+        tensor_amax = blocks.abs().amax()
+    recip, mult, nan, stored = block_scales(amax, scheme, tensor_amax)
+    return round_on_scales(blocks, recip, stored, scheme), mult, nan, stored
 
 
 def _fake_quantize(xf: torch.Tensor, bs: int, scheme: Scheme, tensor_amax: torch.Tensor | None) -> torch.Tensor:
     """Fake-quantize float32 ``xf`` whose last axis is a whole number of ``bs``-blocks."""
     q, mult, nan, _ = quantize_blocks(xf.reshape(*xf.shape[:-1], -1, bs), scheme, tensor_amax)
-    q = q * mult
-    q = torch.where(nan, torch.full_like(q, float("nan")), q) + 0.0  # +0.0: no -0
-    return q.reshape(xf.shape)
+    return dequantize_elements(q, mult, nan).reshape(xf.shape)
 
 
 def quantize_torch(

@@ -1,0 +1,394 @@
+"""GPTQ / MR-GPTQ weight rounding on the project's exact quantizer.
+
+GPTQ (Frantar et al., 2022, https://arxiv.org/abs/2210.17323) rounds a weight ``W`` [out, in] one input
+column at a time and pushes each column's rounding error onto the columns not yet rounded, weighted by
+the inverse Hessian of the layer's inputs, so that ``‖X Wᵀ - X Ŵᵀ‖`` stays small on calibration inputs
+``X``. MR-GPTQ (Egiazarian et al., 2025, https://arxiv.org/abs/2509.23202; IST-DASLab/FP-Quant) is GPTQ
+run in a block-Hadamard-rotated domain, with the MX/NVFP4 block scales chosen once, up front, from the
+rotated weight ("static" scales).
+
+Every column is rounded by :func:`lm_eval_mx.numerics.round_on_scales` on scales from
+:func:`lm_eval_mx.numerics.block_scales`, the very arithmetic of ``quantize_torch``; so the result lies
+on the scheme's grid bit for bit, and with a diagonal Hessian (no column couples to another) GPTQ
+returns exactly what ``quantize_torch(w, scheme, rotation=rotation)`` returns.
+
+The algorithm, for one weight ``W`` [out, in] (blocks of ``scheme.block_size`` along ``in``):
+
+1. Hessian. ``H = 2/n · Σ xᵀx`` over the ``n`` calibration tokens ``x`` [in] that reach the layer,
+   accumulated in float32 (:class:`HessianAccumulator`). With a rotation ``R`` (block Hadamard, see
+   :mod:`lm_eval_mx.rotation`) the inputs are rotated first (``x R``), so ``H`` is the Hessian of the
+   rotated inputs, and ``W`` is rotated too (``W R``, float32, as ``quantize_torch`` does).
+2. Scales (``scales="static"``, FP-Quant / llm-compressor): every block scale, and NVFP4's per-tensor
+   scale, is computed from the original rotated weight, before any update, exactly as RTN computes
+   them. (``scales="lazy"``, torchao: the per-tensor scale as above; a block's scale is computed when
+   step 6 reaches the block's first column, from the block's columns as updated by then.)
+3. Dead inputs: where ``H[i, i] == 0`` set ``H[i, i] = 1`` and ``W[:, i] = 0``.
+4. Damping: ``λ = damp · mean(diag H)`` is added to the diagonal.
+5. Inverse factor, in float64: ``L = cholesky(H + λI)``, ``H⁻¹ = cholesky_inverse(L)``,
+   ``U = cholesky(H⁻¹, upper=True)`` (``H⁻¹ = UᵀU``). If a factorisation fails (or gives non-finite
+   values), the relative damping is raised to ``max(10 · damp, 1e-6)`` and step 4 is retried, up to
+   ``MAX_RETRIES`` times (recorded in the result); then :class:`GPTQError` names the layer shape and
+   the damping tried.
+6. Columns, in order (``act_order``: in decreasing ``diag H`` order, ``W``'s columns and ``H`` permuted
+   alike; every column still uses the scale of its own block of the original layout, so the MX block
+   structure along ``in`` is kept: this is why act_order takes only static scales). The working copy of
+   ``W`` is float64. For column blocks ``[b, e)`` of ``block_columns`` columns ("lazy batch"), for each
+   column ``i`` in it:
+
+   * ``q_i = dequant(round(fp32(w_i) · recip) )`` on its block's scale: element values
+     ``round_elements(fp32(w_i) · recip)`` times the block's multiplier, NaN for NaN blocks, +0 for
+     zeros (:func:`lm_eval_mx.numerics.round_on_scales`, :func:`~lm_eval_mx.numerics.dequantize_elements`);
+   * ``err_i = (w_i - q_i) / U[i, i]`` (float64; 0 in NaN blocks, which have no finite error);
+   * ``w_j -= err_i · U[i, j]`` for the later columns ``j`` of the batch ``(i, e)``;
+
+   then the batch's errors reach the columns after it at once: ``W[:, e:] -= Err · U[b:e, e:]``.
+   (A lazy scale whose block runs past ``e`` is computed from those columns with the batch's pending
+   updates applied, so the result does not depend on ``block_columns`` beyond float64 rounding.)
+7. The result: ``Q`` (float32, the permutation undone), in the rotated domain when rotating, and the
+   Hessian-weighted errors ``tr((W - Q) H (W - Q)ᵀ)`` of GPTQ and of RTN (``H`` as given, undamped).
+
+Precision: the Hessian is accumulated in float32; its inverse factor, the working weight, the errors
+and their propagation are float64 (a column is cast to float32 to be rounded). With float64 updates,
+the order in which errors are summed (the lazy batches) leaves the float32 values GPTQ rounds unchanged
+but for float64 rounding that practically never crosses a float32 rounding boundary. Everything runs
+on the weight's device; on CPU two runs give identical bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .formats import Scheme, TensorScale
+from .numerics import block_scales, dequantize_elements, quantize_torch, round_on_scales
+from .rotation import Rotation, fwht, norm_scale, rotate, signs
+
+MAX_RETRIES = 5  # Cholesky retries, each with ten times the relative damping
+MIN_RETRY_DAMP = 1e-6  # the relative damping of a retry when the first was 0
+SCALES = ("static", "lazy")
+
+
+class GPTQError(RuntimeError):
+    """GPTQ could not factor the damped Hessian."""
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ settings (see the module docstring for the algorithm).
+
+    ``block_columns``: columns per lazy batch update; ``damp``: relative damping, ``λ = damp · mean(diag H)``;
+    ``act_order``: process columns in decreasing ``diag H`` (static scales only); ``scales``: ``static``
+    (block scales from the original weight) or ``lazy`` (a block's scale from the updated weight when its
+    first column is reached).
+    """
+
+    block_columns: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    scales: str = "static"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_columns, bool) or not isinstance(self.block_columns, int) or self.block_columns < 1:
+            raise ValueError(f"GPTQ block_columns must be an integer >= 1, got {self.block_columns!r}")
+        if (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not math.isfinite(self.damp)
+                or self.damp < 0):
+            raise ValueError(f"GPTQ damp must be a finite number >= 0 (relative to mean(diag H)), got {self.damp!r}")
+        if not isinstance(self.act_order, bool):
+            raise ValueError(f"GPTQ act_order must be True or False, got {self.act_order!r}")
+        if self.scales not in SCALES:
+            raise ValueError(f"GPTQ scales must be one of {', '.join(SCALES)}, got {self.scales!r}")
+        if self.act_order and self.scales != "static":
+            raise ValueError(f"GPTQ act_order needs scales='static' (got scales={self.scales!r}): with columns out of "
+                             "order a block's scale cannot wait for its first column")
+
+
+@dataclass
+class GPTQResult:
+    """What :func:`gptq_weight` returns.
+
+    ``weight``: float32 [out, in], fake-quantized, in the rotated domain when a rotation was given;
+    ``damping``: the λ added to the diagonal (absolute) and ``relative_damping`` its ratio to mean(diag H);
+    ``cholesky_retries``: how many times the damping was raised; ``dead_columns``: inputs with ``H[i, i] == 0``;
+    ``hessian_error`` / ``rtn_hessian_error``: ``tr((W - Q) H (W - Q)ᵀ)`` of GPTQ's and RTN's ``Q``
+    (``W`` rotated when rotating, ``H`` as given); ``perm``: the column order used (act_order), else None.
+    """
+
+    weight: torch.Tensor
+    damping: float
+    relative_damping: float
+    cholesky_retries: int
+    dead_columns: int
+    hessian_error: float
+    rtn_hessian_error: float
+    perm: torch.Tensor | None = None
+
+    @property
+    def cholesky_retry(self) -> bool:
+        return self.cholesky_retries > 0
+
+
+def block_length(n: int, scheme: Scheme) -> int:
+    """Columns per scale block on a row of ``n`` (as ``quantize_torch``: the row for ``block_size=0``); a
+    ragged last block holds ``n % block`` columns."""
+    return n if scheme.block_size == 0 else min(scheme.block_size, n)
+
+
+def _scales(w32: torch.Tensor, bs: int, scheme: Scheme, tensor_amax: torch.Tensor | None) -> list[torch.Tensor]:
+    """(recip, mult, nan, stored), each [out, blocks], of float32 ``w32`` [out, k] in blocks of ``bs``."""
+    out, n = w32.shape
+    full = n - n % bs
+    parts = []
+    if full:
+        parts.append(w32[:, :full].reshape(out, -1, bs).abs().amax(-1, keepdim=True))
+    if full < n:
+        parts.append(w32[:, full:].abs().amax(-1, keepdim=True).unsqueeze(1))
+    amax = torch.cat(parts, dim=1)
+    return [t.squeeze(-1).clone(memory_format=torch.contiguous_format)  # writable (lazy scales), not expanded
+            for t in block_scales(amax, scheme, tensor_amax)]
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, shape: tuple[int, ...] = ()
+                           ) -> tuple[torch.Tensor, float, float, int]:
+    """Steps 4-5 on a float64 Hessian whose dead inputs are already set to 1: (``U``, upper Cholesky factor
+    of ``(H + λI)⁻¹``, float64; λ; the relative damping; retries). ``shape``: the layer's, for the error."""
+    diag = torch.diagonal(hessian)
+    mean = float(diag.mean())
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    rel, tried = float(damp), []
+    for retry in range(MAX_RETRIES + 1):
+        lam = rel * mean
+        tried.append(f"{rel:g} (λ={lam:.6g})")
+        chol, info = torch.linalg.cholesky_ex(hessian + lam * eye)
+        if int(info) == 0 and bool(torch.isfinite(chol).all()):
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
+                return u, lam, rel, retry
+        rel = max(10 * rel, MIN_RETRY_DAMP)
+    raise GPTQError(f"GPTQ: the damped Hessian of the layer of shape {tuple(shape)} is not positive definite "
+                    f"after {MAX_RETRIES} retries; relative damping tried: {', '.join(tried)}; mean(diag H) = "
+                    f"{mean:.6g}. More (or more varied) calibration tokens or a larger damp may help.")
+
+
+def _hessian_error(delta: torch.Tensor, h: torch.Tensor) -> float:
+    return float(((delta @ h) * delta).sum())
+
+
+def gptq_weight(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: Scheme,
+    rotation: Rotation | None = None,
+    options: GPTQOptions | None = None,
+) -> GPTQResult:
+    """GPTQ-round ``w`` [out, in] with the Hessian ``hessian`` [in, in] of its inputs (rotated inputs when
+    ``rotation`` is given: see :class:`HessianAccumulator`), blocks of ``scheme`` along ``in``.
+
+    Returns the fake-quantized weight (float32, in the rotated domain when rotating: what
+    ``quantize_torch(w, scheme, rotation=rotation)`` returns for RTN) and diagnostics (:class:`GPTQResult`).
+    """
+    options = options or GPTQOptions()
+    if w.dim() != 2:
+        raise ValueError(f"GPTQ takes a 2-D weight [out_features, in_features], got shape {tuple(w.shape)}")
+    out, n = w.shape
+    if tuple(hessian.shape) != (n, n):
+        raise ValueError(f"GPTQ: the Hessian of a weight of shape {tuple(w.shape)} must be [{n}, {n}], got "
+                         f"{tuple(hessian.shape)}")
+    if not bool(torch.isfinite(hessian).all()):
+        raise ValueError(f"GPTQ: the Hessian of the layer of shape {tuple(w.shape)} has non-finite values")
+    device = w.device
+    w = w.detach()
+    w32 = rotate(w, rotation) if rotation is not None else w.to(torch.float32)
+    h_given = hessian.to(device=device, dtype=torch.float64)
+    bs = block_length(n, scheme)
+    tensor_amax = w32.abs().amax() if scheme.tensor_scale is TensorScale.AMAX else None
+    lazy = options.scales == "lazy"
+    # Step 2: static scales, from the original (rotated) weight; lazy ones are filled in step 6.
+    recip, mult, nan, stored = _scales(w32, bs, scheme, tensor_amax)
+
+    # Step 3: dead inputs.
+    h = h_given.clone()
+    work = w32.to(torch.float64)
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    diag[dead] = 1.0
+    work[:, dead] = 0.0
+
+    perm = None
+    col_block = torch.arange(n, device=device) // bs
+    if options.act_order:
+        perm = torch.argsort(torch.diagonal(h_given), descending=True, stable=True)
+        work, h, col_block = work[:, perm], h[perm][:, perm], col_block[perm]
+    col_block = col_block.tolist()
+
+    # Steps 4-5.
+    u, lam, rel, retries = inverse_hessian_factor(h, options.damp, tuple(w.shape))
+
+    # Step 6.
+    q_out = torch.empty(out, n, dtype=torch.float32, device=device)
+    for b1 in range(0, n, options.block_columns):
+        b2 = min(b1 + options.block_columns, n)
+        w1 = work[:, b1:b2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[b1:b2, b1:b2]
+        for k in range(b2 - b1):
+            c = b1 + k
+            blk = col_block[c]
+            if lazy and c == blk * bs:
+                end = min(c + bs, n)
+                cols = w1[:, k:min(end, b2) - b1]
+                if end > b2:  # the block runs past this batch: its columns with the batch's pending updates
+                    cols = torch.cat([cols, work[:, b2:end] - err1[:, :k] @ u[b1:c, b2:end]], dim=1)
+                s = _scales(cols.to(torch.float32), end - c, scheme, tensor_amax)
+                for dst, src in zip((recip, mult, nan, stored), s):
+                    dst[:, blk] = src[:, 0]
+            wc = w1[:, k]
+            q = dequantize_elements(round_on_scales(wc.to(torch.float32), recip[:, blk], stored[:, blk], scheme),
+                                    mult[:, blk], nan[:, blk])
+            q_out[:, c] = q
+            err = (wc - q.to(torch.float64)) / u1[k, k]
+            err = torch.where(nan[:, blk], torch.zeros_like(err), err)
+            w1[:, k + 1:] -= torch.outer(err, u1[k, k + 1:])
+            err1[:, k] = err
+        if b2 < n:
+            work[:, b2:] -= err1 @ u[b1:b2, b2:]
+
+    # Step 7.
+    if perm is not None:
+        q_out = q_out[:, torch.argsort(perm)]
+    w64 = w32.to(torch.float64)
+    rtn = quantize_torch(w32, scheme)
+    return GPTQResult(
+        weight=q_out,
+        damping=lam,
+        relative_damping=rel,
+        cholesky_retries=retries,
+        dead_columns=int(dead.sum()),
+        hessian_error=_hessian_error(w64 - q_out.to(torch.float64), h_given),
+        rtn_hessian_error=_hessian_error(w64 - rtn.to(torch.float64), h_given),
+        perm=perm,
+    )
+
+
+class HessianAccumulator:
+    """Accumulates ``H = 2/n · Σ xᵀx`` over the calibration tokens of one layer's input, in float32.
+
+    ``add(x)`` takes inputs [..., in_features] (rotated first, in float32, when ``rotation`` is given: the
+    Hessian is then the rotated inputs', as :func:`gptq_weight` needs it); ``hessian()`` returns
+    ``S · fp32(2/n)`` with ``S`` the float32 running sum of ``xᵀx``.
+    """
+
+    def __init__(self, in_features: int, rotation: Rotation | None = None, device: torch.device | str | None = None):
+        self.in_features = in_features
+        self.rotation = rotation
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"HessianAccumulator for {self.in_features} input features got inputs of shape "
+                             f"{tuple(x.shape)}")
+        x = x.detach().reshape(-1, self.in_features).to(self.sum.device)
+        xf = rotate(x, self.rotation) if self.rotation is not None else x.to(torch.float32)
+        self.sum.addmm_(xf.T, xf)
+        self.tokens += xf.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise ValueError("HessianAccumulator: no calibration tokens were added")
+        return self.sum * (2.0 / self.tokens)
+
+
+def unrotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """``x Rᵀ`` along the last axis, float32: the inverse of :func:`lm_eval_mx.rotation.rotate` up to float32
+    rounding (``R = diag(s) · blockdiag(Hₙ/√n)`` is orthogonal and ``Hₙ`` symmetric)."""
+    xf = x.to(torch.float32)
+    n = xf.shape[-1]
+    block = rotation.block_for(n)
+    y = (fwht(xf.reshape(*xf.shape[:-1], n // block, block)) * norm_scale(block)).reshape(xf.shape)
+    return y * signs(rotation.seed, n, y.device) if rotation.seed is not None else y
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sequential driver: transformer blocks one after another, each calibrated on the outputs of the blocks
+# before it with their weights already quantized.
+
+
+@dataclass
+class GPTQLayer:
+    """One weight GPTQ rounds: ``module`` has a ``weight`` [out_features, in_features] and receives its input
+    as the first positional argument of its forward (``nn.Linear``)."""
+
+    name: str
+    module: torch.nn.Module
+    scheme: Scheme
+    rotation: Rotation | None = None
+
+
+def set_fake_quantized_weight(layer: GPTQLayer, result: GPTQResult) -> None:
+    """The default ``set_weight`` of :func:`gptq_layers`: the fake-quantized weight, rotated back to the
+    original domain when rotating (float32 rounding), written into ``module.weight`` in its dtype, so that the
+    blocks calibrated after it see this layer's quantized weight."""
+    w = result.weight if layer.rotation is None else unrotate(result.weight, layer.rotation)
+    with torch.no_grad():
+        layer.module.weight.copy_(w.to(layer.module.weight.dtype))
+
+
+def gptq_layers(
+    blocks: Sequence[torch.nn.Module],
+    run_block: Callable[[int, torch.nn.Module, Any], Any],
+    layers: Callable[[int, torch.nn.Module], Sequence[Sequence[GPTQLayer]]],
+    inputs: Iterable[Any],
+    options: GPTQOptions | None = None,
+    set_weight: Callable[[GPTQLayer, GPTQResult], None] = set_fake_quantized_weight,
+    on_layer: Callable[[GPTQLayer, GPTQResult], None] | None = None,
+) -> dict[str, GPTQResult]:
+    """GPTQ over a model's blocks in order, each block calibrated on the outputs of the blocks before it, whose
+    weights are already quantized (as in GPTQ's and llm-compressor's sequential pipelines).
+
+    ``blocks``: the transformer blocks; ``inputs``: the calibration inputs of the first block, one item per
+    calibration batch (whatever ``run_block`` takes); ``run_block(i, block, item)``: runs block ``i`` on one item
+    and returns the item the next block takes. ``layers(i, block)``: the block's weights as groups of
+    :class:`GPTQLayer`, in order: each group's Hessians are collected in one pass over the block's inputs with
+    the groups before it already quantized (``[[q, k, v], [o], [gate, up], [down]]`` is "true sequential";
+    one group holding every layer calibrates them all on the block's unquantized forward). ``set_weight``
+    writes a result into its layer (default: :func:`set_fake_quantized_weight`); ``on_layer`` is called after
+    each (progress, logging). Returns the results by layer name. Runs under ``torch.no_grad()``.
+    """
+    items = list(inputs)
+    if not items:
+        raise ValueError("gptq_layers needs at least one calibration input")
+    results: dict[str, GPTQResult] = {}
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            for group in layers(i, block):
+                accs: dict[str, HessianAccumulator] = {}
+                hooks = []
+                for layer in group:
+                    if layer.name in results or layer.name in accs:
+                        raise ValueError(f"gptq_layers: layer {layer.name!r} named twice")
+                    weight = layer.module.weight
+                    acc = accs[layer.name] = HessianAccumulator(weight.shape[1], layer.rotation, weight.device)
+                    hooks.append(layer.module.register_forward_pre_hook(
+                        lambda _m, args, acc=acc: acc.add(args[0])))
+                try:
+                    for item in items:
+                        run_block(i, block, item)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                for layer in group:
+                    acc = accs[layer.name]
+                    if acc.tokens == 0:
+                        raise ValueError(f"gptq_layers: layer {layer.name!r} saw no calibration tokens "
+                                         f"(is it run by block {i}?)")
+                    result = gptq_weight(layer.module.weight, acc.hessian(), layer.scheme, layer.rotation, options)
+                    set_weight(layer, result)
+                    results[layer.name] = result
+                    if on_layer is not None:
+                        on_layer(layer, result)
+            items = [run_block(i, block, item) for item in items]
+    return results
