@@ -1,4 +1,4 @@
-"""GPTQ / MR-GPTQ weight rounding (lm_eval_mx.gptq): RTN bit for bit where no column couples to another, lower
+"""GPTQ / MR-GPTQ weight rounding (lm_eval_mx.algorithms.gptq): RTN bit for bit where no column couples to another, lower
 output error than RTN on correlated inputs, equal to a plain column-by-column reference, deterministic."""
 
 from __future__ import annotations
@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm_eval_mx.formats import NAMED_SCHEMES, Scheme, TensorScale
-from lm_eval_mx.gptq import (
+from lm_eval_mx.algorithms.gptq import (
     MIN_RETRY_DAMP,
     GPTQError,
     GPTQOptions,
     HessianAccumulator,
     gptq_weight,
 )
-from lm_eval_mx.numerics import block_scales, make_scheme, quantize_torch, round_elements
-from lm_eval_mx.rotation import Rotation, rotate
+from lm_eval_mx.numerics.formats import NAMED_SCHEMES, Scheme, TensorScale
+from lm_eval_mx.numerics.quantize import block_scales, make_scheme, quantize_torch, round_elements
+from lm_eval_mx.numerics.rotation import Rotation, rotate
 
 SCHEMES = {
     "mxfp8": NAMED_SCHEMES["mxfp8"],
@@ -352,7 +352,7 @@ def _linear(n_in: int, n_out: int, seed: int) -> torch.nn.Linear:
 
 
 def test_gptq_layers_calibrates_on_quantized_predecessors():
-    from lm_eval_mx.gptq import GPTQLayer, gptq_layers
+    from lm_eval_mx.algorithms.gptq import GPTQLayer, gptq_layers
 
     torch.manual_seed(0)
     b0 = torch.nn.Sequential(_linear(64, 96, 1), torch.nn.ReLU(), _linear(96, 64, 2))
@@ -387,7 +387,7 @@ def test_gptq_layers_calibrates_on_quantized_predecessors():
     h1 = torch.relu(x @ r00.weight.T)
     r02 = gptq_weight(originals[1], hessian(h1, rot), nv, rot, opts)
     assert torch.equal(_bits(results["b0.2"].weight), _bits(r02.weight))
-    from lm_eval_mx.gptq import unrotate
+    from lm_eval_mx.algorithms.gptq import unrotate
 
     assert torch.equal(b0[2].weight, unrotate(r02.weight, rot))  # written back in the original domain
     torch.testing.assert_close(rotate(b0[2].weight, rot), r02.weight, rtol=0, atol=1e-6)
@@ -409,7 +409,7 @@ def test_gptq_layers_tiny_llama():
 
     from conftest import tiny_model
 
-    from lm_eval_mx.gptq import GPTQLayer, gptq_layers, unrotate
+    from lm_eval_mx.algorithms.gptq import GPTQLayer, gptq_layers, unrotate
 
     model = tiny_model("llama")
     reference = copy.deepcopy(model)

@@ -63,9 +63,9 @@ from typing import Any
 
 import torch
 
-from .formats import Scheme, TensorScale
-from .numerics import block_scales, dequantize_elements, quantize_torch, round_on_scales
-from .rotation import Rotation, fwht, norm_scale, rotate, signs
+from ..numerics.formats import Scheme, TensorScale
+from ..numerics.quantize import block_scales, dequantize_elements, quantize_torch, round_on_scales
+from ..numerics.rotation import Rotation, fwht, norm_scale, rotate, signs
 
 MAX_RETRIES = 5  # Cholesky retries, each with ten times the relative damping
 MIN_RETRY_DAMP = 1e-6  # the relative damping of a retry when the first was 0
