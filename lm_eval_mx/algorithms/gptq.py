@@ -64,7 +64,8 @@ from typing import Any
 import torch
 
 from ..numerics.formats import Scheme, TensorScale
-from ..numerics.quantize import block_scales, dequantize_elements, quantize_torch, round_on_scales
+from ..numerics.packing import MXPacked, pack_elements
+from ..numerics.quantize import block_scales, dequantize_elements, quantize_torch, round_on_scales, tensor_scale
 from ..numerics.rotation import Rotation, fwht, norm_scale, rotate, signs
 
 MAX_RETRIES = 5  # Cholesky retries, each with ten times the relative damping
@@ -114,7 +115,9 @@ class GPTQResult:
     ``damping``: the λ added to the diagonal (absolute) and ``relative_damping`` its ratio to mean(diag H);
     ``cholesky_retries``: how many times the damping was raised; ``dead_columns``: inputs with ``H[i, i] == 0``;
     ``hessian_error`` / ``rtn_hessian_error``: ``tr((W - Q) H (W - Q)ᵀ)`` of GPTQ's and RTN's ``Q``
-    (``W`` rotated when rotating, ``H`` as given); ``perm``: the column order used (act_order), else None.
+    (``W`` rotated when rotating, ``H`` as given); ``perm``: the column order used (act_order), else None;
+    ``packed``: the same weight as codes on the scales GPTQ rounded on (:func:`pack_elements`), what a checkpoint
+    stores (``unpack_mx(packed)`` equals ``weight`` bit for bit).
     """
 
     weight: torch.Tensor
@@ -125,6 +128,7 @@ class GPTQResult:
     hessian_error: float
     rtn_hessian_error: float
     perm: torch.Tensor | None = None
+    packed: MXPacked | None = None
 
     @property
     def cholesky_retry(self) -> bool:
@@ -229,6 +233,7 @@ def gptq_weight(
 
     # Step 6.
     q_out = torch.empty(out, n, dtype=torch.float32, device=device)
+    elements = torch.empty(out, n, dtype=torch.float32, device=device)
     for b1 in range(0, n, options.block_columns):
         b2 = min(b1 + options.block_columns, n)
         w1 = work[:, b1:b2].clone()
@@ -246,8 +251,9 @@ def gptq_weight(
                 for dst, src in zip((recip, mult, nan, stored), s):
                     dst[:, blk] = src[:, 0]
             wc = w1[:, k]
-            q = dequantize_elements(round_on_scales(wc.to(torch.float32), recip[:, blk], stored[:, blk], scheme),
-                                    mult[:, blk], nan[:, blk])
+            e = round_on_scales(wc.to(torch.float32), recip[:, blk], stored[:, blk], scheme)
+            q = dequantize_elements(e, mult[:, blk], nan[:, blk])
+            elements[:, c] = e
             q_out[:, c] = q
             err = (wc - q.to(torch.float64)) / u1[k, k]
             err = torch.where(nan[:, blk], torch.zeros_like(err), err)
@@ -258,7 +264,8 @@ def gptq_weight(
 
     # Step 7.
     if perm is not None:
-        q_out = q_out[:, torch.argsort(perm)]
+        q_out, elements = q_out[:, torch.argsort(perm)], elements[:, torch.argsort(perm)]
+    ts = None if tensor_amax is None else tensor_scale(tensor_amax, scheme.elem)[0]
     w64 = w32.to(torch.float64)
     rtn = quantize_torch(w32, scheme)
     return GPTQResult(
@@ -270,6 +277,7 @@ def gptq_weight(
         hessian_error=_hessian_error(w64 - q_out.to(torch.float64), h_given),
         rtn_hessian_error=_hessian_error(w64 - rtn.to(torch.float64), h_given),
         perm=perm,
+        packed=pack_elements(elements, nan, stored, scheme, ts),
     )
 
 

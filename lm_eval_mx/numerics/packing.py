@@ -119,9 +119,7 @@ def pack(
     if x.shape[-1] == 0:
         raise ValueError(f"pack_mx needs a tensor with a non-empty last axis, got shape {tuple(x.shape)}")
     n = x.shape[-1]
-    codes_shape, _, bs = packed_layout(x.shape, fmt, scheme.block_size)
-    per = codes_per_byte(fmt)
-    bs_eff = bs + (-bs) % per
+    bs = packed_layout(x.shape, fmt, scheme.block_size)[2]
     xf = rotate(x, rotation) if rotation is not None else x.to(torch.float32)
     ts = None
     if scheme.tensor_scale is TensorScale.AMAX:
@@ -133,18 +131,39 @@ def pack(
         xf = torch.nn.functional.pad(xf, (0, pad))
     blocks = xf.reshape(*x.shape[:-1], -1, bs)
     q, _, nan, stored = quantize_blocks(blocks, scheme, tensor_amax)
-    codes = _encode(q.masked_fill(nan, 0.0), fmt)
+    return pack_elements(q.reshape(*x.shape[:-1], -1)[..., :n], nan.squeeze(-1), stored.squeeze(-1), scheme, ts)
+
+
+def pack_elements(elements: torch.Tensor, nan: torch.Tensor, stored: torch.Tensor, scheme: Scheme,
+                  tensor_scale: torch.Tensor | None = None) -> MXPacked:
+    """Store element values already rounded on their block scales (GPTQ rounds on scales it chose itself).
+
+    ``elements`` [..., n]: values in units of their block's scale, each exactly representable in the element
+    format; ``nan`` [..., blocks]: NaN blocks; ``stored`` [..., blocks]: the scales as :func:`block_scales`
+    gives them (E8M0 exponents, int32, or E4M3 values, float32); ``tensor_scale``: the per-tensor scale of schemes
+    that have one. :func:`pack` is this on the elements and scales of round to nearest.
+    """
+    fmt = scheme.elem
+    shape = elements.shape
+    codes_shape, _, bs = packed_layout(shape, fmt, scheme.block_size)
+    per = codes_per_byte(fmt)
+    bs_eff = bs + (-bs) % per
+    pad = (-shape[-1]) % bs
+    if pad:
+        elements = torch.nn.functional.pad(elements, (0, pad))
+    blocks = elements.reshape(*shape[:-1], -1, bs)
+    codes = _encode(blocks.masked_fill(nan.unsqueeze(-1), 0.0), fmt)
     if bs_eff != bs:
         codes = torch.nn.functional.pad(codes, (0, bs_eff - bs))
-    codes = codes.reshape(*x.shape[:-1], -1, per)
-    shifts = torch.arange(per, dtype=torch.int32, device=x.device) * (8 // per)
+    codes = codes.reshape(*shape[:-1], -1, per)
+    shifts = torch.arange(per, dtype=torch.int32, device=elements.device) * (8 // per)
     packed = (codes << shifts).sum(-1).to(torch.uint8).reshape(codes_shape)
     if scheme.is_mx:
-        scales = torch.where(nan, _E8M0_NAN, stored + 127).squeeze(-1).to(torch.uint8)
+        scales = torch.where(nan, _E8M0_NAN, stored + 127).to(torch.uint8)
     else:
         bits = stored.to(torch.float8_e4m3fn).view(torch.uint8)
-        scales = torch.where(nan, torch.full_like(bits, _E4M3_NAN), bits).squeeze(-1)
-    return MXPacked(packed, scales, x.shape, scheme, bs, ts)
+        scales = torch.where(nan, torch.full_like(bits, _E4M3_NAN), bits)
+    return MXPacked(packed, scales, shape, scheme, bs, tensor_scale)
 
 
 def pack_mx(x: torch.Tensor, elem_format: str | ElemFormat, block_size: int = 32, **scheme_keys: object) -> MXPacked:
