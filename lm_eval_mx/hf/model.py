@@ -188,6 +188,19 @@ def show_report(config: MXConfig, report: MXReport) -> None:
     log.debug("%s", text)
 
 
+def gguf_dequantize_config() -> Any:
+    """What asks transformers to unpack a GGUF file into dense weights: MX quantizes ``nn.Linear`` weights, and
+    transformers >= 5.24 with the ``kernels`` package keeps a GGUF's quantized weights packed (``GgufLinear``), which
+    no MX layer can read. None where the installed transformers always dequantizes (no ``GgufConfig.dequantize``)."""
+    try:
+        from transformers import GgufConfig  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    if "dequantize" not in inspect.signature(GgufConfig.__init__).parameters:
+        return None
+    return GgufConfig(dequantize=True)
+
+
 def _count_nonfinite(requests: list[Any], results: list[Any]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for req, res in zip(requests, results):
@@ -237,6 +250,8 @@ class HFMXLM(HFLM):
                     "packed MX weights need a high-precision checkpoint"
                 )
             quantization_config = self._mx_packed
+        elif kwargs.get("gguf_file") and quantization_config is None:
+            quantization_config = gguf_dequantize_config()
         super()._create_model(*args, quantization_config=quantization_config, **kwargs)
 
     def set_mx(self, config: MXConfig) -> MXReport:
