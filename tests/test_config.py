@@ -67,6 +67,22 @@ def cfg(**kw):
         ({"rotation": "hadamard", "block_size": 24}, "rotation_block defaults to the block size, 24, which is not a power"),
         ({"rotation": "hadamard", "rotation_seed": 2**70}, r"rotation_seed must be an integer in \[0, 2\*\*63\)"),
         ({"rotation": "hadamard", "rotation_seed": -1}, r"rotation_seed must be an integer in \[0, 2\*\*63\)"),
+        # issue 25: a None format is not the keyword none
+        ({"layer_formats": {"mlp": None}}, r"layer_formats: rule \('mlp', None\) has format None; .*bf16 or none"),
+        ({"layer_formats": [["mlp", None]]}, "has format None"),
+        ({"layer_formats": "mlp:"}, "layer_formats: rule 'mlp' has an empty format"),
+        ({"role_formats": {"mlp": None}}, "role_formats: mlp has format None"),
+        ({"role_formats": "mlp:"}, "role_formats: mlp has an empty format"),
+        ({"role_formats": "mlp:fp9"}, "role_formats mlp: unknown MX element format 'fp9'"),
+        ({"rotation": "hadamard", "rotation_block": 1}, "rotation_block=1 is the identity"),
+        ({"format": "nvfp4", "scale_format": "e4m3"}, "scale_format would be ignored: every format in use here"),
+        ({"format": "nvfp4", "tensor_scale": "amax"}, "tensor_scale would be ignored"),
+        ({"include": ["q_proj", "k_proj"]}, "include takes one regular expression, got a list"),
+        ({"exclude": ("q_proj",)}, "exclude takes one regular expression, got a tuple"),
+        ({"include": b"q_proj"}, "include must be a regular expression .a string., got bytes"),
+        ({"recipe": ""}, "recipe='' names no file; give the path of a recipe JSON file"),
+        ({"recipe": None}, "recipe=None names no file"),
+        ({"recipe": "."}, "recipe: '.' is a directory"),
     ],
 )
 def test_refused_with_the_reason(args, match):
@@ -85,6 +101,7 @@ def test_accepted_forms():
     with pytest.raises(ValueError, match="role_formats names mlp more than once"):
         MXConfig(role_formats={"mlp": "fp4", "MLP ": "fp8"})  # the Python API's dict, keys differing in case
     assert "given" not in MX_KEYS  # MXConfig's record of the keys given is not itself a key
+    assert "named" not in MX_KEYS
     assert parse_mx_args({"given": "format"})[1] == {"given": "format"}
 
 
@@ -99,7 +116,9 @@ def test_nvfp4_and_mixed_schemes():
     c = cfg(role_formats="attn:mxfp8|mlp:nvfp4", scale_mode="ceil")  # scale_mode acts on attn's E8M0
     assert c.formats_for("attn_qkv") == ("fp8_e4m3", "fp8_e4m3") and c.formats_for("mlp_down") == ("nvfp4", "nvfp4")
     assert c.scheme("fp8_e4m3").scale_mode.value == "ceil" and c.scheme("nvfp4") == NAMED_SCHEMES["nvfp4"]
-    assert cfg(format="nvfp4", block_size=16).scheme("nvfp4") == NAMED_SCHEMES["nvfp4"]  # agreeing keys are fine
+    # a key nvfp4 fixes itself has no effect, even when it agrees: refused as scale_mode is
+    with pytest.raises(ValueError, match=r"block_size would be ignored: every format in use here \(nvfp4\) is a fixed"):
+        cfg(format="nvfp4", block_size=16)
 
 
 def test_scheme_bits_include_the_scales():
@@ -166,3 +185,34 @@ def test_beside_a_recipe_only_keys_that_keep_its_numerics(tmp_path):
     for key, value in (("weight_only", True), ("block_size", 16), ("rotation", "hadamard"), ("format", "int8")):
         with pytest.raises(ValueError, match=f"{key} would change the numerics the recipe was measured with"):
             parse_mx_args({"recipe": str(path), key: value})
+
+
+def test_issue_25_accepted_forms(tmp_path):
+    import re
+
+    assert cfg(mx_backend="TORCH").mx_backend == "torch"  # any case, as every other enumerated key
+    assert cfg(packed=True, packed_gemm="DEQUANT").packed_gemm == "dequant"
+    assert MXConfig(mx_backend="Torch").mx_backend == "torch"
+    assert cfg(include=re.compile(r"mlp\.")).include == r"mlp\."  # a compiled pattern: its .pattern
+    # (role, format) pairs, as documented
+    assert cfg(role_formats=[("mlp", "fp4"), ("attn", "nvfp4")]).role_formats == {"mlp": "fp4_e2m1", "attn": "nvfp4"}
+    assert cfg(role_formats=(["mlp", "fp4"],)).role_formats == {"mlp": "fp4_e2m1"}
+
+
+def test_recipe_values_compare_normalised(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"model_args": {"format": "fp4", "attn_bmm": "True", "roles": "mlp"}}))
+    c = parse_mx_args({"recipe": str(path), "format": "fp4_e2m1", "attn_bmm": True, "roles": "MLP"})[0]
+    assert c.w_format == "fp4_e2m1" and c.attn_bmm
+    with pytest.raises(ValueError, match="recipe sets format too"):
+        parse_mx_args({"recipe": str(path), "format": "fp8"})
+    path.write_text(json.dumps({"model_args": {"roles": None, "format": "fp4"}}))
+    with pytest.raises(ValueError, match=r"sets roles to null; write the value"):
+        parse_mx_args({"recipe": str(path)})
+
+
+def test_labels_say_what_is_used():
+    assert cfg(layer_formats=".*:fp4").label() == "1 layer rule (fp4_e2m1)"
+    assert cfg(layer_formats="mlp:fp4|.*:nvfp4", format="int8").label() == "int8 2 layer rules (fp4_e2m1/nvfp4)"
+    assert cfg(scale_format="e8m0", scale_bits=8).label() == "fp8_e4m3 e8m0"  # not "e8m0 e8m0"
+    assert cfg(layer_formats=".*:fp4", attn_bmm=True).label() == "1 layer rule (fp4_e2m1) bmm:fp8_e4m3"

@@ -87,3 +87,41 @@ def test_offloaded_weights_are_quantized_at_forward():
     assert any("quantized at each forward" in n for n in report.notes)
     with torch.no_grad():
         assert torch.equal(offloaded(IDS).logits, model(IDS).logits)
+
+
+def test_gguf_file_is_loaded_dequantized(monkeypatch):
+    """transformers >= 5.24 with `kernels` keeps a GGUF's quantized weights packed (GgufLinear), which MX cannot
+    read: hf-mx asks for dense weights (GgufConfig(dequantize=True)) and passes gguf_file through."""
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_mx.hf.model import HFMXLM, gguf_dequantize_config
+
+    seen = {}
+    monkeypatch.setattr(HFLM, "_create_model", lambda self, *a, **k: seen.update(k))
+    lm = object.__new__(HFMXLM)
+    lm._mx_packed = None
+    HFMXLM._create_model(lm, pretrained="x", gguf_file="m.Q4_1.gguf")
+    config = seen["quantization_config"]
+    assert seen["gguf_file"] == "m.Q4_1.gguf"
+    if gguf_dequantize_config() is not None:  # transformers with GgufConfig(dequantize=...)
+        from transformers import GgufConfig
+
+        assert isinstance(config, GgufConfig) and config.dequantize is True
+    seen.clear()
+    HFMXLM._create_model(lm, pretrained="x")  # no GGUF: nothing added
+    assert seen["quantization_config"] is None
+
+
+@pytest.mark.parametrize("extra", [{"device_map": "cpu"}, {"parallelize": True}])
+def test_fake_quantization_with_device_map_and_parallelize(tiny_dir, extra):
+    """hf's placement options work with fake quantization and give the same numbers as a plain load."""
+    from lm_eval.api.instance import Instance
+
+    from lm_eval_mx.hf.model import HFMXLM
+
+    reqs = [Instance("loglikelihood", {}, ("We hold these truths", " to be"), 0)]
+    placed = HFMXLM(pretrained=tiny_dir, format="fp4", mlp_only=True, device="cpu", **extra)
+    plain = HFMXLM(pretrained=tiny_dir, format="fp4", mlp_only=True, device="cpu")
+    assert placed.mx_report.summary()["layers_per_role"] == {"mlp_down": 2, "mlp_up": 4}
+    assert len(list(mx_layers(placed.model))) == 6
+    assert placed.loglikelihood(reqs) == plain.loglikelihood(reqs)

@@ -184,3 +184,28 @@ def test_unreadable_config_is_reported_with_its_cause(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="OSError: offline"):
         HFMXLM(pretrained=str(tmp_path), rope_scale=2, trust_remote_code="False")
     assert seen["trust_remote_code"] is False
+
+
+def test_hf_backend_key_given_an_mx_engine_fails_before_loading(tiny_dir, monkeypatch):
+    """backend=torch used to die in a bare AssertionError inside lm-eval's HFLM."""
+    def boom(*a, **k):
+        raise AssertionError("model load attempted")
+
+    monkeypatch.setattr(HFLM, "__init__", boom)
+    with pytest.raises(ValueError, match=r"backend=torch: backend is lm-eval hf's own key \(default, causal, seq2seq\); "
+                                         r"the MX quantization engine is mx_backend \(auto, torch, triton\)"):
+        HFMXLM(pretrained=tiny_dir, backend="torch")
+
+
+def test_replacement_report_is_shown_at_default_settings(tiny_dir, capsys):
+    """The report reaches the user with no logging configured: as lm-eval's CLI and simple_evaluate build the
+    model (registry + create_from_arg_string), and once per load."""
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("hf-mx").create_from_arg_string(f"pretrained={tiny_dir},mlp_only=True,format=fp4,mx_keep_original=True",
+                                                   {"device": "cpu", "batch_size": 1})
+    err = capsys.readouterr().err
+    assert "hf-mx: MX configuration: fp4_e2m1 mlp" in err and "MX replacement report" in err
+    assert err.count("MX replacement report") == 1 and "mlp_up" in err and "6 layers" in err
+    lm.set_mx(MXConfig(roles=()))
+    assert "MX off (roles=none)" in capsys.readouterr().err

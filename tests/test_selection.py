@@ -369,3 +369,41 @@ def test_rules_and_keys_together():
     report = apply_mx(model, parse_mx_args({"layer_formats": r"mlp:nvfp4", "format": "int8", "scale_mode": "ceil"})[0])
     formats = {e.name.split(".", 3)[-1]: e.w_format for e in report.replaced}
     assert formats["mlp.down_proj"] == "nvfp4" and formats["self_attn.q_proj"] == "int8"
+
+
+@pytest.mark.parametrize("arch, args, match", [
+    # issue 25 item 9: a rotation that rotates nothing
+    ("mixtral", {"rotation": "hadamard", "rotation_roles": "mlp_up"},
+     "rotation=hadamard rotates no matmul here: rotation_roles=mlp_up has no layer in MX"),
+    ("llama", {"roles": "mlp", "rotation": "hadamard", "rotation_roles": "experts"}, "rotates no matmul here"),
+    ("llama", {"layer_formats": "mlp:bf16", "rotation": "hadamard", "rotation_roles": "mlp"},
+     "rotates no matmul here"),
+    ("mixtral", {"rotation": "hadamard", "rotation_roles": "attn_qkv|mlp_up"},
+     "rotation_roles names mlp_up, but no layer of MixtralForCausalLM with that role is in MX"),
+    # item 10: a role named in roles that selects no layer
+    ("mixtral", {"roles": "router|experts"}, r"roles names router, but no layer of MixtralForCausalLM with that role "
+                                             r"is selected .*Roles of this model's linear layers: attn_out, attn_qkv, "
+                                             r"experts, lm_head; kept in high precision: .*router module"),
+    ("llama", {"roles": "attn|experts"}, "roles names experts, but no layer of LlamaForCausalLM"),
+    ("llama", {"roles": "attn|mlp", "include": "self_attn"}, "roles names mlp, but no layer"),
+    # item 11: exclude matching no selected layer
+    ("llama", {"roles": "mlp", "exclude": "q_proj"}, "exclude pattern 'q_proj' matches no selected layer"),
+    # item 13: block_size has no effect once the rules make every layer nvfp4
+    ("llama", {"layer_formats": ".*:nvfp4", "block_size": 16}, "block_size would be ignored: every format in use"),
+])
+def test_settings_that_select_or_rotate_nothing_are_refused(arch, args, match):
+    from lm_eval_mx.selection.apply import check_config
+
+    model = tiny_model(arch)
+    with pytest.raises(SelectionError, match=match):
+        check_config(model, parse_mx_args(args)[0])
+    with pytest.raises(SelectionError, match=match):
+        apply_mx(model, parse_mx_args(args)[0])
+
+
+def test_role_groups_and_defaults_need_only_one_role_present():
+    """roles=all/mlp on a dense model (no experts) and rotation_roles=mlp are fine: a group needs one role."""
+    report = apply_mx(tiny_model("llama"), parse_mx_args({"roles": "mlp|attn", "rotation": "hadamard",
+                                                          "rotation_roles": "mlp", "exclude": "down_proj"})[0])
+    assert {e.role for e in report.replaced if e.rotation} == {"mlp_up"}
+    assert apply_mx(tiny_model("mixtral"), parse_mx_args({"mlp_only": True})[0]).replaced

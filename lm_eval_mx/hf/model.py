@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import math
+import sys
 from collections import Counter
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..kernels.backends import resolve_backend
+from ..kernels.backends import BACKENDS, resolve_backend
 from ..nn.attention import NAME as ATTENTION_NAME
 from ..nn.layers import mx_disabled, remove_mx
 from ..numerics.formats import suggest
@@ -152,8 +153,17 @@ def _check_packed_args(pretrained: Any, keep_original: bool, args: dict[str, Any
             raise ValueError(f"packed=True cannot be combined with {key}: {why}")
 
 
+# lm-eval hf's own ``backend`` key (the model class), not the MX engine (``mx_backend``).
+HF_BACKENDS = ("default", "causal", "seq2seq")
+
+
 def check_hf_args(config: MXConfig, rest: dict[str, Any]) -> None:
     """MX settings that the hf arguments would contradict or leave without effect: refused before loading."""
+    if "backend" in rest and str(rest["backend"]).strip().lower() not in HF_BACKENDS:
+        raise ValueError(
+            f"backend={rest['backend']}: backend is lm-eval hf's own key ({', '.join(HF_BACKENDS)}); the MX "
+            f"quantization engine is mx_backend ({', '.join(BACKENDS)})"
+        )
     backend = resolve_backend(config.mx_backend)  # e.g. mx_backend=triton without CUDA
     if config.attn_bmm and rest.get("attn_implementation") not in (None, ATTENTION_NAME):
         raise ValueError(
@@ -166,6 +176,29 @@ def check_hf_args(config: MXConfig, rest: dict[str, Any]) -> None:
             raise ValueError("packed_gemm=fused is a Triton GEMM for CUDA: it needs a CUDA device and the Triton "
                              f"backend (here: mx_backend={config.mx_backend} -> {backend}, device={device or 'default'}); "
                              "use packed_gemm=dequant")
+
+
+def show_report(config: MXConfig, report: MXReport) -> None:
+    """The replacement report, where the user sees it: printed to stderr (as lm-eval's own progress and tables
+    reach the terminal; nothing configures the ``lm_eval_mx`` logger, and a logger at INFO would be silent under
+    ``simple_evaluate``), and logged at DEBUG for whoever collects logs."""
+    text = f"hf-mx: MX configuration: {config.label()}\n{report.table()}" if config.enabled else \
+        "hf-mx: MX off (roles=none): the model runs as lm-eval's hf\n"
+    print(text, file=sys.stderr, end="" if text.endswith("\n") else "\n", flush=True)
+    log.debug("%s", text)
+
+
+def gguf_dequantize_config() -> Any:
+    """What asks transformers to unpack a GGUF file into dense weights: MX quantizes ``nn.Linear`` weights, and
+    transformers >= 5.24 with the ``kernels`` package keeps a GGUF's quantized weights packed (``GgufLinear``), which
+    no MX layer can read. None where the installed transformers always dequantizes (no ``GgufConfig.dequantize``)."""
+    try:
+        from transformers import GgufConfig  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    if "dequantize" not in inspect.signature(GgufConfig.__init__).parameters:
+        return None
+    return GgufConfig(dequantize=True)
 
 
 def _count_nonfinite(requests: list[Any], results: list[Any]) -> Counter[str]:
@@ -217,6 +250,8 @@ class HFMXLM(HFLM):
                     "packed MX weights need a high-precision checkpoint"
                 )
             quantization_config = self._mx_packed
+        elif kwargs.get("gguf_file") and quantization_config is None:
+            quantization_config = gguf_dequantize_config()
         super()._create_model(*args, quantization_config=quantization_config, **kwargs)
 
     def set_mx(self, config: MXConfig) -> MXReport:
@@ -238,7 +273,7 @@ class HFMXLM(HFLM):
         self.mx_cache_tag = mx_cache_tag(config, self.mx_report)
         self.mx_nonfinite: Counter[str] = Counter()
         if self.rank == 0:
-            log.info("MX configuration: %s\n%s", config.label(), self.mx_report.table())
+            show_report(config, self.mx_report)
         return self.mx_report
 
     def _check(self, requests: list[Any], results: list[Any], what: str) -> None:

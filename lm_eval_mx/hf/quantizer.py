@@ -75,7 +75,8 @@ class MXQuantizationConfig(QuantizationConfigMixin):
                                  "(w_format, a_format, roles, include, exclude, ...)")
         self.quant_method = QUANT_METHOD
         # with the keys the user gave: the checks of settings a model's layers leave unused need them
-        self.mx = {**MXConfig(**{**config.to_dict(), "packed": True}).to_dict(), "given": sorted(config.given)}
+        self.mx = {**MXConfig(**{**config.to_dict(), "packed": True}).to_dict(), "given": sorted(config.given),
+                   "named": {k: list(v) for k, v in config.named.items()}}
         # how a saved checkpoint's codes were made (lm-eval-mx quantize: method, options, calibration); None when
         # they are packed while loading
         self.origin = origin
@@ -86,8 +87,9 @@ class MXQuantizationConfig(QuantizationConfigMixin):
 
 
 def _from_dict(mx: dict[str, Any]) -> MXConfig:
-    """MXConfig from its dict (``given`` serialized as a list)."""
-    return MXConfig(**{**mx, "given": frozenset(mx.get("given", ()))})
+    """MXConfig from its dict (``given`` and ``named`` serialized as lists)."""
+    named = {k: tuple(v) for k, v in (mx.get("named") or {}).items()}
+    return MXConfig(**{**mx, "given": frozenset(mx.get("given", ())), "named": named})
 
 
 class MXPack(ConversionOps):

@@ -12,7 +12,7 @@ from ..nn.layers import MXPackedLayer, convert, convert_packed, mx_layers
 from ..nn.spec import MXSpec
 from ..numerics.formats import Scheme
 from ..numerics.rotation import Rotation
-from .config import BMM_ROLE, MXConfig, expand_roles
+from .config import BMM_ROLE, MXConfig, check_fixed_keys, expand_roles
 from .report import LayerEntry, MXReport
 from .roles import MIXINS, Candidate, find_candidates
 
@@ -60,11 +60,20 @@ def select(model: nn.Module, config: MXConfig) -> tuple[list[Candidate], list[tu
         raise SelectionError(_no_match_message(f"include pattern {config.include!r} matches no linear layer", candidates))
     if exc is not None and not any(exc.search(c.name) for c in candidates):
         raise SelectionError(_no_match_message(f"exclude pattern {config.exclude!r} matches no linear layer", candidates))
+    if exc is not None and not any(exc.search(c.name) for c in candidates if c.role in config.roles
+                                   and (inc is None or inc.search(c.name))):
+        hit = next(c for c in candidates if exc.search(c.name))
+        raise SelectionError(_no_match_message(
+            f"exclude pattern {config.exclude!r} matches no selected layer (it matches e.g. {hit.name}, {hit.role}, "
+            f"which roles={'|'.join(config.roles)}{'/include' if inc else ''} leave out already): it would be ignored",
+            candidates,
+        ))
     if not selected:
         raise SelectionError(_no_match_message(
             f"the MX configuration (roles={'|'.join(config.roles)}) selects no layer of {type(model).__name__}",
             candidates,
         ))
+    _check_named_roles(model, config, "roles", {c.role for c in selected}, candidates, skipped)
     roles = {c.role for c in selected}
     missing = [k for k in config.role_formats if not roles & set(expand_roles(k))]
     if missing:
@@ -78,7 +87,38 @@ def select(model: nn.Module, config: MXConfig) -> tuple[list[Candidate], list[tu
         raise SelectionError("layer_formats keeps every selected layer in high precision: nothing is in MX "
                              "(use roles=none for the baseline)")
     _check_unused(config, chosen)
+    if config.rotation != "none":
+        rotated = {c.role for c in chosen if config.rotates(c.role)} | ({BMM_ROLE} if config.rotates(BMM_ROLE)
+                                                                         and config.attn_bmm else set())
+        if not rotated:
+            raise SelectionError(
+                f"rotation=hadamard rotates no matmul here: rotation_roles={'|'.join(config.rotation_roles or ())} "
+                f"has no layer in MX (layers in MX by role: {', '.join(sorted({c.role for c in chosen})) or 'none'}"
+                f"{', attn_bmm' if config.attn_bmm else ''}); name roles that are in MX, or drop rotation"
+            )
+        _check_named_roles(model, config, "rotation_roles", {c.role for c in chosen} | ({BMM_ROLE} if config.attn_bmm
+                                                                                         else set()), candidates, [])
     return chosen, skipped, candidates
+
+
+def _check_named_roles(model: nn.Module, config: MXConfig, key: str, found: set[str], candidates: list[Candidate],
+                       skipped: list[tuple[str, str, str]]) -> None:
+    """Every role or group the user named in ``key`` must have a layer among ``found`` roles (selected layers for
+    roles=, layers in MX for rotation_roles=): a name that selects nothing would be dropped silently."""
+    empty = [n for n in config.named.get(key, ()) if n != "none"
+             and not set(expand_roles(n, key, extra=(BMM_ROLE,))) & found]
+    if not empty:
+        return
+    have = sorted({c.role for c in candidates})
+    why = ("in MX (after roles, include, exclude and layer_formats)" if key == "rotation_roles"
+           else "selected (after include/exclude)")
+    kept = sorted({f"{n} ({r})" for n, _, r in skipped if n and r and "router" in r})
+    raise SelectionError(
+        f"{key} names {', '.join(empty)}, but no layer of {type(model).__name__} with that role is {why}: it would "
+        f"be ignored. Roles of this model's linear layers: {', '.join(have) or 'none'}"
+        + (f"; kept in high precision: {', '.join(kept[:2])}" if kept else "")
+        + f"; layers with a role {why}: {', '.join(sorted(found)) or 'none'}"
+    )
 
 
 def _check_unused(config: MXConfig, chosen: list[Candidate]) -> None:
@@ -96,6 +136,11 @@ def _check_unused(config: MXConfig, chosen: list[Candidate]) -> None:
         schemes.add(config.scheme(config.attn_bmm_format))
     if not any(s.is_mx for s in schemes):
         unused += [k for k in ("scale_mode", "scale_bits") if k in config.given]
+    names = [f for c in chosen for f in config.formats_for(c.role, c.name) or () if f]
+    try:
+        check_fixed_keys(config, names + ([config.attn_bmm_format] if config.attn_bmm else []))
+    except ValueError as e:
+        raise SelectionError(f"{e} (once layer_formats/role_formats decide each layer's format)") from None
     if unused:
         raise SelectionError(f"{', '.join(unused)} would be ignored: every selected layer it could act on takes its "
                              "format from a layer_formats rule or role_formats (or from another key)")

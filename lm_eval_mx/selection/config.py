@@ -106,7 +106,15 @@ def _as_int(key: str, value: Any) -> int:
 
 
 def _as_pattern(key: str, value: Any) -> str:
-    """A regular expression; numbers are refused, since lm-eval's CLI turns ``.1`` into 0.1."""
+    """A regular expression (a string, or a compiled pattern's ``.pattern``); numbers are refused, since
+    lm-eval's CLI turns ``.1`` into 0.1."""
+    if isinstance(value, re.Pattern):
+        value = value.pattern
+    if isinstance(value, (list, tuple, set, dict)):
+        raise ValueError(f"{key} takes one regular expression, got a {type(value).__name__} {value!r}; join "
+                         "alternatives with '|' (e.g. 'q_proj|k_proj')")
+    if isinstance(value, bool) or (not isinstance(value, str) and not isinstance(value, (int, float))):
+        raise ValueError(f"{key} must be a regular expression (a string), got {type(value).__name__} {value!r}")
     if not isinstance(value, str):
         raise ValueError(
             f"{key}={value!r} is not a regular expression: lm-eval's --model_args turns number-like "
@@ -140,7 +148,16 @@ def _parse_rules(key: str, value: Any) -> tuple[tuple[str, str], ...]:
     for pair in pairs:
         if len(pair) != 2:
             raise ValueError(f"{key}: each rule is (pattern, format), got {pair!r}")
+        if pair[1] is None or pair[0] is None:
+            raise ValueError(
+                f"{key}: rule {pair!r} has {'pattern' if pair[0] is None else 'format'} None; a format is a name "
+                f"(an MX format, nvfp4, or the words {' or '.join(sorted(HIGH_PRECISION))} to keep the layer in "
+                "high precision)"
+            )
         pattern, fmt = str(pair[0]).strip(), str(pair[1]).strip()
+        if not fmt:
+            raise ValueError(f"{key}: rule {pattern!r} has an empty format (after ':'); give a format or "
+                             f"{' or '.join(sorted(HIGH_PRECISION))} to keep the layer in high precision")
         if not pattern:
             raise ValueError(f"{key}: a rule has an empty pattern (before ':{fmt}')")
         _as_pattern(f"{key} pattern", pattern)
@@ -189,6 +206,9 @@ class MXConfig:
     packed_gemm: str = "dequant"
     # The keys the user gave (parse_mx_args fills it): checks of settings that a model's layers leave unused.
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    # The role and group names the user wrote in roles= and rotation_roles= (parse_mx_args fills it): each must
+    # select a layer of the model, once its layers are known.
+    named: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Canonicalise so that equal configurations compare and serialise equal.
@@ -207,6 +227,9 @@ class MXConfig:
         if self.block_size is not None and self.block_size < 0:
             raise ValueError(f"block_size must be an integer >= 0 (0 = whole row), got {self.block_size}")
         set_(self, "roles", expand_roles(self.roles))
+        for key in ("mx_backend", "packed_gemm"):  # any case, as every other enumerated key
+            if isinstance(getattr(self, key), str):
+                set_(self, key, getattr(self, key).strip().lower())
         if self.packed_gemm not in PACKED_GEMMS:
             raise ValueError(f"packed_gemm must be one of {', '.join(PACKED_GEMMS)}, got {self.packed_gemm!r}")
         if self.packed_gemm != "dequant" and not self.packed:
@@ -233,7 +256,13 @@ class MXConfig:
             name = str(key).strip().lower()
             if name in formats:
                 raise ValueError(f"role_formats names {name} more than once; give each role one format")
-            formats[name] = check_format_name(fmt)
+            if fmt is None or not str(fmt).strip():
+                raise ValueError(f"role_formats: {name} has {'format None' if fmt is None else 'an empty format'}; "
+                                 f"give it a format, e.g. {name}:fp4_e2m1 (`lm-eval-mx formats` lists them)")
+            try:
+                formats[name] = check_format_name(fmt)
+            except ValueError as e:
+                raise ValueError(f"role_formats {name}: {e}") from None
         set_(self, "role_formats", formats)
         set_(self, "layer_formats", _parse_rules("layer_formats", self.layer_formats) if self.layer_formats else ())
         self._check_selection()
@@ -265,6 +294,9 @@ class MXConfig:
             return
         if self.rotation_seed is not None and not 0 <= self.rotation_seed < 2**63:
             raise ValueError(f"rotation_seed must be an integer in [0, 2**63), got {self.rotation_seed}")
+        if self.rotation_block == 1:
+            raise ValueError("rotation_block=1 is the identity (a 1x1 Hadamard block rotates nothing); give a power "
+                             "of two >= 2, or 0 (the whole reduction dimension)")
         if self.rotation_block is not None and self.rotation_block != 0 and not is_power_of_two(self.rotation_block):
             raise ValueError(
                 f"rotation_block must be a power of two (Sylvester Hadamard blocks) or 0 (the whole reduction "
@@ -295,6 +327,7 @@ class MXConfig:
             if odd:
                 raise ValueError(f"rotation_block defaults to the block size, {odd[0]}, which is not a power of two; "
                                  "give rotation_block=N (a power of two) or 0 (the whole dimension)")
+        check_fixed_keys(self, self.formats_in_use())
         mx = [s for s in schemes if s.is_mx]
         for key in ("scale_mode", "scale_bits"):
             if getattr(self, key) is not None and not mx:
@@ -387,7 +420,7 @@ class MXConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        del d["given"]
+        del d["given"], d["named"]
         d["roles"] = list(self.roles)
         d["layer_formats"] = [list(r) for r in self.layer_formats]
         d["rotation_roles"] = None if self.rotation_roles is None else list(self.rotation_roles)
@@ -399,19 +432,24 @@ class MXConfig:
             return "baseline"
         fmt = self.w_format if self.w_format == self.a_format else f"w:{self.w_format}/a:{self.a_format}"
         parts = [f"w:{self.w_format} weight-only" if self.weight_only else fmt]
+        if self.layer_formats and not self.given & {"format", "w_format", "a_format"}:
+            parts = []  # the rules name the formats; the default format may decide no layer
+        shown = fmt if parts else None
         parts += [f"{r}:{f}" for r, f in self.role_formats.items()]
         if self.layer_formats:
-            parts.append(f"{len(self.layer_formats)} layer rules")
+            n = len(self.layer_formats)
+            parts.append(f"{n} layer rule{'s' if n > 1 else ''} ({'/'.join(dict.fromkeys(f for _, f in self.layer_formats))})")
         tags = {"block_size": "b{}", "scale_format": "{}", "tensor_scale": "ts={}", "scale_bits": "e{}m0",
                 "scale_mode": "scale={}"}
-        parts += [tag.format(getattr(self, k)) for k, tag in tags.items() if getattr(self, k) is not None]
+        skip = {"scale_format"} if self.scale_bits is not None and self.scale_format == "e8m0" else set()  # e{n}m0 says it
+        parts += [tag.format(getattr(self, k)) for k, tag in tags.items() if getattr(self, k) is not None and k not in skip]
         if self.rounding != "even":
             parts.append(f"round={self.rounding}")
         group = next((g for g, r in ROLE_GROUPS.items() if r == self.roles), "|".join(self.roles))
         if group != "all":
             parts.append(group or "no linear")
         if self.attn_bmm:
-            parts.append("bmm" if self.attn_bmm_format == fmt else f"bmm:{self.attn_bmm_format}")
+            parts.append("bmm" if self.attn_bmm_format == shown else f"bmm:{self.attn_bmm_format}")
         if self.rotation != "none":
             rot = "rot" + ("" if self.rotation_block is None else ("-full" if self.rotation_block == 0
                                                                    else str(self.rotation_block)))
@@ -427,10 +465,26 @@ class MXConfig:
         return " ".join(parts)
 
 
+# Keys that a fixed scheme (nvfp4) sets itself.
+FIXED_KEYS = ("block_size", "scale_format", "tensor_scale")
+
+
+def check_fixed_keys(config: MXConfig, names: list[str]) -> None:
+    """block_size/scale_format/tensor_scale given while every format in use is a fixed scheme: refused, since
+    they would have no effect (as scale_mode/scale_bits are refused where no scale is E8M0)."""
+    keys = [k for k in FIXED_KEYS if getattr(config, k) is not None]
+    fixed = sorted({canonical_name(n) for n in names})
+    if keys and names and all(n in FIXED_SCHEMES for n in fixed):
+        raise ValueError(f"{', '.join(keys)} would be ignored: every format in use here ({', '.join(fixed)}) is a "
+                         "fixed scheme with its own block size, scale format and tensor scale; drop "
+                         f"{'it' if len(keys) == 1 else 'them'}, or give the parts separately (e.g. "
+                         "format=fp4_e2m1,block_size=16,scale_format=e4m3,tensor_scale=amax)")
+
+
 # User-facing keys beyond MXConfig's own fields.
 _PRESETS = {"mlp_only": "mlp", "attn_only": "attn"}
 _SHORTHANDS = ("format", "recipe")
-MX_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MXConfig) if f.name != "given") + tuple(_PRESETS) + _SHORTHANDS
+MX_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MXConfig) if f.name not in ("given", "named")) + tuple(_PRESETS) + _SHORTHANDS
 # MX keys that may be added to a recipe's: how it runs and stores, not the numbers it was measured with.
 _BESIDE_RECIPE = ("mx_backend", "packed", "packed_gemm", "attn_bmm", "bmm_format")
 # Keys whose values include "none" (lm-eval's CLI hands those over as None).
@@ -453,7 +507,12 @@ def read_json(path: Any, what: str, error: type[ValueError] = ValueError) -> Any
 
 def load_recipe(path: Any) -> dict[str, Any]:
     """The MX keys a recipe file holds (``{"model_args": {...}}``, as ``lm-eval-mx search`` writes)."""
+    if path is None or not str(path).strip():
+        raise ValueError(f"recipe={'None' if path is None else repr(str(path))} names no file; give the path of a "
+                         "recipe JSON file (lm-eval-mx search writes one) or leave the key out")
     p = Path(str(path))
+    if p.is_dir():
+        raise ValueError(f"recipe: {str(p)!r} is a directory; give the path of a recipe JSON file")
     data = read_json(p, "recipe")
     args = data.get("model_args") if isinstance(data, dict) else None
     if not isinstance(args, dict) or not args:
@@ -461,7 +520,34 @@ def load_recipe(path: Any) -> dict[str, Any]:
     unknown = [k for k in args if k not in MX_KEYS or k == "recipe"]
     if unknown:
         raise ValueError(f"recipe: {str(p)!r} holds keys that are not MX keys: {', '.join(unknown)}")
+    null = [k for k, v in args.items() if v is None]
+    if null:  # JSON null is no value: roles=null would silently make a baseline
+        raise ValueError(f"recipe: {str(p)!r} sets {', '.join(null)} to null; write the value (e.g. \"none\" for "
+                         "roles) or leave the key out")
     return args
+
+
+def _normalised(key: str, value: Any) -> Any:
+    """A value as MXConfig would read it (so ``fp4`` equals ``fp4_e2m1`` and ``"True"`` equals True); the raw
+    value where it does not parse (the parser reports that later)."""
+    try:
+        if key in ("w_format", "a_format", "format", "bmm_format"):
+            return check_format_name(str(value))
+        if key in ("weight_only", "attn_bmm", "packed", *_PRESETS):
+            return _as_bool(key, value)
+        if key in ("block_size", "scale_bits", "rotation_block", "rotation_seed"):
+            return _as_int(key, value)
+        if key in ("roles", "rotation_roles"):
+            return expand_roles("none" if value is None else value, key, extra=(BMM_ROLE,))
+        if key == "layer_formats":
+            return _parse_rules(key, value)
+        if key == "role_formats":
+            return parse_mx_args({"roles": list(ROLES), key: value})[0].role_formats
+        if key in ("include", "exclude"):
+            return _as_pattern(key, value)
+        return str(value).strip().lower()
+    except ValueError:
+        return value
 
 
 def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
@@ -474,7 +560,7 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
     args = dict(args)
     if "recipe" in args:
         recipe = load_recipe(args.pop("recipe"))
-        clash = [k for k, v in recipe.items() if k in args and args[k] != v]
+        clash = [k for k, v in recipe.items() if k in args and _normalised(k, args[k]) != _normalised(k, v)]
         if clash:
             raise ValueError(f"recipe sets {', '.join(clash)} too; give each key once (in the recipe or model_args)")
         changes = [k for k in args if k in MX_KEYS and k not in recipe and k not in _BESIDE_RECIPE]
@@ -519,6 +605,8 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
                 "packed_gemm", "rotation", "bmm_format"):
         if key in mx:
             kw[key] = str(mx[key])
+            if key in ("mx_backend", "packed_gemm"):
+                kw[key] = kw[key].strip().lower()
     for key in ("include", "exclude"):
         if key in mx:
             kw[key] = _as_pattern(key, mx[key])
@@ -534,13 +622,20 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
         kw["layer_formats"] = _parse_rules("layer_formats", mx["layer_formats"])
     if "role_formats" in mx:
         value = mx["role_formats"]
-        if not isinstance(value, dict):
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (list, tuple)) for v in value):
+            if any(len(v) != 2 for v in value):
+                raise ValueError(f"role_formats: each pair is (role, format), got {value!r}")
+            value = [tuple(v) for v in value]  # (role, format) pairs, as documented
+        elif not isinstance(value, dict):
             pairs = [item.split(":", 1) for item in _as_list(value)]
             if any(len(p) != 2 for p in pairs):
                 raise ValueError(f"role_formats must look like 'mlp:fp4_e2m1|attn:fp8_e4m3', got {value!r}")
             value = [(k.strip(), v.strip()) for k, v in pairs]  # pairs: MXConfig refuses a role named twice
         kw["role_formats"] = value
-    config = MXConfig(**kw, given=frozenset(mx))
+    named = {k: tuple(i.lower() for i in _as_list(mx[k])) for k in ("roles", "rotation_roles") if k in mx}
+    if presets:
+        named["roles"] = (_PRESETS[presets[0]],)
+    config = MXConfig(**kw, given=frozenset(mx), named=named)
     _check_given(config, mx)
     return config, rest
 
