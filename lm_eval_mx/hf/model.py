@@ -9,6 +9,7 @@ transformers' quantizer API (:mod:`lm_eval_mx.hf.quantizer`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -25,7 +26,7 @@ from lm_eval.models.huggingface import HFLM
 
 from ..kernels.backends import BACKENDS, resolve_backend
 from ..nn.attention import NAME as ATTENTION_NAME
-from ..nn.layers import mx_disabled, remove_mx
+from ..nn.layers import mx_disabled, mx_layers, remove_mx
 from ..numerics.formats import suggest
 from ..selection.apply import apply_mx
 from ..selection.config import MX_KEYS, MXConfig, _as_bool, parse_mx_args
@@ -67,30 +68,33 @@ def check_model_args(args: dict[str, Any]) -> None:
         )
 
 
+def _read_config(args: dict[str, Any]) -> Any:
+    """The model's config, read the way HFLM will (same revision, subfolder, GGUF file); remote code runs only
+    when ``trust_remote_code`` is really true."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        args["pretrained"],
+        trust_remote_code=_as_bool("trust_remote_code", args.get("trust_remote_code", False)),
+        gguf_file=args.get("gguf_file"),
+        subfolder=str(args.get("subfolder", "") or ""),
+        revision=str(args.get("revision", "main")),
+    )
+
+
 def _config_keys(args: dict[str, Any], unknown: list[str]) -> set[str]:
     """Attributes of the model's config (transformers accepts them as overrides).
 
-    Reads the config the way HFLM will (same revision, subfolder, GGUF file); runs remote
-    code only when ``trust_remote_code`` is really true. A config that cannot be read is an
-    error naming the cause, not a silent "unknown key".
+    A config that cannot be read is an error naming the cause, not a silent "unknown key".
     """
-    pretrained = args.get("pretrained")
-    if not isinstance(pretrained, str):
+    if not isinstance(args.get("pretrained"), str):
         return set()
-    from transformers import AutoConfig
-
     try:
-        cfg = AutoConfig.from_pretrained(
-            pretrained,
-            trust_remote_code=_as_bool("trust_remote_code", args.get("trust_remote_code", False)),
-            gguf_file=args.get("gguf_file"),
-            subfolder=str(args.get("subfolder", "") or ""),
-            revision=str(args.get("revision", "main")),
-        )
+        cfg = _read_config(args)
     except Exception as e:  # any reason the config is unreadable: report it with the keys it blocks
         raise ValueError(
             f"hf-mx: model_args {', '.join(map(repr, unknown))} are neither MX nor hf arguments, and could be "
-            f"attributes of the model config, but the config of {pretrained!r} could not be read to check: "
+            f"attributes of the model config, but the config of {args['pretrained']!r} could not be read to check: "
             f"{type(e).__name__}: {e}"
         ) from e
     return set(cfg.to_dict())
@@ -131,8 +135,30 @@ def _quant_method(config: Any) -> str:
     return str(getattr(method, "value", method))
 
 
-def _check_packed_args(pretrained: Any, keep_original: bool, args: dict[str, Any]) -> None:
-    """packed=True: refuse, before loading, the options it cannot honour."""
+# Keys that choose how stored MX weights are computed with, not what they are: allowed beside a packed MX checkpoint.
+_BESIDE_STORED = frozenset({"mx_backend", "packed_gemm"})
+
+
+def stored_mx(args: dict[str, Any]) -> Any:
+    """The ``MXQuantizationConfig`` of a checkpoint that stores packed MX weights (``lm-eval-mx quantize``, or
+    ``save_pretrained`` of a ``packed=True`` model), else None. A config that cannot be read here is left for
+    HFLM to report."""
+    if not isinstance(args.get("pretrained"), str):
+        return None
+    try:
+        cfg = _read_config(args)
+    except Exception:  # HFLM reads it again and reports why it cannot
+        return None
+    stored = getattr(cfg, "quantization_config", None)
+    if _quant_method(stored) != "mx":
+        return None
+    from .quantizer import MXQuantizationConfig  # registers quant_method="mx" with transformers
+
+    return stored if isinstance(stored, MXQuantizationConfig) else MXQuantizationConfig.from_dict(dict(stored))
+
+
+def _check_packed_args(pretrained: Any, keep_original: bool, args: dict[str, Any], what: str = "packed=True") -> None:
+    """packed=True (or a checkpoint of packed MX weights): refuse, before loading, the options it cannot honour."""
     if not isinstance(pretrained, str):
         raise ValueError("packed=True quantizes while loading: pretrained must be a path or hub id, not a model object")
     if keep_original:
@@ -150,7 +176,7 @@ def _check_packed_args(pretrained: Any, keep_original: bool, args: dict[str, Any
     }
     for key, why in clashes.items():
         if args.get(key) not in (None, False, "", "False", "false"):
-            raise ValueError(f"packed=True cannot be combined with {key}: {why}")
+            raise ValueError(f"{what} cannot be combined with {key}: {why}")
 
 
 # lm-eval hf's own ``backend`` key (the model class), not the MX engine (``mx_backend``).
@@ -230,16 +256,39 @@ class HFMXLM(HFLM):
         check_hf_args(config, rest)
         self.mx_keep_original = _as_bool("mx_keep_original", rest.pop("mx_keep_original", False))
         self._mx_packed = None
-        if config.packed:
+        self.mx_stored = stored_mx({"pretrained": pretrained, **rest})
+        if self.mx_stored is not None:  # the checkpoint's codes run as stored, with its recorded configuration
+            config = self._stored_config(pretrained, config)
+            _check_packed_args(pretrained, self.mx_keep_original, rest, f"{pretrained} (packed MX weights)")
+            check_hf_args(config, rest)
+        elif config.packed:
             _check_packed_args(pretrained, self.mx_keep_original, rest)
             from .quantizer import MXQuantizationConfig
 
             self._mx_packed = MXQuantizationConfig(config)
         super().__init__(pretrained=pretrained, **rest)
+        if self.mx_stored is not None:
+            for _, m in mx_layers(self._model):  # the run-time keys given beside the checkpoint
+                m.mx_spec = dataclasses.replace(m.mx_spec, backend=config.mx_backend)
+                m.mx_gemm = config.packed_gemm
         if config.packed:
             self._mx_record(config, self._model.hf_quantizer.mx_report)
         else:
             self.set_mx(config)
+
+    def _stored_config(self, pretrained: str, given: MXConfig) -> MXConfig:
+        """The checkpoint's MX configuration, with the run-time keys given beside it; any other MX key would
+        re-quantize or reinterpret the stored weights: refused before loading."""
+        stored = self.mx_stored.mx_config
+        clash = sorted(given.given - _BESIDE_STORED)
+        if clash:
+            raise ValueError(
+                f"hf-mx: {pretrained} stores packed MX weights ({stored.label()}), evaluated as stored with the "
+                f"configuration it records; {', '.join(clash)} would change them. Beside such a checkpoint only "
+                f"{', '.join(sorted(_BESIDE_STORED))} may be given"
+            )
+        keep = {k: getattr(given, k) for k in _BESIDE_STORED if k in given.given}
+        return dataclasses.replace(stored, **keep, given=stored.given | frozenset(keep))
 
     def _create_model(self, *args: Any, quantization_config: Any = None, **kwargs: Any) -> None:
         """HFLM's model creation, given the packed-MX quantization config when ``packed=True``."""
@@ -313,4 +362,6 @@ class HFMXLM(HFLM):
         info["mx_schemes"] = {n: self.mx_config.scheme(n).to_dict() for n in self.mx_config.formats_in_use()}
         info["mx_report"] = self.mx_report.summary()
         info["mx_nonfinite_requests"] = dict(self.mx_nonfinite)
+        if self.mx_stored is not None:
+            info["mx_checkpoint"] = {"format": "packed MX (quant_method=mx)", "origin": self.mx_stored.origin}
         return info

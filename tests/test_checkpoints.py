@@ -1,0 +1,113 @@
+"""Packed MX checkpoints: ``save_pretrained`` of packed layers writes codes and scales; loading the directory (with
+transformers or ``hf-mx pretrained=DIR``) runs them as stored, bit for bit, and refuses what would change them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import save_tiny
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from lm_eval_mx.hf.model import HFMXLM
+from lm_eval_mx.hf.quantizer import MXQuantizationConfig
+from lm_eval_mx.nn.layers import MXPackedLayer, mx_layers
+
+CASES = [
+    ("llama", dict(format="nvfp4", rotation="hadamard", rotation_seed=3)),  # E4M3 + tensor scale, stored rotated
+    ("mixtral", dict(w_format="fp4_e2m1", a_format="fp8_e4m3")),  # fused 3-D experts
+    ("gpt2", dict(format="int4", block_size=16, roles="mlp")),  # Conv1D, stored transposed
+]
+
+
+def _save_packed(src: str, out: str, cfg: dict) -> torch.nn.Module:
+    """A packed=True load of ``src`` saved to ``out`` with its tokenizer (what lm-eval-mx quantize --method rtn writes)."""
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=MXQuantizationConfig(**cfg),
+                                                 dtype=torch.float32).eval()
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{src}/{f}", f"{out}/{f}")
+    return model
+
+
+@pytest.mark.parametrize(("arch", "cfg"), CASES, ids=[a for a, _ in CASES])
+def test_saved_packed_weights_load_as_stored(tmp_path, arch, cfg):
+    src = save_tiny(tmp_path / "src", arch)
+    model = _save_packed(src, str(tmp_path / "packed"), cfg)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    stored = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
+    assert stored["quant_method"] == "mx"
+    names = load_file(tmp_path / "packed" / "model.safetensors")
+    assert all(names[f"{n}.{w}"].dtype == torch.uint8 for n, m in mx_layers(model) for w in m.mx_prequantized)
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32).eval()
+    assert again.hf_quantizer.pre_quantized
+    layers = dict(mx_layers(again))
+    assert layers and all(isinstance(m, MXPackedLayer) for m in layers.values())
+    for n, m in mx_layers(model):
+        for k in m.mx_stored():
+            assert torch.equal(getattr(layers[n], k), getattr(m, k)), f"{n}.{k}"
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
+
+    lm = HFMXLM(pretrained=str(tmp_path / "packed"), device="cpu", dtype="float32")
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, want)
+    assert lm.mx_config.packed and lm.mx_report.replaced
+    assert lm.get_model_info()["mx_checkpoint"]["format"] == "packed MX (quant_method=mx)"
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("packed")
+    src = save_tiny(root / "src", "llama")
+    _save_packed(src, str(root / "packed"), dict(format="nvfp4"))
+    return str(root / "packed")
+
+
+def test_run_time_keys_beside_a_packed_checkpoint(packed_dir):
+    lm = HFMXLM(pretrained=packed_dir, device="cpu", dtype="float32", mx_backend="TORCH")
+    assert {m.mx_spec.backend for _, m in mx_layers(lm.model)} == {"torch"}
+    assert lm.mx_config.mx_backend == "torch"
+
+
+@pytest.mark.parametrize("extra", [dict(format="fp8"), dict(roles="mlp"), dict(packed=True),
+                                   dict(rotation="hadamard"), dict(a_format="fp8_e4m3")])
+def test_keys_that_would_change_stored_weights_are_refused_before_loading(packed_dir, extra, monkeypatch):
+    monkeypatch.setattr("lm_eval_mx.hf.model.HFLM.__init__", lambda *a, **k: pytest.fail("loaded"))
+    key = next(iter(extra))
+    with pytest.raises(ValueError, match=rf"stores packed MX weights \(nvfp4 packed\).*{key} would change them"):
+        HFMXLM(pretrained=packed_dir, device="cpu", **extra)
+
+
+@pytest.mark.parametrize("extra", [dict(mx_keep_original=True), dict(peft="adapter"), dict(load_in_8bit=True)])
+def test_options_a_packed_checkpoint_cannot_honour(packed_dir, extra, monkeypatch):
+    monkeypatch.setattr("lm_eval_mx.hf.model.HFLM.__init__", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match="keeps only the MX codes|cannot be combined with"):
+        HFMXLM(pretrained=packed_dir, device="cpu", **extra)
+
+
+def test_missing_stored_tensor_is_named(tmp_path, packed_dir):
+    bad = tmp_path / "bad"
+    shutil.copytree(packed_dir, bad)
+    sd = load_file(bad / "model.safetensors")
+    del sd["model.layers.0.mlp.down_proj.weight"], sd["model.layers.1.self_attn.q_proj.weight_scales"]
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"2 tensors .* missing .*model\.layers\.0\.mlp\.down_proj\.weight, "
+                                         r"model\.layers\.1\.self_attn\.q_proj\.weight_scales.*nothing was evaluated"):
+        HFMXLM(pretrained=str(bad), device="cpu", dtype="float32")
+
+
+def test_stored_tensor_of_the_wrong_shape_is_refused(tmp_path, packed_dir):
+    bad = tmp_path / "bad"
+    shutil.copytree(packed_dir, bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.0.mlp.up_proj.weight_scales"] = sd["model.layers.0.mlp.up_proj.weight_scales"][:, :-1].clone()
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(bad, dtype=torch.float32)
