@@ -16,8 +16,8 @@ _EXPORTS = {
     "FORMATS": "lm_eval_mx.numerics.formats",
     "MXConfig": "lm_eval_mx.selection.config",
     "parse_mx_args": "lm_eval_mx.selection.config",
-    "apply_mx": "lm_eval_mx.selection",
-    "MXReport": "lm_eval_mx.selection",
+    "apply_mx": "lm_eval_mx.selection.apply",
+    "MXReport": "lm_eval_mx.selection.report",
     "mx_disabled": "lm_eval_mx.nn.layers",
     "MXQuantizationConfig": "lm_eval_mx.hf.quantizer",
 }

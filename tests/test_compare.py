@@ -247,3 +247,31 @@ def render_text(result) -> str:
     console = Console(file=io.StringIO(), width=200)
     console.print(render(result))
     return console.file.getvalue()
+
+
+def test_divergence_shows_nan_layers_as_nan_and_ranks_them_worst():
+    """int8 with 2-bit scales makes layers NaN: their SQNR and KL are NaN (not inf), ranked worst, the exclude
+    pattern keeps the first of them, and top-1 agreement is NaN (not 0 %)."""
+    tok = build_tokenizer()
+    texts = ["We hold these truths to be self-evident, that all men are created equal."] * 3
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tok))
+    cfg = parse_mx_args({"format": "int8", "scale_bits": 2})[0]
+    res = run_divergence(model, tok, texts, cfg, max_length=16, batch_size=2, progress=False, sensitivity="layer",
+                         top_k=1)
+    m = res["metrics"]
+    assert math.isnan(m["kl_base_mx"]) and math.isnan(m["top1_agreement"]) and m["nonfinite_tokens"] == m["tokens"]
+    sqnr = list(res["sqnr_db"].values())
+    nan_layers = [n for n, db in res["sqnr_db"].items() if math.isnan(db)]
+    assert nan_layers and not any(math.isinf(db) for db in sqnr)
+    assert all(math.isnan(db) for db in sqnr[:len(nan_layers)])  # NaN first: the lowest SQNR
+    kl = res["sensitivity"]["kl_alone"]
+    nan_units = [u for u, v in kl.items() if math.isnan(v)]
+    assert nan_units and list(kl)[:len(nan_units)] == nan_units
+    finite = [v for v in kl.values() if not math.isnan(v)]
+    assert finite == sorted(finite, reverse=True)
+    assert res["sensitivity"]["worst"] == nan_units[:1]
+    assert res["sensitivity"]["exclude"] == exclude_pattern(nan_units[:1], "layer")
+    text = render_text(res)
+    assert "nan" not in text and " inf" not in text and "0.00%" not in text
+    assert "top-1 agreement │          │ NaN" in text and f"{len(nan_units)} layers make the output NaN alone" in text
