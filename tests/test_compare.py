@@ -13,6 +13,7 @@ from conftest import tiny_model
 
 from lm_eval_mx.algorithms.corpus import token_batches
 from lm_eval_mx.algorithms.divergence import exclude_pattern, run_divergence, units_of
+from lm_eval_mx.commands.cli import main as cli_main
 from lm_eval_mx.commands.compare import expand_sweep
 from lm_eval_mx.commands.results_table import Run, build_rows, load_results, plot, to_csv, to_markdown, write_outputs
 from lm_eval_mx.hf.testing import build_tokenizer
@@ -59,6 +60,12 @@ def test_outputs_and_reading_results_files(tmp_path):
                                                    "mx_report": {"replaced_layers": 7}})))
     off = tmp_path / "off.json"
     off.write_text(json.dumps(fake(0.6, 0.01, 20.0, {"mx_config": {}, "mx_report": {"replaced_layers": 0}})))
+    with pytest.raises(SystemExit, match=f"--results: the first file is the baseline, but {mx} is an MX run "
+                                         rf"\(fp4_e2m1, per its mx_config/mx_report\); put the baseline first: --results {base}"):
+        cli_main(["compare", "--results", str(mx), str(base), "--output_dir", str(tmp_path / "refused")])
+    with pytest.raises(SystemExit, match="none of the files is a baseline"):
+        cli_main(["compare", "--results", str(mx), str(mx), "--output_dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
     runs = [load_results(base), load_results(mx)]
     assert runs[1].label == "fp4_e2m1" and runs[0].config is None and runs[0].label == "base"
     assert load_results(off).label == "baseline" and load_results(off).config is None
@@ -71,7 +78,8 @@ def test_outputs_and_reading_results_files(tmp_path):
 def test_sweep_expansion():
     combos = expand_sweep("format=fp8_e4m3,fp4_e2m1 block_size=32,16; roles=mlp,mlp_up|attn_qkv")
     assert len(combos) == 8
-    assert combos[0] == {"format": "fp8_e4m3", "block_size": "32", "roles": "mlp"}
+    assert combos[0] == {"format": "fp8_e4m3", "block_size": 32, "roles": "mlp"}  # typed as --config's values
+    assert [c["block_size"] for c in expand_sweep("block_size=32.0,16 format=fp4")] == [32.0, 16]
     assert {c["roles"] for c in combos} == {"mlp", "mlp_up|attn_qkv"}
     with pytest.raises(ValueError, match="valid formats"):
         expand_sweep("format=fp8,fp9")

@@ -91,6 +91,7 @@ def test_bad_inputs_fail_before_the_model_loads(tmp_path):
         (["--candidates", "fp4,fp8", "--bits", "6", "--max_length", "0"], "--max_length must be >= 2"),
         (["--candidates", "fp4,fp8", "--bits", "6", "--batch_size", "0"], "--batch_size must be >= 1, got 0"),
         (["--candidates", "fp4,fp8", "--bits", "6", "--config", "roles"], "--config: expected key=value"),
+        (["--candidates", "fp4,fp8", "--bits", "6", "--config", ""], "--config is empty: give MX keys"),
         (["--candidates", "fp4,fp8", "--bits", "6", "--corpus", str(tmp_path / "missing.txt")],
          "--corpus: cannot read .*missing.txt"),
         (["--candidates", "fp4,fp8", "--bits", "6", "--corpus", str(latin1)], "--corpus: .*latin1.txt is not UTF-8"),

@@ -218,6 +218,9 @@ def _check_args(ns: argparse.Namespace, cached: dict[str, Any] | None) -> None:
     if mx:
         raise SearchError(f"put MX keys ({', '.join(mx)}) in --config, not --model_args")
     _device(ns.device, model_args)
+    if ns.config is not None and not ns.config.strip():
+        raise SearchError("--config is empty: give MX keys (roles=, include=, block_size=, weight_only=True, ...) or "
+                          "leave it out (attention + MLP, weights and activations)")
     if ns.config:
         _parse(ns.config, "--config")
     _check_output(ns)
