@@ -60,6 +60,22 @@ def test_candidates_config_and_budget_are_checked():
     assert cfg.weight_only and cfg.block_size == 16
     with pytest.raises(SearchError, match=r"--candidates nvfp4 .*nvfp4 fixes block_size=16 but block_size=32"):
         candidate_configs(search_config({"block_size": 32}), ["nvfp4", FP8])
+    # scale_mode/scale_bits shape the MX candidates' E8M0 scales; nvfp4 (E4M3 scales) is measured without them
+    ceil = search_config({"scale_mode": "ceil", "scale_bits": 6})
+    configs = candidate_configs(ceil, ["nvfp4", FP8, "bf16"])
+    assert (configs["nvfp4"].scale_mode, configs["nvfp4"].scale_bits) == (None, None)
+    assert (configs[FP8].scale_mode, configs[FP8].scale_bits) == ("ceil", 6)
+    with pytest.raises(SearchError, match=r"--config scale_mode, scale_bits shapes E8M0 .* no candidate \(nvfp4\)"):
+        candidate_configs(ceil, ["nvfp4", "bf16"])
+    from lm_eval_mx.algorithms.search.recipe import recipe_model_args
+    from lm_eval_mx.selection.config import parse_mx_args
+
+    us = [Unit("a", ("a",), 64, {}), Unit("b", ("b",), 64, {})]
+    args = {"scale_mode": "ceil", "scale_bits": 6}
+    mixed = recipe_model_args(args, us, {"a": "nvfp4", "b": FP8})
+    assert mixed["scale_mode"] == "ceil" and parse_mx_args(mixed)[0].scale_bits == 6
+    only_nv = recipe_model_args(args, us, {"a": "nvfp4", "b": "bf16"})
+    assert "scale_mode" not in only_nv and "scale_bits" not in only_nv
     for bits, max_kl, match in ((None, None, "give a budget"), (0.0, None, "--bits must be a positive number"),
                                 (math.nan, None, "--bits must be a positive number"), (None, -1.0, "--max_kl must be")):
         with pytest.raises(SearchError, match=match):

@@ -28,6 +28,7 @@ from ..algorithms.search.units import (
     HP_BITS,
     SearchError,
     candidate_configs,
+    e8m0_keys_unused_by,
     format_bits,
     parse_candidates,
     search_config,
@@ -463,9 +464,12 @@ def _validate(recipe: dict[str, Any], paste: str, config_args: dict[str, Any], c
     base = {k: v for k, v in _parse(paste, "--model_args").items() if k != "recipe"}
     recipe_cfg, _ = parse_mx_args({"recipe": str(Path(ns.output).resolve())})
     configs = [(f"search {recipe['avg_bits']:.2f}b", recipe_cfg)]
+    config = search_config(config_args)
     for f in candidates:
         if f != HP:
-            configs.append((f"{f} {recipe['uniform'][f]['avg_bits']:.2f}b", parse_mx_args({**config_args, "format": f})[0]))
+            unused = e8m0_keys_unused_by(config, f)  # scale_mode/scale_bits: for the MX candidates only
+            args = {k: v for k, v in config_args.items() if k not in unused}
+            configs.append((f"{f} {recipe['uniform'][f]['avg_bits']:.2f}b", parse_mx_args({**args, "format": f})[0]))
     limit, batch_size = check_run_args(ns.limit, ns.batch_size or DEFAULT_BATCH_SIZE)
     names, manager = tasks
     runs = run_configs(base, configs, names, limit=limit, batch_size=batch_size, device=_device(ns.device, base),

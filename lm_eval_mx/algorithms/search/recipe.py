@@ -9,15 +9,25 @@ from typing import TYPE_CHECKING, Any
 
 from ...selection.config import read_json
 from .solver import Solution
-from .units import GRANULARITIES, HP, SearchError, Unit, _exact, parse_candidates
+from .units import GRANULARITIES, HP, SearchError, Unit, _exact, e8m0_keys_unused_by, parse_candidates
 
 if TYPE_CHECKING:
     pass
 
 
 def recipe_model_args(config_args: dict[str, Any], units: list[Unit], assignment: dict[str, str]) -> dict[str, Any]:
-    """The MX keys of a recipe: the --config keys plus one anchored ``layer_formats`` rule per unit."""
-    return {**config_args, "layer_formats": [[u.pattern, assignment[u.name]] for u in units]}
+    """The MX keys of a recipe: the --config keys plus one anchored ``layer_formats`` rule per unit; the keys
+    of E8M0 scales (scale_mode, scale_bits) only when some chosen format has such scales (hf-mx refuses a key
+    that nothing uses, and nvfp4 was measured without them)."""
+    from .units import E8M0_KEYS, search_config
+
+    args = dict(config_args)
+    if any(k in args for k in E8M0_KEYS):
+        config = search_config(config_args)
+        chosen = {f for f in assignment.values() if f != HP}
+        if chosen and all(e8m0_keys_unused_by(config, f) for f in chosen):
+            args = {k: v for k, v in args.items() if k not in E8M0_KEYS}
+    return {**args, "layer_formats": [[u.pattern, assignment[u.name]] for u in units]}
 
 
 def units_from_recipe(data: dict[str, Any]) -> list[Unit]:
