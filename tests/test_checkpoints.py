@@ -88,7 +88,7 @@ def test_keys_that_would_change_stored_weights_are_refused_before_loading(packed
 @pytest.mark.parametrize("extra", [dict(mx_keep_original=True), dict(peft="adapter"), dict(load_in_8bit=True)])
 def test_options_a_packed_checkpoint_cannot_honour(packed_dir, extra, monkeypatch):
     monkeypatch.setattr("lm_eval_mx.hf.model.HFLM.__init__", lambda *a, **k: pytest.fail("loaded"))
-    with pytest.raises(ValueError, match="keeps only the MX codes|cannot be combined with"):
+    with pytest.raises(ValueError, match=r"keeps only the MX codes|cannot be combined with"):
         HFMXLM(pretrained=packed_dir, device="cpu", **extra)
 
 

@@ -13,6 +13,7 @@ from conftest import tiny_model
 
 from lm_eval_mx.algorithms.corpus import token_batches
 from lm_eval_mx.algorithms.divergence import exclude_pattern, run_divergence, units_of
+from lm_eval_mx.commands.cli import main as cli_main
 from lm_eval_mx.commands.compare import expand_sweep
 from lm_eval_mx.commands.results_table import Run, build_rows, load_results, plot, to_csv, to_markdown, write_outputs
 from lm_eval_mx.hf.testing import build_tokenizer
@@ -59,6 +60,12 @@ def test_outputs_and_reading_results_files(tmp_path):
                                                    "mx_report": {"replaced_layers": 7}})))
     off = tmp_path / "off.json"
     off.write_text(json.dumps(fake(0.6, 0.01, 20.0, {"mx_config": {}, "mx_report": {"replaced_layers": 0}})))
+    with pytest.raises(SystemExit, match=f"--results: the first file is the baseline, but {mx} is an MX run "
+                                         rf"\(fp4_e2m1, per its mx_config/mx_report\); put the baseline first: --results {base}"):
+        cli_main(["compare", "--results", str(mx), str(base), "--output_dir", str(tmp_path / "refused")])
+    with pytest.raises(SystemExit, match="none of the files is a baseline"):
+        cli_main(["compare", "--results", str(mx), str(mx), "--output_dir", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused").exists()
     runs = [load_results(base), load_results(mx)]
     assert runs[1].label == "fp4_e2m1" and runs[0].config is None and runs[0].label == "base"
     assert load_results(off).label == "baseline" and load_results(off).config is None
@@ -71,7 +78,8 @@ def test_outputs_and_reading_results_files(tmp_path):
 def test_sweep_expansion():
     combos = expand_sweep("format=fp8_e4m3,fp4_e2m1 block_size=32,16; roles=mlp,mlp_up|attn_qkv")
     assert len(combos) == 8
-    assert combos[0] == {"format": "fp8_e4m3", "block_size": "32", "roles": "mlp"}
+    assert combos[0] == {"format": "fp8_e4m3", "block_size": 32, "roles": "mlp"}  # typed as --config's values
+    assert [c["block_size"] for c in expand_sweep("block_size=32.0,16 format=fp4")] == [32.0, 16]
     assert {c["roles"] for c in combos} == {"mlp", "mlp_up|attn_qkv"}
     with pytest.raises(ValueError, match="valid formats"):
         expand_sweep("format=fp8,fp9")
@@ -261,3 +269,31 @@ def test_corpus_option_replaces_the_shipped_corpus(tmp_path):
     assert read_corpus([mine]) == ["First paragraph.", "Second paragraph.\n"]
     both = read_corpus([mine, *sorted((tasks_dir() / "corpus").glob("*.txt"))])  # keeping it: list it too
     assert both == read_corpus([mine]) + shipped
+
+
+def test_divergence_shows_nan_layers_as_nan_and_ranks_them_worst():
+    """int8 with 2-bit scales makes layers NaN: their SQNR and KL are NaN (not inf), ranked worst, the exclude
+    pattern keeps the first of them, and top-1 agreement is NaN (not 0 %)."""
+    tok = build_tokenizer()
+    texts = ["We hold these truths to be self-evident, that all men are created equal."] * 3
+    model = tiny_model("llama")
+    model.resize_token_embeddings(len(tok))
+    cfg = parse_mx_args({"format": "int8", "scale_bits": 2})[0]
+    res = run_divergence(model, tok, texts, cfg, max_length=16, batch_size=2, progress=False, sensitivity="layer",
+                         top_k=1)
+    m = res["metrics"]
+    assert math.isnan(m["kl_base_mx"]) and math.isnan(m["top1_agreement"]) and m["nonfinite_tokens"] == m["tokens"]
+    sqnr = list(res["sqnr_db"].values())
+    nan_layers = [n for n, db in res["sqnr_db"].items() if math.isnan(db)]
+    assert nan_layers and not any(math.isinf(db) for db in sqnr)
+    assert all(math.isnan(db) for db in sqnr[:len(nan_layers)])  # NaN first: the lowest SQNR
+    kl = res["sensitivity"]["kl_alone"]
+    nan_units = [u for u, v in kl.items() if math.isnan(v)]
+    assert nan_units and list(kl)[:len(nan_units)] == nan_units
+    finite = [v for v in kl.values() if not math.isnan(v)]
+    assert finite == sorted(finite, reverse=True)
+    assert res["sensitivity"]["worst"] == nan_units[:1]
+    assert res["sensitivity"]["exclude"] == exclude_pattern(nan_units[:1], "layer")
+    text = render_text(res)
+    assert "nan" not in text and " inf" not in text and "0.00%" not in text
+    assert "top-1 agreement │          │ NaN" in text and f"{len(nan_units)} layers make the output NaN alone" in text

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -58,6 +60,22 @@ def test_candidates_config_and_budget_are_checked():
     assert cfg.weight_only and cfg.block_size == 16
     with pytest.raises(SearchError, match=r"--candidates nvfp4 .*nvfp4 fixes block_size=16 but block_size=32"):
         candidate_configs(search_config({"block_size": 32}), ["nvfp4", FP8])
+    # scale_mode/scale_bits shape the MX candidates' E8M0 scales; nvfp4 (E4M3 scales) is measured without them
+    ceil = search_config({"scale_mode": "ceil", "scale_bits": 6})
+    configs = candidate_configs(ceil, ["nvfp4", FP8, "bf16"])
+    assert (configs["nvfp4"].scale_mode, configs["nvfp4"].scale_bits) == (None, None)
+    assert (configs[FP8].scale_mode, configs[FP8].scale_bits) == ("ceil", 6)
+    with pytest.raises(SearchError, match=r"--config scale_mode, scale_bits shapes E8M0 .* no candidate \(nvfp4\)"):
+        candidate_configs(ceil, ["nvfp4", "bf16"])
+    from lm_eval_mx.algorithms.search.recipe import recipe_model_args
+    from lm_eval_mx.selection.config import parse_mx_args
+
+    us = [Unit("a", ("a",), 64, {}), Unit("b", ("b",), 64, {})]
+    args = {"scale_mode": "ceil", "scale_bits": 6}
+    mixed = recipe_model_args(args, us, {"a": "nvfp4", "b": FP8})
+    assert mixed["scale_mode"] == "ceil" and parse_mx_args(mixed)[0].scale_bits == 6
+    only_nv = recipe_model_args(args, us, {"a": "nvfp4", "b": "bf16"})
+    assert "scale_mode" not in only_nv and "scale_bits" not in only_nv
     for bits, max_kl, match in ((None, None, "give a budget"), (0.0, None, "--bits must be a positive number"),
                                 (math.nan, None, "--bits must be a positive number"), (None, -1.0, "--max_kl must be")):
         with pytest.raises(SearchError, match=match):
@@ -89,6 +107,7 @@ def test_bad_inputs_fail_before_the_model_loads(tmp_path):
         (["--candidates", "fp4,fp8", "--bits", "6", "--max_length", "0"], "--max_length must be >= 2"),
         (["--candidates", "fp4,fp8", "--bits", "6", "--batch_size", "0"], "--batch_size must be >= 1, got 0"),
         (["--candidates", "fp4,fp8", "--bits", "6", "--config", "roles"], "--config: expected key=value"),
+        (["--candidates", "fp4,fp8", "--bits", "6", "--config", ""], "--config is empty: give MX keys"),
         (["--candidates", "fp4,fp8", "--bits", "6", "--corpus", str(tmp_path / "missing.txt")],
          "--corpus: cannot read .*missing.txt"),
         (["--candidates", "fp4,fp8", "--bits", "6", "--corpus", str(latin1)], "--corpus: .*latin1.txt is not UTF-8"),
@@ -372,3 +391,107 @@ def test_two_processes_rank0_measures_others_exit(tiny_dir, tmp_path):
     assert "rank 1 of 2 exits; the measurement is single-process" in proc.stderr
     assert proc.stdout.count("wrote ") == 1
     assert json.loads((tmp_path / "r.json").read_text())["avg_bits"] <= 6
+
+
+# ---------------------------------------------------------------------------------------------- recipes as input
+
+
+def _synthetic_recipe(path: Path, candidates: tuple[str, ...] = (FP4, FP8, "bf16")) -> dict:
+    """A recipe as search writes it, from a made-up table (no model: --from --no_measure never loads one)."""
+    from lm_eval_mx.algorithms.search.recipe import build_recipe
+
+    us = _units([64, 64], candidates)
+    sens = {"u0": {FP4: 0.5, FP8: 0.125, "bf16": 0.0}, "u1": {FP4: 0.25, FP8: 0.0625, "bf16": 0.0}}
+    sens = {u: {f: row[f] for f in candidates} for u, row in sens.items()}
+    uniform = {f: {"avg_bits": float(mix_bits(us, dict.fromkeys(sens, f))), "predicted_kl": sum(s[f] for s in sens.values()),
+                   "tokens": 500, "kl_base_mx": sum(s[f] for s in sens.values()), "top1_agreement": 0.9}
+               for f in candidates}
+    recipe = build_recipe(config_args={}, model_args="pretrained=/no/such/model", candidates=candidates,
+                          granularity="layer", units=us, sensitivities=sens, solution=solve(us, candidates, sens, 6),
+                          budget={"bits": 6, "max_kl": None}, measured=None, uniform=uniform,
+                          corpus={"files": None, "max_tokens": 512, "max_length": 64, "batch_size": 4, "tokens": 500},
+                          timing={})
+    path.write_text(json.dumps(recipe, indent=2))
+    return recipe
+
+
+@pytest.fixture
+def never_load(monkeypatch):
+    monkeypatch.setattr(search, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+def test_from_refuses_edited_or_partial_recipes_naming_the_field(tmp_path, never_load):
+    src = tmp_path / "r.json"
+    good = _synthetic_recipe(src)
+    out = tmp_path / "new.json"
+    cli_main(["search", "--from", str(src), "--bits", "5", "--no_measure", "--output", str(out), "--quiet"])
+    assert json.loads(out.read_text())["avg_bits"] <= 5  # the synthetic recipe itself re-solves
+
+    def edit(fn):
+        data = copy.deepcopy(good)
+        fn(data)
+        src.write_text(json.dumps(data))
+
+    cases = [
+        (lambda d: d["unit_bits"]["u0"].pop(FP8), r"unit_bits\['u0'\] lacks candidate fp8_e4m3"),
+        (lambda d: d["sensitivities"]["u1"].pop(FP4), r"sensitivities\['u1'\] lacks candidate fp4_e2m1"),
+        (lambda d: d.pop("uniform"), "uniform must be an object"),
+        (lambda d: d["corpus"].pop("tokens"), "corpus.tokens must be an integer >= 1, got None"),
+        (lambda d: d["sensitivities"]["u0"].update({FP4: "0.5"}), r"sensitivities\['u0'\]\['fp4_e2m1'\] must be a number"),
+        (lambda d: d["params"].update({"u0": "64"}), r"params\['u0'\] must be an integer >= 1, got '64'"),
+        (lambda d: d.update(candidates="fp4_e2m1,fp8_e4m3"), "candidates must be a list of format names"),
+        (lambda d: d.update(granularity="blocks"), "granularity must be one of layer, block, got 'blocks'"),
+        (lambda d: d["params"].pop("u1"), "params and layers name different units"),
+    ]
+    for fn, match in cases:
+        edit(fn)
+        with pytest.raises(SystemExit) as e:
+            cli_main(["search", "--from", str(src), "--bits", "5", "--no_measure", "--output", str(out), "--quiet"])
+        text = str(e.value.code)
+        assert "\n" not in text and text.startswith(f"search: --from {str(src)!r}: "), text
+        assert re.search(match, text), (match, text)
+
+
+def test_from_never_overwrites_its_input_and_output_is_checked_first(tmp_path, never_load, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "recipe.json"  # the default --output
+    _synthetic_recipe(src)
+    before = src.read_text()
+    for extra in ([], ["--output", str(src)], ["--output", "./recipe.json"]):
+        with pytest.raises(SystemExit, match=r"is the --from recipe; the search does not overwrite its input"):
+            cli_main(["search", "--from", "recipe.json", "--bits", "5", "--no_measure", "--quiet", *extra])
+    assert src.read_text() == before
+    for bad in (tmp_path, tmp_path / "missing" / "r.json"):
+        with pytest.raises(SystemExit, match=f"--output {bad}: not a file in an existing writable directory"):
+            cli_main(["search", "--model_args", "pretrained=/no/such/model", "--candidates", "fp4,fp8", "--bits",
+                      "6", "--device", "cpu", "--output", str(bad)])
+
+
+def test_a_budget_that_keeps_everything_in_bf16_writes_no_recipe(tmp_path, never_load):
+    src, out = tmp_path / "r.json", tmp_path / "all_bf16.json"
+    _synthetic_recipe(src)
+    with pytest.raises(SystemExit, match=r"--max_kl 0 the best mix keeps every unit in bf16: nothing would go to MX"):
+        cli_main(["search", "--from", str(src), "--max_kl", "0", "--no_measure", "--output", str(out), "--quiet"])
+    with pytest.raises(SystemExit, match=r"--bits 16 the best mix keeps every unit in bf16"):
+        cli_main(["search", "--from", str(src), "--bits", "16", "--no_measure", "--output", str(out), "--quiet"])
+    assert not out.exists()
+
+
+def test_a_budget_no_mix_meets_keeps_the_measurements_apart_from_the_recipe(tiny_dir, tmp_path):
+    """No mix meets --max_kl 0: the existing recipe at --output is left alone, the measurements go to
+    <output>.measurements.json, which --from re-solves and hf-mx refuses as a recipe."""
+    out = tmp_path / "recipe.json"
+    out.write_text('{"model_args": {"format": "fp8"}}')
+    with pytest.raises(SystemExit) as e:
+        cli_main(["search", "--model_args", f"pretrained={tiny_dir}", "--candidates", "fp4,fp8", "--max_kl", "0",
+                  "--device", "cpu", "--max_tokens", "64", "--max_length", "32", "--output", str(out), "--quiet"])
+    kept = tmp_path / "recipe.measurements.json"
+    assert f"No recipe written; the measurements are saved in {kept}" in str(e.value.code)
+    assert out.read_text() == '{"model_args": {"format": "fp8"}}' and "model_args" not in json.loads(kept.read_text())
+    again = tmp_path / "r2.json"
+    cli_main(["search", "--from", str(kept), "--max_kl", "100", "--no_measure", "--output", str(again), "--quiet"])
+    assert json.loads(again.read_text())["model_args"]["layer_formats"]
+    from lm_eval_mx.selection.config import parse_mx_args
+
+    with pytest.raises(ValueError, match="has no 'model_args' object"):
+        parse_mx_args({"recipe": str(kept)})

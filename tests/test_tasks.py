@@ -62,3 +62,31 @@ def test_every_offline_task_runs(tiny_dir, tmp_path, monkeypatch):
         pairs = [tuple(a) for a in sample["arguments"]]
         assert pairs == [(query, " " + preprocess(e)) for e in row["endings"]], pairs
         assert sample["target"] == int(row["label"])
+
+
+
+
+def test_run_with_include_path_keeps_the_offline_tasks(tmp_path, monkeypatch):
+    """lm-eval-mx run --include_path DIR: the user's tasks and the offline tasks (lm-eval takes one directory)."""
+    import sys
+
+    import lm_eval.__main__
+    import lm_eval.tasks
+
+    from lm_eval_mx.commands.cli import run_lm_eval
+
+    (tmp_path / "my_task.yaml").write_text((TASKS_DIR / "mx_corpus_ppl.yaml").read_text().replace(
+        "task: mx_corpus_ppl", "task: my_task"))
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", lm_eval.tasks.TaskManager)  # restored afterwards
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    seen = {}
+
+    def fake_cli() -> None:  # what lm-eval's run does with --include_path, without indexing its own 13,000 tasks
+        path = sys.argv[sys.argv.index("--include_path") + 1]
+        seen["argv"] = list(sys.argv)
+        seen["tasks"] = lm_eval.tasks.TaskManager(include_path=path, include_defaults=False).all_tasks
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli)
+    run_lm_eval(["run", "--model", "hf-mx", "--tasks", "my_task,mx_corpus_ppl", "--include_path", str(tmp_path)])
+    assert seen["argv"].count("--include_path") == 1
+    assert {"my_task", "mx_corpus_ppl", "piqa_offline"} <= set(seen["tasks"])

@@ -161,6 +161,21 @@ BAD_INPUTS = {
     "corpus missing": ([*DIVERGENCE, *MX, "--corpus", "/nonexistent/a.txt"],
                        "--corpus: cannot read /nonexistent/a.txt: No such file or directory"),
     "output dir missing": ([*DIVERGENCE, *MX, "--output", "/nonexistent/d.json"], "--output /nonexistent/d.json: not a file"),
+    "divergence config empty": ([*DIVERGENCE, "--config", ""], "--config '' is empty: give MX keys"),
+    "compare config empty": ([*COMPARE, *MX, "--config", " "], "--config ' ' is empty: give MX keys"),
+    "compare sweep empty": ([*COMPARE, *MX, "--sweep", ""], "--sweep is empty"),
+    "roles=all vs mlp|attn": ([*COMPARE, "--config", "format=fp4,roles=all", "--config", "format=fp4,roles=mlp|attn"],
+                              "--config 'format=fp4,roles=all' and --config 'format=fp4,roles=mlp|attn' are the same"),
+    "default scale spelled out": ([*COMPARE, *MX, "--config", "format=fp4,scale_format=e8m0,block_size=32"],
+                                  "--config 'format=fp4' and --config 'format=fp4,scale_format=e8m0,block_size=32' are "
+                                  "the same MX configuration"),
+    "fixed scheme's own block": ([*COMPARE, "--sweep", "format=nvfp4 block_size=16", "--config", "format=nvfp4"],
+                                 "are the same MX configuration (nvfp4"),
+    "weight-only a_format": ([*COMPARE, "--config", "w_format=fp4,weight_only=True", "--config",
+                              "format=fp4,weight_only=True"], "are the same MX configuration"),
+    "sweep typed as config": ([*COMPARE, "--config", "format=fp4,block_size=32.0", "--sweep", "format=fp4 block_size=32.0"],
+                              "--config 'format=fp4,block_size=32.0' and --sweep point 'format=fp4 block_size=32.0' are "
+                              "the same"),
 }
 
 

@@ -42,6 +42,7 @@ class TokenStats:
     ent_mx: float = 0.0
     kl: float = 0.0
     agree: int = 0
+    nonfinite: int = 0  # predicted tokens whose MX distribution holds NaN (no top-1 prediction)
 
     def add(self, lb: torch.Tensor, lm: torch.Tensor, targets: torch.Tensor) -> None:
         """Add predicted tokens: log-probabilities [N, vocab] of baseline and MX, targets [N]."""
@@ -52,21 +53,41 @@ class TokenStats:
         self.ent_base += float(-(pb * lb).sum())
         self.ent_mx += float(-(pm * lm).sum())
         self.kl += kl_sum(lb, lm)
-        self.agree += int((lb.argmax(-1) == lm.argmax(-1)).sum())
+        nan = torch.isnan(lm).any(-1) | torch.isnan(lb).any(-1)
+        self.nonfinite += int(nan.sum())
+        self.agree += int(((lb.argmax(-1) == lm.argmax(-1)) & ~nan).sum())
 
     def summary(self) -> dict[str, float]:
+        """Means per token; top-1 agreement is NaN when some token's distribution is NaN (it has no top-1), as
+        the other means then are."""
         n = max(self.tokens, 1)
         return {
             "tokens": self.tokens,
             "ce_base": self.ce_base / n,
             "ce_mx": self.ce_mx / n,
-            "ppl_base": math.exp(self.ce_base / n),
-            "ppl_mx": math.exp(self.ce_mx / n),
+            "ppl_base": _exp(self.ce_base / n),
+            "ppl_mx": _exp(self.ce_mx / n),
             "entropy_base": self.ent_base / n,
             "entropy_mx": self.ent_mx / n,
             "kl_base_mx": self.kl / n,
-            "top1_agreement": self.agree / n,
+            "top1_agreement": math.nan if self.nonfinite else self.agree / n,
+            "nonfinite_tokens": self.nonfinite,
         }
+
+
+def _exp(x: float) -> float:
+    """exp, inf past float range (math.exp raises), NaN for NaN."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def worst_first(values: dict[str, float], higher_is_worse: bool) -> dict[str, float]:
+    """``values`` sorted worst first, NaN worst of all (a NaN key would leave ``sorted`` in arbitrary order)."""
+    sign = -1 if higher_is_worse else 1
+    return dict(sorted(values.items(), key=lambda kv: (not math.isnan(kv[1]), sign * kv[1]
+                                                       if not math.isnan(kv[1]) else 0.0)))
 
 
 @dataclass
@@ -92,7 +113,16 @@ class _SQNR:
         return [m.register_forward_hook(make(n), with_kwargs=True) for n, m in mx_layers(model)]
 
     def db(self) -> dict[str, float]:
-        return {n: 10 * math.log10(self.signal[n] / self.noise[n]) if self.noise[n] > 0 else math.inf for n in self.signal}
+        """Output SQNR per layer in dB: inf for an exact layer, NaN when its output (or reference) held NaN."""
+        def one(signal: float, noise: float) -> float:
+            if math.isnan(signal) or math.isnan(noise):
+                return math.nan
+            if noise == 0:
+                return math.inf
+            ratio = signal / noise  # inf/inf is NaN
+            return ratio if math.isnan(ratio) else 10 * math.log10(ratio) if ratio > 0 else -math.inf
+
+        return {n: one(self.signal[n], self.noise[n]) for n in self.signal}
 
 
 def _logprobs(model: nn.Module, batch: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,16 +237,16 @@ def run_divergence(
         "label": config.label(),
         "replaced_layers": len(report.replaced),
         "metrics": stats.summary(),
-        "sqnr_db": dict(sorted(sqnr.db().items(), key=lambda kv: kv[1])),
+        "sqnr_db": worst_first(sqnr.db(), higher_is_worse=False),
     }
     rotated = [(n, m) for n, m in mx_layers(model) if m.mx_spec.rotation is not None]
     if rotated:
         out["sqnr_db_unrotated"] = _sqnr_without_rotation(model, rotated, batches, device)
     if sensitivity:
         n = max(stats.tokens, 1)
-        ranking = sorted(((u, kl / n) for u, kl in unit_kl.items()), key=lambda kv: -kv[1])
-        worst = [u for u, _ in ranking[:top_k]]
-        out["sensitivity"] = {"granularity": sensitivity, "kl_alone": dict(ranking), "worst": worst,
+        ranking = worst_first({u: kl / n for u, kl in unit_kl.items()}, higher_is_worse=True)
+        worst = list(ranking)[:top_k]
+        out["sensitivity"] = {"granularity": sensitivity, "kl_alone": ranking, "worst": worst,
                               "exclude": exclude_pattern(worst, sensitivity)}
     return out
 

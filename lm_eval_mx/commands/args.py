@@ -41,7 +41,10 @@ def parse_model_args(text: str, mx_flag: str) -> dict[str, Any]:
 
 
 def parse_config(source: str, spec: dict[str, Any]) -> MXConfig:
-    """One MX configuration from MX keys only; errors name ``source``, e.g. ``--config 'format=fp8'``."""
+    """One MX configuration from MX keys only; errors name ``source``, e.g. ``--config 'format=fp8'``.
+    An empty one is refused (it would run the defaults without anyone asking for them)."""
+    if not spec:
+        raise ValueError(f"{source} is empty: give MX keys, e.g. format=fp4,mlp_only=True ({', '.join(MX_KEYS)})")
     try:
         cfg, rest = parse_mx_args(spec)
     except ValueError as e:

@@ -14,10 +14,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from .. import __version__
 from ..hf.tasks import tasks_dir
 from . import compare, demo, divergence, search
+
+
+def with_offline_tasks() -> None:
+    """Make lm-eval's ``TaskManager`` index lm-eval-mx's ``tasks/`` besides any ``include_path`` (lm-eval's
+    ``--include_path`` holds one directory, so a user's would otherwise replace ours)."""
+    import lm_eval.tasks
+
+    base = lm_eval.tasks.TaskManager
+    if getattr(base, "_lm_eval_mx_tasks", False):
+        return
+
+    class TaskManager(base):  # type: ignore[misc,valid-type]
+        _lm_eval_mx_tasks = True
+
+        def __init__(self, verbosity: Any = None, include_path: Any = None, *args: Any, **kwargs: Any) -> None:
+            paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) \
+                else [include_path]
+            ours = str(tasks_dir())
+            if ours not in map(str, paths):
+                paths.insert(0, ours)  # first: lm-eval lets later paths override earlier ones
+            super().__init__(verbosity, paths, *args, **kwargs)
+
+    lm_eval.tasks.TaskManager = TaskManager  # type: ignore[misc]
 
 
 def run_lm_eval(argv: list[str]) -> None:
@@ -28,8 +52,10 @@ def run_lm_eval(argv: list[str]) -> None:
     from .._autoload import register
 
     register()
-    if any(a in ("--include_path", "--include-path") or a.startswith("--include_path=") for a in argv):
-        extra: list[str] = []
+    if any(a in ("--include_path", "--include-path") or a.startswith(("--include_path=", "--include-path="))
+           for a in argv):
+        extra: list[str] = []  # lm-eval takes one directory: ours is added to every TaskManager instead
+        with_offline_tasks()
     else:
         extra = ["--include_path", str(tasks_dir())]
     subcommands = ("run", "ls", "validate")

@@ -26,11 +26,12 @@ from .args import (
 from .results_table import Run, build_rows, load_results, rich_table, unique_labels, write_outputs
 
 
-def expand_sweep(spec: str) -> list[dict[str, str]]:
+def expand_sweep(spec: str) -> list[dict[str, Any]]:
     """``"format=fp8,fp4 block_size=32,16 roles=mlp,all"`` -> the 8 combinations, as model_args dicts.
 
     Keys are separated by spaces or ';', alternatives by ','; a value that is
-    itself a list uses '|' (``roles=mlp_up|mlp_down,all``).
+    itself a list uses '|' (``roles=mlp_up|mlp_down,all``). Values are typed as ``--config``'s are
+    (lm-eval's model_args parsing: ``block_size=32.0`` is the number 32 in both).
     """
     axes: list[tuple[str, list[str]]] = []
     for part in spec.replace(";", " ").split():
@@ -42,18 +43,24 @@ def expand_sweep(spec: str) -> list[dict[str, str]]:
             raise ValueError(f"sweep: key {key!r} given twice in {spec!r}; list its values once: {key}=v1,v2")
         axes.append((key, alts))
     if not axes:
-        raise ValueError("sweep: empty specification")
-    combos = [dict(zip([k for k, _ in axes], values)) for values in itertools.product(*(v for _, v in axes))]
+        raise ValueError("--sweep is empty: give key=v1,v2 ... (e.g. 'format=fp8,fp4 roles=mlp,all'), or leave it out")
+    typed = [(key, [parse_kv(f"{key}={v}", f"sweep {key}={v}")[key] for v in alts]) for key, alts in axes]
+    combos = [dict(zip([k for k, _ in typed], values)) for values in itertools.product(*(v for _, v in typed))]
     for c in combos:
         parse_mx_args(c)  # validate every point of the grid before any run
     return combos
+
+
+def _shown(value: Any) -> str:
+    """A typed model_args value as the user wrote it (lm-eval reads the word none as None)."""
+    return "none" if value is None else str(value)
 
 
 def plan_configs(specs: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, MXConfig]]:
     """(label, MXConfig) per (source, MX args), checked by :func:`check_configs`, with unique labels."""
     parsed = [(source, parse_config(source, spec)) for source, spec in specs]
     check_configs(parsed)
-    details = [",".join(f"{k}={v}" for k, v in spec.items()) for _, spec in specs]
+    details = [",".join(f"{k}={_shown(v)}" for k, v in spec.items()) for _, spec in specs]
     return list(zip(unique_labels([c.label() for _, c in parsed], details), [c for _, c in parsed]))
 
 
@@ -62,9 +69,34 @@ def check_configs(configs: list[tuple[str, MXConfig]]) -> None:
     for i, (source, cfg) in enumerate(configs):
         if not cfg.enabled:
             raise ValueError(f"{source} puts nothing in MX: that is the baseline, which compare always runs")
-        same = next((s for s, c in configs[:i] if c == cfg), None)
+        same = next((s for s, c in configs[:i] if behaviour(c) == behaviour(cfg)), None)
         if same is not None:
-            raise ValueError(f"{same} and {source} are the same MX configuration ({cfg.label()}): give it once")
+            raise ValueError(f"{same} and {source} are the same MX configuration ({cfg.label()}), however written: "
+                             "give it once")
+
+
+def behaviour(cfg: MXConfig) -> dict[str, Any]:
+    """What a configuration does, independent of how it was written: the selected roles as a set, the
+    resolved scheme of every format in use (so ``scale_format=e8m0``, ``block_size=32`` or
+    ``scale_mode=floor`` spelled out equal their defaults, and keys a fixed scheme ignores drop out), and
+    ``a_format`` only where activations are quantized."""
+    d = cfg.to_dict()
+    for key in ("block_size", "scale_format", "tensor_scale", "rounding", "scale_bits", "scale_mode"):
+        del d[key]
+    d["roles"] = sorted(cfg.roles)
+    d["rotation_roles"] = None if cfg.rotation_roles is None else sorted(cfg.rotation_roles)
+    d["schemes"] = {name: cfg.scheme(name) for name in cfg.formats_in_use()}
+    if not cfg.selects_layers:
+        for key in ("w_format", "a_format", "weight_only", "role_formats", "layer_formats", "include", "exclude"):
+            d.pop(key)
+    elif cfg.weight_only and not (cfg.attn_bmm and cfg.bmm_format is None):
+        d.pop("a_format")
+    if cfg.attn_bmm:
+        d["bmm_format"] = cfg.attn_bmm_format
+    if cfg.rotation != "none" and cfg.rotation_block is None:
+        sizes = {s.block_size for s in d["schemes"].values()}
+        d["rotation_block"] = sizes.pop() if len(sizes) == 1 else None
+    return d
 
 
 def check_against_model_args(base_args: dict[str, Any], configs: list[tuple[str, MXConfig]]) -> None:
@@ -193,6 +225,13 @@ def main(ns: argparse.Namespace) -> int:
             if len(ns.results) < 2:
                 raise ValueError("--results needs a baseline file and at least one MX file")
             runs = [load_results(p) for p in ns.results]
+            if runs[0].config is not None:
+                base = next((p for p, r in zip(ns.results, runs) if r.config is None), None)
+                hint = (f"put the baseline first: --results {base} ..." if base is not None else
+                        "none of the files is a baseline: evaluate one with nothing in MX (or with lm-eval's hf) "
+                        "and put it first")
+                raise ValueError(f"--results: the first file is the baseline, but {ns.results[0]} is an MX run "
+                                 f"({runs[0].label}, per its mx_config/mx_report); {hint}")
             labels = unique_labels([r.label for r in runs], list(ns.results))
             for r, label in zip(runs, labels):
                 r.label = label
@@ -201,9 +240,9 @@ def main(ns: argparse.Namespace) -> int:
                 raise ValueError("--tasks is required (or --results FILES)")
             base = parse_model_args(ns.model_args, "--config/--sweep")
             specs = [(f"--config {c!r}", parse_kv(c, f"--config {c!r}")) for c in ns.config]
-            if ns.sweep:
+            if ns.sweep is not None:
                 points = expand_sweep(ns.sweep)
-                specs += [(f"--sweep point {' '.join(f'{k}={v}' for k, v in p.items())!r}", p) for p in points]
+                specs += [(f"--sweep point {' '.join(f'{k}={_shown(v)}' for k, v in p.items())!r}", p) for p in points]
             if not specs:
                 raise ValueError("give at least one --config or a --sweep")
             configs = plan_configs(specs)

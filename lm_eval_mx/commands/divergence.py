@@ -4,8 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
+
+
+def _f(x: float, spec: str) -> str:
+    """A number as ``spec`` formats it, NaN written NaN (Python writes nan)."""
+    if math.isnan(x):
+        return "NaN"
+    return format(x, spec.rstrip("%")) + "%" * spec.endswith("%")
 
 
 def render(result: dict[str, Any], top: int = 10) -> Any:
@@ -20,10 +28,13 @@ def render(result: dict[str, Any], top: int = 10) -> Any:
         t.add_column(col, justify="right")
     for key, name in (("ce", "cross-entropy (nats)"), ("ppl", "perplexity"), ("entropy", "entropy (nats)")):
         b, x = m[f"{key}_base"], m[f"{key}_mx"]
-        t.add_row(name, f"{b:.4f}", f"{x:.4f}", f"{x - b:+.4f}")
-    t.add_row("KL(baseline ‖ MX)", "", f"{m['kl_base_mx']:.5f}", "")
-    t.add_row("top-1 agreement", "", f"{100 * m['top1_agreement']:.2f}%", "")
+        t.add_row(name, _f(b, ".4f"), _f(x, ".4f"), _f(x - b, "+.4f"))
+    t.add_row("KL(baseline ‖ MX)", "", _f(m["kl_base_mx"], ".5f"), "")
+    t.add_row("top-1 agreement", "", _f(100 * m["top1_agreement"], ".2f%"), "")
     parts: list[Any] = [t]
+    if m.get("nonfinite_tokens"):
+        parts.append(Text(f"{m['nonfinite_tokens']} of {m['tokens']} predicted tokens have a NaN distribution in MX "
+                          "(NaN: no top-1, no cross-entropy)"))
     s = Table(title=f"Lowest output SQNR (of {len(result['sqnr_db'])} MX layers)")
     s.add_column("layer")
     s.add_column("SQNR dB", justify="right")
@@ -31,8 +42,8 @@ def render(result: dict[str, Any], top: int = 10) -> Any:
     if unrotated:
         s.add_column("without rotation", justify="right")
     for name, db in list(result["sqnr_db"].items())[:top]:
-        extra = [f"{unrotated[name]:.2f}" if name in unrotated else "-"] if unrotated else []
-        s.add_row(name, f"{db:.2f}", *extra)
+        extra = [_f(unrotated[name], ".2f") if name in unrotated else "-"] if unrotated else []
+        s.add_row(name, _f(db, ".2f"), *extra)
     parts.append(s)
     if "sensitivity" in result:
         sens = result["sensitivity"]
@@ -40,8 +51,12 @@ def render(result: dict[str, Any], top: int = 10) -> Any:
         r.add_column(sens["granularity"])
         r.add_column("KL", justify="right")
         for unit, kl in list(sens["kl_alone"].items())[:top]:
-            r.add_row(unit, f"{kl:.5f}")
+            r.add_row(unit, _f(kl, ".5f"))
         parts += [r, Text(f"keep the worst {len(sens['worst'])} in high precision: exclude={sens['exclude']}")]
+        nan = [u for u, kl in sens["kl_alone"].items() if math.isnan(kl)]
+        if len(nan) > len(sens["worst"]):
+            parts.append(Text(f"{len(nan)} {sens['granularity']}s make the output NaN alone in MX; the exclude pattern "
+                              f"keeps only {len(sens['worst'])} of them (raise --top_k to {len(nan)} or more)"))
     return Group(*parts)
 
 

@@ -28,6 +28,7 @@ from ..algorithms.search.units import (
     HP_BITS,
     SearchError,
     candidate_configs,
+    e8m0_keys_unused_by,
     format_bits,
     parse_candidates,
     search_config,
@@ -69,6 +70,12 @@ def _kl(x: float | None) -> str:
     return "NaN" if math.isnan(x) else f"{x:.5f}"
 
 
+def _pct(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "NaN" if math.isnan(x) else f"{100 * x:.2f}%"
+
+
 def render(recipe: dict[str, Any]) -> Any:
     """Rich renderables: per-unit table (KL alone per candidate, chosen format), totals, uniform mixes."""
     from rich.console import Group
@@ -95,10 +102,10 @@ def render(recipe: dict[str, Any]) -> Any:
     budget = ", ".join(f"{k} {v:g}" for k, v in recipe["budget"].items() if v is not None)
     top1 = recipe["top1_agreement"]
     s.add_row(f"searched ({budget})", f"{recipe['avg_bits']:.4f}", _kl(recipe["predicted_kl"]),
-              _kl(recipe["measured_kl"]), "-" if top1 is None else f"{100 * top1:.2f}%")
+              _kl(recipe["measured_kl"]), _pct(top1))
     for f, row in recipe["uniform"].items():
         s.add_row(f"uniform {f}", f"{row['avg_bits']:.4f}", _kl(row["predicted_kl"]), _kl(row["kl_base_mx"]),
-                  f"{100 * row['top1_agreement']:.2f}%")
+                  _pct(row["top1_agreement"]))
     return Group(t, s)
 
 
@@ -162,7 +169,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"sequences per forward of the measurement (recorded in the recipe: --from measures in the "
                         f"recipe's batches) and of --validate's evaluation (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
-    p.add_argument("--output", default=DEFAULT_OUTPUT, metavar="JSON", help=f"the recipe (default {DEFAULT_OUTPUT})")
+    p.add_argument("--output", default=None, metavar="JSON",
+                   help=f"the recipe (default {DEFAULT_OUTPUT}; never the --from file). If no mix meets the budget, "
+                        "the measurements go to <output>.measurements.json instead, for --from")
     p.add_argument("--from", dest="from_", default=None, metavar="JSON",
                    help="re-solve a recipe's cached sensitivities for a new budget (only the new mix is measured)")
     p.add_argument("--no_measure", action="store_true", help="do not measure the chosen mix (its KL stays a prediction)")
@@ -210,8 +219,33 @@ def _check_args(ns: argparse.Namespace, cached: dict[str, Any] | None) -> None:
     if mx:
         raise SearchError(f"put MX keys ({', '.join(mx)}) in --config, not --model_args")
     _device(ns.device, model_args)
+    if ns.config is not None and not ns.config.strip():
+        raise SearchError("--config is empty: give MX keys (roles=, include=, block_size=, weight_only=True, ...) or "
+                          "leave it out (attention + MLP, weights and activations)")
     if ns.config:
         _parse(ns.config, "--config")
+    _check_output(ns)
+
+
+def measurements_path(output: str | Path) -> Path:
+    """Where a search whose budget no mix meets keeps its measurements (never the recipe's own path)."""
+    out = Path(output)
+    return out.with_name(f"{out.stem}.measurements.json")
+
+
+def _check_output(ns: argparse.Namespace) -> None:
+    """``--output`` (default recipe.json): a file in an existing writable directory, not the ``--from`` recipe;
+    checked before the measurement (minutes), not when writing."""
+    if ns.output is None:
+        ns.output = DEFAULT_OUTPUT
+    out = Path(ns.output)
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise SearchError(f"--output {ns.output}: not a file in an existing writable directory")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise SearchError(f"--output {ns.output}: the file is not writable")
+    if ns.from_ and out.resolve() == Path(ns.from_).resolve():
+        raise SearchError(f"--output {ns.output} is the --from recipe; the search does not overwrite its input: "
+                          "give another --output, e.g. --output recipe_new.json")
 
 
 def _validate_tasks(tasks: str) -> tuple[list[str], Any]:
@@ -264,6 +298,19 @@ def _device(device: str | None, model_args: dict[str, Any]) -> str:
         return resolve_device(device, model_args)
     except ValueError as e:
         raise SearchError(str(e)) from None
+
+
+def _solve(units: list[Any], candidates: tuple[str, ...], sens: dict[str, dict[str, float]], bits: float | None,
+           max_kl: float | None) -> Any:
+    """The solver's mix, refused when it keeps every unit in high precision (hf-mx refuses a recipe that puts
+    nothing in MX)."""
+    solution = solve(units, candidates, sens, bits, max_kl)
+    if all(f == HP for f in solution.assignment.values()):
+        budget = " and ".join(f"{k} {v:g}" for k, v in (("--bits", bits), ("--max_kl", max_kl)) if v is not None)
+        raise SearchError(f"with {budget} the best mix keeps every unit in {HP}: "
+                          f"nothing would go to MX, and hf-mx refuses such a recipe; lower --bits, raise --max_kl "
+                          f"or drop {HP} from --candidates")
+    return solution
 
 
 def _timed(fn: Any) -> tuple[Any, float]:
@@ -333,7 +380,7 @@ def _run(ns: argparse.Namespace) -> int:
         units = units_from_recipe(cached)
         sens = {u: {f: s[f] for f in candidates} for u, s in cached["sensitivities"].items()}
         uniform = {f: row for f, row in cached["uniform"].items() if f in candidates}
-        solution, timing["solve_s"] = _timed(lambda: solve(units, candidates, sens, ns.bits, ns.max_kl))
+        solution, timing["solve_s"] = _timed(lambda: _solve(units, candidates, sens, ns.bits, ns.max_kl))
     measurer = lm = None
     if cached is None or not ns.no_measure:
         texts = _texts(corpus["files"])  # a bad corpus file fails before the model loads
@@ -366,14 +413,15 @@ def _run(ns: argparse.Namespace) -> int:
         corpus["tokens"] = measurer.tokens
         timing["measure_s"] = time.perf_counter() - t0
         try:
-            solution, timing["solve_s"] = _timed(lambda: solve(units, candidates, sens, ns.bits, ns.max_kl))
-        except SearchError as e:  # keep the measurements: a new budget re-solves them with --from
-            Path(ns.output).write_text(json.dumps({
-                "model_args": None, "note": "measurements only: no mix met the budget", "uniform": uniform,
-                "candidates": list(candidates), "granularity": granularity, "config": config_args,
+            solution, timing["solve_s"] = _timed(lambda: _solve(units, candidates, sens, ns.bits, ns.max_kl))
+        except SearchError as e:  # keep the measurements (not as a recipe): a new budget re-solves them with --from
+            kept = measurements_path(ns.output)
+            kept.write_text(json.dumps({
+                "note": "measurements only, not a recipe for hf-mx: no mix met the budget; re-solve with --from",
+                "uniform": uniform, "candidates": list(candidates), "granularity": granularity, "config": config_args,
                 "model": model_args, "corpus": corpus, **_cache(units, sens)}, indent=2) + "\n")
-            raise SearchError(f"{e}. The measurements are saved in {ns.output}: re-solve with "
-                              f"lm-eval-mx search --from {ns.output} and another budget") from None
+            raise SearchError(f"{e}. No recipe written; the measurements are saved in {kept}: re-solve with "
+                              f"lm-eval-mx search --from {kept} and another budget") from None
     elif measurer is not None:
         now = {u.name: (u.layers, u.params) for u in measurer.units}
         if now != {u.name: (u.layers, u.params) for u in units}:
@@ -416,9 +464,12 @@ def _validate(recipe: dict[str, Any], paste: str, config_args: dict[str, Any], c
     base = {k: v for k, v in _parse(paste, "--model_args").items() if k != "recipe"}
     recipe_cfg, _ = parse_mx_args({"recipe": str(Path(ns.output).resolve())})
     configs = [(f"search {recipe['avg_bits']:.2f}b", recipe_cfg)]
+    config = search_config(config_args)
     for f in candidates:
         if f != HP:
-            configs.append((f"{f} {recipe['uniform'][f]['avg_bits']:.2f}b", parse_mx_args({**config_args, "format": f})[0]))
+            unused = e8m0_keys_unused_by(config, f)  # scale_mode/scale_bits: for the MX candidates only
+            args = {k: v for k, v in config_args.items() if k not in unused}
+            configs.append((f"{f} {recipe['uniform'][f]['avg_bits']:.2f}b", parse_mx_args({**args, "format": f})[0]))
     limit, batch_size = check_run_args(ns.limit, ns.batch_size or DEFAULT_BATCH_SIZE)
     names, manager = tasks
     runs = run_configs(base, configs, names, limit=limit, batch_size=batch_size, device=_device(ns.device, base),

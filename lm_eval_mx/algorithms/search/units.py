@@ -81,17 +81,33 @@ def search_config(args: dict[str, Any]) -> MXConfig:
     return config
 
 
+E8M0_KEYS = ("scale_mode", "scale_bits")  # shape E8M0 (MX) block scales only
+
+
+def e8m0_keys_unused_by(config: MXConfig, fmt: str) -> list[str]:
+    """The ``--config`` keys among :data:`E8M0_KEYS` that candidate ``fmt`` leaves unused (it has E4M3 scales,
+    as nvfp4): they shape the MX candidates' scales and are dropped for this one."""
+    given = [k for k in E8M0_KEYS if getattr(config, k) is not None]
+    return given if given and fmt != HP and not config.scheme(fmt).is_mx else []
+
+
 def candidate_configs(config: MXConfig, candidates: Iterable[str]) -> dict[str, MXConfig]:
     """``config`` with weights and activations in each MX candidate (validated now: e.g. nvfp4 with
-    another block_size is refused before any model load)."""
+    another block_size is refused before any model load). ``scale_mode``/``scale_bits`` apply to the
+    candidates with E8M0 scales; they are refused only when no candidate has such scales."""
     out = {}
     for fmt in candidates:
         if fmt == HP:
             continue
         try:
-            out[fmt] = dataclasses.replace(config, w_format=fmt, a_format=fmt)
+            unused = e8m0_keys_unused_by(config, fmt)
+            out[fmt] = dataclasses.replace(config, w_format=fmt, a_format=fmt, **dict.fromkeys(unused))
         except ValueError as e:
             raise SearchError(f"--candidates {fmt} with --config {config.label()}: {e}") from None
+    given = [k for k in E8M0_KEYS if getattr(config, k) is not None]
+    if given and all(e8m0_keys_unused_by(config, f) for f in out):
+        raise SearchError(f"--config {', '.join(given)} shapes E8M0 (MX) block scales, but no candidate "
+                          f"({', '.join(out)}) has them: it would be ignored; drop it or add an MX candidate")
     return out
 
 
