@@ -32,14 +32,14 @@ DATA_README = GOLDEN.parent / "README.md"
 
 
 def test_golden_data_readme_describes_the_file():
-    """tests/data/README.md (cited by the README and numerics.py) exists and names this very file."""
+    """tests/data/README.md (cited by the README and numerics/quantize.py) exists and names this very file."""
     text = DATA_README.read_text()
     digest = hashlib.sha256(GOLDEN.read_bytes()).hexdigest()
     assert f"sha256: `{digest}`" in text
     assert f"{len(CASES)} cases in all" in text
     assert "copy of\n`../shared/golden/microxcaling_mx_golden.npz`" in text
     root = Path(__file__).resolve().parent.parent
-    cited = [p for p in (root / "README.md", root / "lm_eval_mx" / "numerics.py") if "tests/data/README.md" in p.read_text()]
+    cited = [p for p in (root / "README.md", root / "lm_eval_mx" / "numerics" / "quantize.py") if "tests/data/README.md" in p.read_text()]
     assert len(cited) == 2
     assert "custom_cuda=True" in text  # the provenance: microxcaling's CUDA path
 
@@ -346,14 +346,14 @@ def test_demo_dtype_follows_native_bf16(flags, dtype, tmp_path):
 
 def test_demo_dtype_override_and_report(monkeypatch, capsys):
     """--dtype wins over the CPU check, and the demo says which dtype it took and why."""
-    import lm_eval_mx.commands.cli
+    from lm_eval_mx.commands import compare
 
-    seen: list[list[str]] = []
-    monkeypatch.setattr(lm_eval_mx.commands.cli, "main", lambda args: seen.append(args) or 0)
+    seen: list[str] = []
+    monkeypatch.setattr(compare, "main", lambda ns: seen.append(ns.model_args) or 0)
     monkeypatch.setattr(demo, "cpu_flags", lambda: {"avx2"})
     assert demo.main(["--pretrained", "/m"]) == 0
     assert demo.main(["--pretrained", "/m", "--dtype", "bfloat16"]) == 0
-    assert [a[a.index("--model_args") + 1] for a in seen] == ["pretrained=/m,dtype=float32", "pretrained=/m,dtype=bfloat16"]
+    assert seen == ["pretrained=/m,dtype=float32", "pretrained=/m,dtype=bfloat16"]
     out = capsys.readouterr().out
     assert "demo: dtype float32 (this CPU has neither avx512_bf16 nor amx_bf16" in out
     assert "demo: dtype bfloat16 (--dtype)" in out
