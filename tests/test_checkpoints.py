@@ -112,3 +112,37 @@ def test_stored_tensor_of_the_wrong_shape_is_refused(tmp_path, packed_dir):
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         AutoModelForCausalLM.from_pretrained(bad, dtype=torch.float32)
+
+
+def test_compare_evaluates_stored_checkpoints_beside_configurations(tmp_path, monkeypatch):
+    """One table: the baseline, an MX configuration on it, and packed checkpoints as stored. A checkpoint of the
+    same configuration as --config (RTN, what packed=True stores) gives the same numbers bit for bit."""
+    from lm_eval_mx.commands.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    src = save_tiny(tmp_path / "src", "llama")
+    _save_packed(src, str(tmp_path / "rtn"), dict(format="fp4_e2m1", roles="mlp"))
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--model_args", f"pretrained={src},dtype=float32", "--tasks", "mx_corpus_ppl", "--limit", "2",
+               "--config", "format=fp4_e2m1,roles=mlp", "--checkpoint", f"stored={tmp_path / 'rtn'}",
+               "--output_dir", str(out)])
+    assert rc == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert list(data["configs"]) == ["fp4_e2m1 mlp", "stored"]
+    assert data["configs"]["stored"]["packed"] is True
+    row = next(r for r in data["rows"] if r["metric"] == "bits_per_byte")
+    assert row["mx"]["stored"]["value"] == row["mx"]["fp4_e2m1 mlp"]["value"] != row["baseline"]
+
+
+@pytest.mark.parametrize(("value", "match"), [
+    ("{tmp}/nothing", "is not a model directory"),
+    ("x={src}", "does not store packed MX weights"),
+    ("={src}", "give DIR or LABEL=DIR"),
+])
+def test_compare_checkpoint_refusals(tmp_path, value, match):
+    from lm_eval_mx.commands.cli import main
+
+    src = save_tiny(tmp_path / "src", "llama")
+    arg = value.format(tmp=tmp_path, src=src)
+    with pytest.raises(SystemExit, match=match):
+        main(["compare", "--model_args", f"pretrained={src}", "--tasks", "mx_corpus_ppl", "--checkpoint", arg])

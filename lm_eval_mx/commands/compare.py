@@ -130,9 +130,11 @@ def run_configs(
     include_path: str | list[str] | None = None,
     task_manager: Any = None,
     progress: bool = True,
+    checkpoints: list[tuple[str, str]] = (),  # type: ignore[assignment]
 ) -> list[Run]:
-    """Evaluate the baseline then each MX configuration on one model copy; every argument is checked first,
-    before the model loads."""
+    """Evaluate the baseline then each MX configuration on one model copy, then each stored checkpoint
+    ((label, directory): packed MX weights, e.g. ``lm-eval-mx quantize`` outputs) as it is stored; every argument is
+    checked first, before the model loads."""
     check_against_model_args(base_args, configs)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -141,7 +143,7 @@ def run_configs(
     from ..nn.attention import AttentionError
     from ..selection.apply import SelectionError, check_config
 
-    labels = ["baseline", *(label for label, _ in configs)]
+    labels = ["baseline", *(label for label, _ in configs), *(label for label, _ in checkpoints)]
     if len(set(labels)) != len(labels):
         raise ValueError(f"configuration labels must be unique and not 'baseline' (compare.json is keyed by them): {labels}")
     check_configs([(f"configuration {label!r}", cfg) for label, cfg in configs])
@@ -160,21 +162,53 @@ def run_configs(
     runs: list[Run] = []
     from rich.progress import Progress
 
+    def evaluate(model: Any, label: str, cfg: MXConfig) -> None:
+        res = simple_evaluate(
+            model=model, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            bootstrap_iters=1000,
+        )
+        if res is not None:  # None on non-zero ranks under accelerate
+            runs.append(Run(label, cfg.to_dict() if cfg.enabled else None, res))
+
     with Progress(disable=not progress or lm.rank != 0) as bar:
-        job = bar.add_task("configurations", total=len(plan))
+        job = bar.add_task("configurations", total=len(plan) + len(checkpoints))
         for label, cfg in plan:
             bar.update(job, description=f"evaluating {label}")
             lm.set_mx(cfg)
-            res = simple_evaluate(
-                model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                bootstrap_iters=1000,
-            )
-            if res is not None:  # None on non-zero ranks under accelerate
-                runs.append(Run(label, cfg.to_dict() if cfg.enabled else None, res))
+            evaluate(lm, label, cfg)
             bar.advance(job)
-    lm.set_mx(MXConfig(roles=()))
+        lm.set_mx(MXConfig(roles=()))
+        # a checkpoint holds its own weights: the base model's file options do not apply to it
+        own = {"pretrained", "gguf_file", "revision", "subfolder", "tokenizer", "roles", "mx_keep_original"}
+        for label, path in checkpoints:
+            bar.update(job, description=f"evaluating {label}")
+            stored = HFMXLM(**{k: v for k, v in args.items() if k not in own}, pretrained=path)
+            evaluate(stored, label, stored.mx_config)
+            del stored
+            bar.advance(job)
     return runs
+
+
+def parse_checkpoints(values: list[str]) -> list[tuple[str, str]]:
+    """``--checkpoint [LABEL=]DIR``: (label, directory) of checkpoints that store packed MX weights, checked before
+    anything loads (label: the directory's name by default)."""
+    from ..hf.model import stored_mx
+
+    out = []
+    for value in values:
+        label, sep, path = value.rpartition("=")
+        label = label if sep else Path(path).name
+        if not label or not path:
+            raise ValueError(f"--checkpoint {value!r}: give DIR or LABEL=DIR")
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"--checkpoint {value!r}: {path} is not a model directory (no config.json)")
+        if stored_mx({"pretrained": path}) is None:
+            raise ValueError(f"--checkpoint {value!r}: {path} does not store packed MX weights (its config.json has "
+                             "no quantization_config with quant_method 'mx'); evaluate a high-precision model with "
+                             "--model_args and --config")
+        out.append((label, path))
+    return out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -189,6 +223,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "      --config format=fp8_e4m3 --config format=fp4_e2m1,mlp_only=True --limit 200\n"
             "  lm-eval-mx compare --model_args pretrained=PATH --tasks mx_corpus_ppl \\\n"
             "      --sweep 'format=fp8_e4m3,fp4_e2m1 block_size=32,16 roles=mlp,all'\n"
+            "  lm-eval-mx compare --model_args pretrained=PATH --tasks piqa_offline --config format=mxfp4 \\\n"
+            "      --checkpoint gptq=out/gptq-mxfp4 --checkpoint mr-gptq=out/mrgptq-mxfp4\n"
             "  lm-eval-mx compare --results baseline.json mxfp4.json"
         ),
     )
@@ -197,6 +233,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", action="append", default=[], metavar="MX_ARGS",
                    help="one MX configuration in model_args syntax (repeatable), e.g. format=fp4,mlp_only=True")
     p.add_argument("--sweep", default=None, help="grid of MX configurations: 'key=v1,v2 key2=v3,v4'")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="[LABEL=]DIR",
+                   help="also evaluate a checkpoint of packed MX weights as stored (repeatable), e.g. the output of "
+                        "lm-eval-mx quantize; the baseline is --model_args' model")
     p.add_argument("--results", nargs="+", default=None, metavar="JSON",
                    help="tabulate existing lm-eval results files instead of running (first = baseline)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (integer >= 1) or a fraction in (0, 1)")
@@ -218,8 +257,8 @@ def main(ns: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--output_dir {out} is a file, not a directory")
         if ns.results:
-            given = [f for f in ("model_args", "tasks", "config", "sweep", "limit", "num_fewshot", "batch_size",
-                                 "device", "seed", "include_path") if getattr(ns, f) not in (None, "", [])]
+            given = [f for f in ("model_args", "tasks", "config", "sweep", "checkpoint", "limit", "num_fewshot",
+                                 "batch_size", "device", "seed", "include_path") if getattr(ns, f) not in (None, "", [])]
             if given:
                 raise ValueError(f"--results tabulates existing files; --{', --'.join(given)} would be ignored")
             if len(ns.results) < 2:
@@ -243,9 +282,10 @@ def main(ns: argparse.Namespace) -> int:
             if ns.sweep is not None:
                 points = expand_sweep(ns.sweep)
                 specs += [(f"--sweep point {' '.join(f'{k}={_shown(v)}' for k, v in p.items())!r}", p) for p in points]
-            if not specs:
-                raise ValueError("give at least one --config or a --sweep")
-            configs = plan_configs(specs)
+            checkpoints = parse_checkpoints(ns.checkpoint)
+            if not specs and not checkpoints:
+                raise ValueError("give at least one --config, a --sweep or a --checkpoint")
+            configs = plan_configs(specs) if specs else []
             check_against_model_args(base, configs)
             limit, batch = check_run_args(ns.limit, ns.batch_size or "1", ns.num_fewshot)
             if ns.include_path is not None and not Path(ns.include_path).is_dir():
@@ -262,8 +302,8 @@ def main(ns: argparse.Namespace) -> int:
 
         try:
             runs = run_configs(base, configs, tasks, limit=limit, num_fewshot=ns.num_fewshot, batch_size=batch,
-                                   device=device, seed=1234 if ns.seed is None else ns.seed,
-                                   task_manager=task_manager)
+                               device=device, seed=1234 if ns.seed is None else ns.seed,
+                               task_manager=task_manager, checkpoints=checkpoints)
         except SelectionError as e:  # checked on the loaded model, before any evaluation
             raise SystemExit(f"lm-eval-mx compare: {e}") from None
         if not runs:  # non-zero rank
