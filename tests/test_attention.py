@@ -134,8 +134,9 @@ def test_supported_architectures(arch):
 
 # GPT-J dispatches attention through the interface from transformers 5.24 (5.17-5.23: a clear error).
 GPTJ_RUNS = Version(transformers.__version__) >= Version("5.24")
-REFUSED = {"gpt_neo": "GPTNeoForCausalLM", "mpt": "MptForCausalLM", "falcon": "FalconForCausalLM",
-           "bloom": "BloomForCausalLM", **({} if GPTJ_RUNS else {"gptj": "GPTJForCausalLM"})}
+FALCON_RUNS = Version(transformers.__version__) >= Version("5.25")  # Falcon dispatches through the interface since
+REFUSED = {"gpt_neo": "GPTNeoForCausalLM", "mpt": "MptForCausalLM", "bloom": "BloomForCausalLM",
+           **({} if FALCON_RUNS else {"falcon": "FalconForCausalLM"}), **({} if GPTJ_RUNS else {"gptj": "GPTJForCausalLM"})}
 
 
 @pytest.mark.parametrize("arch", REFUSED)
@@ -196,7 +197,8 @@ def test_lm_eval_records_attn_bmm(tiny_dir):
     assert res["config"]["mx_report"]["attn_bmm"] == "fp8_e4m3"
 
 
-@pytest.mark.parametrize("arch", ["opt", "gpt_neox", *(["gptj"] if GPTJ_RUNS else []), "qwen2_moe", "olmoe", "gemma"])
+@pytest.mark.parametrize("arch", ["opt", "gpt_neox", *(["gptj"] if GPTJ_RUNS else []), *(["falcon"] if FALCON_RUNS else []),
+                                  "qwen2_moe", "olmoe", "gemma"])
 def test_other_supported_architectures_run_mx_attention(arch):
     """The README's supported list beyond the seed architectures, pinned: every attention layer runs the MX
     function (an AttentionError here fails the test), each call exact against the hand reference."""
