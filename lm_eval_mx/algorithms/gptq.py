@@ -7,8 +7,8 @@ the inverse Hessian of the layer's inputs, so that ``‖X Wᵀ - X Ŵᵀ‖`` st
 run in a block-Hadamard-rotated domain, with the MX/NVFP4 block scales chosen once, up front, from the
 rotated weight ("static" scales).
 
-Every column is rounded by :func:`lm_eval_mx.numerics.round_on_scales` on scales from
-:func:`lm_eval_mx.numerics.block_scales`, the very arithmetic of ``quantize_torch``; so the result lies
+Every column is rounded by :func:`lm_eval_mx.numerics.quantize.round_on_scales` on scales from
+:func:`lm_eval_mx.numerics.quantize.block_scales`, the very arithmetic of ``quantize_torch``; so the result lies
 on the scheme's grid bit for bit, and with a diagonal Hessian (no column couples to another) GPTQ
 returns exactly what ``quantize_torch(w, scheme, rotation=rotation)`` returns.
 
@@ -16,7 +16,7 @@ The algorithm, for one weight ``W`` [out, in] (blocks of ``scheme.block_size`` a
 
 1. Hessian. ``H = 2/n · Σ xᵀx`` over the ``n`` calibration tokens ``x`` [in] that reach the layer,
    accumulated in float32 (:class:`HessianAccumulator`). With a rotation ``R`` (block Hadamard, see
-   :mod:`lm_eval_mx.rotation`) the inputs are rotated first (``x R``), so ``H`` is the Hessian of the
+   :mod:`lm_eval_mx.numerics.rotation`) the inputs are rotated first (``x R``), so ``H`` is the Hessian of the
    rotated inputs, and ``W`` is rotated too (``W R``, float32, as ``quantize_torch`` does).
 2. Scales (``scales="static"``, FP-Quant / llm-compressor): every block scale, and NVFP4's per-tensor
    scale, is computed from the original rotated weight, before any update, exactly as RTN computes
@@ -37,7 +37,7 @@ The algorithm, for one weight ``W`` [out, in] (blocks of ``scheme.block_size`` a
 
    * ``q_i = dequant(round(fp32(w_i) · recip) )`` on its block's scale: element values
      ``round_elements(fp32(w_i) · recip)`` times the block's multiplier, NaN for NaN blocks, +0 for
-     zeros (:func:`lm_eval_mx.numerics.round_on_scales`, :func:`~lm_eval_mx.numerics.dequantize_elements`);
+     zeros (:func:`lm_eval_mx.numerics.quantize.round_on_scales`, :func:`~lm_eval_mx.numerics.quantize.dequantize_elements`);
    * ``err_i = (w_i - q_i) / U[i, i]`` (float64; 0 in NaN blocks, which have no finite error);
    * ``w_j -= err_i · U[i, j]`` for the later columns ``j`` of the batch ``(i, e)``;
 
@@ -311,7 +311,7 @@ class HessianAccumulator:
 
 
 def unrotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """``x Rᵀ`` along the last axis, float32: the inverse of :func:`lm_eval_mx.rotation.rotate` up to float32
+    """``x Rᵀ`` along the last axis, float32: the inverse of :func:`lm_eval_mx.numerics.rotation.rotate` up to float32
     rounding (``R = diag(s) · blockdiag(Hₙ/√n)`` is orthogonal and ``Hₙ`` symmetric)."""
     xf = x.to(torch.float32)
     n = xf.shape[-1]

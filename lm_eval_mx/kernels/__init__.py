@@ -1,6 +1,6 @@
 """Layer 2, kernels: the same numerics computed faster (Triton on CUDA), and the choice of engine.
 
-``triton_mx`` holds the kernels (bit-identical to :mod:`lm_eval_mx.numerics`), ``backends`` picks an engine
+``triton_mx`` holds the kernels (bit-identical to :mod:`lm_eval_mx.numerics.quantize`), ``backends`` picks an engine
 per tensor. May import: numerics.
 """
 

@@ -41,7 +41,7 @@ class MXSpec:
         rotation: Rotation | None = None,
     ) -> MXSpec:
         """From element format names under one block size and E8M0 scale settings (tests and benchmarks; layers
-        get theirs from :func:`lm_eval_mx.selection.layer_spec`)."""
+        get theirs from :func:`lm_eval_mx.selection.apply.layer_spec`)."""
 
         def scheme(name: str) -> Scheme:
             return make_scheme(name, block_size, rounding, scale_bits, scale_mode)

@@ -114,7 +114,7 @@ class _Replay:
 class Measurer:
     """One model copy whose selected layers switch formats in place; measures KL against its baseline.
 
-    ``apply_mx(keep_original=True)`` once, then per unit and format :func:`layers.set_spec` with weights
+    ``apply_mx(keep_original=True)`` once, then per unit and format :func:`lm_eval_mx.nn.layers.set_spec` with weights
     quantized once (:func:`layers.quantized_weights`); the baseline log-probabilities are computed once.
     """
 
