@@ -22,6 +22,7 @@ outside the transformer blocks (``lm_head``): RTN handles both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,7 +127,7 @@ def plan(model: nn.Module, config: MXConfig, method: str) -> list[Planned]:
             raise ValueError(f"--method gptq does not support fused 3-D experts ({experts[0]}, {len(experts)} in all): "
                              "each expert needs its own Hessian from the tokens routed to it. Exclude them "
                              "(exclude=experts) or use --method rtn")
-        prefix, blocks = find_blocks(model)
+        prefix, _ = find_blocks(model)
         for p in planned:
             rest = p.candidate.name[len(prefix) + 1:] if p.candidate.name.startswith(f"{prefix}.") else ""
             index = rest.partition(".")[0]
@@ -173,10 +174,8 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tens
     try:
         with torch.no_grad():
             for i in range(0, windows.shape[0], batch_size):
-                try:
+                with contextlib.suppress(_Stop):
                     model(windows[i : i + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
     finally:
         handle.remove()
     if len(captured) != -(-windows.shape[0] // batch_size):
