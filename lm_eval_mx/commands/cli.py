@@ -6,6 +6,7 @@
     lm-eval-mx compare --results base.json mx.json          (tabulate existing results files)
     lm-eval-mx divergence --model_args pretrained=PATH --config format=fp4 --sensitivity block
     lm-eval-mx search --model_args pretrained=PATH --candidates fp4_e2m1,fp8_e4m3,bf16 --bits 6   (writes recipe.json)
+    lm-eval-mx quantize --model_args pretrained=PATH,format=mxfp4 --method gptq --calibration FILES --output DIR
     lm-eval-mx formats                                      (the MX element formats)
     lm-eval-mx demo                                         (baseline vs MX on SmolLM2-135M, offline)
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..hf.tasks import tasks_dir
-from . import compare, demo, divergence, search
+from . import compare, demo, divergence, quantize, search
 
 
 def with_offline_tasks() -> None:
@@ -105,10 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"lm-eval-mx {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{compare,divergence,search,formats,demo,run,ls,validate}")
+    sub = parser.add_subparsers(dest="command", metavar="{compare,divergence,search,quantize,formats,demo,run,ls,validate}")
     compare.add_parser(sub)
     divergence.add_parser(sub)
     search.add_parser(sub)
+    quantize.add_parser(sub)
     sub.add_parser("formats", help="list the element formats, their aliases and the named schemes (mxfp4, nvfp4, ...)")
     sub.add_parser("demo", help="baseline vs MXFP8 vs MXFP4 on SmolLM2-135M, offline, on CPU (make demo)", add_help=False)
     sub.add_parser("run", help="lm-eval's run command (hf-mx and offline tasks loaded)", add_help=False)
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return divergence.main(parser.parse_args(argv))
     if argv[0] == "search":
         return search.main(parser.parse_args(argv))
+    if argv[0] == "quantize":
+        return quantize.main(parser.parse_args(argv))
     if argv[0] == "demo":
         return demo.main(argv[1:])
     if argv[0] == "formats":

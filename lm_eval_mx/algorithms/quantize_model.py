@@ -1,0 +1,308 @@
+"""Quantize a loaded causal LM's selected layers once (RTN or GPTQ / MR-GPTQ) and save a packed MX checkpoint.
+
+The layers are those ``apply_mx`` would put in MX (:func:`lm_eval_mx.selection.apply.select`, the same
+candidates and :func:`~lm_eval_mx.selection.apply.layer_spec`). ``rtn`` stores exactly what ``packed=True``
+stores (``MXPackedLayer.mx_pack``, the loader's own op). ``gptq``:
+
+1. the first transformer block's inputs (positional and keyword arguments: attention mask, position embeddings,
+   ...) are captured for the calibration windows by a forward pre-hook that stops the forward;
+2. blocks run one after another (:func:`lm_eval_mx.algorithms.gptq.gptq_layers`), each calibrated on the outputs
+   of the blocks before it with their weights already quantized; inside a block the layers go in true-sequential
+   groups by role, ``[attn_qkv] [attn_out] [mlp_up] [mlp_down]`` then any other role, each group's Hessians taken
+   with the groups before it already quantized;
+3. activations stay in high precision during calibration (the GPTQ norm: ``a_format`` acts at run time only);
+   each rounded weight is written back fake-quantized (rotated back to the original domain when rotating, in the
+   weight's dtype) so that later layers see it, and its codes and scales (``GPTQResult.packed``, the scales GPTQ
+   rounded on) are kept;
+4. every selected layer becomes a packed layer (:func:`lm_eval_mx.nn.layers.convert_packed`) holding those codes.
+
+GPTQ refuses fused 3-D experts (they need one Hessian per expert, from the tokens routed to it) and layers
+outside the transformer blocks (``lm_head``): RTN handles both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn.layers import MXPackedLayer, convert_packed
+from ..nn.spec import MXSpec
+from ..numerics.packing import MXPacked, packed_layout
+from ..selection.apply import layer_spec, select
+from ..selection.config import MXConfig
+from ..selection.roles import MIXINS, Candidate
+from .gptq import GPTQLayer, GPTQOptions, GPTQResult, gptq_layers, set_fake_quantized_weight
+
+METHODS = ("rtn", "gptq")
+# True-sequential order inside a block; roles not named here come after, in one group each.
+GROUP_ORDER = ("attn_qkv", "attn_out", "mlp_up", "mlp_down")
+REPORT_FILE = "mx_quantize.json"
+
+
+class _Stop(Exception):
+    """Raised by the capture hook to end the forward at the first block."""
+
+
+@dataclass
+class Planned:
+    """A selected layer with its numerics (and, for GPTQ, its block)."""
+
+    candidate: Candidate
+    spec: MXSpec
+    block: int | None = None
+
+
+@dataclass
+class QuantizeRun:
+    """What :func:`quantize_model` did: the layers (per-layer rows) and the GPTQ results by layer name."""
+
+    method: str
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[str, GPTQResult] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"layers": len(self.layers)}
+        if self.results:
+            rs = list(self.results.values())
+            gptq_err = sum(r.hessian_error for r in rs)
+            rtn_err = sum(r.rtn_hessian_error for r in rs)
+            ratios = [r.hessian_error / r.rtn_hessian_error for r in rs if r.rtn_hessian_error > 0]
+            out.update({
+                "hessian_error": gptq_err,
+                "rtn_hessian_error": rtn_err,
+                "hessian_error_ratio": gptq_err / rtn_err if rtn_err > 0 else None,
+                "worst_layer_ratio": max(ratios) if ratios else None,
+                "layers_above_rtn": sum(r.hessian_error > r.rtn_hessian_error for r in rs),
+                "relative_damping_max": max(r.relative_damping for r in rs),
+                "cholesky_retries": sum(r.cholesky_retries for r in rs),
+                "layers_with_retries": sum(r.cholesky_retries > 0 for r in rs),
+                "dead_columns": sum(r.dead_columns for r in rs),
+            })
+        return out
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the ``nn.ModuleList`` holding the most linear layers (``model.layers``,
+    ``transformer.h``, ``model.decoder.layers`` ...)."""
+    from ..selection.roles import find_candidates
+
+    names = [c.name for c in find_candidates(model)[0]]
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            n = sum(x.startswith(f"{name}.") for x in names)
+            if n and (best is None or n > best[0]):
+                best = (n, name, module)
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: no list of transformer blocks holding linear layers was found")
+    return best[1], best[2]
+
+
+def plan(model: nn.Module, config: MXConfig, method: str) -> list[Planned]:
+    """The selected layers and their specs, as ``apply_mx`` would choose them; what the method cannot do is
+    refused here, before any work (tied lm_head; for GPTQ: fused experts and layers outside the blocks)."""
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    chosen, _, _ = select(model, config)
+    planned = []
+    for c in chosen:
+        spec = layer_spec(config, c)
+        assert spec is not None  # select() leaves out the layers rules keep in high precision
+        planned.append(Planned(c, spec))
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(text, "tie_word_embeddings", False) and any(p.candidate.role == "lm_head" for p in planned):
+        raise ValueError("the configuration selects lm_head, but this model ties it to the input embeddings "
+                         "(tie_word_embeddings=True): a checkpoint holds that weight once, as the embeddings, which "
+                         "stay in high precision; leave lm_head out (exclude=lm_head)")
+    if method == "gptq":
+        experts = [p.candidate.name for p in planned if p.candidate.kind == "experts"]
+        if experts:
+            raise ValueError(f"--method gptq does not support fused 3-D experts ({experts[0]}, {len(experts)} in all): "
+                             "each expert needs its own Hessian from the tokens routed to it. Exclude them "
+                             "(exclude=experts) or use --method rtn")
+        prefix, _ = find_blocks(model)
+        for p in planned:
+            rest = p.candidate.name[len(prefix) + 1:] if p.candidate.name.startswith(f"{prefix}.") else ""
+            index = rest.partition(".")[0]
+            if not index.isdigit():
+                raise ValueError(f"--method gptq calibrates the layers inside the transformer blocks ({prefix}.N); "
+                                 f"{p.candidate.name} ({p.candidate.role}) is outside them: exclude it "
+                                 f"(exclude={p.candidate.name.rpartition('.')[2]}) or use --method rtn")
+            p.block = int(index)
+    return planned
+
+
+class _Conv1DView:
+    """A GPT-2 ``Conv1D`` as :class:`GPTQLayer` needs a layer: ``weight`` [out, in] (a transposed view, so writes
+    reach the parameter) and the module's forward pre-hooks."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight.T
+
+    def register_forward_pre_hook(self, hook: Callable[..., Any]) -> Any:
+        return self.module.register_forward_pre_hook(hook)
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor, batch_size: int
+                         ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The (args, kwargs) the first block receives for each batch of ``windows`` [n, seqlen]."""
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append((args, dict(kwargs)))
+        raise _Stop
+
+    device = _input_device(model)
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], batch_size):
+                with contextlib.suppress(_Stop):
+                    model(windows[i : i + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    if len(captured) != -(-windows.shape[0] // batch_size):
+        raise RuntimeError(f"{type(model).__name__}: the first transformer block did not run for every calibration batch")
+    return captured
+
+
+def _run_block(_i: int, block: nn.Module, item: tuple[tuple[Any, ...], dict[str, Any]]
+               ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = item
+    out = block(*args, **kwargs)
+    hidden = out[0] if isinstance(out, (tuple, list)) else out
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _groups(planned: list[Planned]) -> list[list[Planned]]:
+    roles = list(GROUP_ORDER) + sorted({p.candidate.role for p in planned} - set(GROUP_ORDER))
+    groups = [[p for p in planned if p.candidate.role == r] for r in roles]
+    return [g for g in groups if g]
+
+
+def _gptq_layer(p: Planned) -> GPTQLayer:
+    module = _Conv1DView(p.candidate.module) if p.candidate.kind == "conv1d" else p.candidate.module
+    return GPTQLayer(p.candidate.name, module, p.spec.w, p.spec.rotation)  # type: ignore[arg-type]
+
+
+def run_gptq(model: nn.Module, planned: list[Planned], windows: torch.Tensor, options: GPTQOptions,
+             batch_size: int = 8, on_layer: Callable[[str, GPTQResult], None] | None = None) -> dict[str, GPTQResult]:
+    """Steps 1-3 of the module docstring; returns the results by layer name (each with ``.packed``)."""
+    _, blocks = find_blocks(model)
+    by_block: dict[int, list[Planned]] = {}
+    for p in planned:
+        assert p.block is not None, "plan(model, config, 'gptq') assigns blocks"
+        by_block.setdefault(p.block, []).append(p)
+    last = max(by_block)
+    items = capture_block_inputs(model, blocks[0], windows, batch_size)
+
+    def layers(i: int, _block: nn.Module) -> list[list[GPTQLayer]]:
+        return [[_gptq_layer(p) for p in g] for g in _groups(by_block.get(i, []))]
+
+    def set_weight(layer: GPTQLayer, result: GPTQResult) -> None:
+        set_fake_quantized_weight(layer, result)
+        if on_layer is not None:
+            on_layer(layer.name, result)
+
+    return gptq_layers(list(blocks)[: last + 1], _run_block, layers, items, options, set_weight)
+
+
+def _store(module: MXPackedLayer, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    for key, value in tensors.items():
+        setattr(module, key, nn.Parameter(value.contiguous(), requires_grad=False))
+
+
+def pack_layer(p: Planned, packed: MXPacked | None, gemm: str = "dequant") -> None:
+    """Turn a selected layer into a packed MX layer in place: the codes of ``packed`` (GPTQ's), or RTN's
+    (``mx_pack`` of its weight, what ``packed=True`` stores) when None."""
+    c = p.candidate
+    weights = {n: getattr(c.module, n).detach() for n in MIXINS[c.kind].MX_WEIGHTS
+               if isinstance(getattr(c.module, n, None), torch.Tensor)}
+    module = convert_packed(c.module, MIXINS[c.kind], p.spec, c.role, gemm)
+    assert isinstance(module, MXPackedLayer)
+    for name, w in weights.items():
+        if packed is None:
+            with torch.no_grad():
+                tensors = module.mx_pack(name, w)
+        else:
+            shape = module.mx_shapes[name]
+            codes_shape, scales_shape, _ = packed_layout(shape, p.spec.w.elem, p.spec.w.block_size)
+            tensors = {name: packed.codes.reshape(codes_shape), f"{name}_scales": packed.scales.reshape(scales_shape)}
+            if packed.tensor_scale is not None:
+                tensors[f"{name}_tensor_scale"] = packed.tensor_scale.to(torch.float32).reshape(shape[:-2])
+        _store(module, name, tensors)
+
+
+def quantize_model(model: nn.Module, config: MXConfig, method: str, windows: torch.Tensor | None = None,
+                   options: GPTQOptions | None = None, progress: bool = False, batch_size: int = 8) -> QuantizeRun:
+    """Quantize ``model``'s selected layers in place with ``method`` and leave them packed (see the module
+    docstring); ``windows`` [n, seqlen] token ids are GPTQ's calibration inputs."""
+    model.eval()
+    planned = plan(model, config, method)
+    run = QuantizeRun(method)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(planned), desc=f"{method.upper()}: quantizing", unit="layer")
+    try:
+        if method == "gptq":
+            if windows is None or windows.numel() == 0:
+                raise ValueError("--method gptq needs calibration windows")
+
+            def on_layer(name: str, result: GPTQResult) -> None:
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{name} err/rtn={result.hessian_error / max(result.rtn_hessian_error, 1e-30):.3f}")
+
+            run.results = run_gptq(model, planned, windows, options or GPTQOptions(), batch_size, on_layer)
+        for p in planned:
+            result = run.results.get(p.candidate.name)
+            pack_layer(p, None if result is None else result.packed, config.packed_gemm)
+            row: dict[str, Any] = {"name": p.candidate.name, "role": p.candidate.role, "kind": p.candidate.kind,
+                                   "w_format": p.spec.w.name,
+                                   "rotation": p.spec.rotation.label() if p.spec.rotation else None}
+            if result is not None:
+                row.update(hessian_error=result.hessian_error, rtn_hessian_error=result.rtn_hessian_error,
+                           damping=result.damping, relative_damping=result.relative_damping,
+                           cholesky_retries=result.cholesky_retries, dead_columns=result.dead_columns)
+            elif bar is not None:
+                bar.update(1)
+            run.layers.append(row)
+    finally:
+        if bar is not None:
+            bar.close()
+    return run
+
+
+def save_quantized(model: nn.Module, tokenizer: Any, config: MXConfig, origin: dict[str, Any], run: QuantizeRun,
+                   out_dir: str | Path) -> None:
+    """``save_pretrained`` of the packed model with ``MXQuantizationConfig(config, origin)`` as its quantization
+    config, the tokenizer, and the per-layer report (:data:`REPORT_FILE`)."""
+    from ..hf.quantizer import MXQuantizationConfig
+
+    out = Path(out_dir)
+    model.config.quantization_config = MXQuantizationConfig(config, origin=origin)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / REPORT_FILE).write_text(json.dumps({"origin": origin, "layers": run.layers}, indent=2) + "\n")

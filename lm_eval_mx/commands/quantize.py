@@ -1,0 +1,213 @@
+"""``lm-eval-mx quantize``: round the selected weights once (RTN, or GPTQ / MR-GPTQ on calibration text) and save
+a packed MX checkpoint that ``AutoModelForCausalLM.from_pretrained`` and ``hf-mx`` load as stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+
+IGNORED_MX_KEYS = ("packed", "packed_gemm", "mx_keep_original")
+GPTQ_FLAGS = {"block_columns": "--block_columns", "damp": "--damp", "act_order": "--act_order", "scales": "--scales"}
+DEFAULTS = {"block_columns": 128, "damp": 0.01, "act_order": False, "scales": "static"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="round the selected weights once (GPTQ / MR-GPTQ or RTN) and save a packed MX checkpoint",
+        description="Quantize the layers that the MX keys select, with error-compensating rounding (GPTQ; with "
+                    "rotation=hadamard, MR-GPTQ) on calibration text, or round to nearest, and save the model as a "
+                    "packed MX checkpoint (codes, scales, tokenizer, the MX config and how the codes were made).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  lm-eval-mx quantize --model_args pretrained=PATH,format=mxfp4 --method gptq \\\n"
+            "      --calibration tasks/corpus/*.txt --output out/mxfp4-gptq\n"
+            "  lm-eval-mx quantize --model_args pretrained=PATH,format=nvfp4,rotation=hadamard --method gptq \\\n"
+            "      --calibration piqa_offline --nsamples 128 --seqlen 512 --output out/nvfp4-mrgptq\n"
+            "  lm-eval-mx quantize --model_args pretrained=PATH,w_format=fp4,a_format=fp8,roles=mlp --method rtn \\\n"
+            "      --output out/mlp-rtn\n"
+            "then: lm-eval-mx run --model hf-mx --model_args pretrained=out/mxfp4-gptq --tasks piqa_offline\n"
+            "The output loads with AutoModelForCausalLM.from_pretrained(DIR) after `import lm_eval_mx.hf.quantizer`."
+        ),
+    )
+    p.add_argument("--model_args", required=True,
+                   help="pretrained=PATH, hf args (dtype=..., trust_remote_code=...) and the MX keys that select "
+                        "layers and formats (format=, w_format=, a_format=, roles=, rotation=, ...)")
+    p.add_argument("--method", required=True, choices=("gptq", "rtn"),
+                   help="gptq: error-compensating rounding on calibration text (MR-GPTQ with rotation=hadamard); "
+                        "rtn: round to nearest, what packed=True stores")
+    p.add_argument("--output", required=True, metavar="DIR", help="the checkpoint directory to write")
+    p.add_argument("--calibration", nargs="+", default=None, metavar="FILES_OR_TASK",
+                   help="gptq: UTF-8 text files, or one lm-eval task name (its documents' text + gold continuation)")
+    p.add_argument("--nsamples", type=int, default=128, help="gptq: calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="gptq: tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="gptq: seed of the window draw (default 0)")
+    p.add_argument("--block_columns", type=int, default=None, help="gptq: columns per lazy batch update (default 128)")
+    p.add_argument("--damp", type=float, default=None, help="gptq: relative damping of diag(H) (default 0.01)")
+    p.add_argument("--act_order", action="store_true", default=None,
+                   help="gptq: columns in decreasing diag(H) order (static scales only)")
+    p.add_argument("--scales", choices=("static", "lazy"), default=None,
+                   help="gptq: block scales from the original weight (static, default) or when a block is reached (lazy)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (a model directory)")
+
+
+def check_output(path: str, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {path} is a file, not a directory")
+    if not out.parent.is_dir():
+        raise ValueError(f"--output {path}: the parent directory {out.parent} does not exist")
+    if out.exists():
+        if not overwrite:
+            raise ValueError(f"--output {path} exists; pass --overwrite to replace it")
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise ValueError(f"--output {path} holds files but no config.json: --overwrite replaces only a model "
+                             "directory; choose another DIR")
+    return out
+
+
+def gptq_options(ns: argparse.Namespace) -> Any:
+    """The GPTQ options, refusing them with --method rtn and bad values (the engine's own checks)."""
+    from ..algorithms.gptq import GPTQOptions
+
+    given = [flag for key, flag in GPTQ_FLAGS.items() if getattr(ns, key) is not None]
+    if ns.method == "rtn":
+        unused = given + [f"--{k}" for k in ("calibration",) if ns.calibration is not None]
+        unused += [f"--{k}" for k in ("nsamples", "seqlen", "seed") if getattr(ns, k) != {"nsamples": 128, "seqlen": 512,
+                                                                                            "seed": 0}[k]]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} would be ignored: --method rtn rounds each weight to nearest, "
+                             "without calibration")
+        return None
+    values = {k: DEFAULTS[k] if getattr(ns, k) is None else getattr(ns, k) for k in GPTQ_FLAGS}
+    if not math.isfinite(values["damp"]):
+        raise ValueError(f"--damp must be a finite number >= 0, got {values['damp']}")
+    if values["act_order"] and values["scales"] == "lazy":
+        raise ValueError("--act_order needs --scales static: with columns out of order a block's scale cannot wait "
+                         "for its first column")
+    try:
+        return GPTQOptions(**values)
+    except ValueError as e:
+        raise ValueError(str(e).replace("GPTQ block_columns", "--block_columns").replace("GPTQ damp", "--damp")) from None
+
+
+def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list[str] | None]:
+    """(hf args, MXConfig, GPTQOptions or None, calibration texts): every check that needs no model."""
+    from ..selection.config import parse_mx_args
+    from .args import parse_kv, resolve_device
+
+    args = parse_kv(ns.model_args, "--model_args")
+    if "pretrained" not in args:
+        raise ValueError("--model_args needs pretrained=<model path or hub id>")
+    ignored = [k for k in IGNORED_MX_KEYS if k in args]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)} would be ignored: quantize always writes packed codes (load the "
+                         "output with packed layers; the GEMM is chosen when it loads); drop them from --model_args")
+    config, rest = parse_mx_args(args)
+    if not config.selects_layers:
+        raise ValueError("the MX keys select no layer (roles=none): there is nothing to quantize")
+    options = gptq_options(ns)
+    texts = None
+    if ns.method == "gptq":
+        for key in ("nsamples", "seqlen"):
+            if getattr(ns, key) < 1:
+                raise ValueError(f"--{key} must be >= 1, got {getattr(ns, key)}")
+        if not ns.calibration:
+            raise ValueError("--method gptq needs --calibration: text files or one lm-eval task name")
+        from ..algorithms.calibration import read_texts
+
+        texts, _ = read_texts(ns.calibration)
+    check_output(ns.output, ns.overwrite)
+    rest["device"] = resolve_device(ns.device, rest)
+    from ..hf.model import check_hf_args, check_model_args
+
+    check_model_args(rest)
+    check_hf_args(config, rest)
+    return rest, config, options, texts
+
+
+def render(run: Any, out: Path, tokens: int | None) -> Any:
+    """A short table: one row per role (layers, formats, rotations, and for GPTQ the summed Hessian-weighted errors
+    against RTN's, the worst layer's ratio, retries); mx_quantize.json in DIR has every layer."""
+    from rich.table import Table
+
+    t = Table(title=f"lm-eval-mx quantize --method {run.method}: {len(run.layers)} layers packed in {out}")
+    cols = ["role", "layers", "format", "rotation"]
+    if run.results:
+        cols += ["Σ H-error", "Σ RTN H-error", "ratio", "worst layer", "max damp", "retries"]
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("role", "format", "rotation") else "right")
+    roles: dict[str, list[dict[str, Any]]] = {}
+    for row in run.layers:
+        roles.setdefault(row["role"], []).append(row)
+    for role, rows in roles.items():
+        cells = [role, str(len(rows)), ",".join(sorted({r["w_format"] for r in rows})),
+                 ",".join(sorted({r["rotation"] or "-" for r in rows}))]
+        if run.results:
+            err, rtn = sum(r["hessian_error"] for r in rows), sum(r["rtn_hessian_error"] for r in rows)
+            worst = max(rows, key=lambda r: r["hessian_error"] / r["rtn_hessian_error"] if r["rtn_hessian_error"] > 0
+                        else 0.0)
+            wr = worst["hessian_error"] / worst["rtn_hessian_error"] if worst["rtn_hessian_error"] > 0 else float("nan")
+            cells += [f"{err:.4g}", f"{rtn:.4g}", f"{err / rtn:.3f}" if rtn > 0 else "-", f"{wr:.3f}",
+                      f"{max(r['relative_damping'] for r in rows):g}", str(sum(r["cholesky_retries"] for r in rows))]
+        t.add_row(*cells)
+    if run.results:
+        s = run.summary()
+        t.caption = (f"ratio = GPTQ's Hessian-weighted error tr(ΔWᵀ H ΔW) / RTN's; all layers: "
+                     f"{s['hessian_error_ratio']:.4f}; layers above RTN: {s['layers_above_rtn']}; calibration "
+                     f"tokens: {tokens}; per layer: {out}/mx_quantize.json")
+    return t
+
+
+def main(ns: argparse.Namespace) -> int:
+    """Check every input, load the model, quantize, save, print the summary."""
+    from rich.console import Console
+
+    try:
+        hf_args, config, options, texts = parse_inputs(ns)
+    except ValueError as e:
+        raise SystemExit(f"lm-eval-mx quantize: {e}") from None
+
+    from ..algorithms.calibration import calibration_windows
+    from ..algorithms.gptq import GPTQError
+    from ..algorithms.quantize_model import quantize_model, save_quantized
+    from ..hf.model import HFMXLM
+
+    lm = HFMXLM(**hf_args, roles="none")
+    windows, tokens = None, None
+    try:
+        if ns.method == "gptq":
+            windows, tokens = calibration_windows(lm.tokenizer, texts, ns.nsamples, ns.seqlen, ns.seed)
+        run = quantize_model(lm.model, config, ns.method, windows, options, progress=True)
+    except (ValueError, GPTQError) as e:  # inputs only the model can judge (selection, text too short), Cholesky
+        raise SystemExit(f"lm-eval-mx quantize: {e}") from None
+    origin: dict[str, Any] = {"method": ns.method, "lm_eval_mx_version": __version__}
+    if options is not None:
+        origin["gptq"] = {"block_columns": options.block_columns, "damp": options.damp, "act_order": options.act_order,
+                          "scales": options.scales, "groups": "true-sequential by role: attn_qkv, attn_out, mlp_up, "
+                          "mlp_down, then other roles", "activations": "high precision during calibration"}
+        origin["calibration"] = {"source": list(ns.calibration), "nsamples": ns.nsamples, "seqlen": ns.seqlen,
+                                 "seed": ns.seed, "tokens": tokens}
+        origin["diagnostics"] = run.summary()
+    out = Path(ns.output)
+    # written next to DIR first, so that a failure leaves DIR as it was
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_quantized(lm.model, lm.tokenizer, config, origin, run, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    Console(width=160, stderr=False).print(render(run, out, tokens))
+    return 0
