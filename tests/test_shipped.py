@@ -39,6 +39,11 @@ def _calibrate(model) -> dict[str, float]:
     return amax
 
 
+def _qc(path: str) -> dict:
+    with open(f"{path}/config.json") as f:
+        return json.load(f)["quantization_config"]
+
+
 def _copy_tokenizer(src: str, out: str) -> None:
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(f"{src}/{f}", f"{out}/{f}")
@@ -96,7 +101,7 @@ def ct_reference_weights(path: str, dtype: torch.dtype = torch.float32) -> dict[
     from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.quantization.lifecycle.forward import dequantize
 
-    cfg = json.loads(open(f"{path}/config.json").read())["quantization_config"]
+    cfg = _qc(path)
     scheme = QuantizationScheme.model_validate(cfg["config_groups"]["group_0"])
     compressor = BaseCompressor.get_value_from_registry(cfg["format"])
     tensors = load_file(f"{path}/model.safetensors")
@@ -191,3 +196,195 @@ def test_ct_nvfp4_overrides(ct_nvfp4, src):
     lm = _lm(ct_nvfp4, a_format="nvfp4")  # dynamic: each input's own amax
     with torch.no_grad():
         assert torch.equal(lm.model(IDS).logits, reference_logits(src, ct_nvfp4, want, lambda n, x: quantize_torch(x, NVFP4)))
+
+
+def write_modelopt(src: str, out: str, weight_only: bool = False) -> dict[str, torch.Tensor]:
+    """A ModelOpt NVFP4 export as ``export_hf_checkpoint`` writes one: per quantized Linear ``weight`` (uint8),
+    ``weight_scale`` (E4M3), ``weight_scale_2`` and ``input_scale`` (float32 scalars, amax/2688); other tensors in bf16;
+    hf_quant_config.json and config.json's quantization_config (``convert_hf_quant_config_format``)."""
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    amax = _calibrate(model)
+    tensors = {}
+    for key, t in model.state_dict().items():
+        name, _, leaf = key.rpartition(".")
+        if leaf == "weight" and name in amax and name != "lm_head":
+            tensors.update({f"{name}.{k}": v for k, v in L.encode_modelopt_nvfp4(t.float()).items()})
+            if not weight_only:
+                tensors[f"{name}.input_scale"] = (amax[name] / 2688.0).reshape(())
+        else:
+            tensors[key] = t.contiguous()
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    model.config.save_pretrained(out)
+    save_file(tensors, f"{out}/model.safetensors", metadata={"format": "pt"})
+    algo = "W4A16_NVFP4" if weight_only else "NVFP4"
+    hf_quant = {"producer": {"name": "modelopt", "version": "0.47.0"},
+                "quantization": {"quant_algo": algo, "kv_cache_quant_algo": None, "group_size": 16,
+                                 "exclude_modules": ["lm_head"]}}
+    with open(f"{out}/hf_quant_config.json", "w") as f:
+        json.dump(hf_quant, f, indent=4)
+    group = {"weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}, "targets": ["Linear"]}
+    if not weight_only:
+        group["input_activations"] = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+    with open(f"{out}/config.json") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"config_groups": {"group_0": group}, "ignore": ["lm_head"], "quant_algo": algo,
+                                  "producer": hf_quant["producer"], "quant_method": "modelopt"}
+    with open(f"{out}/config.json", "w") as f:
+        json.dump(cfg, f, indent=4)
+    _copy_tokenizer(src, out)
+    return tensors
+
+
+@pytest.mark.parametrize("weight_only", [False, True], ids=["NVFP4", "W4A16_NVFP4"])
+def test_modelopt_nvfp4(src, tmp_path, weight_only):
+    out = str(tmp_path / "modelopt")
+    tensors = write_modelopt(src, out, weight_only)
+    lm = _lm(out)
+    held = _held(lm)
+    want = {k.removesuffix(".weight_scale_2"): L.decode_modelopt_nvfp4(
+        tensors[f"{k.removesuffix('_scale_2')}"], tensors[k.replace("_scale_2", "_scale")], tensors[k])
+        for k in tensors if k.endswith(".weight_scale_2")}
+    assert set(held) == set(want)
+    for n, w in want.items():
+        assert torch.equal(held[n], w), n
+    a = dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC)
+
+    def act(n, x):  # static NVFP4 with ModelOpt's input_scale as the per-tensor scale
+        return quantize_torch(x, a, static_scale=tensors[f"{n}.input_scale"].item())
+
+    with torch.no_grad():
+        assert torch.equal(lm.model(IDS).logits, reference_logits(src, out, want, None if weight_only else act))
+    info = lm.get_model_info()["mx_checkpoint"]
+    assert info["format"] == ("ModelOpt W4A16_NVFP4" if weight_only else "ModelOpt NVFP4")
+    assert info["layers"]["model.layers.1.mlp.down_proj"]["a"] is (None if weight_only else info["layers"][
+        "model.layers.1.mlp.down_proj"]["a"])
+
+
+def test_modelopt_from_hf_quant_config_alone(src, tmp_path):
+    out = str(tmp_path / "mo")
+    write_modelopt(src, out)
+    with open(f"{out}/config.json") as f:
+        cfg = json.load(f)
+    del cfg["quantization_config"]  # older exports: hf_quant_config.json only
+    with open(f"{out}/config.json", "w") as f:
+        json.dump(cfg, f)
+    assert _lm(out).get_model_info()["mx_checkpoint"]["format"] == "ModelOpt NVFP4"
+
+
+def test_ct_mxfp4(src, tmp_path):
+    out = str(tmp_path / "ct_mxfp4")
+    write_ct(src, out, "MXFP4")
+    assert _qc(out)["format"] == "mxfp4-pack-quantized"
+    lm = _lm(out)
+    want = ct_reference_weights(out, torch.bfloat16)  # exact in bf16: value times a power of two
+    held = _held(lm)
+    assert set(held) == set(want)
+    for n, w in want.items():
+        assert torch.equal(held[n], w.float()), n
+    with torch.no_grad():
+        got = lm.model(IDS).logits
+    ref = reference_logits(src, out, {n: w.float() for n, w in want.items()}, lambda n, x: quantize_torch(x, L.CT_MXFP4))
+    assert torch.equal(got, ref)
+
+
+def _rewrite(path: str, edit) -> None:
+    t = load_file(f"{path}/model.safetensors")
+    edit(t)
+    save_file(t, f"{path}/model.safetensors", metadata={"format": "pt"})
+
+
+def _copy(path: str, tmp_path) -> str:
+    out = str(tmp_path / "copy")
+    shutil.copytree(path, out)
+    return out
+
+
+def test_both_global_scale_conventions(ct_nvfp4, tmp_path):
+    """A weight_global_scale whose reciprocal is exact keeps ts·s8 (kernels apply); one without keeps s8/gs as the
+    library divides; both decode bit for bit as compressed-tensors does."""
+    out = _copy(ct_nvfp4, tmp_path)
+    q, d = "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"
+    s8 = load_file(f"{out}/model.safetensors")[f"{q}.weight_scale"].float().unique()
+    inexact = None
+    for v in torch.linspace(300.0, 3000.0, 2000):
+        gs = v.reshape(1).float()
+        try:
+            L.ct_nvfp4_to_packed(torch.zeros(1, 8, dtype=torch.uint8), s8[:1].reshape(1, 1).to(torch.float8_e4m3fn), gs)
+            L.ct_nvfp4_to_packed(torch.zeros(1, 8 * len(s8), dtype=torch.uint8),
+                                 s8.reshape(1, -1).to(torch.float8_e4m3fn), gs)
+        except ValueError:
+            inexact = gs
+            break
+    assert inexact is not None
+
+    def edit(t):
+        t[f"{q}.weight_global_scale"] = torch.tensor([256.0])
+        t[f"{d}.weight_global_scale"] = inexact
+    _rewrite(out, edit)
+    lm = _lm(out)
+    layers = lm.get_model_info()["mx_checkpoint"]["layers"]
+    assert layers[q]["weight_multiplier"] == "ts*s8" and layers[d]["weight_multiplier"] == "s8/gs"
+    held, want = _held(lm), ct_reference_weights(out)
+    for n in (q, d):
+        assert torch.equal(held[n], want[n]), n
+
+
+@pytest.mark.parametrize(("qc", "needle"), [
+    ({"quant_method": "awq", "bits": 4}, "awq"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "gptq"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes"),
+    ({"quant_method": "fbgemm_fp8"}, "fbgemm_fp8"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+      "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+                                    "targets": ["Linear"]}}}, "float-quantized"),
+    ({"quant_method": "modelopt", "quant_algo": "FP8"}, "FP8"),
+])
+def test_unsupported_configs_name_what_is_supported(src, tmp_path, qc, needle):
+    out = str(tmp_path / "q")
+    shutil.copytree(src, out)
+    with open(f"{out}/config.json") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = qc
+    with open(f"{out}/config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="Supported quantized checkpoints") as e:
+        _lm(out)
+    assert needle in str(e.value) and "nvfp4-pack-quantized" in str(e.value) and "ModelOpt" in str(e.value)
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight_scale"), "model.layers.1.mlp.up_proj.weight_scale"),
+    (lambda t: t.pop("model.layers.0.self_attn.k_proj.input_global_scale"),
+     "model.layers.0.self_attn.k_proj.input_global_scale"),
+    (lambda t: t.__setitem__("model.layers.0.mlp.down_proj.weight_packed",
+                             t["model.layers.0.mlp.down_proj.weight_packed"][:, :40].contiguous()),
+     "model.layers.0.mlp.down_proj"),
+    (lambda t: t.__setitem__("model.layers.0.mlp.down_proj.weight_scale",
+                             t["model.layers.0.mlp.down_proj.weight_scale"].float()),
+     "model.layers.0.mlp.down_proj"),
+    (lambda t: t.__setitem__("model.layers.1.self_attn.q_proj.weight", torch.zeros(64, 64, dtype=torch.bfloat16)),
+     "model.layers.1.self_attn.q_proj.weight"),
+    (lambda t: t.__setitem__("lm_head.weight_scale", torch.ones(320, 4).to(torch.float8_e4m3fn)), "lm_head.weight_scale"),
+    (lambda t: t.pop("model.norm.weight"), "model.norm.weight"),
+], ids=["missing_scale", "missing_input_scale", "shape", "dtype", "dense_weight_of_quantized", "scale_of_ignored",
+        "missing_plain"])
+def test_tensors_that_disagree_with_the_config_are_named(ct_nvfp4, tmp_path, edit, needle):
+    out = _copy(ct_nvfp4, tmp_path)
+    _rewrite(out, edit)
+    with pytest.raises(ValueError, match="nothing was evaluated") as e:
+        _lm(out)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (dict(w_format="fp8"), "w_format"), (dict(format="nvfp4"), "format"), (dict(roles="mlp"), "roles"),
+    (dict(rotation="hadamard"), "not rotated"), (dict(packed=True), "packed"),
+])
+def test_mx_keys_that_would_requantize_are_refused(ct_nvfp4, extra, needle, monkeypatch):
+    import lm_eval_mx.hf.shipped as shipped
+
+    monkeypatch.setattr(shipped, "load_shipped", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match=needle):
+        _lm(ct_nvfp4, **extra)

@@ -370,6 +370,13 @@ class HFMXLM(HFLM):
             quantization_config = gguf_dequantize_config()
         super()._create_model(*args, quantization_config=quantization_config, **kwargs)
 
+    def _get_config(self, *args: Any, **kwargs: Any) -> None:
+        """HFLM's config; a shipped checkpoint's quantization_config is kept aside (``mx_shipped`` describes it),
+        since transformers has no quantizer for some of these formats and hf-mx loads their weights itself."""
+        super()._get_config(*args, **kwargs)
+        if getattr(self, "mx_shipped", None) is not None and hasattr(self._config, "quantization_config"):
+            del self._config.quantization_config
+
     def _create_shipped(self, pretrained: str, revision: str | None = "main", dtype: Any = "auto",
                         trust_remote_code: bool | None = False, **kwargs: Any) -> None:
         """The model of a shipped checkpoint, its quantized layers packed as stored (:mod:`.shipped`)."""
