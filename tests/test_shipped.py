@@ -388,3 +388,17 @@ def test_mx_keys_that_would_requantize_are_refused(ct_nvfp4, extra, needle, monk
     monkeypatch.setattr(shipped, "load_shipped", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ValueError, match=needle):
         _lm(ct_nvfp4, **extra)
+
+
+def test_gpt_oss_and_placement_refused(src, ct_nvfp4, tmp_path):
+    out = str(tmp_path / "gptoss")
+    shutil.copytree(src, out)
+    with open(f"{out}/config.json") as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]}
+    with open(f"{out}/config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match=r"gpt-oss MXFP4.*not supported yet"):
+        _lm(out)
+    with pytest.raises(ValueError, match="parallelize"):
+        _lm(ct_nvfp4, parallelize=True)

@@ -276,6 +276,11 @@ class HFMXLM(HFLM):
         self.mx_stored, self.mx_shipped = detect_checkpoint({"pretrained": pretrained, **rest})
         if self.mx_shipped is not None:  # another tool's quantized weights, as stored
             _check_packed_args(pretrained, self.mx_keep_original, rest, f"{pretrained} ({self.mx_shipped.name})")
+            placed = [k for k in ("device_map", "parallelize", "tp_plan") if rest.get(k) not in (None, False, "False",
+                                                                                                  "false", "")]
+            if placed:
+                raise ValueError(f"hf-mx: {pretrained} ({self.mx_shipped.name}) loads on CPU, then moves to `device`; "
+                                 f"{', '.join(placed)} is not supported for such checkpoints yet")
             config = self._shipped_config(pretrained, config)
             check_hf_args(config, rest)
         elif self.mx_stored is not None:  # the checkpoint's codes run as stored, with its recorded configuration
