@@ -136,7 +136,7 @@ def test_compare_evaluates_stored_checkpoints_beside_configurations(tmp_path, mo
 
 @pytest.mark.parametrize(("value", "match"), [
     ("{tmp}/nothing", "is not a model directory"),
-    ("x={src}", "does not store packed MX weights"),
+    ("x={src}", "is not quantized"),
     ("={src}", "give DIR or LABEL=DIR"),
 ])
 def test_compare_checkpoint_refusals(tmp_path, value, match):

@@ -132,9 +132,9 @@ def run_configs(
     progress: bool = True,
     checkpoints: list[tuple[str, str]] = (),  # type: ignore[assignment]
 ) -> list[Run]:
-    """Evaluate the baseline then each MX configuration on one model copy, then each stored checkpoint
-    ((label, directory): packed MX weights, e.g. ``lm-eval-mx quantize`` outputs) as it is stored; every argument is
-    checked first, before the model loads."""
+    """Evaluate the baseline then each MX configuration on one model copy, then each quantized checkpoint
+    ((label, directory): ``lm-eval-mx quantize`` outputs, compressed-tensors or ModelOpt exports) as it is stored;
+    every argument is checked first, before the model loads."""
     check_against_model_args(base_args, configs)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -191,9 +191,9 @@ def run_configs(
 
 
 def parse_checkpoints(values: list[str]) -> list[tuple[str, str]]:
-    """``--checkpoint [LABEL=]DIR``: (label, directory) of checkpoints that store packed MX weights, checked before
-    anything loads (label: the directory's name by default)."""
-    from ..hf.model import stored_mx
+    """``--checkpoint [LABEL=]DIR``: (label, directory) of quantized checkpoints hf-mx evaluates as stored (packed
+    MX, compressed-tensors, ModelOpt), checked before anything loads (label: the directory's name by default)."""
+    from ..hf.model import detect_checkpoint
 
     out = []
     for value in values:
@@ -203,10 +203,9 @@ def parse_checkpoints(values: list[str]) -> list[tuple[str, str]]:
             raise ValueError(f"--checkpoint {value!r}: give DIR or LABEL=DIR")
         if not (Path(path) / "config.json").is_file():
             raise ValueError(f"--checkpoint {value!r}: {path} is not a model directory (no config.json)")
-        if stored_mx({"pretrained": path}) is None:
-            raise ValueError(f"--checkpoint {value!r}: {path} does not store packed MX weights (its config.json has "
-                             "no quantization_config with quant_method 'mx'); evaluate a high-precision model with "
-                             "--model_args and --config")
+        if detect_checkpoint({"pretrained": path}) == (None, None):  # raises on a format hf-mx cannot read
+            raise ValueError(f"--checkpoint {value!r}: {path} is not quantized (its config.json has no "
+                             "quantization_config); evaluate a high-precision model with --model_args and --config")
         out.append((label, path))
     return out
 
@@ -234,8 +233,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="one MX configuration in model_args syntax (repeatable), e.g. format=fp4,mlp_only=True")
     p.add_argument("--sweep", default=None, help="grid of MX configurations: 'key=v1,v2 key2=v3,v4'")
     p.add_argument("--checkpoint", action="append", default=[], metavar="[LABEL=]DIR",
-                   help="also evaluate a checkpoint of packed MX weights as stored (repeatable), e.g. the output of "
-                        "lm-eval-mx quantize; the baseline is --model_args' model")
+                   help="also evaluate a quantized checkpoint as stored (repeatable): an lm-eval-mx quantize output, "
+                        "a compressed-tensors or ModelOpt NVFP4/MXFP4 export; the baseline is --model_args' model")
     p.add_argument("--results", nargs="+", default=None, metavar="JSON",
                    help="tabulate existing lm-eval results files instead of running (first = baseline)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (integer >= 1) or a fraction in (0, 1)")

@@ -139,22 +139,33 @@ def _quant_method(config: Any) -> str:
 _BESIDE_STORED = frozenset({"mx_backend", "packed_gemm"})
 
 
-def stored_mx(args: dict[str, Any]) -> Any:
-    """The ``MXQuantizationConfig`` of a checkpoint that stores packed MX weights (``lm-eval-mx quantize``, or
-    ``save_pretrained`` of a ``packed=True`` model), else None. A config that cannot be read here is left for
-    HFLM to report."""
+# Keys beside a checkpoint quantized by another tool (hf.shipped): run-time keys, and the activation overrides
+# (a_format with the keys shaping its scheme, weight_only). The weights are the checkpoint's.
+_BESIDE_SHIPPED = _BESIDE_STORED | {"a_format", "weight_only"}
+_ACT_SCHEME_KEYS = frozenset({"block_size", "scale_format", "tensor_scale", "rounding", "scale_bits", "scale_mode"})
+
+
+def detect_checkpoint(args: dict[str, Any]) -> tuple[Any, Any]:
+    """What a checkpoint stores, read from its config before loading, in one place: ``(MXQuantizationConfig, None)``
+    for packed MX weights (``lm-eval-mx quantize``, or ``save_pretrained`` of a ``packed=True`` model),
+    ``(None, Shipped)`` for a format of another tool that hf-mx reads as stored (:mod:`lm_eval_mx.hf.shipped`),
+    ``(None, None)`` for an unquantized one. Any other quantization_config raises, naming the supported formats.
+    A config that cannot be read here is left for HFLM to report."""
     if not isinstance(args.get("pretrained"), str):
-        return None
+        return None, None
     try:
         cfg = _read_config(args)
     except Exception:  # HFLM reads it again and reports why it cannot
-        return None
+        return None, None
     stored = getattr(cfg, "quantization_config", None)
-    if _quant_method(stored) != "mx":
-        return None
-    from .quantizer import MXQuantizationConfig  # registers quant_method="mx" with transformers
+    if _quant_method(stored) == "mx":
+        from .quantizer import MXQuantizationConfig  # registers quant_method="mx" with transformers
 
-    return stored if isinstance(stored, MXQuantizationConfig) else MXQuantizationConfig.from_dict(dict(stored))
+        mx = stored if isinstance(stored, MXQuantizationConfig) else MXQuantizationConfig.from_dict(dict(stored))
+        return mx, None
+    from .shipped import read_quant_config, recognise
+
+    return None, recognise(read_quant_config(args["pretrained"], cfg))
 
 
 def _check_packed_args(pretrained: Any, keep_original: bool, args: dict[str, Any], what: str = "packed=True") -> None:
@@ -256,8 +267,17 @@ class HFMXLM(HFLM):
         check_hf_args(config, rest)
         self.mx_keep_original = _as_bool("mx_keep_original", rest.pop("mx_keep_original", False))
         self._mx_packed = None
-        self.mx_stored = stored_mx({"pretrained": pretrained, **rest})
-        if self.mx_stored is not None:  # the checkpoint's codes run as stored, with its recorded configuration
+        self.mx_stored, self.mx_shipped = detect_checkpoint({"pretrained": pretrained, **rest})
+        if self.mx_shipped is not None:  # another tool's quantized weights, as stored
+            _check_packed_args(pretrained, self.mx_keep_original, rest, f"{pretrained} ({self.mx_shipped.name})")
+            placed = [k for k in ("device_map", "parallelize", "tp_plan") if rest.get(k) not in (None, False, "False",
+                                                                                                  "false", "")]
+            if placed:
+                raise ValueError(f"hf-mx: {pretrained} ({self.mx_shipped.name}) loads on CPU, then moves to `device`; "
+                                 f"{', '.join(placed)} is not supported for such checkpoints yet")
+            config = self._shipped_config(pretrained, config)
+            check_hf_args(config, rest)
+        elif self.mx_stored is not None:  # the checkpoint's codes run as stored, with its recorded configuration
             config = self._stored_config(pretrained, config)
             _check_packed_args(pretrained, self.mx_keep_original, rest, f"{pretrained} (packed MX weights)")
             check_hf_args(config, rest)
@@ -271,10 +291,53 @@ class HFMXLM(HFLM):
             for _, m in mx_layers(self._model):  # the run-time keys given beside the checkpoint
                 m.mx_spec = dataclasses.replace(m.mx_spec, backend=config.mx_backend)
                 m.mx_gemm = config.packed_gemm
-        if config.packed:
+        if self.mx_shipped is not None:
+            self._mx_record(config, self._shipped_report)
+            blob = json.dumps([config.to_dict(), self.mx_shipped.describe(), self._shipped_layers], sort_keys=True,
+                              default=str).encode()
+            self.mx_cache_tag = "mx-" + hashlib.sha1(blob).hexdigest()[:12]
+        elif config.packed:
             self._mx_record(config, self._model.hf_quantizer.mx_report)
         else:
             self.set_mx(config)
+
+    def _shipped_config(self, pretrained: str, given: MXConfig) -> MXConfig:
+        """The activation scheme and run-time keys beside a shipped checkpoint (the weights are its own); what
+        would re-quantize or reinterpret the stored weights is refused before loading."""
+        shipped = self.mx_shipped
+        clash = sorted(given.given - _BESIDE_SHIPPED - (_ACT_SCHEME_KEYS if "a_format" in given.given else set()))
+        if clash:
+            rot = [k for k in clash if k.startswith("rotation")]
+            why = ("its stored weights are not rotated, so inputs cannot be rotated to match" if rot else
+                   "they would re-quantize or reinterpret the stored weights")
+            raise ValueError(
+                f"hf-mx: {pretrained} is a {shipped.name} checkpoint, evaluated with its weights as stored; "
+                f"{', '.join(clash)}: {why}. Beside it only {', '.join(sorted(_BESIDE_SHIPPED))} (and, with "
+                f"a_format, {', '.join(sorted(_ACT_SCHEME_KEYS))} for the activation scheme) may be given"
+            )
+        if "weight_only" in given.given and "a_format" in given.given and given.weight_only:
+            raise ValueError("hf-mx: weight_only=True and a_format contradict each other; give one")
+        if "weight_only" in given.given and not given.weight_only and shipped.activations is None \
+                and "a_format" not in given.given:
+            raise ValueError(f"hf-mx: {pretrained} is weight-only ({shipped.name}): weight_only=False needs an "
+                             "a_format for the activations")
+        if given.weight_only:
+            a_scheme, a_from = None, "model_args (weight_only=True)"
+        elif "a_format" in given.given:
+            a_scheme, a_from = given.scheme(given.a_format), "model_args (a_format)"
+        else:
+            a_scheme, a_from = shipped.default_activation(), "checkpoint"
+        self._shipped_act = (a_scheme, a_from)
+        self._shipped_backend, self._shipped_gemm = given.mx_backend, given.packed_gemm
+        w = "nvfp4" if shipped.layout.scheme.block_size == 16 else "fp4_e2m1"
+        keys = dict(w_format=w, a_format=given.a_format if "a_format" in given.given else w,
+                    weight_only=a_scheme is None, mx_backend=given.mx_backend, packed=True,
+                    packed_gemm=given.packed_gemm)
+        if "a_format" in given.given:
+            keys.update({k: getattr(given, k) for k in _ACT_SCHEME_KEYS if k in given.given})
+        if w != "nvfp4" and "scale_mode" not in keys:
+            keys["scale_mode"] = shipped.layout.scheme.scale_mode.value
+        return MXConfig(**keys, given=given.given)
 
     def _stored_config(self, pretrained: str, given: MXConfig) -> MXConfig:
         """The checkpoint's MX configuration, with the run-time keys given beside it; any other MX key would
@@ -292,6 +355,9 @@ class HFMXLM(HFLM):
 
     def _create_model(self, *args: Any, quantization_config: Any = None, **kwargs: Any) -> None:
         """HFLM's model creation, given the packed-MX quantization config when ``packed=True``."""
+        if self.mx_shipped is not None:
+            self._create_shipped(*args, **kwargs)
+            return
         if self._mx_packed is not None:
             if quantization_config is not None:
                 raise ValueError(
@@ -302,6 +368,27 @@ class HFMXLM(HFLM):
         elif kwargs.get("gguf_file") and quantization_config is None:
             quantization_config = gguf_dequantize_config()
         super()._create_model(*args, quantization_config=quantization_config, **kwargs)
+
+    def _get_config(self, *args: Any, **kwargs: Any) -> None:
+        """HFLM's config; a shipped checkpoint's quantization_config is kept aside (``mx_shipped`` describes it),
+        since transformers has no quantizer for some of these formats and hf-mx loads their weights itself."""
+        super()._get_config(*args, **kwargs)
+        if getattr(self, "mx_shipped", None) is not None and hasattr(self._config, "quantization_config"):
+            del self._config.quantization_config
+
+    def _create_shipped(self, pretrained: str, revision: str | None = "main", dtype: Any = "auto",
+                        trust_remote_code: bool | None = False, **kwargs: Any) -> None:
+        """The model of a shipped checkpoint, its quantized layers packed as stored (:mod:`.shipped`)."""
+        from .shipped import load_shipped
+
+        if dtype in (None, "auto"):
+            dtype = getattr(self._config, "dtype", None) or getattr(self._config, "torch_dtype", None) or torch.bfloat16
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        a_scheme, a_from = self._shipped_act
+        self._model, self._shipped_report, self._shipped_layers = load_shipped(
+            pretrained, self.mx_shipped, a_scheme=a_scheme, a_from=a_from, dtype=dtype,
+            backend=self._shipped_backend, gemm=self._shipped_gemm, revision=revision,
+            trust_remote_code=bool(trust_remote_code))
 
     def set_mx(self, config: MXConfig) -> MXReport:
         """(Re)apply MX with ``config``; earlier MX layers are removed first (needs mx_keep_original)."""
@@ -364,4 +451,14 @@ class HFMXLM(HFLM):
         info["mx_nonfinite_requests"] = dict(self.mx_nonfinite)
         if self.mx_stored is not None:
             info["mx_checkpoint"] = {"format": "packed MX (quant_method=mx)", "origin": self.mx_stored.origin}
+        if self.mx_shipped is not None:
+            a_scheme, a_from = self._shipped_act
+            info["mx_checkpoint"] = {
+                **self.mx_shipped.describe(),
+                "settings": {"weights": "checkpoint (as stored)",
+                             "activations": a_scheme.name if a_scheme else "none (weight only)",
+                             "activations_from": a_from,
+                             **{k: "model_args" for k in sorted(self.mx_config.given)}},
+                "layers": self._shipped_layers,
+            }
         return info

@@ -138,6 +138,9 @@ class MXPackedLayer(MXLayer):
     mx_shapes: dict[str, torch.Size]
     mx_dtype: torch.dtype
     mx_gemm: str  # config.PACKED_GEMMS
+    # Weights whose ``_tensor_scale`` divides the E4M3 block scales (``s8 / ts``: compressed-tensors'
+    # ``weight_global_scale`` stored as it is, see ``MXPacked.tensor_scale_divides``); dequantized in torch.
+    mx_ts_divides: frozenset[str] = frozenset()
 
     def mx_pack(self, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pack a checkpoint tensor for weight ``name``: ``{name: codes, name_scales: scales}`` (and
@@ -201,7 +204,7 @@ class MXPackedLayer(MXLayer):
             ts = None if ts is None else ts[index]
         scheme = self.mx_spec.w
         bs = packed_layout(shape, scheme.elem, scheme.block_size)[2]
-        return MXPacked(codes, scales, shape, scheme, bs, ts)
+        return MXPacked(codes, scales, shape, scheme, bs, ts, name in self.mx_ts_divides)
 
     def _reduction_last(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Weight ``name`` in the packed layout (reduction axis last) from the module's, or back: a swap."""
@@ -215,7 +218,7 @@ class MXPackedLayer(MXLayer):
     def mx_linear(self, x: torch.Tensor, name: str, bias: torch.Tensor | None, index: int | None = None) -> torch.Tensor:
         """``F.linear(x, W, bias)`` with packed W: the Triton GEMM on CUDA, else dequantize + F.linear."""
         p = self.mx_packed(name, index)
-        if x.is_cuda and resolve_backend(self.mx_spec.backend) == "triton":
+        if x.is_cuda and resolve_backend(self.mx_spec.backend) == "triton" and not p.tensor_scale_divides:
             from ..kernels.triton_mx import mx_packed_linear_triton, mx_unpack_triton
 
             if self.mx_gemm == "fused":

@@ -14,7 +14,7 @@ import torch
 
 from ..kernels.backends import Quantizer, get_quantizer
 from ..numerics.formats import Scheme, TensorScale
-from ..numerics.quantize import make_scheme
+from ..numerics.quantize import make_scheme, quantize_torch
 from ..numerics.rotation import Rotation, rotate
 
 
@@ -27,6 +27,15 @@ class MXSpec:
     a: Scheme | None
     rotation: Rotation | None = None
     backend: str = "auto"
+    # The stored per-tensor scale of the inputs (float32 value, a divisor: calibrated amax / (448·6)) when
+    # ``a.tensor_scale`` is ``static``; None otherwise.
+    a_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        static = self.a is not None and self.a.tensor_scale is TensorScale.STATIC
+        if static != (self.a_scale is not None):
+            raise ValueError("MXSpec: a_scale (the stored input scale) goes with an activation scheme of "
+                             "tensor_scale=static, and only with one")
 
     @classmethod
     def make(
@@ -63,6 +72,8 @@ class MXSpec:
         """Rotate and quantize an input along its last axis; siblings fed the same tensor share one result."""
         if self.a is None:
             return x if self.rotation is None else rotate(x, self.rotation).to(x.dtype)
+        if self.a_scale is not None:  # a stored input scale: the torch reference (on CPU and CUDA alike)
+            return quantize_torch(x, self.a, -1, self.rotation, static_scale=self.a_scale)
         # inference tensors have no version counter (an in-place change could not be seen), and under
         # torch.compile identity and versions are the tracer's: quantize without the sibling cache there
         if torch.compiler.is_compiling() or x.is_inference():
@@ -77,6 +88,8 @@ class MXSpec:
 
     def describe(self) -> str:
         a = self.a.name if self.a else "-"
+        if self.a_scale is not None:
+            a += f"({self.a_scale:.6g})"
         rot = f", rot={self.rotation.label()}" if self.rotation else ""
         return f"w={self.w.name}, a={a}{rot}"
 

@@ -105,11 +105,15 @@ class ScaleFormat(str, Enum):
 
 
 class TensorScale(str, Enum):
-    """Second-level scale: ``none``, or ``amax`` (a float32 per-tensor scale from the tensor's absolute
-    maximum, so that E4M3 block scales use E4M3's whole range; activations: per input tensor, dynamically)."""
+    """Second-level scale: ``none``, ``amax`` (a float32 per-tensor scale from the tensor's absolute
+    maximum, so that E4M3 block scales use E4M3's whole range; activations: per input tensor, dynamically),
+    or ``static`` (a float32 per-tensor scale given from outside, e.g. one a checkpoint stores for a layer's
+    inputs: the block scales are computed relative to it, whatever the tensor's own maximum; see the
+    README's *Static per-tensor scales*)."""
 
     NONE = "none"
     AMAX = "amax"
+    STATIC = "static"
 
 
 class Rounding(str, Enum):
@@ -248,7 +252,7 @@ class Scheme:
         if self.block_size != 32 or not self.is_mx:
             parts.append(f"b{self.block_size}")
         if not self.is_mx:
-            parts.append("e4m3" + ("+amax" if self.tensor_scale is TensorScale.AMAX else ""))
+            parts.append("e4m3" + ("" if self.tensor_scale is TensorScale.NONE else f"+{self.tensor_scale.value}"))
         return "/".join(parts)
 
 

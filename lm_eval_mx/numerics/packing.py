@@ -40,6 +40,9 @@ class MXPacked:
     scheme: Scheme
     block_size: int  # elements per scale along the last axis (the scheme's, or the row for block_size=0)
     tensor_scale: torch.Tensor | None = None
+    # The per-tensor scale divides the E4M3 block scales instead of multiplying them: ``s8 / tensor_scale``
+    # (compressed-tensors' ``weight_global_scale``, which has no exact reciprocal for some checkpoints).
+    tensor_scale_divides: bool = False
 
     @property
     def fmt(self) -> ElemFormat:
@@ -175,7 +178,8 @@ def pack_mx(x: torch.Tensor, elem_format: str | ElemFormat, block_size: int = 32
 
 def scale_multipliers(p: MXPacked) -> torch.Tensor:
     """float32 [..., blocks]: what each block's element values are multiplied by (NaN for NaN blocks):
-    ``2**(s - 127)`` for E8M0, ``tensor_scale · e4m3(s)`` for E4M3 scales."""
+    ``2**(s - 127)`` for E8M0, ``tensor_scale · e4m3(s)`` for E4M3 scales (``e4m3(s) / tensor_scale`` when
+    ``tensor_scale_divides``: one correctly rounded float32 division)."""
     s = p.scales
     if p.scheme.is_mx:
         s = s.to(torch.int32)
@@ -184,7 +188,8 @@ def scale_multipliers(p: MXPacked) -> torch.Tensor:
     if p.tensor_scale is None:
         return s8
     ts = p.tensor_scale.to(torch.float32)
-    return ts.reshape(*ts.shape, *([1] * (s8.dim() - ts.dim()))) * s8
+    ts = ts.reshape(*ts.shape, *([1] * (s8.dim() - ts.dim())))
+    return s8 / ts if p.tensor_scale_divides else ts * s8
 
 
 def unpack_mx(p: MXPacked, dtype: torch.dtype = torch.float32) -> torch.Tensor:

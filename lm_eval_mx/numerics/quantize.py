@@ -105,6 +105,16 @@ def tensor_scale(amax: torch.Tensor, fmt: ElemFormat) -> tuple[torch.Tensor, tor
     return ts, 1.0 / ts
 
 
+def static_tensor_scale(scale: float, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-tensor scale, its reciprocal) of ``tensor_scale=static``: the given float32 value ``ts`` (a
+    divisor, as :func:`tensor_scale` returns one: ``ts = calibrated amax / (448 · max_normal)``) and
+    ``1/ts`` rounded to float32. It must be finite and positive: a stored scale is checked when it is read."""
+    ts = torch.tensor(float(scale), dtype=torch.float32, device=device)
+    if not (torch.isfinite(ts) and ts > 0):
+        raise ValueError(f"a static per-tensor scale must be finite and > 0, got {scale!r}")
+    return ts, 1.0 / ts
+
+
 def e4m3_block_scales(amax: torch.Tensor, fmt: ElemFormat, ts: torch.Tensor | None) -> torch.Tensor:
     """Block scales as E4M3 values (float32): ``(amax / max_normal) / ts`` rounded to nearest-even
     E4M3, subnormals kept, saturating at 448."""
@@ -117,12 +127,13 @@ def e4m3_block_scales(amax: torch.Tensor, fmt: ElemFormat, ts: torch.Tensor | No
 
 
 def block_scales(
-    amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None = None
+    amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None = None, static_scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The scales of blocks whose float32 maxima of |x| are ``amax``: (reciprocal that element values are
     multiplied by before rounding, multiplier that dequantizes them, NaN-block mask, the scales as stored:
     E8M0 exponents (int32) or E4M3 values (float32)). ``tensor_amax``: the tensor maximum setting the
-    per-tensor scale, required when the scheme has one.
+    per-tensor scale, required when the scheme has one (``tensor_scale=amax``); ``static_scale``: the given
+    per-tensor scale of ``tensor_scale=static`` (:func:`static_tensor_scale`).
 
     Shared by :func:`quantize_blocks` and algorithms that round values on scales chosen beforehand (GPTQ).
     """
@@ -130,6 +141,12 @@ def block_scales(
     if scheme.is_mx:
         exp, nan = shared_exponent(amax, fmt, scheme.scale_bits, scheme.scale_mode)
         return pow2(-exp), pow2(exp), nan, exp
+    if scheme.tensor_scale is TensorScale.STATIC:
+        if static_scale is None:
+            raise ValueError("tensor_scale=static needs the stored per-tensor scale (static_scale)")
+        ts, inv_ts = static_tensor_scale(static_scale, amax.device)
+        s8 = e4m3_block_scales(amax, fmt, ts)  # saturates at 448 for a block beyond the calibrated range
+        return inv_ts / s8, ts * s8, ~torch.isfinite(amax), s8  # a non-finite value spoils its own block
     if scheme.tensor_scale is TensorScale.AMAX:
         if tensor_amax is None:
             raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
@@ -157,7 +174,7 @@ def dequantize_elements(q: torch.Tensor, mult: torch.Tensor, nan: torch.Tensor) 
 
 
 def quantize_blocks(
-    blocks: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None = None
+    blocks: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None = None, static_scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The quantization step on float32 ``blocks`` [..., n_blocks, block], shared by fake quantization
     and packing: (element values in units of the scale, the scale multiplier [..., n_blocks, 1],
@@ -168,25 +185,28 @@ def quantize_blocks(
     amax = blocks.abs().amax(-1, keepdim=True)
     if scheme.tensor_scale is TensorScale.AMAX and tensor_amax is None:
         tensor_amax = blocks.abs().amax()
-    recip, mult, nan, stored = block_scales(amax, scheme, tensor_amax)
+    recip, mult, nan, stored = block_scales(amax, scheme, tensor_amax, static_scale)
     return round_on_scales(blocks, recip, stored, scheme), mult, nan, stored
 
 
-def _fake_quantize(xf: torch.Tensor, bs: int, scheme: Scheme, tensor_amax: torch.Tensor | None) -> torch.Tensor:
+def _fake_quantize(xf: torch.Tensor, bs: int, scheme: Scheme, tensor_amax: torch.Tensor | None,
+                   static_scale: float | None = None) -> torch.Tensor:
     """Fake-quantize float32 ``xf`` whose last axis is a whole number of ``bs``-blocks."""
-    q, mult, nan, _ = quantize_blocks(xf.reshape(*xf.shape[:-1], -1, bs), scheme, tensor_amax)
+    q, mult, nan, _ = quantize_blocks(xf.reshape(*xf.shape[:-1], -1, bs), scheme, tensor_amax, static_scale)
     return dequantize_elements(q, mult, nan).reshape(xf.shape)
 
 
 def quantize_torch(
-    x: torch.Tensor, scheme: Scheme, axis: int = -1, rotation: Rotation | None = None
+    x: torch.Tensor, scheme: Scheme, axis: int = -1, rotation: Rotation | None = None,
+    static_scale: float | None = None,
 ) -> torch.Tensor:
     """The vectorised torch backend: ``x`` (optionally rotated along ``axis`` first, in float32)
     fake-quantized with ``scheme`` along ``axis``, returned in ``x.dtype``.
 
     A ragged last block is quantized as a shorter block of its own: the same as
     zero padding (zeros never change a block maximum), without a padded copy.
-    The per-tensor maximum, when the scheme has one, is taken over all of ``x``.
+    The per-tensor maximum, when the scheme has one, is taken over all of ``x``; ``tensor_scale=static``
+    takes the given ``static_scale`` instead.
     """
     if x.numel() == 0:
         return x.clone()
@@ -196,9 +216,9 @@ def quantize_torch(
     bs = n if scheme.block_size == 0 else min(scheme.block_size, n)
     full = n - n % bs
     tensor_amax = xf.abs().amax() if scheme.tensor_scale is TensorScale.AMAX else None
-    q = _fake_quantize(xf[..., :full], bs, scheme, tensor_amax)
+    q = _fake_quantize(xf[..., :full], bs, scheme, tensor_amax, static_scale)
     if full < n:
-        tail = _fake_quantize(xf[..., full:], n - full, scheme, tensor_amax)
+        tail = _fake_quantize(xf[..., full:], n - full, scheme, tensor_amax, static_scale)
         q = torch.cat([q, tail], dim=-1)
     return q.movedim(-1, axis).to(x.dtype)
 

@@ -220,6 +220,9 @@ class MXConfig:
                          ("scale_mode", get_scale_mode)):
             if getattr(self, key) is not None:
                 set_(self, key, get(getattr(self, key)).value)
+        if self.tensor_scale == "static":
+            raise ValueError("tensor_scale=static takes its scale from a checkpoint that stores one (a shipped NVFP4 "
+                             "checkpoint's input scales); as a model_args key use tensor_scale=amax or none")
         for key in ("block_size", "scale_bits", "rotation_block", "rotation_seed"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
