@@ -170,7 +170,7 @@ BAD_INPUTS = {
                                   "--config 'format=fp4' and --config 'format=fp4,scale_format=e8m0,block_size=32' are "
                                   "the same MX configuration"),
     "fixed scheme's own block": ([*COMPARE, "--sweep", "format=nvfp4 block_size=16", "--config", "format=nvfp4"],
-                                 "are the same MX configuration (nvfp4"),
+                                 "block_size would be ignored: every format in use here (nvfp4) is a fixed scheme"),
     "weight-only a_format": ([*COMPARE, "--config", "w_format=fp4,weight_only=True", "--config",
                               "format=fp4,weight_only=True"], "are the same MX configuration"),
     "sweep typed as config": ([*COMPARE, "--config", "format=fp4,block_size=32.0", "--sweep", "format=fp4 block_size=32.0"],
