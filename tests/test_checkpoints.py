@@ -72,9 +72,12 @@ def packed_dir(tmp_path_factory) -> str:
 
 
 def test_run_time_keys_beside_a_packed_checkpoint(packed_dir):
-    lm = HFMXLM(pretrained=packed_dir, device="cpu", dtype="float32", mx_backend="TORCH")
+    lm = HFMXLM(pretrained=packed_dir, device="cpu", dtype="float32", mx_backend="TORCH", packed_gemm="dequant")
     assert {m.mx_spec.backend for _, m in mx_layers(lm.model)} == {"torch"}
-    assert lm.mx_config.mx_backend == "torch"
+    assert {m.mx_gemm for _, m in mx_layers(lm.model)} == {"dequant"}
+    assert lm.mx_config.mx_backend == "torch" and lm.mx_config.given >= {"mx_backend", "packed_gemm"}
+    with pytest.raises(ValueError, match="packed_gemm=fused is a Triton GEMM for CUDA"):
+        HFMXLM.check_before_loading(pretrained=packed_dir, device="cpu", packed_gemm="fused")
 
 
 @pytest.mark.parametrize("extra", [dict(format="fp8"), dict(roles="mlp"), dict(packed=True),
@@ -146,3 +149,14 @@ def test_compare_checkpoint_refusals(tmp_path, value, match):
     arg = value.format(tmp=tmp_path, src=src)
     with pytest.raises(SystemExit, match=match):
         main(["compare", "--model_args", f"pretrained={src}", "--tasks", "mx_corpus_ppl", "--checkpoint", arg])
+
+
+def test_compare_checks_checkpoints_before_the_baseline_runs(tmp_path, packed_dir, monkeypatch):
+    """hf arguments a checkpoint cannot take fail before anything loads, not after the baseline's evaluation."""
+    from lm_eval_mx.commands.cli import main
+
+    monkeypatch.setattr("lm_eval_mx.hf.model.HFLM.__init__", lambda *a, **k: pytest.fail("loaded"))
+    src = save_tiny(tmp_path / "src", "llama")
+    with pytest.raises(SystemExit, match=rf"--checkpoint ck={packed_dir}: .*cannot be combined with peft"):
+        main(["compare", "--model_args", f"pretrained={src},peft=adapter", "--tasks", "mx_corpus_ppl",
+              "--device", "cpu", "--checkpoint", f"ck={packed_dir}"])

@@ -139,6 +139,9 @@ def _no_load(monkeypatch):
     (["--model_args", "pretrained=P,format=mxfp4,packed=True", "--method", "rtn"], "packed would be ignored"),
     (["--model_args", "pretrained=P,format=mxfp4,packed_gemm=fused", "--method", "rtn"], "packed_gemm would be ignored"),
     (["--model_args", "pretrained=P,format=mxfp4,mx_keep_original=True", "--method", "rtn"], "mx_keep_original"),
+    (["--model_args", "pretrained=P,format=mxfp4,mx_backend=torch", "--method", "rtn"], "mx_backend would be ignored"),
+    (["--model_args", "pretrained=P,format=mxfp4", "--method", "rtn", "--nsamples", "128"], "--nsamples would be"),
+    (["--model_args", "pretrained=P,format=mxfp4", "--method", "rtn", "--seed", "0"], "--seed would be ignored"),
     (["--model_args", "pretrained=P,format=mxfp4", "--method", "rtn", "--damp", "0.1"], "--damp would be ignored"),
     (["--model_args", "pretrained=P,format=mxfp4", "--method", "rtn", "--act_order"], "--act_order would be ignored"),
     (["--model_args", "pretrained=P,format=mxfp4", "--method", "rtn", "--calibration", CORPUS], "--calibration would"),
@@ -203,3 +206,18 @@ def test_gptq_refuses_fused_experts(tmp_path):
     src = save_tiny(tmp_path / "mixtral", "mixtral")
     with pytest.raises(SystemExit, match="fused 3-D experts"):
         _quantize(f"pretrained={src},format=mxfp4", tmp_path / "o", *GPTQ)
+
+
+def test_quantized_input_and_output_over_the_input_are_refused(tmp_path, tiny_dir, monkeypatch):
+    """A checkpoint already quantized (here: a quantize output) is refused before loading, and --output may not be
+    the model being quantized (with --overwrite it would be replaced)."""
+    out = tmp_path / "rtn"
+    assert cli.main(["quantize", "--model_args", f"pretrained={tiny_dir},format=mxfp4", "--method", "rtn",
+                     "--output", str(out), "--device", "cpu"]) == 0
+    _no_load(monkeypatch)
+    with pytest.raises(SystemExit, match=r"is already quantized \(packed MX weights\)"):
+        cli.main(["quantize", "--model_args", f"pretrained={out},format=mxfp4", "--method", "rtn", "--output",
+                  str(tmp_path / "again"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="is the model being quantized"):
+        cli.main(["quantize", "--model_args", f"pretrained={out},format=mxfp4", "--method", "rtn", "--output",
+                  str(out), "--overwrite", "--device", "cpu"])

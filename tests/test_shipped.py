@@ -184,7 +184,10 @@ def test_ct_nvfp4_weights_and_logits(ct_nvfp4, src):
     assert info["settings"]["activations_from"] == "checkpoint"
     layer = info["layers"]["model.layers.0.self_attn.q_proj"]
     assert layer["a"]["tensor_scale"] == "static" and layer["a_tensor_scale_from"].endswith("input_global_scale")
-    assert json.dumps(lm.get_model_info(), default=str)
+    top = lm.get_model_info()  # the top-level record says the same as the layers: static activation scales
+    assert top["mx_schemes"]["activations"]["tensor_scale"] == "static"
+    assert top["mx_schemes"]["weights"]["elem"] == "fp4_e2m1" and "static" in top["mx_label"]
+    assert json.dumps(top, default=str)
 
 
 def test_ct_nvfp4_overrides(ct_nvfp4, src):

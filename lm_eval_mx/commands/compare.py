@@ -152,6 +152,7 @@ def run_configs(
     check_tasks(tasks, task_manager)
     args = {**base_args, "batch_size": batch_size, "roles": "none", "mx_keep_original": True,
             "device": resolve_device(device, base_args)}
+    check_checkpoints(args, checkpoints)
     lm = HFMXLM(**args)
     for label, cfg in configs:  # what a configuration cannot do on this model fails now, not after the baseline's run
         try:
@@ -179,15 +180,33 @@ def run_configs(
             evaluate(lm, label, cfg)
             bar.advance(job)
         lm.set_mx(MXConfig(roles=()))
-        # a checkpoint holds its own weights: the base model's file options do not apply to it
-        own = {"pretrained", "gguf_file", "revision", "subfolder", "tokenizer", "roles", "mx_keep_original"}
         for label, path in checkpoints:
             bar.update(job, description=f"evaluating {label}")
-            stored = HFMXLM(**{k: v for k, v in args.items() if k not in own}, pretrained=path)
+            stored = HFMXLM(**checkpoint_args(args, path))
             evaluate(stored, label, stored.mx_config)
             del stored
             bar.advance(job)
     return runs
+
+
+# A checkpoint holds its own weights and configuration: the base model's file options and MX settings stay with it.
+_BASE_ONLY = frozenset({"pretrained", "gguf_file", "revision", "subfolder", "tokenizer", "roles", "mx_keep_original"})
+
+
+def checkpoint_args(base_args: dict[str, Any], path: str) -> dict[str, Any]:
+    """hf-mx's arguments for a ``--checkpoint``: the run's (device, dtype, batch size, ...) with its own weights."""
+    return {**{k: v for k, v in base_args.items() if k not in _BASE_ONLY}, "pretrained": path}
+
+
+def check_checkpoints(base_args: dict[str, Any], checkpoints: list[tuple[str, str]]) -> None:
+    """Every pre-load check of each checkpoint with the run's arguments, before anything is evaluated."""
+    from ..hf.model import HFMXLM
+
+    for label, path in checkpoints:
+        try:
+            HFMXLM.check_before_loading(**checkpoint_args(base_args, path))
+        except ValueError as e:
+            raise ValueError(f"--checkpoint {label}={path}: {e}") from None
 
 
 def parse_checkpoints(values: list[str]) -> list[tuple[str, str]]:
@@ -290,6 +309,7 @@ def main(ns: argparse.Namespace) -> int:
             if ns.include_path is not None and not Path(ns.include_path).is_dir():
                 raise ValueError(f"--include_path {ns.include_path}: no such directory")
             device = resolve_device(ns.device, base)
+            check_checkpoints({**base, "device": device}, checkpoints)
             include = [str(tasks_dir())] + ([ns.include_path] if ns.include_path else [])
             tasks = [t for t in ns.tasks.split(",") if t]
             task_manager = task_manager_for(tasks, include)

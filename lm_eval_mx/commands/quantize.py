@@ -13,7 +13,9 @@ from typing import Any
 
 from .. import __version__
 
-IGNORED_MX_KEYS = ("packed", "packed_gemm", "mx_keep_original")
+# Keys that choose how a checkpoint runs, not what it stores: given when the output loads, not here.
+IGNORED_MX_KEYS = ("packed", "packed_gemm", "mx_keep_original", "mx_backend")
+CALIBRATION_DEFAULTS = {"nsamples": 128, "seqlen": 512, "seed": 0}
 GPTQ_FLAGS = {"block_columns": "--block_columns", "damp": "--damp", "act_order": "--act_order", "scales": "--scales"}
 DEFAULTS = {"block_columns": 128, "damp": 0.01, "act_order": False, "scales": "static"}
 
@@ -47,9 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, metavar="DIR", help="the checkpoint directory to write")
     p.add_argument("--calibration", nargs="+", default=None, metavar="FILES_OR_TASK",
                    help="gptq: UTF-8 text files, or one lm-eval task name (its documents' text + gold continuation)")
-    p.add_argument("--nsamples", type=int, default=128, help="gptq: calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=512, help="gptq: tokens per window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="gptq: seed of the window draw (default 0)")
+    p.add_argument("--nsamples", type=int, default=None, help="gptq: calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="gptq: tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=None, help="gptq: seed of the window draw (default 0)")
     p.add_argument("--block_columns", type=int, default=None, help="gptq: columns per lazy batch update (default 128)")
     p.add_argument("--damp", type=float, default=None, help="gptq: relative damping of diag(H) (default 0.01)")
     p.add_argument("--act_order", action="store_true", default=None,
@@ -82,8 +84,7 @@ def gptq_options(ns: argparse.Namespace) -> Any:
     given = [flag for key, flag in GPTQ_FLAGS.items() if getattr(ns, key) is not None]
     if ns.method == "rtn":
         unused = given + [f"--{k}" for k in ("calibration",) if ns.calibration is not None]
-        unused += [f"--{k}" for k in ("nsamples", "seqlen", "seed") if getattr(ns, k) != {"nsamples": 128, "seqlen": 512,
-                                                                                            "seed": 0}[k]]
+        unused += [f"--{k}" for k in CALIBRATION_DEFAULTS if getattr(ns, k) is not None]
         if unused:
             raise ValueError(f"{', '.join(unused)} would be ignored: --method rtn rounds each weight to nearest, "
                              "without calibration")
@@ -110,14 +111,17 @@ def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list
         raise ValueError("--model_args needs pretrained=<model path or hub id>")
     ignored = [k for k in IGNORED_MX_KEYS if k in args]
     if ignored:
-        raise ValueError(f"{', '.join(ignored)} would be ignored: quantize always writes packed codes (load the "
-                         "output with packed layers; the GEMM is chosen when it loads); drop them from --model_args")
+        raise ValueError(f"{', '.join(ignored)} would be ignored: quantize always writes packed codes; how they run "
+                         "(packed_gemm, mx_backend) is chosen when the output loads; drop them from --model_args")
     config, rest = parse_mx_args(args)
     if not config.selects_layers:
         raise ValueError("the MX keys select no layer (roles=none): there is nothing to quantize")
     options = gptq_options(ns)
     texts = None
     if ns.method == "gptq":
+        for key, default in CALIBRATION_DEFAULTS.items():
+            if getattr(ns, key) is None:
+                setattr(ns, key, default)
         for key in ("nsamples", "seqlen"):
             if getattr(ns, key) < 1:
                 raise ValueError(f"--{key} must be >= 1, got {getattr(ns, key)}")
@@ -127,8 +131,15 @@ def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list
 
         texts, _ = read_texts(ns.calibration)
     check_output(ns.output, ns.overwrite)
+    if Path(ns.output).resolve() == Path(str(args["pretrained"])).resolve():
+        raise ValueError(f"--output {ns.output} is the model being quantized (pretrained): write elsewhere")
     rest["device"] = resolve_device(ns.device, rest)
-    from ..hf.model import check_hf_args, check_model_args
+    from ..hf.model import check_hf_args, check_model_args, detect_checkpoint
+
+    stored, shipped = detect_checkpoint(rest)
+    if stored is not None or shipped is not None:
+        what = shipped.name if shipped is not None else "packed MX weights"
+        raise ValueError(f"{args['pretrained']} is already quantized ({what}): quantize a high-precision checkpoint")
 
     check_model_args(rest)
     check_hf_args(config, rest)
@@ -196,7 +207,7 @@ def main(ns: argparse.Namespace) -> int:
                           "scales": options.scales, "groups": "true-sequential by role: attn_qkv, attn_out, mlp_up, "
                           "mlp_down, then other roles", "activations": "high precision during calibration"}
         origin["calibration"] = {"source": list(ns.calibration), "nsamples": ns.nsamples, "seqlen": ns.seqlen,
-                                 "seed": ns.seed, "tokens": tokens}
+                                 "seed": ns.seed, "tokens": ns.nsamples * ns.seqlen, "text_tokens": tokens}
         origin["diagnostics"] = run.summary()
     out = Path(ns.output)
     # written next to DIR first, so that a failure leaves DIR as it was
@@ -209,5 +220,5 @@ def main(ns: argparse.Namespace) -> int:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    Console(width=160, stderr=False).print(render(run, out, tokens))
+    Console(width=160, stderr=False).print(render(run, out, None if tokens is None else ns.nsamples * ns.seqlen))
     return 0

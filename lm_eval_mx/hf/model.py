@@ -260,14 +260,43 @@ class HFMXLM(HFLM):
     """
 
     def __init__(self, pretrained: Any = None, **kwargs: Any) -> None:
+        config, rest = self._prepare(pretrained, kwargs)
+        super().__init__(pretrained=pretrained, **rest)
+        if self.mx_stored is not None:
+            for _, m in mx_layers(self._model):  # the run-time keys given beside the checkpoint
+                m.mx_spec = dataclasses.replace(m.mx_spec, backend=config.mx_backend)
+                m.mx_gemm = config.packed_gemm
+        if self.mx_shipped is not None:
+            self._mx_record(config, self._shipped_report)
+            blob = json.dumps([config.to_dict(), self.mx_shipped.describe(), self._shipped_layers], sort_keys=True,
+                              default=str).encode()
+            self.mx_cache_tag = "mx-" + hashlib.sha1(blob).hexdigest()[:12]
+        elif config.packed:
+            self._mx_record(config, self._model.hf_quantizer.mx_report)
+        else:
+            self.set_mx(config)
+
+    @classmethod
+    def check_before_loading(cls, pretrained: Any = None, **kwargs: Any) -> None:
+        """Every check ``HFMXLM(pretrained, **kwargs)`` makes before it loads the model, without loading it
+        (``compare`` runs it for each ``--checkpoint`` before the baseline's evaluation)."""
+        cls.__new__(cls)._prepare(pretrained, kwargs)
+
+    def _prepare(self, pretrained: Any, kwargs: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
+        """The checks and settings before the model loads: (the MX configuration, HFLM's arguments)."""
         if pretrained is None:
             raise ValueError("hf-mx needs pretrained=<model path or hub id>")
         check_model_args({"pretrained": pretrained, **kwargs})
-        config, rest = parse_mx_args(kwargs)
+        self.mx_stored, self.mx_shipped = detect_checkpoint({"pretrained": pretrained, **kwargs})
+        quantized = self.mx_stored is not None or self.mx_shipped is not None
+        if quantized and "packed_gemm" in kwargs and "packed" not in kwargs:  # the checkpoint's weights are packed
+            config, rest = parse_mx_args({**kwargs, "packed": True})
+            config = dataclasses.replace(config, given=config.given - {"packed"})
+        else:
+            config, rest = parse_mx_args(kwargs)
         check_hf_args(config, rest)
         self.mx_keep_original = _as_bool("mx_keep_original", rest.pop("mx_keep_original", False))
         self._mx_packed = None
-        self.mx_stored, self.mx_shipped = detect_checkpoint({"pretrained": pretrained, **rest})
         if self.mx_shipped is not None:  # another tool's quantized weights, as stored
             _check_packed_args(pretrained, self.mx_keep_original, rest, f"{pretrained} ({self.mx_shipped.name})")
             placed = [k for k in ("device_map", "parallelize", "tp_plan") if rest.get(k) not in (None, False, "False",
@@ -286,20 +315,7 @@ class HFMXLM(HFLM):
             from .quantizer import MXQuantizationConfig
 
             self._mx_packed = MXQuantizationConfig(config)
-        super().__init__(pretrained=pretrained, **rest)
-        if self.mx_stored is not None:
-            for _, m in mx_layers(self._model):  # the run-time keys given beside the checkpoint
-                m.mx_spec = dataclasses.replace(m.mx_spec, backend=config.mx_backend)
-                m.mx_gemm = config.packed_gemm
-        if self.mx_shipped is not None:
-            self._mx_record(config, self._shipped_report)
-            blob = json.dumps([config.to_dict(), self.mx_shipped.describe(), self._shipped_layers], sort_keys=True,
-                              default=str).encode()
-            self.mx_cache_tag = "mx-" + hashlib.sha1(blob).hexdigest()[:12]
-        elif config.packed:
-            self._mx_record(config, self._model.hf_quantizer.mx_report)
-        else:
-            self.set_mx(config)
+        return config, rest
 
     def _shipped_config(self, pretrained: str, given: MXConfig) -> MXConfig:
         """The activation scheme and run-time keys beside a shipped checkpoint (the weights are its own); what
@@ -451,8 +467,11 @@ class HFMXLM(HFLM):
         info["mx_nonfinite_requests"] = dict(self.mx_nonfinite)
         if self.mx_stored is not None:
             info["mx_checkpoint"] = {"format": "packed MX (quant_method=mx)", "origin": self.mx_stored.origin}
-        if self.mx_shipped is not None:
+        if self.mx_shipped is not None:  # the weights are the checkpoint's and the activations its recipe's
             a_scheme, a_from = self._shipped_act
+            info["mx_label"] = f"{self.mx_shipped.name}: a={a_scheme.name if a_scheme else 'none'}"
+            info["mx_schemes"] = {"weights": self.mx_shipped.layout.scheme.to_dict(),
+                                  "activations": a_scheme.to_dict() if a_scheme else None}
             info["mx_checkpoint"] = {
                 **self.mx_shipped.describe(),
                 "settings": {"weights": "checkpoint (as stored)",
