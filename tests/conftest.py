@@ -72,6 +72,15 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return randomize_(model, 0.2, seed).eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine each op waits for them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param

@@ -37,13 +37,7 @@ SCHEMES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine each op waits for them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 N_IN = 88  # blocks of 32: 64 + a ragged 24; of 16: 80 + a ragged 8; rotation block 8 divides it

@@ -21,12 +21,7 @@ CORPUS = str(Path(__file__).resolve().parents[1] / "tasks" / "corpus" / "us_cons
 GPTQ = ["--method", "gptq", "--calibration", CORPUS, "--nsamples", "8", "--seqlen", "32", "--block_columns", "32"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quantize(model_args: str, out: Path, *extra: str) -> Path:

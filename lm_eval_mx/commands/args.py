@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..numerics.formats import suggest
-from ..selection.config import MX_KEYS, MXConfig, parse_mx_args
+from ..selection.config import MX_KEYS, MXConfig, parse_mx_only
 
 
 def parse_kv(text: str, what: str) -> dict[str, Any]:
@@ -45,13 +45,7 @@ def parse_config(source: str, spec: dict[str, Any]) -> MXConfig:
     An empty one is refused (it would run the defaults without anyone asking for them)."""
     if not spec:
         raise ValueError(f"{source} is empty: give MX keys, e.g. format=fp4,mlp_only=True ({', '.join(MX_KEYS)})")
-    try:
-        cfg, rest = parse_mx_args(spec)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    if rest:
-        raise ValueError(f"{source}: MX keys only ({', '.join(MX_KEYS)}); got {', '.join(rest)}")
-    return cfg
+    return parse_mx_only(spec, source)
 
 
 def check_run_args(limit: float | None, batch_size: int | str, num_fewshot: int | None = None) -> tuple[float | None, int | str]:

@@ -643,6 +643,17 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
     return config, rest
 
 
+def parse_mx_only(spec: dict[str, Any], source: str, allowed: tuple[str, ...] = MX_KEYS) -> MXConfig:
+    """An MXConfig from MX keys alone (a command's ``--config``); errors name ``source``."""
+    try:
+        config, rest = parse_mx_args(spec)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    if rest:
+        raise ValueError(f"{source}: MX keys only ({', '.join(allowed)}); got {', '.join(rest)}")
+    return config
+
+
 def _check_given(config: MXConfig, mx: dict[str, Any]) -> None:
     """Keys the user gave that this configuration would not use: refused, with the reason."""
     bmm_reads_a = config.attn_bmm and config.bmm_format is None  # the attention matmuls take a_format

@@ -11,7 +11,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from ...numerics.formats import HIGH_PRECISION, check_format_name
-from ...selection.config import MX_KEYS, MXConfig, parse_mx_args
+from ...selection.config import MX_KEYS, MXConfig, parse_mx_only
 
 if TYPE_CHECKING:
     pass
@@ -70,12 +70,9 @@ def search_config(args: dict[str, Any]) -> MXConfig:
         if key in _REFUSED:
             raise SearchError(f"--config {key}: {_REFUSED[key]}")
     try:
-        config, rest = parse_mx_args(args)
+        config = parse_mx_only(args, "--config", tuple(k for k in MX_KEYS if k not in _REFUSED))
     except ValueError as e:
-        raise SearchError(f"--config: {e}") from None
-    if rest:
-        allowed = [k for k in MX_KEYS if k not in _REFUSED]
-        raise SearchError(f"--config holds MX keys only ({', '.join(allowed)}); got {', '.join(rest)}")
+        raise SearchError(str(e)) from None
     if not config.selects_layers:
         raise SearchError("--config selects no linear layer (roles=none): the search needs layers to decide")
     return config
