@@ -86,7 +86,8 @@ def test_gptq_checkpoint_holds_the_driver_codes(tmp_path, tiny_dir, cfg):
     assert torch.isfinite(_logits(model)).all()
     origin = model.config.quantization_config.origin
     assert origin["method"] == "gptq" and origin["gptq"]["block_columns"] == 32 and origin["gptq"]["damp"] == 0.01
-    assert origin["calibration"]["nsamples"] == 8 and origin["calibration"]["tokens"] > 8 * 32
+    cal = origin["calibration"]
+    assert cal["nsamples"] == 8 and cal["tokens"] == 8 * 32 and 0 < cal["texts_read"] <= cal["texts_available"]
     assert origin["diagnostics"]["hessian_error_ratio"] < 1 and origin["diagnostics"]["layers_above_rtn"] == 0
     report = json.loads((out / "mx_quantize.json").read_text())
     assert all(row["hessian_error"] < row["rtn_hessian_error"] for row in report["layers"])
@@ -216,3 +217,31 @@ def test_quantized_input_and_output_over_the_input_are_refused(tmp_path, tiny_di
     with pytest.raises(SystemExit, match="is the model being quantized"):
         cli.main(["quantize", "--model_args", f"pretrained={out},format=mxfp4", "--method", "rtn", "--output",
                   str(out), "--overwrite", "--device", "cpu"])
+
+
+def test_calibration_reads_only_the_texts_the_windows_need(tiny_dir):
+    """Texts in a seeded random order, read only until nsamples * seqlen tokens are there: the windows are those
+    tokens, in that order (a task of 10,000 documents costs what the windows need)."""
+    from transformers import AutoTokenizer
+
+    from lm_eval_mx.algorithms.calibration import calibration_windows
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    texts = [f"document number {i} says hello to the world" for i in range(10_000)]
+    seen: list[int] = []
+
+    class Lazy(list):
+        def __getitem__(self, i):
+            seen.append(i)
+            return list.__getitem__(self, i)
+
+    windows, read = calibration_windows(tok, Lazy(texts), 4, 16, seed=3)
+    assert read == len(seen) < 40 and windows.shape == (4, 16)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(3)).tolist()
+    assert seen == order[:read]
+    ids = [t for i in seen for t in tok(texts[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert windows.flatten().tolist() == ids[:64]
+    again, _ = calibration_windows(tok, texts, 4, 16, seed=3)
+    assert torch.equal(again, windows)
+    with pytest.raises(ValueError, match=r"holds \d+ tokens, \d+ windows of --seqlen 16, fewer than --nsamples 4"):
+        calibration_windows(tok, texts[:2], 4, 16)

@@ -1,10 +1,12 @@
 """Calibration data for error-compensating rounding: text from files or from an lm-eval task, cut into
-``seqlen``-token windows, ``nsamples`` of them drawn with a seeded generator.
+``nsamples`` windows of ``seqlen`` tokens, in an order drawn with a seeded generator.
 
-The texts are tokenized without special tokens and concatenated, EOS-separated (as :func:`corpus.token_batches`
-does), then cut into consecutive, non-overlapping windows of exactly ``seqlen`` tokens (the tail shorter than a
-window is dropped: no padding, so no attention mask is needed); ``nsamples`` distinct windows are drawn with
-``torch.randperm`` on a generator seeded with ``seed`` (the same text, tokenizer and seed give the same windows).
+The texts (a file's paragraphs, a task's documents) are put in the order of ``torch.randperm`` on a generator
+seeded with ``seed``, tokenized in that order without special tokens and concatenated, EOS-separated (as
+:func:`corpus.token_batches` does), until ``nsamples · seqlen`` tokens are there; those are cut into ``nsamples``
+consecutive windows of exactly ``seqlen`` tokens (no padding, so no attention mask is needed). Only the texts
+needed are read (a task's documents are rendered lazily: a large task costs what the windows need), and the
+same texts, tokenizer and seed give the same windows.
 """
 
 from __future__ import annotations
@@ -16,7 +18,26 @@ from typing import Any
 import torch
 
 
-def task_texts(task: str, include_path: str | Path | None = None) -> list[str]:
+class TaskTexts(Sequence[str]):
+    """A task's documents as calibration texts, each rendered when it is read (lm-eval renders a document's
+    template per call: rendering every document of a large task up front costs minutes)."""
+
+    def __init__(self, parts: list[tuple[Any, Any]]) -> None:
+        self.parts = parts  # (task, its evaluation documents)
+        self.sizes = [len(docs) for _, docs in parts]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        for (task, docs), n in zip(self.parts, self.sizes):
+            if i < n:
+                return _doc_text(task, docs[i], getattr(task.config, "target_delimiter", " ") or "")
+            i -= n
+        raise IndexError(i)
+
+
+def task_texts(task: str, include_path: str | Path | None = None) -> TaskTexts:
     """The texts of an lm-eval task's evaluation documents: each doc's ``doc_to_text`` + the task's target
     delimiter + its gold continuation (the correct choice of a multiple-choice task; for tasks whose
     ``doc_to_text`` picks the context, as winogrande's, that context + the target). The task is found among
@@ -31,15 +52,9 @@ def task_texts(task: str, include_path: str | Path | None = None) -> list[str]:
         manager = TaskManager(include_path=path)
     if not manager.match_tasks([task]):
         raise ValueError(f"--calibration: {task!r} is neither a file nor a task lm-eval knows")
-    tasks = _leaves(get_task_dict([task], manager))
-    texts: list[str] = []
-    for t in tasks:
-        delim = getattr(t.config, "target_delimiter", " ") or ""
-        for doc in t.eval_docs:
-            texts.append(_doc_text(t, doc, delim))
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise ValueError(f"--calibration: task {task!r} has no documents with text")
+    texts = TaskTexts([(t, t.eval_docs) for t in _leaves(get_task_dict([task], manager))])
+    if not len(texts):
+        raise ValueError(f"--calibration: task {task!r} has no documents")
     return texts
 
 
@@ -65,7 +80,7 @@ def _doc_text(task: Any, doc: Any, delim: str) -> str:
     return text + delim + target if text and target else text or target
 
 
-def read_texts(sources: Sequence[str]) -> tuple[list[str], str]:
+def read_texts(sources: Sequence[str]) -> tuple[Sequence[str], str]:
     """(texts, kind) of ``--calibration``: every item an existing file (``files``: paragraphs of UTF-8 text), or
     one task name (``task``)."""
     from .corpus import read_corpus
@@ -92,20 +107,24 @@ def read_texts(sources: Sequence[str]) -> tuple[list[str], str]:
 
 def calibration_windows(tokenizer: Any, texts: Sequence[str], nsamples: int, seqlen: int, seed: int = 0
                         ) -> tuple[torch.Tensor, int]:
-    """([nsamples, seqlen] token ids, tokens in the text): windows drawn as the module docstring says.
+    """([nsamples, seqlen] token ids, texts read): the windows the module docstring defines.
 
     Too little text for ``nsamples`` windows of ``seqlen`` tokens is a ValueError naming the counts."""
     if nsamples < 1 or seqlen < 1:
         raise ValueError(f"--nsamples and --seqlen must be >= 1, got {nsamples} and {seqlen}")
     eos = tokenizer.eos_token_id
+    need = nsamples * seqlen
     ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-    windows = len(ids) // seqlen
-    if windows < nsamples:
+    read = 0
+    for i in torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist():
+        text = texts[i]
+        read += 1
+        if text.strip():
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
         raise ValueError(
-            f"the calibration text holds {len(ids)} tokens, {windows} windows of --seqlen {seqlen}, fewer than "
-            f"--nsamples {nsamples}: give more text, or lower --nsamples or --seqlen")
-    chosen = torch.randperm(windows, generator=torch.Generator().manual_seed(seed))[:nsamples]
-    all_windows = torch.tensor(ids[: windows * seqlen], dtype=torch.long).reshape(windows, seqlen)
-    return all_windows[chosen], len(ids)
+            f"the calibration text holds {len(ids)} tokens, {len(ids) // seqlen} windows of --seqlen {seqlen}, fewer "
+            f"than --nsamples {nsamples}: give more text, or lower --nsamples or --seqlen")
+    return torch.tensor(ids[:need], dtype=torch.long).reshape(nsamples, seqlen), read

@@ -194,10 +194,10 @@ def main(ns: argparse.Namespace) -> int:
     from ..hf.model import HFMXLM
 
     lm = HFMXLM(**hf_args, roles="none")
-    windows, tokens = None, None
+    windows, texts_read = None, None
     try:
         if ns.method == "gptq":
-            windows, tokens = calibration_windows(lm.tokenizer, texts, ns.nsamples, ns.seqlen, ns.seed)
+            windows, texts_read = calibration_windows(lm.tokenizer, texts, ns.nsamples, ns.seqlen, ns.seed)
         run = quantize_model(lm.model, config, ns.method, windows, options, progress=True)
     except (ValueError, GPTQError) as e:  # inputs only the model can judge (selection, text too short), Cholesky
         raise SystemExit(f"lm-eval-mx quantize: {e}") from None
@@ -207,7 +207,8 @@ def main(ns: argparse.Namespace) -> int:
                           "scales": options.scales, "groups": "true-sequential by role: attn_qkv, attn_out, mlp_up, "
                           "mlp_down, then other roles", "activations": "high precision during calibration"}
         origin["calibration"] = {"source": list(ns.calibration), "nsamples": ns.nsamples, "seqlen": ns.seqlen,
-                                 "seed": ns.seed, "tokens": ns.nsamples * ns.seqlen, "text_tokens": tokens}
+                                 "seed": ns.seed, "tokens": ns.nsamples * ns.seqlen, "texts_read": texts_read,
+                                 "texts_available": len(texts)}
         origin["diagnostics"] = run.summary()
     out = Path(ns.output)
     # written next to DIR first, so that a failure leaves DIR as it was
@@ -220,5 +221,5 @@ def main(ns: argparse.Namespace) -> int:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    Console(width=160, stderr=False).print(render(run, out, None if tokens is None else ns.nsamples * ns.seqlen))
+    Console(width=160, stderr=False).print(render(run, out, None if windows is None else ns.nsamples * ns.seqlen))
     return 0
