@@ -99,7 +99,7 @@ def test_gguf_file_is_loaded_dequantized(monkeypatch):
     seen = {}
     monkeypatch.setattr(HFLM, "_create_model", lambda self, *a, **k: seen.update(k))
     lm = object.__new__(HFMXLM)
-    lm._mx_packed = None
+    lm._mx_packed, lm.mx_shipped = None, None  # what _prepare sets for an unquantized checkpoint
     HFMXLM._create_model(lm, pretrained="x", gguf_file="m.Q4_1.gguf")
     config = seen["quantization_config"]
     assert seen["gguf_file"] == "m.Q4_1.gguf"
