@@ -226,7 +226,7 @@ def run_gptq(model: nn.Module, planned: list[Planned], windows: torch.Tensor, op
     return gptq_layers(list(blocks)[: last + 1], _run_block, layers, items, options, set_weight)
 
 
-def _store(module: MXPackedLayer, name: str, tensors: dict[str, torch.Tensor]) -> None:
+def _store(module: MXPackedLayer, tensors: dict[str, torch.Tensor]) -> None:
     for key, value in tensors.items():
         setattr(module, key, nn.Parameter(value.contiguous(), requires_grad=False))
 
@@ -249,7 +249,7 @@ def pack_layer(p: Planned, packed: MXPacked | None, gemm: str = "dequant") -> No
             tensors = {name: packed.codes.reshape(codes_shape), f"{name}_scales": packed.scales.reshape(scales_shape)}
             if packed.tensor_scale is not None:
                 tensors[f"{name}_tensor_scale"] = packed.tensor_scale.to(torch.float32).reshape(shape[:-2])
-        _store(module, name, tensors)
+        _store(module, tensors)
 
 
 def quantize_model(model: nn.Module, config: MXConfig, method: str, windows: torch.Tensor | None = None,
