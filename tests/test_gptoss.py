@@ -87,3 +87,38 @@ def test_hf_mx_reads_gpt_oss_and_refuses_what_it_cannot(one_thread):
     assert info["format"] == "gpt-oss MXFP4" and info["settings"]["activations"] == "none (weight only)"
     with pytest.raises(ValueError, match="w_format"):
         HFMXLM(pretrained=PATH, device="cpu", w_format="nvfp4")
+    placed = HFMXLM(pretrained=PATH, device="cpu", dtype="float32", device_map={"": "cpu"},
+                    attn_implementation="eager")
+    assert torch.equal(_logits(placed.model), REF["logits"])
+
+
+@pytest.mark.parametrize("device_map", [{"model.layers.0": "cpu", "lm_head": "cpu", "": "cpu"}, "auto", "cpu"])
+def test_device_map_is_honoured_tensor_by_tensor(device_map, one_thread, monkeypatch):
+    """Every stored tensor is moved, as it is read, to the device of the longest ``device_map`` prefix naming its
+    module (CPU-only maps here; benchmarks/gptoss_load.py measures a GPU load)."""
+    from lm_eval_mx.hf.checkpoints import loader
+
+    asked: list[tuple[str, str]] = []
+    real = loader._device_of
+    monkeypatch.setattr(loader, "_device_of", lambda placed, name: asked.append((name, real(placed, name))) or
+                        real(placed, name))
+    model, _, _ = load_shipped(PATH, _shipped(), activations=None, dtype=torch.float32, device_map=device_map)
+    assert torch.equal(_logits(model), REF["logits"])
+    stored = load_file(f"{PATH}/model.safetensors")
+    named = {n for n, _ in asked}
+    assert {k for k in stored if "experts" not in k} <= named  # every plain tensor placed by name
+    assert "model.layers.0.mlp.experts" in named  # the packed experts by their module
+    assert {d for _, d in asked} == {"cpu"}
+    assert real({"": "cuda:1", "model.layers.0": "cuda:0", "model.layers.0.mlp": "cpu"},
+                "model.layers.0.mlp.experts.gate_up_proj_bias") == "cpu"
+    assert real({"": "cuda:1", "model.layers.1": "cuda:0"}, "model.layers.10.mlp") == "cuda:1"
+
+
+def test_device_map_onto_disk_or_a_missing_device_is_refused(one_thread):
+    from lm_eval_mx.hf.checkpoints import ShippedCheckpointError
+
+    with pytest.raises(ShippedCheckpointError, match="not onto disk"):
+        load_shipped(PATH, _shipped(), activations=None, dtype=torch.float32, device_map={"": "disk"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ShippedCheckpointError, match="'cuda:0' is not usable here"):
+            load_shipped(PATH, _shipped(), activations=None, dtype=torch.float32, device="cuda:0")

@@ -78,3 +78,22 @@ def test_report_counts_weights_not_packed_bytes(one_thread):
     kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
     per_layer = h * h * 2 + h * kv * 2 + e * 3 * h * i + 3 * h * s
     assert sum(entry.params for entry in report.replaced) == layers * per_layer
+
+
+def test_mixed_recipe_each_layer_its_own_group(one_thread):
+    """Two config groups (attention NVFP4 W4A4, experts MXFP4A16): logits equal llm-compressor's (to float32
+    summation order), each layer records its own group, weight and activation scheme."""
+    from lm_eval_mx.hf.model import HFMXLM
+
+    name = "llmc_qwen3_moe_mixed"
+    lm = HFMXLM(pretrained=str(DATA / name), device="cpu", dtype="float32")
+    out, ref = _logits(lm.model, name)
+    assert (out - ref).abs().max().item() <= 2e-7 and torch.equal(out.argmax(-1), ref.argmax(-1))
+    info = lm.get_model_info()
+    layers = info["mx_checkpoint"]["layers"]
+    attn, experts = layers["model.layers.0.self_attn.q_proj"], layers["model.layers.0.mlp.experts"]
+    assert attn["recipe"] == "config_groups.group_0" and attn["w"]["block_size"] == 16
+    assert attn["a"]["tensor_scale"] == "static" and isinstance(attn["a_tensor_scale"], float)
+    assert experts["recipe"] == "config_groups.group_1" and experts["w"]["block_size"] == 32 and experts["a"] is None
+    assert info["mx_checkpoint"]["activation_recipe"] == "per layer" and info["mx_label"].endswith("a=per layer")
+    assert len(info["mx_checkpoint"]["recipes"]) == 2

@@ -6,11 +6,13 @@ top-2, float32, seeded):
 * llm-compressor 0.14.0.1 (compressed-tensors 0.19.0, transformers 5.17.0, torch 2.13.0 CPU)::
 
       OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python tests/data/make_moe_fixtures.py llmcompressor
+      OMP_NUM_THREADS=1 /work/venvs/llmcompressor/bin/python tests/data/make_moe_fixtures.py llmcompressor_mixed
 
   Mixtral NVFP4 (W4A4), Qwen3-MoE NVFP4, Qwen2-MoE MXFP4: the experts linearized by llm-compressor
   (``linearize_moe``), ``oneshot`` with a ``QuantizationModifier`` on seeded random calibration ids, the model's
   float32 logits on fixed ids taken right after (compressed-tensors' own fake-quantized forward: the tool's runtime),
-  then ``save_pretrained(save_compressed=True)``;
+  then ``save_pretrained(save_compressed=True)``; and a mixed recipe (``llmcompressor_mixed``): Qwen3-MoE with two
+  config groups, attention NVFP4 (W4A4) and the experts MXFP4A16;
 * nvidia-modelopt 0.47.0 (transformers 5.14.1, torch 2.13.0 CPU)::
 
       OMP_NUM_THREADS=1 /work/venvs/modelopt/bin/python tests/data/make_moe_fixtures.py modelopt
@@ -117,6 +119,42 @@ def llmcompressor() -> None:
                                    "logits": "the oneshot model's float32 forward (compressed-tensors fake quant)"})
 
 
+def llmcompressor_mixed() -> None:
+    """A mixed recipe: Qwen3-MoE with attention NVFP4 (W4A4) and the experts MXFP4A16, two config groups."""
+    import compressed_tensors
+    import datasets
+    import llmcompressor as llmc
+    import transformers
+    from compressed_tensors.quantization import QuantizationScheme, preset_name_to_scheme
+    from llmcompressor import oneshot
+    from llmcompressor.modeling.moe.linearize import linearize_moe
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    out = os.path.join(HERE, "llmc_qwen3_moe_mixed")
+    base = tempfile.mkdtemp()
+    tiny("qwen3_moe").save_pretrained(base)
+    model = linearize_moe(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
+    groups = {"attention_nvfp4": ("NVFP4", ["re:.*self_attn.*_proj$"]),
+              "experts_mxfp4a16": ("MXFP4A16", ["re:.*mlp.experts.*_proj$"])}
+    config_groups = {g: QuantizationScheme(targets=t, **preset_name_to_scheme(p, t).model_dump(exclude={"targets"}))
+                     for g, (p, t) in groups.items()}
+    ids = calibration()
+    ds = datasets.Dataset.from_dict({"input_ids": [i[0].tolist() for i in ids],
+                                     "attention_mask": [[1] * i.shape[1] for i in ids]})
+    tok = tokenizer()
+    oneshot(model=model, processor=tok, dataset=ds, recipe=QuantizationModifier(config_groups=config_groups),
+            num_calibration_samples=len(ids), max_seq_length=32)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    model.save_pretrained(out, save_compressed=True)
+    tok.save_pretrained(out)
+    _save_logits(out, logits, {"tool": "llm-compressor", "llmcompressor": llmc.__version__,
+                               "compressed-tensors": compressed_tensors.__version__,
+                               "transformers": transformers.__version__, "torch": torch.__version__,
+                               "recipe": f"QuantizationModifier(config_groups={groups}) after linearize_moe",
+                               "logits": "the oneshot model's float32 forward (compressed-tensors fake quant)"})
+
+
 def modelopt() -> None:
     import modelopt
     import modelopt.torch.quantization as mtq
@@ -145,4 +183,4 @@ def modelopt() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    {"llmcompressor": llmcompressor, "modelopt": modelopt}[sys.argv[1]]()
+    {"llmcompressor": llmcompressor, "llmcompressor_mixed": llmcompressor_mixed, "modelopt": modelopt}[sys.argv[1]]()
