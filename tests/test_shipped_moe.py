@@ -97,3 +97,25 @@ def test_mixed_recipe_each_layer_its_own_group(one_thread):
     assert experts["recipe"] == "config_groups.group_1" and experts["w"]["block_size"] == 32 and experts["a"] is None
     assert info["mx_checkpoint"]["activation_recipe"] == "per layer" and info["mx_label"].endswith("a=per layer")
     assert len(info["mx_checkpoint"]["recipes"]) == 2
+
+
+def test_mx_fill_one_expert_at_a_time_is_the_inverse_of_mx_packed(one_thread):
+    """``mx_fill(name, packed, index=e)`` into a layer set up on meta (as the loader and quantizers fill experts)
+    gives back the bytes ``mx_packed(name, e)`` read; a packed weight of another shape is refused, naming it."""
+    import copy
+    import dataclasses
+
+    from torch import nn
+
+    model, _, _ = _load("llmc_mixtral_nvfp4")
+    m = model.get_submodule("model.layers.1.mlp.experts")
+    fresh = copy.deepcopy(m)
+    for key in ("down_proj", "down_proj_scales", "down_proj_tensor_scale"):
+        setattr(fresh, key, nn.Parameter(torch.empty_like(getattr(m, key), device="meta"), requires_grad=False))
+    for e in reversed(range(4)):
+        fresh.mx_fill("down_proj", m.mx_packed("down_proj", e), index=e)
+    for key in ("down_proj", "down_proj_scales", "down_proj_tensor_scale"):
+        assert torch.equal(getattr(fresh, key), getattr(m, key)), key
+    wrong = dataclasses.replace(m.mx_packed("down_proj", 0), shape=torch.Size((32, 64)))
+    with pytest.raises(ValueError, match=r"down_proj\[0\]: shape differs"):
+        fresh.mx_fill("down_proj", wrong, index=0)
