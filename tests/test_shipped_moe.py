@@ -97,6 +97,7 @@ def test_mixed_recipe_each_layer_its_own_group(one_thread):
     assert experts["recipe"] == "config_groups.group_1" and experts["w"]["block_size"] == 32 and experts["a"] is None
     assert info["mx_checkpoint"]["activation_recipe"] == "per layer" and info["mx_label"].endswith("a=per layer")
     assert len(info["mx_checkpoint"]["recipes"]) == 2
+    assert not lm.mx_config.weight_only  # the attention layers quantize their inputs
 
 
 def test_mx_fill_one_expert_at_a_time_is_the_inverse_of_mx_packed(one_thread):
