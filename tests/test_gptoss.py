@@ -29,7 +29,7 @@ def _shipped():
 def _logits(model) -> torch.Tensor:
     model.config._attn_implementation = "eager"  # as the saved logits were computed
     with torch.no_grad():
-        return model(REF["ids"]).logits
+        return model(REF["ids"].to(next(model.parameters()).device)).logits
 
 
 def _transformers_model():
