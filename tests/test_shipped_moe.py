@@ -138,3 +138,33 @@ def test_modelopt_moe_export_read_as_modelopt_decodes_it(one_thread):
     m = model.get_submodule("model.layers.0.mlp.experts")
     assert len(set(m.mx_a_scales["gate_up_proj"])) == 1 and m.down_proj_tensor_scale.shape == (4,)
     assert record["model.layers.0.mlp.experts"]["a_tensor_scale_from"].endswith("input_scale")
+
+
+def test_experts_the_config_leaves_unquantized_are_fused_from_per_expert_weights(tmp_path, one_thread):
+    """Experts in the ignore list, stored per expert in high precision: fused as transformers fuses them
+    (gate rows, then up rows, per expert), the other layers still packed."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = tmp_path / "dense_experts"
+    shutil.copytree(DATA / "llmc_qwen2_moe_mxfp4", out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["ignore"].append("re:.*mlp.experts.*")
+    (out / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(out / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for key in [k for k in tensors if ".experts." in k]:
+        module = key.rpartition(".")[0]
+        packed = tensors.pop(key)
+        if key.endswith("weight_packed"):
+            tensors[f"{module}.weight"] = torch.randn(packed.shape[0], packed.shape[1] * 2, generator=g)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model, _, record = load_shipped(str(out), recognise(read_quant_config(str(out), AutoConfig.from_pretrained(out))),
+                                    activations=None, dtype=torch.float32)
+    m = model.get_submodule("model.layers.1.mlp.experts")
+    assert not isinstance(m, MXPackedLayer) and "model.layers.1.mlp.experts" not in record
+    p = "model.layers.1.mlp.experts.2."
+    assert torch.equal(m.gate_up_proj[2], torch.cat([tensors[p + "gate_proj.weight"], tensors[p + "up_proj.weight"]]))
+    assert torch.equal(m.down_proj[2], tensors[p + "down_proj.weight"])
+    assert isinstance(model.get_submodule("model.layers.1.mlp.shared_expert.up_proj"), MXPackedLayer)
