@@ -81,9 +81,9 @@ def write_ct(src: str, out: str, preset: str = "NVFP4", ignore=("lm_head",)) -> 
                 if hasattr(m, "input_global_scale"):
                     m.input_global_scale.copy_((2688.0 / amax[n]).reshape(1))
         else:
-            for m in mods.values():
+            for m in mods.values():  # the module holds the scale 2**(e-127) as a float; its compressor stores e
                 s = L.encode_ct_mxfp4(m.weight.data)["weight_scale"]
-                m.weight_scale.copy_(s.to(m.weight_scale.dtype))
+                m.weight_scale.copy_(torch.exp2(s.float() - 127).to(m.weight_scale.dtype))
         for m in mods.values():
             m.quantization_status = QuantizationStatus.FROZEN
     compressor = ModelCompressor.from_pretrained_model(model)
@@ -280,6 +280,8 @@ def test_ct_mxfp4(src, tmp_path):
     out = str(tmp_path / "ct_mxfp4")
     write_ct(src, out, "MXFP4")
     assert _qc(out)["format"] == "mxfp4-pack-quantized"
+    codes = load_file(f"{out}/model.safetensors")["model.layers.0.mlp.up_proj.weight_packed"]
+    assert (codes & 0x77).count_nonzero() > codes.numel() // 2  # real weights, not all ±0 (0x88)
     lm = _lm(out)
     want = ct_reference_weights(out, torch.bfloat16)  # exact in bf16: value times a power of two
     held = _held(lm)
