@@ -45,12 +45,15 @@ class Activation:
 
     ``kind``: ``"none"`` (weight only), ``"dynamic"`` (``scheme``: the format's run-time rule, scales from each
     input) or ``"static"`` (``scheme`` with ``tensor_scale=static``; its per-tensor scale is the stored tensor
-    ``tensor`` beside the weight, a divisor ``ts``, or a multiplier ``1/ts`` when ``reciprocal``)."""
+    ``tensor`` beside the weight, a divisor ``ts``, or a multiplier ``1/ts`` when ``reciprocal``). ``rule``: the
+    runtime's own arithmetic where it is not ``scheme``'s (a name in :data:`lm_eval_mx.numerics.runtimes.RULES`; a
+    static rule takes the stored value as stored)."""
 
     kind: str = "none"
     scheme: Scheme | None = None
     tensor: str | None = None
     reciprocal: bool = False
+    rule: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "dynamic", "static"):
@@ -92,6 +95,7 @@ class LayerRecipe:
         return {"layout": self.layout.name, "weights": self.layout.library, "w": self.layout.scheme.name,
                 "activation_recipe": a.kind if a.kind != "none" else "none (weight only)",
                 "a": a.scheme.name if a.scheme else None, **({"a_scale_tensor": a.tensor} if a.tensor else {}),
+                **({"a_rule": a.rule} if a.rule else {}),
                 **({"source": self.source} if self.source else {})}
 
 

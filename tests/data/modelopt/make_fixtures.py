@@ -97,7 +97,7 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(src)
         batches = [tok(t, return_tensors="pt").input_ids[:, :32] for t in TEXTS]
 
-        def loop(m):
+        def loop(m, batches=batches):
             for b in batches:
                 m(b)
 
