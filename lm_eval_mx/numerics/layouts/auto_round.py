@@ -11,7 +11,7 @@ compressed-tensors:
 
 :func:`ar_nvfp4_to_packed` keeps the bytes with ``ts = r`` (this project's ``value · (ts · s8)``): equal to step 2-3
 wherever the value is a power of two (±0.5, 1, 2, 4) or zero; for ±1.5, 3, 6 the two orders may differ in the
-last float32 bit (see docs: measured on auto-round's own checkpoint).
+last one or two float32 ulps (see docs: measured on auto-round's own checkpoint).
 """
 
 from __future__ import annotations
