@@ -133,7 +133,7 @@ def test_high_precision_override_and_weight_only(tmp_path, one_thread):
     out = _with_qc(tmp_path, lambda qc: qc.update(extra_config={"model.layers.0.mlp.down_proj": {"bits": 16}}))
     stored = load_file(f"{out}/model.safetensors")  # the layer is stored packed: left so, the loader names it
     assert "model.layers.0.mlp.down_proj.weight_packed" in stored
-    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj.weight_packed"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj\.weight_packed"):
         _lm(out)
     lm = _lm(f"{DATA}/mxfp4", weight_only=True)
     layer = lm.get_model_info()["mx_checkpoint"]["layers"]["model.layers.0.mlp.down_proj"]
