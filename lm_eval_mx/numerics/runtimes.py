@@ -11,9 +11,12 @@ the same float32 operations in the same order (tensors in, tensors out; the tool
 * :func:`autoround_nvfp4`: auto-round's NVFP4 activations with the stored ``input_global_scale`` (``gs``, a
   multiplier): block scale ``e4m3(gs · (bmax · (1/6)))``, elements ``x · (1 / (s · (1/gs)))``, dequantized by
   the reciprocal of that, each step one float32 rounding;
-* :func:`ct_mx`: compressed-tensors' dynamic MX activations (MXFP4 and MXFP8): the block maximum rounded half-up to a
-  power of two at E2M1's one mantissa bit for every element format (``round_to_power_2``), then its exponent minus
-  the element's emax. For MXFP4 this is :data:`~.formats.ScaleMode.EVEN`; for MXFP8 no scale mode of this project.
+* :func:`ct_mx`: compressed-tensors' dynamic MX activations (MXFP4 and MXFP8): the block maximum ``m · 2**k``
+  (``1 <= m < 2``) taken as ``2**(k+1)`` when ``m >= 1.75``, else ``2**k`` (``round_to_power_2``: ``1 << 21`` added
+  to the float32 bits, the mantissa cleared, for every element format), then its exponent minus the element's emax.
+  For MXFP4 this is :data:`~.formats.ScaleMode.EVEN`; for MXFP8 no scale mode of this project (EVEN rounds up from
+  ``m >= 1.9375``, RCEIL from ``m > 1.75``: they differ from it where a block's small elements fall in E4M3's
+  subnormal range).
 
 :data:`RULES` names them for :class:`lm_eval_mx.nn.spec.MXSpec` (``a_rule``).
 """
@@ -77,9 +80,9 @@ def ct_mx(x: torch.Tensor, fmt: ElemFormat, block: int = 32) -> torch.Tensor:
     ``round_to_power_2``; ``lifecycle/forward.py: _quantize``), returned in ``x``'s dtype:
 
     1. groups of ``block`` along the last axis, ``amax`` = max |x| of each (exact in float32 for any input dtype);
-    2. ``amax`` rounded half-up to a power of two at E2M1's one mantissa bit (its float32 bits plus ``1 << 21``,
-       mantissa cleared), whatever the element format; ``e`` its exponent minus the element's emax (2 for E2M1,
-       8 for E4M3), clamped to [-127, 127] (the uint8 E8M0 byte);
+    2. ``amax`` to a power of two: its float32 bits plus ``1 << 21``, mantissa cleared (up from a mantissa of
+       1.75), whatever the element format; ``e`` its exponent minus the element's emax (2 for E2M1, 8 for E4M3),
+       clamped to [-127, 127] (the uint8 E8M0 byte);
     3. elements as :func:`autoround_mx` step 3.
     """
     t, pad = _groups(x, block)
@@ -88,8 +91,8 @@ def ct_mx(x: torch.Tensor, fmt: ElemFormat, block: int = 32) -> torch.Tensor:
 
 
 def ct_mx_exponent(amax: torch.Tensor, fmt: ElemFormat) -> torch.Tensor:
-    """compressed-tensors' E8M0 exponent (unbiased, int32) of float32 block maxima: ``amax`` rounded half-up to a
-    power of two at E2M1's mantissa, its exponent minus ``fmt``'s emax, clamped to [-127, 127]."""
+    """compressed-tensors' E8M0 exponent (unbiased, int32) of float32 block maxima (``generate_mx_scales``): ``amax``
+    to a power of two, up from a mantissa of 1.75, its exponent minus ``fmt``'s emax, clamped to [-127, 127]."""
     bits = (amax.view(torch.int32) + (1 << (_F32_MANT - FORMATS["fp4_e2m1"].mbits - 1))) & 0x7F800000
     return ((bits >> _F32_MANT) - 127 - fmt.emax).clamp(-127, 127)
 

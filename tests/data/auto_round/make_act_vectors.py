@@ -3,7 +3,8 @@
     /work/venvs/autoround/bin/python tests/data/auto_round/make_act_vectors.py   # auto-round 0.16.1, torch 2.13.0
 
 Inputs [16, 64] float32: normal rows at scales 2**-12..2**12, rows whose block maxima sit one to forty float32 ulps
-below a power of two (where float32 log2 rounds up), zeros, tiny (subnormal-scale) values and ties. Outputs: auto-round's
+below a power of two (where float32 log2 rounds up), a zero block, a block with an element far below its maximum
+(E4M3 subnormals: where the MXFP8 scale rule shows) and ties. Outputs: auto-round's
 ``quant_mx`` as ``MXQuantLinearBase.qdq_input`` calls it (``get_quant_func("mx_fp", bits, sym=True)``) for MXFP4 and
 MXFP8, and ``NVFP4QuantLinear.qdq_input`` (``_nv_fp4_with_static_gs``) with a fixed input_global_scale.
 """
@@ -24,8 +25,10 @@ def inputs() -> torch.Tensor:
         below = torch.nextafter(torch.tensor(2.0**p), torch.tensor(0.0))
         for k in range(32):
             x[r, k] = torch.tensor(below.item()) * (1 - k * 2.0**-24)
-    x[14] = 0.0
-    x[14, 33] = 1e-40
+    x[14] = 0.0  # a zero block, then a block of maximum 1.25 holding an E4M3-subnormal-range element
+    x[14, 32], x[14, 33] = 1.25, 1.25 * 2.0**-15
+    x[13, 32:] = 0.0  # and one of maximum 1.75 = 448 * 2**-8: compressed-tensors' MXFP8 scale 2**-7, RCEIL's 2**-8
+    x[13, 32], x[13, 33] = 1.75, 1.625 * 2.0**-16
     x[15] = torch.arange(64).float() * 0.25 - 8.0  # ties on the E2M1 grid
     return x
 

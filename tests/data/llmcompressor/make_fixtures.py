@@ -11,7 +11,7 @@ compressed (``save_pretrained(save_compressed=True)``). Runtime logits (``runtim
 the fixed ids below): the calibrated model as compressed-tensors runs it right after ``oneshot`` (its forward
 fake-quantizes weights and input activations with the calibrated scales), cast to float32. For dense models the
 saved checkpoint is also loaded back with transformers (compressed-tensors' decompression, float32) and its logits
-recorded as ``reload_logits`` (transformers cannot reload llm-compressor's per-expert Mixtral names).
+recorded as ``reload_logits`` .
 """
 
 from __future__ import annotations
@@ -30,15 +30,14 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. " * 8, "A tiny model is q
          "Numbers 0 1 2 3 4 5 6 7 8 9 and letters a b c d e f. " * 6, "Once upon a time there was a cat. " * 8]
 _TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=320, max_position_embeddings=64, tie_word_embeddings=True)
-MOE_IGNORE = ["lm_head", "re:.*block_sparse_moe.gate$", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]
+MOE_IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*shared_expert_gate$"]
 # name: (architecture, preset, ignore)
 FIXTURES = {
     "nvfp4": ("llama", "NVFP4", ["lm_head"]),
     "nvfp4a16": ("llama", "NVFP4A16", ["lm_head"]),
     "mxfp4": ("llama", "MXFP4", ["lm_head"]),
     "mxfp8": ("llama", "MXFP8", ["lm_head"]),
-    "mixtral_nvfp4": ("mixtral", "NVFP4", MOE_IGNORE),
-    "qwen3_moe_nvfp4": ("qwen3_moe", "NVFP4", MOE_IGNORE),
+    # Mixtral and Qwen3-MoE NVFP4, Qwen2-MoE MXFP4: tests/data/moe (tests/data/make_moe_fixtures.py)
     "qwen2_moe_nvfp4": ("qwen2_moe", "NVFP4", MOE_IGNORE),
 }
 
@@ -48,11 +47,6 @@ def config(arch: str):
 
     if arch == "llama":
         return tf.LlamaConfig(**_TINY)
-    if arch == "mixtral":
-        return tf.MixtralConfig(**_TINY, num_local_experts=4, num_experts_per_tok=2)
-    if arch == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**_TINY, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                                 head_dim=16)
     return tf.Qwen2MoeConfig(**_TINY, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
                              num_experts_per_tok=2)
 
