@@ -6,7 +6,7 @@ What auto-round 0.16.1 does with such a checkpoint (``auto_round/inference/conve
 
 * the quantized layers are the ``nn.Linear`` modules under a ``block_name_to_quantize`` (or ``quant_block_list``)
   prefix, minus ``extra_config`` entries of 16 bits or more; any other per-layer override is refused;
-* weights: ``data_type`` ``mx_fp`` with ``bits`` 4 (``weight_packed``/``weight_scale``: compressed-tensors'
+* weights: ``data_type`` ``mx_fp`` with ``bits`` 4 (``weight_packed``/``weight_scale``: ``ar-mxfp4``, compressed-tensors'
   ``ct-mxfp4`` bytes) or 8 (``weight``/``weight_scale``: ``ct-mxfp8``), group 32; ``nv_fp`` with bits 4, group 16
   (``ar-nvfp4``: compressed-tensors' NVFP4 tensors, auto-round's decoding order);
 * activations: ``act_bits`` 16 (or none) is weight only; ``act_data_type`` ``mx_fp`` (dynamic, group 32, the
@@ -36,7 +36,7 @@ SUPPORTED = ("auto-round packing_format auto_round:llm_compressor (data_type mx_
              "NVFP4), with auto-round's own activation arithmetic",)
 _PACKING = "auto_round:llm_compressor"
 # (data_type, bits, group_size) -> (layout, activation element scheme name)
-_WEIGHTS = {("mx_fp", 4, 32): ("ct-mxfp4", "mxfp4"), ("mx_fp", 8, 32): ("ct-mxfp8", "mxfp8"),
+_WEIGHTS = {("mx_fp", 4, 32): ("ar-mxfp4", "mxfp4"), ("mx_fp", 8, 32): ("ct-mxfp8", "mxfp8"),
             ("nv_fp", 4, 16): ("ar-nvfp4", "nvfp4")}
 
 
@@ -114,6 +114,6 @@ class AutoRound(Shipped):
 
 def recognise(qc: dict[str, Any]) -> Shipped:
     recipe = _recipe(qc)
-    fmt = {"ct-mxfp4": "MXFP4", "ct-mxfp8": "MXFP8", "ar-nvfp4": "NVFP4"}[recipe.layout.name]
+    fmt = {"ar-mxfp4": "MXFP4", "ct-mxfp8": "MXFP8", "ar-nvfp4": "NVFP4"}[recipe.layout.name]
     a16 = "A16" if recipe.activation.kind == "none" else ""
     return AutoRound(f"auto-round {fmt}{a16} ({_PACKING})", "auto-round", (recipe,), qc, _blocks(qc), _skipped(qc))

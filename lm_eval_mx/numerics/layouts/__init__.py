@@ -9,6 +9,8 @@ Four layouts, each a :class:`Layout` in :data:`LAYOUTS` with its functions in on
 * ``gptoss-mxfp4``: OpenAI gpt-oss MoE experts (``*_blocks``/``*_scales``), as transformers reads them;
 * ``ct-mxfp8``: compressed-tensors ``mxfp8-quantized`` (E4M3 codes one a byte, uint8 E8M0 exponents; also
   auto-round's MXFP8), module ``ct_mxfp8``;
+* ``ar-mxfp4``: auto-round's MXFP4: compressed-tensors' ``ct-mxfp4`` bytes and decoding; its scheme says OCP floor
+  scales (auto-round chooses them by ``floor(log2 ...)``), not compressed-tensors' even rule;
 * ``ar-nvfp4``: auto-round's NVFP4 (compressed-tensors' NVFP4 tensors, auto-round's decoding order), module
   ``auto_round``.
 
@@ -26,6 +28,7 @@ Only ``..formats``, ``..quantize``, ``..packing`` and torch are imported: nothin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -154,6 +157,9 @@ LAYOUTS: dict[str, Layout] = {
                decode_modelopt_nvfp4, encode_modelopt_nvfp4, modelopt_nvfp4_to_packed, exact_scale_order=True),
         Layout("ct-mxfp8", "compressed-tensors mxfp8-quantized", ("weight", "weight_scale"), MXFP8,
                decode_ct_mxfp8, encode_ct_mxfp8, ct_mxfp8_to_packed, exact_scale_order=True),
+        Layout("ar-mxfp4", "auto-round MXFP4 (auto_round:llm_compressor)", ("weight_packed", "weight_scale"), MXFP4,
+               decode_ct_mxfp4, encode_ct_mxfp4, functools.partial(ct_mxfp4_to_packed, scheme=MXFP4),
+               exact_scale_order=True),
         Layout("ar-nvfp4", "auto-round NVFP4 (auto_round:llm_compressor)",
                ("weight_packed", "weight_scale", "weight_global_scale"), NVFP4,
                decode_ar_nvfp4, encode_ar_nvfp4, ar_nvfp4_to_packed, exact_scale_order=False),

@@ -33,7 +33,8 @@ def _reciprocal(gs: torch.Tensor) -> torch.Tensor:
 
 def decode_ar_nvfp4(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                     weight_global_scale: torch.Tensor) -> torch.Tensor:
-    """auto-round NVFP4 -> float32 weight [..., N, K], ``(value · (1/gs)) · s8`` as auto-round computes it."""
+    """auto-round NVFP4 -> float32 weight [..., N, K]. Decoding as auto-round computes it (module docstring, steps
+    1-3): ``(value · (1/gs)) · s8``."""
     gs = _check_ct_nvfp4(weight_packed, weight_scale, weight_global_scale)
     values = _fp4_lut(True, weight_packed.device)[_unpack_codes(weight_packed)]
     scaled = _blocks(values, _BLOCK) * _reciprocal(gs).unsqueeze(-1)

@@ -34,8 +34,8 @@ def _check(weight: torch.Tensor, weight_scale: torch.Tensor) -> None:
 
 
 def decode_ct_mxfp8(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """``mxfp8-quantized`` -> float32 weight [..., N, K]: ``float(weight) · 2**(weight_scale - 127)``; byte 255 is
-    NaN here (OCP MX), ``2**128 = inf`` in the library."""
+    """``mxfp8-quantized`` -> float32 weight [..., N, K]. Decoding, as the module docstring says the libraries do:
+    ``float(weight) · 2**(weight_scale - 127)``; byte 255 is NaN here (OCP MX), ``2**128 = inf`` in the library."""
     _check(weight, weight_scale)
     values = _blocks(weight.to(torch.float32), _BLOCK)
     return (values * _e8m0_multiplier(weight_scale).unsqueeze(-1)).flatten(-2)
