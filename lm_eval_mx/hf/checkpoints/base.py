@@ -177,6 +177,8 @@ class Shipped:
         out = {"format": self.name, "quant_method": self.quant_method, "layout": first.layout.name,
                "weights": first.layout.library,
                "activation_recipe": first.describe()["activation_recipe"] if len(self.recipes) == 1 else "per layer"}
+        if len(self.recipes) == 1 and first.activation.rule:
+            out["activation_rule"] = first.activation.rule  # the runtime's own arithmetic (numerics.runtimes)
         if len(self.recipes) > 1:
             out["recipes"] = [r.describe() for r in self.recipes]
         return out
