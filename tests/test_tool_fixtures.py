@@ -74,12 +74,15 @@ def test_compressed_tensors_mx_activation_rule():
         assert not torch.equal(quantize_torch(v["x"], scheme), v["mxfp8"]), mode
 
 
-@pytest.mark.parametrize(("name", "kw"), [("nvfp4", {"weight_only": True}), ("w4a16_nvfp4", {}),
-                                          ("mixtral_nvfp4", {"weight_only": True})])
-def test_modelopt_exports_weights_exact(name, kw, one_thread):
-    """ModelOpt's own exports: weights as ModelOpt's NVFP4QTensor.dequantize decodes them, bit for bit (its fake
-    quantized forward, with activations, runs only on CUDA: tests/data/modelopt/make_fixtures.py)."""
-    got, want, lm = _logits(f"{DATA}/modelopt/{name}", "weight_only_logits", **kw)
+@pytest.mark.parametrize(("name", "kw", "key"), [("nvfp4", {}, "logits"),
+                                                 ("nvfp4", {"weight_only": True}, "weight_only_logits"),
+                                                 ("w4a16_nvfp4", {}, "weight_only_logits")],
+                         ids=["nvfp4", "nvfp4-weight_only", "w4a16_nvfp4"])
+def test_modelopt_exports_exact(name, kw, key, one_thread):
+    """ModelOpt's own dense exports, evaluated with ModelOpt's own NVFP4 arithmetic (weights: NVFP4QTensor.dequantize;
+    NVFP4 inputs: NVFP4QTensor quantize -> dequantize with the stored input_scale; its fake-quant kernel is CUDA only:
+    tests/data/modelopt/make_fixtures.py): bit for bit."""
+    got, want, lm = _logits(f"{DATA}/modelopt/{name}", key, **kw)
     assert torch.equal(got, want)
     info = lm.get_model_info()["mx_checkpoint"]
     assert info["format"] == ("ModelOpt W4A16_NVFP4" if name == "w4a16_nvfp4" else "ModelOpt NVFP4")

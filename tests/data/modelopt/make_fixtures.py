@@ -9,16 +9,16 @@ locally trained tokenizer) quantized by ``mtq.quantize`` with ``NVFP4_DEFAULT_CF
 forward loop over four local calibration texts) and exported by ``export_hf_checkpoint``. Logits of the
 quantized model as ModelOpt runs it before
 export cannot be computed on CPU: ModelOpt 0.47's NVFP4 fake quantization asserts a CUDA tensor
-(``_dynamic_block_quantize_impl``). What is stored instead, ``weight_only_logits``: the source model with each
-exported weight decoded by ModelOpt's own ``NVFP4QTensor.dequantize`` (CPU, float32), inputs unquantized: the
-W4A16 checkpoint's whole recipe, and the NVFP4 checkpoint's weights.
+(``_dynamic_block_quantize_impl``). What is stored instead (:func:`reference_logits`): ``weight_only_logits``, the
+source model with each exported weight decoded by ModelOpt's own ``NVFP4QTensor.dequantize`` (CPU, float32), inputs
+unquantized (the W4A16 checkpoint's whole recipe); for NVFP4 also ``logits``, the inputs put through ModelOpt's
+``NVFP4QTensor`` quantize -> dequantize round trip with the stored ``input_scale``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 
@@ -31,8 +31,8 @@ TEXTS = ["The quick brown fox jumps over the lazy dog. " * 8, "A tiny model is q
          "Numbers 0 1 2 3 4 5 6 7 8 9 and letters a b c d e f. " * 6, "Once upon a time there was a cat. " * 8]
 _TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=320, max_position_embeddings=64, tie_word_embeddings=True)
-FIXTURES = {"nvfp4": ("llama", "NVFP4_DEFAULT_CFG"), "w4a16_nvfp4": ("llama", "W4A16_NVFP4_CFG"),
-            "mixtral_nvfp4": ("mixtral", "NVFP4_DEFAULT_CFG")}
+FIXTURES = {"nvfp4": ("llama", "NVFP4_DEFAULT_CFG"), "w4a16_nvfp4": ("llama", "W4A16_NVFP4_CFG")}
+# Mixtral NVFP4 by ModelOpt: tests/data/moe/modelopt_mixtral_nvfp4 (tests/data/make_moe_fixtures.py)
 
 
 def source(arch: str) -> str:
@@ -41,37 +41,37 @@ def source(arch: str) -> str:
     sys.path.insert(0, ROOT)
     from lm_eval_mx.hf.testing import save_random_model
 
-    cfg = tf.LlamaConfig(**_TINY) if arch == "llama" else tf.MixtralConfig(**_TINY, num_local_experts=4,
-                                                                           num_experts_per_tok=2)
-    return save_random_model(f"/tmp/mo_fixture_src_{arch}", cfg, seed=0, dtype=torch.float32)
+    return save_random_model(f"/tmp/mo_fixture_src_{arch}", tf.LlamaConfig(**_TINY), seed=0, dtype=torch.float32)
 
 
-def weight_only_logits(src: str, out: str) -> torch.Tensor:
+def reference_logits(src: str, out: str, activations: bool) -> torch.Tensor:
+    """The source model with each exported weight replaced by ModelOpt's ``NVFP4QTensor.dequantize`` of its stored
+    tensors and, with ``activations``, each quantized layer's input through ``NVFP4QTensor.quantize`` ->
+    ``dequantize`` with the stored ``input_scale`` as its per-tensor scale (ModelOpt's own NVFP4 arithmetic in
+    torch; its fake-quant kernel is CUDA only)."""
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     stored = load_file(os.path.join(out, "model.safetensors"))
-    params = dict(model.named_parameters())
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+
+    def act(x: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor:
+        q, scale, s2 = NVFP4QTensor.quantize(x, 16, weights_scaling_factor_2=scale_2)
+        return q.dequantize(dtype=x.dtype, scale=scale, double_scale=s2, block_sizes={-1: 16})
+
     with torch.no_grad():
         for key, t in stored.items():
             if key.endswith(".weight_scale_2"):
                 name = key.removesuffix(".weight_scale_2")
                 packed = stored[f"{name}.weight"]
                 shape = torch.Size((packed.shape[0], packed.shape[1] * 2))
-                w = NVFP4QTensor(shape, torch.float32, packed).dequantize(
-                    dtype=torch.float32, scale=stored[f"{name}.weight_scale"], double_scale=t, block_sizes={-1: 16})
-                expert = re.match(r"(.*)\.block_sparse_moe\.experts\.(\d+)\.(w[123])$", name)
-                if expert is None:
-                    params[f"{name}.weight"].copy_(w)
-                    continue
-                # Mixtral: transformers 5 holds experts fused, gate_up_proj [E, 2I, H] = (w1 | w3), down_proj = w2
-                prefix, e, part = expert.group(1), int(expert.group(2)), expert.group(3)
-                fused = params[f"{prefix}.mlp.experts.{'down_proj' if part == 'w2' else 'gate_up_proj'}"]
-                rows = w.shape[0]
-                start = rows if part == "w3" else 0
-                fused[e, start:start + rows].copy_(w)
+                params[f"{name}.weight"].copy_(NVFP4QTensor(shape, torch.float32, packed).dequantize(
+                    dtype=torch.float32, scale=stored[f"{name}.weight_scale"], double_scale=t, block_sizes={-1: 16}))
+                if activations and f"{name}.input_scale" in stored:
+                    scale_2 = stored[f"{name}.input_scale"]
+                    modules[name].register_forward_pre_hook(lambda _, a, s=scale_2: (act(a[0], s),))
             elif key in params and t.is_floating_point():
                 params[key].copy_(t.float())
         return model(IDS).logits.float().contiguous()
@@ -110,11 +110,15 @@ def main() -> None:
                 info["fake_quant_forward_on_cpu"] = f"AssertionError: {e}"
         export_hf_checkpoint(model, export_dir=out)
         tok.save_pretrained(out)
-        save_file({"ids": IDS, "weight_only_logits": weight_only_logits(src, out)},
-                  os.path.join(out, "runtime_logits.safetensors"))
+        tensors = {"ids": IDS, "weight_only_logits": reference_logits(src, out, False)}
         info["weight_only_logits"] = ("the source model in float32 with every exported NVFP4 weight replaced by "
                                       "ModelOpt's own NVFP4QTensor.dequantize (float32, non-fast path) of the exported "
                                       "tensors, activations unquantized (W4A16: the checkpoint's recipe)")
+        if cfg_name == "NVFP4_DEFAULT_CFG":
+            tensors["logits"] = reference_logits(src, out, True)
+            info["logits"] = ("as weight_only_logits, each quantized layer's input through ModelOpt's "
+                              "NVFP4QTensor.quantize -> dequantize with the stored input_scale")
+        save_file(tensors, os.path.join(out, "runtime_logits.safetensors"))
         with open(os.path.join(out, "runtime.json"), "w") as f:
             json.dump(info, f, indent=1)
         print(name, info, sorted(os.listdir(out)))
