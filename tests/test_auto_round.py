@@ -138,3 +138,12 @@ def test_high_precision_override_and_weight_only(tmp_path, one_thread):
     lm = _lm(f"{DATA}/mxfp4", weight_only=True)
     layer = lm.get_model_info()["mx_checkpoint"]["layers"]["model.layers.0.mlp.down_proj"]
     assert layer["a"] is None and "a_rule" not in layer
+
+
+def test_rule_names_checked():
+    from lm_eval_mx.nn.spec import MXSpec
+
+    with pytest.raises(ValueError, match="known: auto-round-mx"):
+        MXSpec(NAMED_SCHEMES["mxfp4"], NAMED_SCHEMES["mxfp4"], a_rule="floor")
+    with pytest.raises(ValueError, match="needs the activation scheme"):
+        MXSpec(NAMED_SCHEMES["mxfp4"], None, a_rule="auto-round-mx")

@@ -40,6 +40,10 @@ class MXSpec:
         if static != (self.a_scale is not None):
             raise ValueError("MXSpec: a_scale (the stored input scale) goes with an activation scheme of "
                              "tensor_scale=static, and only with one")
+        if self.a_rule is not None:
+            get_rule(self.a_rule)  # a ValueError naming the known rules
+            if self.a is None:
+                raise ValueError(f"MXSpec: a_rule={self.a_rule!r} quantizes inputs; it needs the activation scheme a")
 
     @classmethod
     def make(
