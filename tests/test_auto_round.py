@@ -49,6 +49,16 @@ def test_mx_logits_equal_auto_rounds_runtime(scheme, one_thread):
     assert lm.model.get_submodule("model.layers.0.self_attn.q_proj").weight.dtype == torch.uint8  # packed
 
 
+@pytest.mark.parametrize("scheme", ["mxfp4", "mxfp8", "nvfp4"])
+def test_bf16_logits_equal_auto_rounds_runtime(scheme, one_thread):
+    """In bfloat16 (auto-round's runtime and hf-mx both dequantize in float32, cast, and run the model in bf16) every
+    format is bit for bit, NVFP4 included: its float32 weight-order difference does not survive the cast here."""
+    ref = load_file(f"{DATA}/{scheme}/runtime_logits.safetensors")
+    lm = HFMXLM(pretrained=f"{DATA}/{scheme}", device="cpu", dtype="bfloat16")
+    got = _logits(lm, ref["ids"])
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref["logits_bf16"])
+
+
 def test_nvfp4_logits_within_the_stated_deviation(one_thread):
     path = f"{DATA}/nvfp4"
     ref = load_file(f"{path}/runtime_logits.safetensors")

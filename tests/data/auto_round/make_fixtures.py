@@ -9,7 +9,8 @@ format, which hf-mx refuses) it quantizes a tiny random Llama (hidden 64, 2 laye
 trained tokenizer) with ``AutoRound(..., iters=0)`` (RTN) on four local calibration texts, saves it with
 ``format="auto_round"``, loads it back with transformers (auto-round's own inference backend:
 ``auto_round.inference`` converts the layers to its ``experimental.qmodules`` QuantLinear classes) in float32
-on CPU and stores the logits on the fixed ids below in ``<scheme>/runtime_logits.safetensors``.
+and in bfloat16 on CPU and stores the logits on the fixed ids below in ``<scheme>/runtime_logits.safetensors``
+(``logits``, ``logits_bf16``).
 """
 
 from __future__ import annotations
@@ -70,12 +71,15 @@ def main() -> None:
         back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu").eval()
         layers = sorted({type(m).__module__ + "." + type(m).__name__ for m in back.modules()
                          if "QuantLinear" in type(m).__name__})
+        back_bf16 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map="cpu").eval()
         with torch.no_grad():
             logits = back(IDS).logits
-        save_file({"ids": IDS, "logits": logits.contiguous()}, os.path.join(out, "runtime_logits.safetensors"))
+            logits_bf16 = back_bf16(IDS).logits
+        save_file({"ids": IDS, "logits": logits.contiguous(), "logits_bf16": logits_bf16.contiguous()},
+                  os.path.join(out, "runtime_logits.safetensors"))
         with open(os.path.join(out, "runtime.json"), "w") as f:
-            json.dump({"versions": versions, "runtime_layers": layers, "dtype": "float32", "device": "cpu"}, f,
-                      indent=1)
+            json.dump({"versions": versions, "runtime_layers": layers, "dtype": "float32 (logits), bfloat16 "
+                       "(logits_bf16)", "device": "cpu"}, f, indent=1)
         print(scheme, layers, logits.abs().mean().item())
 
 
