@@ -29,7 +29,7 @@ def _shipped():
 def _logits(model) -> torch.Tensor:
     model.config._attn_implementation = "eager"  # as the saved logits were computed
     with torch.no_grad():
-        return model(REF["ids"]).logits
+        return model(REF["ids"].to(next(model.parameters()).device)).logits
 
 
 def _transformers_model():
@@ -122,3 +122,16 @@ def test_device_map_onto_disk_or_a_missing_device_is_refused(one_thread):
     if not torch.cuda.is_available():
         with pytest.raises(ShippedCheckpointError, match="'cuda:0' is not usable here"):
             load_shipped(PATH, _shipped(), activations=None, dtype=torch.float32, device="cuda:0")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loads_straight_onto_the_gpu():
+    """device=cuda: every tensor on the GPU as read (nothing left on the host), experts packed there, logits as
+    transformers' (float32 GEMMs on the GPU: to 1e-4)."""
+    torch.cuda.reset_peak_memory_stats()
+    model, _, _ = load_shipped(PATH, _shipped(), activations=None, dtype=torch.float32, device="cuda:0")
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {b.device.type for b in model.buffers()} <= {"cuda"}
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.uint8
+    out = _logits(model).cpu()
+    assert torch.allclose(out, REF["logits"], atol=1e-4, rtol=0)

@@ -51,9 +51,9 @@ class Locator:
 
     def renamed(self, key: str) -> str:
         """``key`` after transformers' renamings for this model (Mixtral's ``block_sparse_moe`` -> ``mlp``)."""
-        from transformers.core_model_loading import apply_renamings
+        from transformers.core_model_loading import rename_source_key
 
-        return apply_renamings(key, self.renamings)
+        return rename_source_key(key, self.renamings, [])[0]
 
     def locate(self, key: str) -> Slot | None:
         module, _, leaf = key.rpartition(".")
