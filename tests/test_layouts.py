@@ -410,9 +410,10 @@ def test_gptoss_encode_round_trip_and_packed(mode):
 
 
 def test_layout_table():
-    assert set(L.LAYOUTS) == {"ct-nvfp4", "ct-mxfp4", "modelopt-nvfp4", "gptoss-mxfp4"}
+    assert set(L.LAYOUTS) == {"ct-nvfp4", "ct-mxfp4", "ct-mxfp8", "modelopt-nvfp4", "gptoss-mxfp4", "ar-mxfp4",
+                              "ar-nvfp4"}
     assert L.get_layout("CT_NVFP4") is L.LAYOUTS["ct-nvfp4"]
-    assert [lay.name for lay in L.LAYOUTS.values() if not lay.exact_scale_order] == ["ct-nvfp4"]
+    assert [lay.name for lay in L.LAYOUTS.values() if not lay.exact_scale_order] == ["ct-nvfp4", "ar-nvfp4"]
     for lay in L.LAYOUTS.values():
         assert lay.decode.__doc__ and "Decoding" in lay.decode.__doc__
     p, s, gs = stored_nvfp4(seed=15)

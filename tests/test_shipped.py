@@ -1,11 +1,13 @@
 """Checkpoints quantized by other tools, evaluated by hf-mx with their weights as stored: compressed-tensors NVFP4
-and MXFP4 written by compressed-tensors' own compressor, ModelOpt NVFP4 written as ModelOpt's export writes it.
+written by compressed-tensors' own compressor, MXFP4 written by llm-compressor itself (tests/data/llmcompressor),
+ModelOpt NVFP4 written as ModelOpt's export writes it (ModelOpt's own exports: tests/test_tool_fixtures.py).
 Held weights equal the library's decompression bit for bit; logits equal an explicit reference."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 
 import pytest
@@ -24,6 +26,7 @@ pytest.importorskip("compressed_tensors")
 
 NVFP4 = NAMED_SCHEMES["nvfp4"]
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+FIXTURES = os.path.join(os.path.dirname(__file__), "data")
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -50,7 +53,7 @@ def _copy_tokenizer(src: str, out: str) -> None:
 
 
 def write_ct(src: str, out: str, preset: str = "NVFP4", ignore=("lm_head",)) -> None:
-    """A compressed-tensors checkpoint as llm-compressor saves one: the scheme applied, qparams as its observers set
+    """A compressed-tensors NVFP4 checkpoint as llm-compressor saves one: the scheme applied, qparams as its observers set
     them (q/k/v and gate/up share the smallest weight global scale), compressed by ModelCompressor, config.json
     written by ``update_config``."""
     from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
@@ -66,24 +69,21 @@ def write_ct(src: str, out: str, preset: str = "NVFP4", ignore=("lm_head",)) -> 
     qc = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])}, ignore=list(ignore))
     apply_quantization_config(model, qc)
     mods = {n: m for n, m in model.named_modules() if hasattr(m, "quantization_scheme")}
+    if not preset.startswith("NVFP4"):
+        raise ValueError(f"write_ct writes NVFP4 presets; {preset}: see tests/data/llmcompressor (the tool's own)")
+    gs = {n: L.ct_nvfp4_global_scale(m.weight.data) for n, m in mods.items()}
+    for n in list(gs):
+        for grp in FUSED:
+            if n.endswith(grp[0]):
+                names = [n[: -len(grp[0])] + g for g in grp]
+                shared = torch.min(torch.cat([gs[x] for x in names])).reshape(1)
+                gs.update(dict.fromkeys(names, shared))
     with torch.no_grad():
-        if preset.startswith("NVFP4"):
-            gs = {n: L.ct_nvfp4_global_scale(m.weight.data) for n, m in mods.items()}
-            for n in list(gs):
-                for grp in FUSED:
-                    if n.endswith(grp[0]):
-                        names = [n[: -len(grp[0])] + g for g in grp]
-                        shared = torch.min(torch.cat([gs[x] for x in names])).reshape(1)
-                        gs.update(dict.fromkeys(names, shared))
-            for n, m in mods.items():
-                m.weight_global_scale.copy_(gs[n])
-                m.weight_scale.copy_(L.ct_nvfp4_block_scales(m.weight.data, gs[n]).to(m.weight_scale.dtype))
-                if hasattr(m, "input_global_scale"):
-                    m.input_global_scale.copy_((2688.0 / amax[n]).reshape(1))
-        else:
-            for m in mods.values():  # the module holds the scale 2**(e-127) as a float; its compressor stores e
-                s = L.encode_ct_mxfp4(m.weight.data)["weight_scale"]
-                m.weight_scale.copy_(torch.exp2(s.float() - 127).to(m.weight_scale.dtype))
+        for n, m in mods.items():
+            m.weight_global_scale.copy_(gs[n])
+            m.weight_scale.copy_(L.ct_nvfp4_block_scales(m.weight.data, gs[n]).to(m.weight_scale.dtype))
+            if hasattr(m, "input_global_scale"):
+                m.input_global_scale.copy_((2688.0 / amax[n]).reshape(1))
         for m in mods.values():
             m.quantization_status = QuantizationStatus.FROZEN
     compressor = ModelCompressor.from_pretrained_model(model)
@@ -216,7 +216,6 @@ def write_modelopt(src: str, out: str, weight_only: bool = False) -> dict[str, t
                 tensors[f"{name}.input_scale"] = (amax[name] / 2688.0).reshape(())
         else:
             tensors[key] = t.contiguous()
-    import os
 
     os.makedirs(out, exist_ok=True)
     model.config.save_pretrained(out)
@@ -276,22 +275,24 @@ def test_modelopt_from_hf_quant_config_alone(src, tmp_path):
     assert _lm(out).get_model_info()["mx_checkpoint"]["format"] == "ModelOpt NVFP4"
 
 
-def test_ct_mxfp4(src, tmp_path):
-    out = str(tmp_path / "ct_mxfp4")
-    write_ct(src, out, "MXFP4")
+def test_ct_mxfp4(one_thread):
+    """llm-compressor's own MXFP4 checkpoint (tests/data/llmcompressor/mxfp4): held weights equal compressed-tensors'
+    decompression, logits equal the tool's runtime bit for bit. (A checkpoint written here with compressed-tensors
+    0.20.1's compressor from uint8 exponents was all zeros, every code byte 0x88: a test on it could not fail.)"""
+    out = f"{FIXTURES}/llmcompressor/mxfp4"
+    stored = load_file(f"{out}/model.safetensors")
+    codes = torch.cat([t.reshape(-1) for k, t in stored.items() if k.endswith(".weight_packed")])
+    assert (codes & 0x77).count_nonzero() > codes.numel() // 2  # most codes hold a non-zero value
     assert _qc(out)["format"] == "mxfp4-pack-quantized"
-    codes = load_file(f"{out}/model.safetensors")["model.layers.0.mlp.up_proj.weight_packed"]
-    assert (codes & 0x77).count_nonzero() > codes.numel() // 2  # real weights, not all ±0 (0x88)
     lm = _lm(out)
     want = ct_reference_weights(out, torch.bfloat16)  # exact in bf16: value times a power of two
     held = _held(lm)
     assert set(held) == set(want)
     for n, w in want.items():
         assert torch.equal(held[n], w.float()), n
+    ref = load_file(f"{out}/runtime_logits.safetensors")
     with torch.no_grad():
-        got = lm.model(IDS).logits
-    ref = reference_logits(src, out, {n: w.float() for n, w in want.items()}, lambda n, x: quantize_torch(x, L.CT_MXFP4))
-    assert torch.equal(got, ref)
+        assert torch.equal(lm.model(ref["ids"]).logits, ref["logits"])
 
 
 def _rewrite(path: str, edit) -> None:

@@ -345,7 +345,7 @@ class HFMXLM(HFLM):
             a_scheme, a_from = shipped.default_activation(), "checkpoint"
         self._shipped_act = (a_scheme, a_from)  # the label's; each layer loads its own recipe when from the checkpoint
         self._shipped_backend, self._shipped_gemm = given.mx_backend, given.packed_gemm
-        w = "nvfp4" if shipped.weight_scheme.block_size == 16 else "fp4_e2m1"
+        w = "nvfp4" if shipped.weight_scheme.block_size == 16 else shipped.weight_scheme.elem.name
         keys = dict(w_format=w, a_format=given.a_format if "a_format" in given.given else w,
                     weight_only=a_scheme is None and (a_from != "checkpoint" or shipped.weight_only),
                     mx_backend=given.mx_backend, packed=True,

@@ -16,6 +16,7 @@ from ..kernels.backends import Quantizer, get_quantizer
 from ..numerics.formats import Scheme, TensorScale
 from ..numerics.quantize import make_scheme, quantize_torch
 from ..numerics.rotation import Rotation, rotate
+from ..numerics.runtimes import get_rule
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,19 @@ class MXSpec:
     # The stored per-tensor scale of the inputs (float32 value, a divisor: calibrated amax / (448·6)) when
     # ``a.tensor_scale`` is ``static``; None otherwise.
     a_scale: float | None = None
+    # A shipped checkpoint's runtime arithmetic for the inputs, by name in :data:`lm_eval_mx.numerics.runtimes.RULES`
+    # (``a`` then names the format; ``a_scale`` is the stored value as the rule takes it); None: ``a``'s own.
+    a_rule: str | None = None
 
     def __post_init__(self) -> None:
         static = self.a is not None and self.a.tensor_scale is TensorScale.STATIC
         if static != (self.a_scale is not None):
             raise ValueError("MXSpec: a_scale (the stored input scale) goes with an activation scheme of "
                              "tensor_scale=static, and only with one")
+        if self.a_rule is not None:
+            get_rule(self.a_rule)  # a ValueError naming the known rules
+            if self.a is None:
+                raise ValueError(f"MXSpec: a_rule={self.a_rule!r} quantizes inputs; it needs the activation scheme a")
 
     @classmethod
     def make(
@@ -72,6 +80,9 @@ class MXSpec:
         """Rotate and quantize an input along its last axis; siblings fed the same tensor share one result."""
         if self.a is None:
             return x if self.rotation is None else rotate(x, self.rotation).to(x.dtype)
+        if self.a_rule is not None:
+            xr = x if self.rotation is None else rotate(x, self.rotation).to(x.dtype)
+            return get_rule(self.a_rule)(xr, self.a, self.a_scale)
         if self.a_scale is not None:  # a stored input scale: the torch reference (on CPU and CUDA alike)
             return quantize_torch(x, self.a, -1, self.rotation, static_scale=self.a_scale)
         # inference tensors have no version counter (an in-place change could not be seen), and under
@@ -88,6 +99,8 @@ class MXSpec:
 
     def describe(self) -> str:
         a = self.a.name if self.a else "-"
+        if self.a_rule is not None:
+            a += f"[{self.a_rule}]"
         if self.a_scale is not None:
             a += f"({self.a_scale:.6g})"
         rot = f", rot={self.rotation.label()}" if self.rotation else ""

@@ -36,7 +36,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import compressed_tensors, gptoss, modelopt
+from . import auto_round, compressed_tensors, gptoss, modelopt
 from .base import (
     NO_ACTIVATION,
     SUPPORTED_BY,
@@ -50,7 +50,7 @@ from .base import (
 )
 from .loader import load_shipped
 
-READERS: tuple[ModuleType, ...] = (compressed_tensors, modelopt, gptoss)
+READERS: tuple[ModuleType, ...] = (compressed_tensors, modelopt, auto_round, gptoss)
 _BY_METHOD: dict[str, ModuleType] = {}
 for _reader in READERS:
     SUPPORTED_BY[_reader.__name__] = _reader.SUPPORTED

@@ -46,12 +46,15 @@ class Activation:
 
     ``kind``: ``"none"`` (weight only), ``"dynamic"`` (``scheme``: the format's run-time rule, scales from each
     input) or ``"static"`` (``scheme`` with ``tensor_scale=static``; its per-tensor scale is the stored tensor
-    ``tensor`` beside the weight, a divisor ``ts``, or a multiplier ``1/ts`` when ``reciprocal``)."""
+    ``tensor`` beside the weight, a divisor ``ts``, or a multiplier ``1/ts`` when ``reciprocal``). ``rule``: the
+    runtime's own arithmetic where it is not ``scheme``'s (a name in :data:`lm_eval_mx.numerics.runtimes.RULES`; a
+    static rule takes the stored value as stored)."""
 
     kind: str = "none"
     scheme: Scheme | None = None
     tensor: str | None = None
     reciprocal: bool = False
+    rule: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("none", "dynamic", "static"):
@@ -93,6 +96,7 @@ class LayerRecipe:
         return {"layout": self.layout.name, "weights": self.layout.library, "w": self.layout.scheme.name,
                 "activation_recipe": a.kind if a.kind != "none" else "none (weight only)",
                 "a": a.scheme.name if a.scheme else None, **({"a_scale_tensor": a.tensor} if a.tensor else {}),
+                **({"a_rule": a.rule} if a.rule else {}),
                 **({"source": self.source} if self.source else {})}
 
 
@@ -183,6 +187,8 @@ class Shipped:
         out = {"format": self.name, "quant_method": self.quant_method, "layout": first.layout.name,
                "weights": first.layout.library,
                "activation_recipe": first.describe()["activation_recipe"] if len(self.recipes) == 1 else "per layer"}
+        if len(self.recipes) == 1 and first.activation.rule:
+            out["activation_rule"] = first.activation.rule  # the runtime's own arithmetic (numerics.runtimes)
         if len(self.recipes) > 1:
             out["recipes"] = [r.describe() for r in self.recipes]
         return out

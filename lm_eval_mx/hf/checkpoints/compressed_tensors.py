@@ -1,4 +1,5 @@
-"""compressed-tensors checkpoints (llm-compressor's ``nvfp4-pack-quantized`` and ``mxfp4-pack-quantized``).
+"""compressed-tensors checkpoints (llm-compressor's ``nvfp4-pack-quantized``, ``mxfp4-pack-quantized`` and
+``mxfp8-quantized``).
 
 Each config group states a weight layout and an activation recipe for its ``targets`` (module names, ``re:``
 patterns or class names, as compressed-tensors matches them), minus the global ``ignore`` list. Groups with
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...numerics.formats import TensorScale
+from ...numerics.formats import NAMED_SCHEMES, TensorScale
 from ...numerics.layouts import CT_MXFP4, LAYOUTS, NVFP4, Layout
 from ...numerics.packing import MXPacked
 from .base import NO_ACTIVATION, Activation, LayerRecipe, Shipped, experts_recipe, layout_to_packed, unsupported
@@ -25,10 +26,14 @@ QUANT_METHODS = ("compressed-tensors",)
 SUPPORTED = (
     "compressed-tensors format nvfp4-pack-quantized (llm-compressor NVFP4, NVFP4A16)",
     "compressed-tensors format mxfp4-pack-quantized (llm-compressor MXFP4, MXFP4A16)",
+    "compressed-tensors format mxfp8-quantized (llm-compressor MXFP8, MXFP8A16)",
 )
 _NVFP4_ARGS = dict(num_bits=4, type="float", strategy="tensor_group", group_size=16, symmetric=True)
 _MXFP4_ARGS = dict(num_bits=4, type="float", strategy="group", group_size=32, symmetric=True)
-_FORMATS = {"nvfp4-pack-quantized": ("ct-nvfp4", _NVFP4_ARGS), "mxfp4-pack-quantized": ("ct-mxfp4", _MXFP4_ARGS)}
+_MXFP8_ARGS = dict(num_bits=8, type="float", strategy="group", group_size=32, symmetric=True)
+_FORMATS = {"nvfp4-pack-quantized": ("ct-nvfp4", _NVFP4_ARGS), "mxfp4-pack-quantized": ("ct-mxfp4", _MXFP4_ARGS),
+            "mxfp8-quantized": ("ct-mxfp8", _MXFP8_ARGS)}
+_NAMES = {layout: fmt for fmt, (layout, _) in _FORMATS.items()}
 
 
 def _nvfp4_to_packed(layout: Layout, tensors: Mapping[str, torch.Tensor]) -> tuple[MXPacked, str]:
@@ -70,6 +75,8 @@ def _group(name: str, group: dict[str, Any], fmt: str) -> LayerRecipe:
     if layout_name == "ct-nvfp4" and dynamic == "local":  # static input_global_scale, local block scales
         act = Activation("static", dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC), "input_global_scale",
                          reciprocal=True)
+    elif dynamic == "true" and layout_name == "ct-mxfp8":  # scales rounded at E2M1's mantissa: runtimes.ct_mx
+        act = Activation("dynamic", NAMED_SCHEMES["mxfp8"], rule="compressed-tensors-mx")
     elif dynamic == "true":
         act = Activation("dynamic", NVFP4 if layout_name == "ct-nvfp4" else CT_MXFP4)
     else:
@@ -129,8 +136,8 @@ def recognise(qc: dict[str, Any]) -> Shipped:
     distinct = tuple(dict.fromkeys(dataclasses.replace(r, source="") for r in recipes.values()))
     if len(distinct) == 1:  # one recipe: the per-layer record needs no group name
         recipes = dict.fromkeys(recipes, distinct[0])
-    fmt = distinct[0].layout.name.removeprefix("ct-")
-    name = f"compressed-tensors {fmt}-pack-quantized" if len(distinct) == 1 else "compressed-tensors mixed recipe"
+    name = f"compressed-tensors {_NAMES[distinct[0].layout.name]}" if len(distinct) == 1 else \
+        "compressed-tensors mixed recipe"
     return CompressedTensors(name, "compressed-tensors", tuple(dict.fromkeys(recipes.values())), qc,
                              tuple((tuple(g.get("targets") or ()), recipes[n]) for n, g in groups.items()),
                              tuple(qc.get("ignore") or ()))

@@ -272,7 +272,8 @@ def _fill(name: str, layer: _Layer, shipped: Shipped, activations: Activations, 
         if _static(a_scheme):
             a_scales[weight] = _input_scales(where, recipe, tensors[recipe.activation.tensor])
     first = next(iter(a_scales.values()))[0] if a_scales else None
-    m.mx_spec = MXSpec(recipe.layout.scheme, a_scheme, None, backend, first)
+    rule = recipe.activation.rule if activations is None else None
+    m.mx_spec = MXSpec(recipe.layout.scheme, a_scheme, None, backend, first, rule)
     if a_scales and layer.candidate.kind == "experts":
         m.mx_a_scales = {w: tuple(v * (m.mx_shapes[w][0] if len(v) == 1 else 1)) for w, v in a_scales.items()}
     a_ts: Any = None
@@ -286,6 +287,8 @@ def _fill(name: str, layer: _Layer, shipped: Shipped, activations: Activations, 
               "a_from": "checkpoint" if activations is None else activations[1], "a_tensor_scale": a_ts}
     if a_scales:
         record["a_tensor_scale_from"] = f"{name}.{recipe.activation.tensor}"
+    if rule:
+        record["a_rule"] = rule
     if recipe.source:
         record["recipe"] = recipe.source
     return record

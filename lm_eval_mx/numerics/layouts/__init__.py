@@ -6,9 +6,15 @@ Four layouts, each a :class:`Layout` in :data:`LAYOUTS` with its functions in on
 * ``ct-nvfp4``: compressed-tensors ``nvfp4-pack-quantized`` (llm-compressor's NVFP4 checkpoints);
 * ``ct-mxfp4``: compressed-tensors ``mxfp4-pack-quantized`` (E8M0 exponents stored as uint8);
 * ``modelopt-nvfp4``: NVIDIA ModelOpt's NVFP4 export (``quant_algo: NVFP4``), as vLLM and TensorRT-LLM read it;
-* ``gptoss-mxfp4``: OpenAI gpt-oss MoE experts (``*_blocks``/``*_scales``), as transformers reads them.
+* ``gptoss-mxfp4``: OpenAI gpt-oss MoE experts (``*_blocks``/``*_scales``), as transformers reads them;
+* ``ct-mxfp8``: compressed-tensors ``mxfp8-quantized`` (E4M3 codes one a byte, uint8 E8M0 exponents; also
+  auto-round's MXFP8), module ``ct_mxfp8``;
+* ``ar-mxfp4``: auto-round's MXFP4: compressed-tensors' ``ct-mxfp4`` bytes and decoding; its scheme says OCP floor
+  scales (auto-round chooses them by ``floor(log2 ...)``), not compressed-tensors' even rule;
+* ``ar-nvfp4``: auto-round's NVFP4 (compressed-tensors' NVFP4 tensors, auto-round's decoding order), module
+  ``auto_round``.
 
-All four store FP4 E2M1 codes two to a byte, the element of even index in the low nibble, a code being
+The FP4 layouts store E2M1 codes two to a byte, the element of even index in the low nibble, a code being
 sign (bit 3) and magnitude index (bits 0-2) into ``0, 0.5, 1, 1.5, 2, 3, 4, 6`` (this project's
 :func:`lm_eval_mx.numerics.packing.code_table` for ``fp4_e2m1``). They differ in the block scales and in how the
 per-tensor scale enters. Every decoder returns float32 and reproduces its library's float32 arithmetic
@@ -22,6 +28,7 @@ Only ``..formats``, ``..quantize``, ``..packing`` and torch are imported: nothin
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -39,6 +46,7 @@ from ._common import (
     NVFP4,
     fp4_codes,
 )
+from .auto_round import ar_nvfp4_to_packed, decode_ar_nvfp4, encode_ar_nvfp4
 from .compressed_tensors import (
     ct_mxfp4_to_packed,
     ct_nvfp4_block_scales,
@@ -49,6 +57,7 @@ from .compressed_tensors import (
     encode_ct_mxfp4,
     encode_ct_nvfp4,
 )
+from .ct_mxfp8 import MXFP8, ct_mxfp8_to_packed, decode_ct_mxfp8, encode_ct_mxfp8
 from .gptoss import decode_gptoss_mxfp4, encode_gptoss_mxfp4, gptoss_mxfp4_to_packed
 from .modelopt import (
     decode_modelopt_nvfp4,
@@ -64,6 +73,7 @@ __all__ = [
     "FP4",
     "LAYOUTS",
     "MXFP4",
+    "MXFP8",
     "NAMED_SCHEMES",
     "NVFP4",
     "Layout",
@@ -71,16 +81,22 @@ __all__ = [
     "Rounding",
     "ScaleMode",
     "Scheme",
+    "ar_nvfp4_to_packed",
     "code_table",
     "ct_mxfp4_to_packed",
+    "ct_mxfp8_to_packed",
     "ct_nvfp4_block_scales",
     "ct_nvfp4_global_scale",
     "ct_nvfp4_to_packed",
+    "decode_ar_nvfp4",
     "decode_ct_mxfp4",
+    "decode_ct_mxfp8",
     "decode_ct_nvfp4",
     "decode_gptoss_mxfp4",
     "decode_modelopt_nvfp4",
+    "encode_ar_nvfp4",
     "encode_ct_mxfp4",
+    "encode_ct_mxfp8",
     "encode_ct_nvfp4",
     "encode_gptoss_mxfp4",
     "encode_modelopt_nvfp4",
@@ -139,6 +155,14 @@ LAYOUTS: dict[str, Layout] = {
                CT_MXFP4, decode_ct_mxfp4, encode_ct_mxfp4, ct_mxfp4_to_packed, exact_scale_order=True),
         Layout("modelopt-nvfp4", "NVIDIA ModelOpt NVFP4", ("weight", "weight_scale", "weight_scale_2"), NVFP4,
                decode_modelopt_nvfp4, encode_modelopt_nvfp4, modelopt_nvfp4_to_packed, exact_scale_order=True),
+        Layout("ct-mxfp8", "compressed-tensors mxfp8-quantized", ("weight", "weight_scale"), MXFP8,
+               decode_ct_mxfp8, encode_ct_mxfp8, ct_mxfp8_to_packed, exact_scale_order=True),
+        Layout("ar-mxfp4", "auto-round MXFP4 (auto_round:llm_compressor)", ("weight_packed", "weight_scale"), MXFP4,
+               decode_ct_mxfp4, encode_ct_mxfp4, functools.partial(ct_mxfp4_to_packed, scheme=MXFP4),
+               exact_scale_order=True),
+        Layout("ar-nvfp4", "auto-round NVFP4 (auto_round:llm_compressor)",
+               ("weight_packed", "weight_scale", "weight_global_scale"), NVFP4,
+               decode_ar_nvfp4, encode_ar_nvfp4, ar_nvfp4_to_packed, exact_scale_order=False),
         Layout("gptoss-mxfp4", "gpt-oss MXFP4 (transformers)", ("blocks", "scales"), MXFP4,
                decode_gptoss_mxfp4, encode_gptoss_mxfp4, gptoss_mxfp4_to_packed, exact_scale_order=True),
     )
