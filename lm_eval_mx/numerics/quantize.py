@@ -138,6 +138,8 @@ def block_scales(
     Shared by :func:`quantize_blocks` and algorithms that round values on scales chosen beforehand (GPTQ).
     """
     fmt = scheme.elem
+    if scheme.scale_format is ScaleFormat.NONE:
+        raise ValueError("scale_format=none divides by its per-tensor scale: quantize_blocks computes it")
     if scheme.is_mx:
         exp, nan = shared_exponent(amax, fmt, scheme.scale_bits, scheme.scale_mode)
         return pow2(-exp), pow2(exp), nan, exp
@@ -183,6 +185,12 @@ def quantize_blocks(
     Dequantized values are ``elements * multiplier`` (NaN where masked).
     """
     amax = blocks.abs().amax(-1, keepdim=True)
+    if scheme.scale_format is ScaleFormat.NONE:  # x / ts: one correctly rounded float32 division per element
+        if static_scale is None:
+            raise ValueError("scale_format=none needs the stored per-tensor scale (static_scale)")
+        ts, _ = static_tensor_scale(static_scale, blocks.device)
+        q = round_elements(blocks / ts, scheme.elem, scheme.rounding)
+        return q, ts.expand(amax.shape), ~torch.isfinite(amax), ts.expand(amax.shape)
     if scheme.tensor_scale is TensorScale.AMAX and tensor_amax is None:
         tensor_amax = blocks.abs().amax()
     recip, mult, nan, stored = block_scales(amax, scheme, tensor_amax, static_scale)

@@ -64,8 +64,10 @@ def recipes() -> dict[str, dict[str, Any]]:
         "nvfp4": dict(scheme="nvfp4"),
         # global MXFP4, every Linear MXFP6 E2M3 by type, name globs first-match in this order, one layer excluded
         "mixed": dict(scheme="mxfp4", layer_type_config={nn.Linear: "mxfp6_e2m3"},
-                      layer_config={"*layers.1.mlp.*": "mxfp4_fp8", "*.up_proj": "mxfp4_weight_only",
-                                    "*.o_proj": "mxfp6_e3m2", "*.v_proj": "nvfp4", "*.k_proj": "mxfp4"},
+                      # in sorted order: Quark matches globs in dict order when it quantizes, and its export
+                      # writes them sorted, which its importer then matches in that order
+                      layer_config={"*.k_proj": "mxfp4", "*.o_proj": "mxfp6_e3m2", "*.up_proj": "mxfp4_weight_only",
+                                    "*.v_proj": "nvfp4", "*layers.1.mlp.*": "mxfp4_fp8"},
                       exclude_layers=["lm_head", "model.layers.0.mlp.down_proj"]),
     }
 
