@@ -299,11 +299,11 @@ class HFMXLM(HFLM):
         self._mx_packed = None
         if self.mx_shipped is not None:  # another tool's quantized weights, as stored
             _check_packed_args(pretrained, self.mx_keep_original, rest, f"{pretrained} ({self.mx_shipped.name})")
-            placed = [k for k in ("device_map", "parallelize", "tp_plan") if rest.get(k) not in (None, False, "False",
-                                                                                                  "false", "")]
+            placed = [k for k in ("parallelize", "tp_plan") if rest.get(k) not in (None, False, "False", "false", "")]
             if placed:
-                raise ValueError(f"hf-mx: {pretrained} ({self.mx_shipped.name}) loads on CPU, then moves to `device`; "
-                                 f"{', '.join(placed)} is not supported for such checkpoints yet")
+                raise ValueError(f"hf-mx: {pretrained} ({self.mx_shipped.name}) loads tensor by tensor onto `device` or "
+                                 f"the modules' devices of `device_map`; {', '.join(placed)} is not supported for such "
+                                 "checkpoints yet")
             config = self._shipped_config(pretrained, config)
             check_hf_args(config, rest)
         elif self.mx_stored is not None:  # the checkpoint's codes run as stored, with its recorded configuration
@@ -404,7 +404,7 @@ class HFMXLM(HFLM):
         self._model, self._shipped_report, self._shipped_layers = load_shipped(
             pretrained, self.mx_shipped, activations=None if a_from == "checkpoint" else (a_scheme, a_from), dtype=dtype,
             backend=self._shipped_backend, gemm=self._shipped_gemm, revision=revision,
-            trust_remote_code=bool(trust_remote_code))
+            trust_remote_code=bool(trust_remote_code), device=self.device, device_map=kwargs.get("device_map"))
 
     def set_mx(self, config: MXConfig) -> MXReport:
         """(Re)apply MX with ``config``; earlier MX layers are removed first (needs mx_keep_original)."""

@@ -4,11 +4,12 @@
 :func:`read_quant_config`) and dispatches on its ``quant_method`` to the reader registered for it; it returns a
 :class:`Shipped` description, None for an unquantized checkpoint or one of this project's own
 (``quant_method="mx"``, :mod:`lm_eval_mx.hf.quantizer`), and raises :class:`ShippedCheckpointError` naming every
-supported format (:data:`SUPPORTED`, built from the readers) for anything else. :func:`load_shipped` builds the
-model on the meta device, turns every layer the checkpoint quantized into a packed MX layer, reads the safetensors
-files tensor by tensor, converts each quantized layer's stored tensors with :mod:`lm_eval_mx.numerics.layouts`
-(codes and scale bytes as they are: no high-precision copy) and loads every other tensor as stored. A tensor that
-disagrees with the config is an error naming it.
+supported format (:data:`SUPPORTED`, built from the readers) for anything else. :func:`load_shipped` (:mod:`.loader`)
+builds the model on the meta device, turns every layer the checkpoint quantized into a packed MX layer, reads the
+safetensors files tensor by tensor straight onto each module's device, converts each quantized layer's stored tensors
+with :mod:`lm_eval_mx.numerics.layouts` (codes and scale bytes as they are: no high-precision copy) and loads every
+other tensor as stored. Per-expert tensors go into transformers' fused experts by transformers' own conversion rules
+(:mod:`.experts`). A tensor that disagrees with the config is an error naming it.
 
 Adding a format = adding a module here and its name to :data:`READERS`. A reader module provides:
 
@@ -43,11 +44,11 @@ from .base import (
     LayerRecipe,
     Shipped,
     ShippedCheckpointError,
-    load_shipped,
     read_quant_config,
     supported,
     unsupported,
 )
+from .loader import load_shipped
 
 READERS: tuple[ModuleType, ...] = (compressed_tensors, modelopt, gptoss, quark)
 _BY_METHOD: dict[str, ModuleType] = {}

@@ -1,5 +1,6 @@
-"""What a reader module describes (:class:`Shipped`, :class:`LayerRecipe`, :class:`Activation`) and the one loader
-that reads any of them tensor by tensor (:func:`load_shipped`)."""
+"""What a reader module describes: :class:`Shipped` (a format, answering per layer), :class:`LayerRecipe` (what one
+layer stores), :class:`Activation` (how its inputs are quantized), and the refusal naming what is supported.
+:mod:`.loader` reads any of them tensor by tensor."""
 
 from __future__ import annotations
 
@@ -12,13 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...nn.layers import MXLinear, MXPackedLayer, convert_packed
-from ...nn.spec import MXSpec
 from ...numerics.formats import Scheme, TensorScale
 from ...numerics.layouts import Layout
 from ...numerics.packing import MXPacked
-from ...selection.report import LayerEntry, MXReport
-from ...selection.roles import find_candidates
 
 
 class ShippedCheckpointError(ValueError):
@@ -98,6 +95,46 @@ class LayerRecipe:
                 **({"source": self.source} if self.source else {})}
 
 
+# The names one expert's projections go by in per-expert checkpoints, as transformers' conversion rules read them:
+# Qwen2-MoE's (gate_proj, up_proj -> gate_up_proj; down_proj) and Mixtral's (w1, w3 -> gate_up_proj; w2 -> down_proj).
+_EXPERT_NAMINGS = ({"gate_up_proj": ("gate_proj", "up_proj"), "up_proj": ("up_proj",), "down_proj": ("down_proj",)},
+                   {"gate_up_proj": ("w1", "w3"), "up_proj": ("w3",), "down_proj": ("w2",)})
+
+
+def expert_linear_names(name: str, module: nn.Module) -> list[list[str]]:
+    """Per naming family (Qwen2-MoE's, Mixtral's, each also under Mixtral's ``block_sparse_moe``), the names expert
+    0's projections of fused experts ``name`` go by in a per-expert checkpoint, to match a format's targets and
+    ignore lists as the tool that wrote it did; empty for a module that is not fused experts."""
+    weights = [w for w in ("gate_up_proj", "up_proj", "down_proj")
+               if isinstance(getattr(module, w, None), torch.Tensor) and getattr(module, w).dim() == 3]
+    if not weights:
+        return []
+    if "gate_up_proj" in weights:
+        weights = [w for w in weights if w != "up_proj"]
+    families = []
+    for naming in _EXPERT_NAMINGS:
+        for prefix in dict.fromkeys((name, name.replace(".mlp.", ".block_sparse_moe."))):
+            families.append([f"{prefix}.0.{p}" for w in weights for p in naming[w]])
+    return families
+
+
+def experts_recipe(name: str, module: nn.Module, recipe_of_linear: Callable[[str], LayerRecipe | None]
+                   ) -> LayerRecipe | None:
+    """Fused experts' recipe from their per-expert projections' (``recipe_of_linear(name)`` of an ``nn.Linear`` so
+    named): the recipe every projection of a naming family the config matches agrees on, None where no family
+    matches; refused where projections disagree (one fused experts module holds one recipe)."""
+    found: set[LayerRecipe | None] = set()
+    for family in expert_linear_names(name, module):
+        recipes = {recipe_of_linear(n) for n in family}
+        if recipes != {None}:
+            found |= recipes
+    if len(found) > 1:
+        raise unsupported(f"{name}: the experts' projections (gate, up, down) have different recipes "
+                          f"({', '.join(sorted(r.source or r.layout.name if r else 'unquantized' for r in found))}); "
+                          "one fused experts module holds one")
+    return found.pop() if found else None
+
+
 @dataclass(frozen=True)
 class Shipped:
     """A checkpoint format hf-mx reads as stored. A reader module returns a subclass from its ``recognise(qc)``
@@ -141,10 +178,6 @@ class Shipped:
         return out
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Loading
-
-
 def read_quant_config(pretrained: str, config: Any) -> dict[str, Any] | None:
     """The checkpoint's quantization config: config.json's ``quantization_config``, else a local directory's
     ``hf_quant_config.json`` (older ModelOpt exports)."""
@@ -156,196 +189,3 @@ def read_quant_config(pretrained: str, config: Any) -> dict[str, Any] | None:
         with open(path) as f:
             return {"quant_method": "modelopt", **json.load(f)}
     return None
-
-
-def _files(pretrained: str, revision: str | None) -> list[str]:
-    root = pretrained
-    if not os.path.isdir(root):
-        from huggingface_hub import snapshot_download
-
-        root = snapshot_download(pretrained, revision=revision, allow_patterns=["*.json", "*.safetensors"])
-    index = os.path.join(root, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return sorted({os.path.join(root, v) for v in json.load(f)["weight_map"].values()})
-    single = os.path.join(root, "model.safetensors")
-    if not os.path.isfile(single):
-        raise ShippedCheckpointError(f"hf-mx: {pretrained} has no model.safetensors(.index.json): quantized "
-                                     "checkpoints are read from safetensors files")
-    return [single]
-
-
-def _input_scale(recipe: LayerRecipe, key: str, t: torch.Tensor) -> float:
-    """The stored input scale as this project's divisor ``ts`` (as stored, or ``1/value`` for a multiplier such as
-    compressed-tensors' ``input_global_scale``, in float32)."""
-    if t.dtype != torch.float32 or t.numel() != 1:
-        raise ShippedCheckpointError(f"hf-mx: {key}: expected one float32 value, got {t.dtype} of shape "
-                                     f"{tuple(t.shape)}; nothing was evaluated")
-    v = t.reshape(())
-    ts = (1.0 / v) if recipe.activation.reciprocal else v
-    if not (torch.isfinite(ts) and ts > 0):
-        raise ShippedCheckpointError(f"hf-mx: {key} = {v.item()!r} is not a usable scale; nothing was evaluated")
-    return float(ts)
-
-
-@dataclass
-class _Plan:
-    """The quantized layers of one load: name -> (candidate, recipe), and what each reads."""
-
-    layers: dict[str, tuple[Any, LayerRecipe]]
-    tensors: dict[str, dict[str, torch.Tensor]]
-
-
-def _plan(candidates: list[Any], shipped: Shipped, report: MXReport,
-          a_override: tuple[Scheme | None, str] | None, backend: str, gemm: str) -> _Plan:
-    report.total_linear_params = sum(c.numel for c in candidates)
-    layers: dict[str, tuple[Any, LayerRecipe]] = {}
-    for c in candidates:
-        recipe = shipped.recipe_for(c.name, c.module) if c.kind == "linear" else None
-        if recipe is None:
-            report.skipped.append((c.name, c.role, "stored unquantized by the checkpoint"))
-            continue
-        layers[c.name] = (c, recipe)
-        a = _layer_activation(recipe, a_override)
-        static = a is not None and a.tensor_scale is TensorScale.STATIC
-        # a static activation scale is set once the stored input scale is read
-        convert_packed(c.module, MXLinear, MXSpec(recipe.layout.scheme, None if static else a, None, backend),
-                       c.role, gemm)
-        c.module.mx_expect_codes()
-    if not layers:
-        raise ShippedCheckpointError(f"hf-mx: {shipped.name}: no linear layer of this model is quantized by the "
-                                     f"checkpoint's config ({shipped.describe()})")
-    return _Plan(layers, {n: {} for n in layers})
-
-
-def _layer_activation(recipe: LayerRecipe, a_override: tuple[Scheme | None, str] | None) -> Scheme | None:
-    return recipe.activation.scheme if a_override is None else a_override[0]
-
-
-def _read(model: nn.Module, shipped: Shipped, plan: _Plan, files: list[str], dtype: torch.dtype) -> None:
-    """Every stored tensor: a quantized layer's own tensors gathered per layer, the others loaded as stored."""
-    from safetensors import safe_open
-
-    params = dict(model.named_parameters(remove_duplicate=False))
-    own_anywhere = {t for _, r in plan.layers.values() for t in r.stored}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for stored_key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                key = shipped.rename(stored_key)
-                module_name, _, leaf = key.rpartition(".")
-                if module_name in plan.layers:
-                    recipe = plan.layers[module_name][1]
-                    if leaf in recipe.stored:
-                        plan.tensors[module_name][leaf] = f.get_tensor(stored_key)
-                    elif leaf == "bias":
-                        _set(model, key, f.get_tensor(stored_key).to(dtype))
-                    else:
-                        raise ShippedCheckpointError(
-                            f"hf-mx: {stored_key}: {module_name} is quantized per the checkpoint's config "
-                            f"({shipped.name}), which stores {sorted(recipe.stored)} for it, not {leaf!r}; nothing "
-                            f"was evaluated")
-                    continue
-                if leaf in own_anywhere - {"weight"} or key not in params:
-                    why = ("a quantized tensor of a layer the config leaves unquantized" if leaf in own_anywhere
-                           else "no parameter of the model has this name")
-                    raise ShippedCheckpointError(f"hf-mx: {stored_key}: {why} ({shipped.name}); nothing was "
-                                                 "evaluated")
-                t = f.get_tensor(stored_key)
-                if tuple(t.shape) != tuple(params[key].shape):
-                    raise ShippedCheckpointError(f"hf-mx: {stored_key}: shape {tuple(t.shape)}, the model expects "
-                                                 f"{tuple(params[key].shape)}; nothing was evaluated")
-                _set(model, key, t.to(dtype) if t.is_floating_point() else t)
-
-
-def _fill(name: str, c: Any, recipe: LayerRecipe, tensors: dict[str, torch.Tensor], shipped: Shipped,
-          a_override: tuple[Scheme | None, str] | None, backend: str) -> dict[str, Any]:
-    """One quantized layer from its stored tensors; returns its record."""
-    m: MXPackedLayer = c.module
-    missing = [f"{name}.{t}" for t in recipe.stored if t not in tensors]
-    a_scheme = _layer_activation(recipe, a_override)
-    static = a_scheme is not None and a_scheme.tensor_scale is TensorScale.STATIC
-    if static and recipe.activation.tensor is None:
-        raise ShippedCheckpointError(f"hf-mx: {name}: tensor_scale=static takes the checkpoint's stored input scale, "
-                                     f"and this layer's recipe ({recipe.layout.library}, weight only) stores none; "
-                                     "give tensor_scale=amax or omit a_format")
-    if missing:
-        raise ShippedCheckpointError(f"hf-mx: {', '.join(missing)}: missing from the checkpoint, which its config "
-                                     f"({shipped.name}) needs; nothing was evaluated")
-    try:
-        packed, how = recipe.convert(recipe.layout, tensors)
-    except ValueError as e:
-        raise ShippedCheckpointError(f"hf-mx: {name}: {e}; nothing was evaluated") from None
-    want = tuple(m.mx_shapes["weight"])
-    if tuple(packed.shape) != want:
-        raise ShippedCheckpointError(f"hf-mx: {name}.{recipe.layout.tensors[0]}: stores a weight of shape "
-                                     f"{tuple(packed.shape)}, the model's layer is {want}; nothing was evaluated")
-    m.weight = nn.Parameter(packed.codes, requires_grad=False)
-    m.weight_scales = nn.Parameter(packed.scales, requires_grad=False)
-    if packed.tensor_scale is not None:
-        m.weight_tensor_scale = nn.Parameter(packed.tensor_scale.reshape(()), requires_grad=False)
-    if packed.tensor_scale_divides:
-        m.mx_ts_divides = frozenset({"weight"})
-    a_scale = None
-    if static:
-        key = f"{name}.{recipe.activation.tensor}"
-        a_scale = _input_scale(recipe, key, tensors[recipe.activation.tensor])
-    m.mx_spec = MXSpec(recipe.layout.scheme, a_scheme, None, backend, a_scale)
-    record = {"role": c.role, "w": recipe.layout.scheme.to_dict(), "weight_from": "checkpoint",
-              "weight_multiplier": how, "a": None if a_scheme is None else a_scheme.to_dict(),
-              "a_from": "checkpoint" if a_override is None else a_override[1],
-              "a_tensor_scale": a_scale if static else ("dynamic" if a_scheme is not None and
-                                                        a_scheme.tensor_scale is TensorScale.AMAX else None)}
-    if static:
-        record["a_tensor_scale_from"] = key
-    if recipe.source:
-        record["recipe"] = recipe.source
-    return record
-
-
-def load_shipped(pretrained: str, shipped: Shipped, *, activations: tuple[Scheme | None, str] | None,
-                 dtype: torch.dtype, backend: str = "auto", gemm: str = "dequant", revision: str | None = None,
-                 trust_remote_code: bool = False) -> tuple[nn.Module, MXReport, dict[str, Any]]:
-    """The model with ``shipped``'s quantized layers packed as stored. ``activations``: None for each layer's own
-    recipe, else ``(scheme, where it came from)`` for every quantized layer (``tensor_scale=static``: each layer's
-    stored input scale). Returns the model, its report and a per-layer record for results files."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    candidates, unusable = find_candidates(model)
-    report = MXReport(config={"checkpoint": shipped.describe()}, skipped=[(n, "", why) for n, why in unusable])
-    plan = _plan(candidates, shipped, report, activations, backend, gemm)
-    _read(model, shipped, plan, _files(pretrained, revision), dtype)
-    record: dict[str, Any] = {}
-    for name, (c, recipe) in plan.layers.items():
-        record[name] = _fill(name, c, recipe, plan.tensors[name], shipped, activations, backend)
-        a = _layer_activation(recipe, activations)
-        report.replaced.append(LayerEntry(name, c.role, "linear", recipe.layout.scheme.name,
-                                          a.name if a else None, c.numel, None,
-                                          recipe.layout.scheme.bits()))
-    if getattr(model.config.get_text_config(), "tie_word_embeddings", False) or getattr(
-            model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if left:
-        raise ShippedCheckpointError(f"hf-mx: {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}: missing from "
-                                     f"the checkpoint; nothing was evaluated")
-    from ...selection.apply import count_packed_bytes
-
-    count_packed_bytes(model, report)
-    return model.eval(), report, record
-
-
-def _set(model: nn.Module, key: str, t: torch.Tensor) -> None:
-    module_name, _, leaf = key.rpartition(".")
-    module = model.get_submodule(module_name)
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
-    else:
-        module._buffers[leaf] = t
-
-
