@@ -20,7 +20,7 @@ from lm_eval_mx.numerics.formats import NAMED_SCHEMES
 from lm_eval_mx.numerics.quantize import quantize_torch
 
 DATA = Path(__file__).parent / "data" / "quark"
-FIXTURES = ("mxfp4", "mxfp4_weight_only", "mxfp4_fp8", "mxfp6_e2m3", "mxfp6_e3m2", "nvfp4", "mixed")
+FIXTURES = ("mxfp4", "mxfp4_weight_only", "mxfp4_fp8", "mxfp6_e2m3", "mxfp6_e3m2", "nvfp4", "mixed", "qwen3_moe_mxfp4")
 ELEM = {"fp4": "fp4_e2m1", "fp6_e2m3": "fp6_e2m3", "fp6_e3m2": "fp6_e3m2"}
 
 

@@ -1,6 +1,7 @@
 """AMD Quark HF exports (``quant_method: quark``, amd-quark's ``export_safetensors``, ``real_quantized``).
 
-Each ``nn.Linear`` gets its :class:`~.base.LayerRecipe` as Quark's runtime picks its config
+Each ``nn.Linear`` (and each expert's projection of fused experts: Quark's ``preprocess_for_quantization`` splits
+transformers 5's fused experts into per-expert ``nn.Linear`` before quantizing and stores them per expert) gets its :class:`~.base.LayerRecipe` as Quark's runtime picks its config
 (``quark/torch/export/main_export/quant_config_parser.py``, ``get_layer_quant_config``, amd-quark 0.13): the first
 ``layer_quant_config`` glob (fnmatch, in the config's order) matching the layer's name, else
 ``layer_type_quant_config["Linear"]``, else ``global_quant_config``; a layer matching an ``exclude`` glob is stored
@@ -27,7 +28,7 @@ from torch import nn
 from ...numerics.formats import FORMATS, ScaleFormat, ScaleMode, Scheme, TensorScale
 from ...numerics.layouts import CT_MXFP4, LAYOUTS, NVFP4, Layout
 from ...numerics.packing import MXPacked
-from .base import NO_ACTIVATION, Activation, LayerRecipe, Shipped, layout_to_packed, unsupported
+from .base import NO_ACTIVATION, Activation, LayerRecipe, Shipped, experts_recipe, layout_to_packed, unsupported
 
 QUANT_METHODS = ("quark",)
 SUPPORTED = ("AMD Quark real_quantized exports (quant_method quark): per layer MXFP4, MXFP6 E2M3/E3M2 or NVFP4 "
@@ -40,6 +41,9 @@ _MODES = {None: ScaleMode.EVEN, "even": ScaleMode.EVEN, "floor": ScaleMode.FLOOR
 # Quark's FP8 per-tensor input: x / input_scale, clamped to ±448, cast to E4M3, times input_scale.
 FP8_PER_TENSOR: Scheme = Scheme(FORMATS["fp8_e4m3"], 0, ScaleFormat.NONE, TensorScale.STATIC)
 NVFP4_STATIC: Scheme = dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC)
+
+
+_LINEAR = nn.Linear(1, 1, device="meta")  # what an expert's projection is when Quark matches it
 
 
 def _convert(layout: Layout, tensors: Mapping[str, torch.Tensor]) -> tuple[MXPacked, str]:
@@ -121,7 +125,9 @@ class Quark(Shipped):
     exclude: tuple[str, ...] = ()
 
     def recipe_for(self, name: str, module: nn.Module) -> LayerRecipe | None:
-        if not isinstance(module, nn.Linear) or any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+        if not isinstance(module, nn.Linear):  # Quark quantizes fused experts per expert, as Linear (QuarkExperts)
+            return experts_recipe(name, module, lambda n: self.recipe_for(n, _LINEAR))
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
             return None
         for pattern, recipe in self.by_glob:
             if fnmatch.fnmatchcase(name, pattern):
