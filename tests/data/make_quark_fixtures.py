@@ -13,6 +13,14 @@ of AMD's Hub checkpoints). The export is then loaded back with transformers' own
 (``AutoModelForCausalLM.from_pretrained``, which builds Quark's ``QParamsLinear`` layers) and run on fixed ids:
 ``quark_logits.safetensors`` holds those ids and Quark's float32 logits; ``quark_layers.json`` what Quark's
 runtime holds per linear layer (weight and input quantizer specs, or none), as it loaded the export.
+
+``qwen3_moe_mxfp4``: a tiny Qwen3-MoE (4 experts), whose fused experts Quark's own
+``preprocess_for_quantization`` splits into per-expert Linear first (as Quark's ``get_model`` does); Quark's
+importer reloads it the same way. ``VERSIONS.json`` records, per fixture, the tool versions, the recipe, and
+whether transformers' own Quark integration (``from_pretrained``) reproduces Quark's logits (it does not for NVFP4,
+the mixed recipe and the MoE: see docs).
+
+Usage: ``make_quark_fixtures.py [NAME ...]`` (default: all).
 """
 
 from __future__ import annotations
