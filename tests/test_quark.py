@@ -147,3 +147,10 @@ def test_a_tensor_the_config_does_not_explain_is_named(tokenizer, tmp_path):
     (d / "config.json").write_text(json.dumps(qc))
     with pytest.raises(ShippedCheckpointError, match="input_scale"):
         HFMXLM(pretrained=str(d), device="cpu", dtype="float32", tokenizer=tokenizer)
+
+
+
+def test_per_tensor_scale_format_is_not_a_model_args_value(tokenizer):
+    """scale_format=none is what a stored FP8 input_scale runs with; as a key it names the checkpoint's scale."""
+    with pytest.raises(ValueError, match="scale_format=none"):
+        _lm("mxfp4_fp8", tokenizer, a_format="fp8_e4m3", scale_format="none")
