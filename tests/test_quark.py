@@ -20,7 +20,8 @@ from lm_eval_mx.numerics.formats import NAMED_SCHEMES
 from lm_eval_mx.numerics.quantize import quantize_torch
 
 DATA = Path(__file__).parent / "data" / "quark"
-FIXTURES = ("mxfp4", "mxfp4_weight_only", "mxfp4_fp8", "mxfp6_e2m3", "mxfp6_e3m2", "nvfp4", "mixed", "qwen3_moe_mxfp4")
+FIXTURES = ("mxfp4", "mxfp4_weight_only", "mxfp4_fp8", "mxfp6_e2m3", "mxfp6_e3m2", "nvfp4", "mixed", "qwen3_moe_mxfp4",
+            "mxfp4_bf16", "mxfp4_fp8_bf16", "nvfp4_bf16")
 ELEM = {"fp4": "fp4_e2m1", "fp6_e2m3": "fp6_e2m3", "fp6_e3m2": "fp6_e3m2"}
 
 
@@ -34,7 +35,8 @@ def tokenizer(tmp_path_factory) -> str:
 
 
 def _lm(name: str, tokenizer: str, **kw) -> HFMXLM:
-    return HFMXLM(pretrained=str(DATA / name), device="cpu", dtype="float32", tokenizer=tokenizer, **kw)
+    """The checkpoint in its own dtype (float32, or bfloat16 for the ``*_bf16`` fixtures)."""
+    return HFMXLM(pretrained=str(DATA / name), device="cpu", dtype="auto", tokenizer=tokenizer, **kw)
 
 
 def _logits(lm: HFMXLM, ids: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ def test_each_layer_its_own_recipe_as_quarks_runtime(tokenizer, one_thread):
         if qa is None:
             assert a is None, name
         elif isinstance(qa, list):  # NVFP4 inputs: dynamic blocks under the stored input_scale_2
-            assert (a["name"], a["tensor_scale"]) == ("fp4_e2m1/b16/e4m3+static", "static"), name
+            assert (a["name"], a["tensor_scale"]) == ("fp4_e2m1/b16/e4m3+static/div", "static"), name
             assert layers[name]["a_tensor_scale_from"] == f"{name}.input_scale_2"
         elif qa["dtype"] == "fp8_e4m3":
             assert a["scale_format"] == "none" and layers[name]["a_tensor_scale_from"] == f"{name}.input_scale", name

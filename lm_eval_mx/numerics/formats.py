@@ -203,8 +203,14 @@ class Scheme:
     rounding: Rounding = Rounding.EVEN
     scale_mode: ScaleMode = ScaleMode.FLOOR
     scale_bits: int = 8
+    # Elements divided by their block's multiplier ``ts·s8`` (one correctly rounded float32 division, AMD Quark's
+    # order) instead of multiplied by ``(1/ts)/s8``: only with tensor_scale=static (a checkpoint's stored scale).
+    divide: bool = False
 
     def __post_init__(self) -> None:
+        if self.divide and (self.tensor_scale is not TensorScale.STATIC or self.scale_format is not ScaleFormat.E4M3):
+            raise ValueError("divide=True is the element order of a stored static per-tensor scale with E4M3 block "
+                             "scales (tensor_scale=static, scale_format=e4m3)")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
             raise ValueError(f"block_size must be an integer >= 0 (0 = the whole row), got {self.block_size!r}")
         if isinstance(self.scale_bits, bool) or not isinstance(self.scale_bits, int) or not 2 <= self.scale_bits <= 8:
@@ -249,6 +255,8 @@ class Scheme:
             d.update(scale_mode=self.scale_mode.value, scale_bits=self.scale_bits)
         if self.block_size:
             d["bits_per_element"] = self.bits()
+        if self.divide:
+            d["divide"] = True
         return d
 
     @property
@@ -264,7 +272,8 @@ class Scheme:
         if self.block_size != 32 or not self.is_mx:
             parts.append(f"b{self.block_size}")
         if not self.is_mx:
-            parts.append("e4m3" + ("" if self.tensor_scale is TensorScale.NONE else f"+{self.tensor_scale.value}"))
+            parts.append("e4m3" + ("" if self.tensor_scale is TensorScale.NONE else f"+{self.tensor_scale.value}")
+                         + ("/div" if self.divide else ""))
         return "/".join(parts)
 
 

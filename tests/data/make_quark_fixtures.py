@@ -6,13 +6,14 @@ Written by amd-quark 0.13 with torch 2.13.0 (CPU) and transformers 5.16.1, in th
         "transformers>5,<5.17" accelerate
     OMP_NUM_THREADS=1 /work/venvs/quark/bin/python tests/data/make_quark_fixtures.py
 
-For each recipe: a tiny Llama (hidden 64, 2 layers, float32, seeded) built here and saved with save_pretrained, is
-quantized by Quark (``LLMTemplate.get("llama").get_config(...)``, ``ModelQuantizer.quantize_model`` on seeded random
-calibration ids) and exported with Quark's HF export (``export_safetensors``, ``quant_method: quark``, the format
-of AMD's Hub checkpoints). The export is then loaded back with transformers' own Quark integration
-(``AutoModelForCausalLM.from_pretrained``, which builds Quark's ``QParamsLinear`` layers) and run on fixed ids:
-``quark_logits.safetensors`` holds those ids and Quark's float32 logits; ``quark_layers.json`` what Quark's
-runtime holds per linear layer (weight and input quantizer specs, or none), as it loaded the export.
+For each recipe: a tiny Llama (hidden 64, 2 layers, 64-token vocabulary, seeded; float32, or bfloat16 for the
+``*_bf16`` fixtures) built here and saved with save_pretrained, is quantized by Quark
+(``LLMTemplate.get("llama").get_config(...)``, ``ModelQuantizer.quantize_model`` on seeded random calibration ids)
+and exported with Quark's HF export (``export_safetensors``, ``quant_method: quark``, the format of AMD's Hub
+checkpoints). The export is then loaded back by Quark's own importer (``quark.torch.export.api.
+import_model_from_safetensors``, which builds its ``QParamsLinear`` layers, in the checkpoint's dtype) and run on
+fixed ids: ``quark_logits.safetensors`` holds those ids and Quark's logits (as float32); ``quark_layers.json`` what
+Quark's runtime holds per linear layer (weight and input quantizer specs, or none), as it loaded the export.
 
 ``qwen3_moe_mxfp4``: a tiny Qwen3-MoE (4 experts), whose fused experts Quark's own
 ``preprocess_for_quantization`` splits into per-expert Linear first (as Quark's ``get_model`` does); Quark's
@@ -39,14 +40,14 @@ VOCAB = 64
 IDS_SEED = 1234
 
 
-def tiny_llama(path: str) -> None:
+def tiny_llama(path: str, dtype: torch.dtype = torch.float32) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=True, initializer_range=0.1)
-    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    LlamaForCausalLM(cfg).eval().to(dtype).save_pretrained(path)
 
 
 def tiny_moe(path: str) -> None:
@@ -80,11 +81,12 @@ def recipes() -> dict[str, dict[str, Any]]:
     }
 
 
-def quantize_export(base: str, out: str, model_type: str, recipe: dict[str, Any]) -> None:
+def quantize_export(base: str, out: str, model_type: str, recipe: dict[str, Any],
+                    dtype: torch.dtype = torch.float32) -> None:
     from quark.torch import LLMTemplate, ModelQuantizer, export_safetensors
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).eval()
     if model_type != "llama":  # Quark's own MoE step (its get_model does it): fused experts -> per-expert Linear
         from quark.torch.utils.llm.model_preparation import preprocess_for_quantization
 
@@ -117,7 +119,7 @@ def runtime_outputs(out: str, base: str) -> dict[str, Any]:
     from quark.torch.export.api import import_model_from_safetensors
     from transformers import AutoModelForCausalLM
 
-    model = import_model_from_safetensors(None, out, device="cpu", attn_implementation="sdpa").float().eval()
+    model = import_model_from_safetensors(None, out, device="cpu", attn_implementation="sdpa").eval()
     layers = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
@@ -132,16 +134,16 @@ def runtime_outputs(out: str, base: str) -> dict[str, Any]:
     save_file({"input_ids": ids, "logits": logits}, os.path.join(out, "quark_logits.safetensors"))
     with open(os.path.join(out, "quark_layers.json"), "w") as f:
         json.dump(layers, f, indent=1, sort_keys=True)
-    unquantized = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="sdpa").eval()
+    unquantized = AutoModelForCausalLM.from_pretrained(base, dtype="auto", attn_implementation="sdpa").eval()
     with torch.no_grad():
         base_logits = unquantized(ids).logits.float()
     out_info: dict[str, Any] = {
         "runtime": "quark.torch.export.api.import_model_from_safetensors(None, dir, device='cpu', "
-                   "attn_implementation='sdpa'), float32",
+                   "attn_implementation='sdpa'), in the checkpoint's dtype; logits stored as float32",
         "max_abs_diff_vs_unquantized": float((base_logits - logits).abs().max()),
         "top1_agreement_vs_unquantized": float((base_logits.argmax(-1) == logits.argmax(-1)).float().mean())}
     try:  # transformers' own Quark integration, for the record
-        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="sdpa").eval()
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype="auto", attn_implementation="sdpa").eval()
         with torch.no_grad():
             hf_logits = hf(ids).logits.float()
         out_info["transformers_from_pretrained_equal"] = bool(torch.equal(hf_logits, logits))
@@ -159,9 +161,13 @@ def main(names: list[str]) -> None:
     print(versions)
     todo = recipes()
     todo["qwen3_moe_mxfp4"] = dict(scheme="mxfp4")
+    # bf16 models (Quark keeps a bf16 model's FP8 input_scale in bf16 and divides in bf16)
+    todo.update({f"{n}_bf16": todo[n] for n in ("mxfp4", "mxfp4_fp8", "nvfp4")})
     with tempfile.TemporaryDirectory() as tmp:
-        bases = {"llama": os.path.join(tmp, "llama"), "qwen3_moe": os.path.join(tmp, "qwen3_moe")}
+        bases = {"llama": os.path.join(tmp, "llama"), "qwen3_moe": os.path.join(tmp, "qwen3_moe"),
+                 "llama_bf16": os.path.join(tmp, "llama_bf16")}
         tiny_llama(bases["llama"])
+        tiny_llama(bases["llama_bf16"], torch.bfloat16)
         tiny_moe(bases["qwen3_moe"])
         for name, recipe in todo.items():
             if names and name not in names:
@@ -169,8 +175,10 @@ def main(names: list[str]) -> None:
             out = os.path.join(HERE, name)
             shutil.rmtree(out, ignore_errors=True)
             model_type = "qwen3_moe" if name.startswith("qwen3_moe") else "llama"
-            quantize_export(bases[model_type], out, model_type, recipe)
-            checked = runtime_outputs(out, bases[model_type])
+            base = bases["llama_bf16" if name.endswith("_bf16") else model_type]
+            dtype = torch.bfloat16 if name.endswith("_bf16") else torch.float32
+            quantize_export(base, out, model_type, recipe, dtype)
+            checked = runtime_outputs(out, base)
             with open(os.path.join(out, "VERSIONS.json"), "w") as f:
                 json.dump({**versions, "recipe": {k: str(v) for k, v in recipe.items()}, **checked}, f, indent=1)
             print("wrote", out)

@@ -40,7 +40,8 @@ _ELEM = {"fp4": "fp4_e2m1", "fp6_e2m3": "fp6_e2m3", "fp6_e3m2": "fp6_e3m2"}
 _MODES = {None: ScaleMode.EVEN, "even": ScaleMode.EVEN, "floor": ScaleMode.FLOOR, "ceil": ScaleMode.CEIL}
 # Quark's FP8 per-tensor input: x / input_scale, clamped to ±448, cast to E4M3, times input_scale.
 FP8_PER_TENSOR: Scheme = Scheme(FORMATS["fp8_e4m3"], 0, ScaleFormat.NONE, TensorScale.STATIC)
-NVFP4_STATIC: Scheme = dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC)
+# Quark's NVFP4 inputs: block scales relative to the stored input_scale_2, elements divided by e4m3 · input_scale_2.
+NVFP4_STATIC: Scheme = dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC, divide=True)
 
 
 _LINEAR = nn.Linear(1, 1, device="meta")  # what an expert's projection is when Quark matches it
