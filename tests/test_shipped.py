@@ -81,9 +81,9 @@ def write_ct(src: str, out: str, preset: str = "NVFP4", ignore=("lm_head",)) -> 
                 if hasattr(m, "input_global_scale"):
                     m.input_global_scale.copy_((2688.0 / amax[n]).reshape(1))
         else:
-            for m in mods.values():
+            for m in mods.values():  # the module holds the scale 2**(e-127) as a float; its compressor stores e
                 s = L.encode_ct_mxfp4(m.weight.data)["weight_scale"]
-                m.weight_scale.copy_(s.to(m.weight_scale.dtype))
+                m.weight_scale.copy_(torch.exp2(s.float() - 127).to(m.weight_scale.dtype))
         for m in mods.values():
             m.quantization_status = QuantizationStatus.FROZEN
     compressor = ModelCompressor.from_pretrained_model(model)
@@ -280,6 +280,8 @@ def test_ct_mxfp4(src, tmp_path):
     out = str(tmp_path / "ct_mxfp4")
     write_ct(src, out, "MXFP4")
     assert _qc(out)["format"] == "mxfp4-pack-quantized"
+    codes = load_file(f"{out}/model.safetensors")["model.layers.0.mlp.up_proj.weight_packed"]
+    assert (codes & 0x77).count_nonzero() > codes.numel() // 2  # real weights, not all ±0 (0x88)
     lm = _lm(out)
     want = ct_reference_weights(out, torch.bfloat16)  # exact in bf16: value times a power of two
     held = _held(lm)
@@ -393,7 +395,7 @@ def test_mx_keys_that_would_requantize_are_refused(ct_nvfp4, extra, needle, monk
         _lm(ct_nvfp4, **extra)
 
 
-def test_gpt_oss_and_placement_refused(src, ct_nvfp4, tmp_path):
+def test_mxfp4_on_a_model_without_gpt_oss_experts_and_placement_refused(src, ct_nvfp4, tmp_path):
     out = str(tmp_path / "gptoss")
     shutil.copytree(src, out)
     with open(f"{out}/config.json") as f:
@@ -401,7 +403,7 @@ def test_gpt_oss_and_placement_refused(src, ct_nvfp4, tmp_path):
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]}
     with open(f"{out}/config.json", "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(ValueError, match=r"gpt-oss MXFP4.*not supported yet"):
+    with pytest.raises(ValueError, match=r"gpt-oss MXFP4: no layer of this model is quantized"):
         _lm(out)
     with pytest.raises(ValueError, match="parallelize"):
         _lm(ct_nvfp4, parallelize=True)

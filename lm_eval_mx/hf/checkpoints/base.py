@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,13 +119,22 @@ def expert_linear_names(name: str, module: nn.Module) -> list[list[str]]:
     return families
 
 
+# The module names the checkpoint being loaded stores tensors for (set by the loader while it plans): the naming
+# family of per-expert projections a checkpoint uses is the one its keys have.
+STORED_MODULES: ContextVar[frozenset[str]] = ContextVar("STORED_MODULES", default=frozenset())
+
+
 def experts_recipe(name: str, module: nn.Module, recipe_of_linear: Callable[[str], LayerRecipe | None]
                    ) -> LayerRecipe | None:
     """Fused experts' recipe from their per-expert projections' (``recipe_of_linear(name)`` of an ``nn.Linear`` so
-    named): the recipe every projection of a naming family the config matches agrees on, None where no family
-    matches; refused where projections disagree (one fused experts module holds one recipe)."""
+    named, in the naming family the checkpoint's keys use, else every family): the recipe every projection of a
+    family the config matches agrees on, None where none matches; refused where projections disagree (one fused
+    experts module holds one recipe)."""
+    families = expert_linear_names(name, module)
+    stored = STORED_MODULES.get()
+    families = [f for f in families if all(n in stored for n in f)] or families
     found: set[LayerRecipe | None] = set()
-    for family in expert_linear_names(name, module):
+    for family in families:
         recipes = {recipe_of_linear(n) for n in family}
         if recipes != {None}:
             found |= recipes

@@ -37,7 +37,8 @@ class Slot:
 
 
 class Locator:
-    """Maps checkpoint keys of the quantized layers planned for ``model`` to :class:`Slot` (None: another tensor)."""
+    """Maps checkpoint keys of ``layers`` (the quantized layers planned for ``model`` and its fused experts left
+    unquantized) to :class:`Slot` (None: another tensor)."""
 
     def __init__(self, model: nn.Module, layers: dict[str, Any]) -> None:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
@@ -51,9 +52,9 @@ class Locator:
 
     def renamed(self, key: str) -> str:
         """``key`` after transformers' renamings for this model (Mixtral's ``block_sparse_moe`` -> ``mlp``)."""
-        from transformers.core_model_loading import apply_renamings
+        from transformers.core_model_loading import rename_source_key
 
-        return apply_renamings(key, self.renamings)
+        return rename_source_key(key, self.renamings, [])[0]
 
     def locate(self, key: str) -> Slot | None:
         module, _, leaf = key.rpartition(".")
@@ -63,7 +64,7 @@ class Locator:
         owner, _, rest = key.rpartition(".")  # fused storage: "<experts>.<weight>_<leaf>" (gpt-oss's blocks)
         m = self.layers.get(owner)
         if m is not None:
-            for weight in m.mx_prequantized:
+            for weight in getattr(m, "mx_prequantized", ()):  # experts left unquantized have none
                 if rest.startswith(f"{weight}_"):
                     return Slot(owner, weight, rest.removeprefix(f"{weight}_"))
             return None

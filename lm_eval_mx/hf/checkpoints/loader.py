@@ -34,7 +34,7 @@ from ...nn.spec import MXSpec
 from ...numerics.formats import Scheme, TensorScale
 from ...selection.report import LayerEntry, MXReport
 from ...selection.roles import MIXINS, find_candidates
-from .base import LayerRecipe, Shipped, ShippedCheckpointError
+from .base import STORED_MODULES, LayerRecipe, Shipped, ShippedCheckpointError
 from .experts import Locator, Slot
 
 Activations = tuple[Scheme | None, str] | None  # None: each layer's recipe; else (scheme, where it came from)
@@ -140,21 +140,30 @@ def _device_of(placed: dict[str, str], name: str) -> str:
     return best
 
 
-def _read(model: nn.Module, shipped: Shipped, layers: dict[str, _Layer], files: list[str], dtype: torch.dtype,
-          placed: dict[str, str]) -> None:
-    """Every stored tensor, each moved to its module's device as it is read (steps 4 of the module docstring)."""
+def _read(model: nn.Module, shipped: Shipped, layers: dict[str, _Layer], candidates: list[Any], files: list[str],
+          dtype: torch.dtype, placed: dict[str, str]) -> None:
+    """Every stored tensor, each moved to its module's device as it is read (step 4 of the module docstring);
+    experts the config leaves unquantized but stores per expert are fused as transformers fuses them."""
     from safetensors import safe_open
 
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
-    locator = Locator(model, {n: layer.candidate.module for n, layer in layers.items()})
+    dense = {c.name: c.module for c in candidates if c.kind == "experts" and c.name not in layers}
+    locator = Locator(model, {**dense, **{n: layer.candidate.module for n, layer in layers.items()}})
     own_anywhere = {t for layer in layers.values() for t in layer.recipe.stored}
+    per_expert: dict[tuple[str, str], dict[tuple[int | None, int], dict[str, torch.Tensor]]] = defaultdict(
+        lambda: defaultdict(dict))
     for path in files:
         with safe_open(path, framework="pt") as f:
             for stored_key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 key = shipped.rename(stored_key)
                 slot = locator.locate(key)
-                if slot is not None and slot.leaf in layers[slot.module].recipe.stored:
+                if slot is not None and slot.module in dense and slot.expert is not None and slot.leaf == "weight":
+                    t = f.get_tensor(stored_key)  # an unquantized expert's projection, fused below
+                    per_expert[(slot.module, slot.weight)][(slot.expert, slot.part)]["weight"] = \
+                        t.to(dtype).to(_device_of(placed, slot.module))
+                    continue
+                if slot is not None and slot.module in layers and slot.leaf in layers[slot.module].recipe.stored:
                     device = _device_of(placed, slot.module)
                     layers[slot.module].stored[(slot.weight, slot.expert, slot.part)][slot.leaf] = \
                         f.get_tensor(stored_key).to(device)
@@ -169,10 +178,22 @@ def _read(model: nn.Module, shipped: Shipped, layers: dict[str, _Layer], files: 
                     raise _error(f"{stored_key}: shape {tuple(t.shape)}, the model expects {tuple(want.shape)}")
                 t = t.to(dtype) if t.is_floating_point() else t
                 _set(model, key, t.to(_device_of(placed, key)))
+    for (module, weight), got in per_expert.items():  # experts left unquantized, stored per expert: fused as stored
+        m = dense[module]
+        fused = _assemble(f"{module}.{weight}", got, getattr(m, weight).shape[0])["weight"]
+        if getattr(m, "is_transposed", False):
+            fused = fused.transpose(-1, -2)
+        if tuple(fused.shape) != tuple(getattr(m, weight).shape):
+            raise _error(f"{module}.{weight}: its per-expert tensors fuse to {tuple(fused.shape)}, the model expects "
+                         f"{tuple(getattr(m, weight).shape)}")
+        _set(model, f"{module}.{weight}", fused.contiguous())
 
 
 def _refuse_unknown(stored_key: str, key: str, slot: Slot | None, layers: dict[str, _Layer], shipped: Shipped,
                     own_anywhere: set[str]) -> None:
+    if slot is not None and slot.module not in layers:
+        raise _error(f"{stored_key}: the config leaves {slot.module} unquantized ({shipped.name}), and it stores "
+                     f"{slot.leaf!r} for it, not a high-precision weight")
     if slot is not None:
         recipe = layers[slot.module].recipe
         raise _error(f"{stored_key}: {slot.module} is quantized per the checkpoint's config ({shipped.name}), which "
@@ -191,28 +212,26 @@ def _one(name: str, leaf: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0].reshape(())
 
 
-def _assemble(name: str, weight: str, layer: _Layer) -> dict[str, torch.Tensor]:
-    """A weight's stored tensors by leaf: as read for a linear layer or fused storage; per-expert storage
-    concatenated over parts along the output axis (gate then up, transformers' order) and stacked over experts."""
-    got = {k[1:]: v for k, v in layer.stored.items() if k[0] == weight}
+def _assemble(where: str, got: dict[tuple[int | None, int], dict[str, torch.Tensor]], experts: int
+              ) -> dict[str, torch.Tensor]:
+    """One weight's stored tensors by leaf, from ``got`` keyed by (expert, part): as read for a linear layer or fused
+    storage (one entry, expert None); per-expert storage concatenated over parts along the output axis (gate then
+    up, transformers' order) and stacked over experts."""
     if list(got) == [(None, 0)]:
         return got[(None, 0)]
-    m = layer.candidate.module
-    experts = m.mx_shapes[weight][0]
     parts = 1 + max(p for _, p in got)
     missing = [f"expert {e} part {p}" for e in range(experts) for p in range(parts) if (e, p) not in got]
     if missing or any(e is None for e, _ in got):
-        raise _error(f"{name}.{weight}: the checkpoint stores {len(got)} per-expert tensors of {experts} experts x "
+        raise _error(f"{where}: the checkpoint stores {len(got)} per-expert tensors of {experts} experts x "
                      f"{parts} parts; missing {', '.join(missing[:4])}")
-    leaves = set(got[(0, 0)])
     out: dict[str, torch.Tensor] = {}
-    for leaf in leaves:
+    for leaf in set(got[(0, 0)]):
         per_expert = []
         for e in range(experts):
             ts = [got[(e, p)].get(leaf) for p in range(parts)]
             if any(t is None for t in ts):
-                raise _error(f"{name}.{weight}: expert {e} lacks {leaf} in some of its parts")
-            per_expert.append(_one(f"{name}.{e}", leaf, ts) if ts[0].numel() == 1 else torch.cat(ts, dim=0))
+                raise _error(f"{where}: expert {e} lacks {leaf} in some of its parts")
+            per_expert.append(_one(f"{where}[{e}]", leaf, ts) if ts[0].numel() == 1 else torch.cat(ts, dim=0))
         out[leaf] = torch.stack(per_expert)
     return out
 
@@ -239,8 +258,9 @@ def _fill(name: str, layer: _Layer, shipped: Shipped, activations: Activations, 
     a_scales: dict[str, list[float]] = {}
     hows = set()
     for weight in sorted(m.mx_prequantized):
-        tensors = _assemble(name, weight, layer)
         where = name if weight == "weight" else f"{name}.{weight}"
+        got = {k[1:]: v for k, v in layer.stored.items() if k[0] == weight}
+        tensors = _assemble(where, got, m.mx_shapes[weight][0])
         missing = [f"{where}.{t}" for t in recipe.stored if t not in tensors]
         if missing:
             raise _error(f"{', '.join(missing)}: missing from the checkpoint, which its config ({shipped.name}) needs")
@@ -291,9 +311,14 @@ def load_shipped(pretrained: str, shipped: Shipped, *, activations: Activations,
     candidates, unusable = find_candidates(model)
     report = MXReport(config={"checkpoint": shipped.describe()}, skipped=[(n, "", why) for n, why in unusable])
     report.total_linear_params = sum(c.numel for c in candidates)
-    layers = _plan(candidates, shipped, report, activations, backend, gemm)
+    files = _files(pretrained, revision)
+    token = STORED_MODULES.set(_stored_modules(shipped, files))
+    try:
+        layers = _plan(candidates, shipped, report, activations, backend, gemm)
+    finally:
+        STORED_MODULES.reset(token)
     placed = _placement(model, device_map, device, dtype)
-    _read(model, shipped, layers, _files(pretrained, revision), dtype, placed)
+    _read(model, shipped, layers, candidates, files, dtype, placed)
     record: dict[str, Any] = {}
     for name, layer in layers.items():
         record[name] = _fill(name, layer, shipped, activations, backend)
@@ -306,6 +331,17 @@ def load_shipped(pretrained: str, shipped: Shipped, *, activations: Activations,
 
     count_packed_bytes(model, report)
     return model.eval(), report, record
+
+
+def _stored_modules(shipped: Shipped, files: list[str]) -> frozenset[str]:
+    """The module names the checkpoint stores tensors for (from the files' headers: no tensor is read)."""
+    from safetensors import safe_open
+
+    names = set()
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            names |= {shipped.rename(k).rpartition(".")[0] for k in f.keys()}  # noqa: SIM118
+    return frozenset(names)
 
 
 def _finish(model: nn.Module, placed: dict[str, str]) -> None:
