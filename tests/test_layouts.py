@@ -411,7 +411,7 @@ def test_gptoss_encode_round_trip_and_packed(mode):
 
 def test_layout_table():
     assert set(L.LAYOUTS) == {"ct-nvfp4", "ct-mxfp4", "ct-mxfp8", "modelopt-nvfp4", "gptoss-mxfp4", "ar-mxfp4",
-                              "ar-nvfp4"}
+                              "ar-nvfp4", "quark-mxfp4", "quark-mxfp6-e2m3", "quark-mxfp6-e3m2", "quark-nvfp4"}
     assert L.get_layout("CT_NVFP4") is L.LAYOUTS["ct-nvfp4"]
     assert [lay.name for lay in L.LAYOUTS.values() if not lay.exact_scale_order] == ["ct-nvfp4", "ar-nvfp4"]
     for lay in L.LAYOUTS.values():

@@ -346,9 +346,12 @@ class HFMXLM(HFLM):
         self._shipped_act = (a_scheme, a_from)  # the label's; each layer loads its own recipe when from the checkpoint
         self._shipped_backend, self._shipped_gemm = given.mx_backend, given.packed_gemm
         w = "nvfp4" if shipped.weight_scheme.block_size == 16 else shipped.weight_scheme.elem.name
-        keys = dict(w_format=w, a_format=given.a_format if "a_format" in given.given else w,
-                    weight_only=a_scheme is None and (a_from != "checkpoint" or shipped.weight_only),
-                    mx_backend=given.mx_backend, packed=True,
+        # a summary (the report and each layer's record say what each layer runs): with per-layer activation
+        # recipes (mixed, default_activation None) it is not weight-only
+        per_layer = a_scheme is None and a_from == "checkpoint" and not shipped.weight_only
+        keys = dict(w_format=w, a_format=given.a_format if "a_format" in given.given else
+                    (a_scheme.elem.name if a_scheme is not None and a_scheme.block_size != 16 else w),
+                    weight_only=a_scheme is None and not per_layer, mx_backend=given.mx_backend, packed=True,
                     packed_gemm=given.packed_gemm)
         if "a_format" in given.given:
             keys.update({k: getattr(given, k) for k in _ACT_SCHEME_KEYS if k in given.given})

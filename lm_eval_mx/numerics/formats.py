@@ -102,6 +102,9 @@ class ScaleFormat(str, Enum):
 
     E8M0 = "e8m0"
     E4M3 = "e4m3"
+    # No block scales: the elements are scaled by one stored per-tensor float32 scale only (FP8 static per-tensor
+    # activations, e.g. an AMD Quark checkpoint's ``input_scale``); needs tensor_scale=static and block_size=0.
+    NONE = "none"
 
 
 class TensorScale(str, Enum):
@@ -200,13 +203,24 @@ class Scheme:
     rounding: Rounding = Rounding.EVEN
     scale_mode: ScaleMode = ScaleMode.FLOOR
     scale_bits: int = 8
+    # Elements divided by their block's multiplier ``ts·s8`` (one correctly rounded float32 division, AMD Quark's
+    # order) instead of multiplied by ``(1/ts)/s8``: only with tensor_scale=static (a checkpoint's stored scale).
+    divide: bool = False
 
     def __post_init__(self) -> None:
+        if self.divide and (self.tensor_scale is not TensorScale.STATIC or self.scale_format is not ScaleFormat.E4M3):
+            raise ValueError("divide=True is the element order of a stored static per-tensor scale with E4M3 block "
+                             "scales (tensor_scale=static, scale_format=e4m3)")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
             raise ValueError(f"block_size must be an integer >= 0 (0 = the whole row), got {self.block_size!r}")
         if isinstance(self.scale_bits, bool) or not isinstance(self.scale_bits, int) or not 2 <= self.scale_bits <= 8:
             raise ValueError(f"scale_bits must be an integer in 2..8, got {self.scale_bits!r}")
-        if self.scale_format is ScaleFormat.E4M3:
+        if self.scale_format is ScaleFormat.NONE:
+            if self.tensor_scale is not TensorScale.STATIC or self.block_size != 0 or self.scale_bits != 8 \
+                    or self.scale_mode is not ScaleMode.FLOOR:
+                raise ValueError("scale_format=none is one stored per-tensor scale and no block scales: it needs "
+                                 "tensor_scale=static and block_size=0 (and no E8M0 settings)")
+        elif self.scale_format is ScaleFormat.E4M3:
             if self.scale_bits != 8 or self.scale_mode is not ScaleMode.FLOOR:
                 raise ValueError("scale_bits and scale_mode shape E8M0 scales; E4M3 scales are rounded to "
                                  "nearest-even E4M3 (use them with scale_format=e8m0)")
@@ -220,11 +234,13 @@ class Scheme:
         return self.scale_format is ScaleFormat.E8M0
 
     def scale_bits_per_block(self) -> int:
-        return self.scale_bits if self.is_mx else 8
+        return 0 if self.scale_format is ScaleFormat.NONE else self.scale_bits if self.is_mx else 8
 
     def bits(self, row: int | None = None) -> float:
         """Storage bits per element, block scales included (the per-tensor scale's 32 bits are
         left out). ``row``: the length of the quantized axis, needed when ``block_size=0``."""
+        if self.scale_format is ScaleFormat.NONE:
+            return float(self.elem.bits)
         block = self.block_size or row
         if not block:
             raise ValueError("bits of a whole-row scheme (block_size=0) need the row length")
@@ -239,6 +255,8 @@ class Scheme:
             d.update(scale_mode=self.scale_mode.value, scale_bits=self.scale_bits)
         if self.block_size:
             d["bits_per_element"] = self.bits()
+        if self.divide:
+            d["divide"] = True
         return d
 
     @property
@@ -249,10 +267,13 @@ class Scheme:
             if self == NAMED_SCHEMES[named]:
                 return named
         parts = [self.elem.name]
+        if self.scale_format is ScaleFormat.NONE:
+            return f"{self.elem.name}/tensor+static"
         if self.block_size != 32 or not self.is_mx:
             parts.append(f"b{self.block_size}")
         if not self.is_mx:
-            parts.append("e4m3" + ("" if self.tensor_scale is TensorScale.NONE else f"+{self.tensor_scale.value}"))
+            parts.append("e4m3" + ("" if self.tensor_scale is TensorScale.NONE else f"+{self.tensor_scale.value}")
+                         + ("/div" if self.divide else ""))
         return "/".join(parts)
 
 

@@ -138,6 +138,8 @@ def block_scales(
     Shared by :func:`quantize_blocks` and algorithms that round values on scales chosen beforehand (GPTQ).
     """
     fmt = scheme.elem
+    if scheme.scale_format is ScaleFormat.NONE:
+        raise ValueError("scale_format=none divides by its per-tensor scale: quantize_blocks computes it")
     if scheme.is_mx:
         exp, nan = shared_exponent(amax, fmt, scheme.scale_bits, scheme.scale_mode)
         return pow2(-exp), pow2(exp), nan, exp
@@ -183,9 +185,14 @@ def quantize_blocks(
     Dequantized values are ``elements * multiplier`` (NaN where masked).
     """
     amax = blocks.abs().amax(-1, keepdim=True)
+    if scheme.scale_format is ScaleFormat.NONE:
+        raise ValueError("scale_format=none divides in the input's dtype: quantize_torch computes it")
     if scheme.tensor_scale is TensorScale.AMAX and tensor_amax is None:
         tensor_amax = blocks.abs().amax()
     recip, mult, nan, stored = block_scales(amax, scheme, tensor_amax, static_scale)
+    if scheme.divide:  # x / (ts·s8), the product rounded first (AMD Quark's order); a zero scale: a zero block
+        q = round_elements(blocks / torch.where(mult == 0, 1.0, mult), scheme.elem, scheme.rounding)
+        return torch.where(stored == 0, torch.zeros_like(q), q), mult, nan, stored
     return round_on_scales(blocks, recip, stored, scheme), mult, nan, stored
 
 
@@ -210,6 +217,10 @@ def quantize_torch(
     """
     if x.numel() == 0:
         return x.clone()
+    if scheme.scale_format is ScaleFormat.NONE:
+        if static_scale is None or rotation is not None:
+            raise ValueError("scale_format=none needs the stored per-tensor scale (static_scale) and no rotation")
+        return per_tensor_static(x, scheme, static_scale)
     xf = rotate(x, rotation, axis) if rotation is not None else x.to(torch.float32)
     xf = xf.movedim(axis, -1)
     n = xf.shape[-1]
@@ -221,6 +232,17 @@ def quantize_torch(
         tail = _fake_quantize(xf[..., full:], n - full, scheme, tensor_amax, static_scale)
         q = torch.cat([q, tail], dim=-1)
     return q.movedim(-1, axis).to(x.dtype)
+
+
+def per_tensor_static(x: torch.Tensor, scheme: Scheme, scale: float) -> torch.Tensor:
+    """``scale_format=none``: one stored per-tensor scale ``s``, no block scales (AMD Quark's static FP8 inputs,
+    ``fake_quantize_fp8_per_tensor_with_scale``): ``x / s`` in ``x``'s dtype (one float32 division rounded to
+    ``x``'s dtype, as torch divides a bf16 tensor: a bf16 model's quotient is a bf16 value), clamped to the format's
+    largest value, rounded to the element format (nearest-even), times ``s``, returned in ``x``'s dtype."""
+    ts, _ = static_tensor_scale(scale, x.device)
+    v = (x.to(torch.float32) / ts).to(x.dtype).to(torch.float32)
+    m = scheme.elem.max_normal
+    return (round_elements(v.clamp(-m, m), scheme.elem, scheme.rounding) * ts).to(x.dtype)
 
 
 def check_args(x: torch.Tensor, axis: int) -> None:

@@ -220,6 +220,9 @@ class MXConfig:
                          ("scale_mode", get_scale_mode)):
             if getattr(self, key) is not None:
                 set_(self, key, get(getattr(self, key)).value)
+        if self.scale_format == "none":
+            raise ValueError("scale_format=none is a checkpoint's stored per-tensor input scale (AMD Quark's static FP8 "
+                             "inputs), read from the checkpoint; as a model_args key use e8m0 or e4m3")
         if self.tensor_scale == "static":
             raise ValueError("tensor_scale=static takes its scale from a checkpoint that stores one (a shipped NVFP4 "
                              "checkpoint's input scales); as a model_args key use tensor_scale=amax or none")

@@ -36,7 +36,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
-from . import auto_round, compressed_tensors, gptoss, modelopt
+from . import auto_round, compressed_tensors, gptoss, modelopt, quark
 from .base import (
     NO_ACTIVATION,
     SUPPORTED_BY,
@@ -50,12 +50,21 @@ from .base import (
 )
 from .loader import load_shipped
 
-READERS: tuple[ModuleType, ...] = (compressed_tensors, modelopt, auto_round, gptoss)
+READERS: tuple[ModuleType, ...] = (compressed_tensors, modelopt, auto_round, gptoss, quark)
 _BY_METHOD: dict[str, ModuleType] = {}
 for _reader in READERS:
     SUPPORTED_BY[_reader.__name__] = _reader.SUPPORTED
     _BY_METHOD.update(dict.fromkeys(_reader.QUANT_METHODS, _reader))
 SUPPORTED: tuple[str, ...] = supported()
+
+
+# Formats recognised and refused, with the reason.
+REFUSED: dict[str, str] = {
+    "fp_quant": "this is an FP-Quant checkpoint (quant_method fp_quant): its layers store Hadamard-rotated codes "
+                "(qweight/scales, or dqweight) with Hadamard matrices and weight/activation global scales, and its "
+                "one runtime (fp_quant in transformers: QuTLASS or Triton pseudo-quantization) runs on GPUs only, "
+                "so hf-mx has no reference to read it against and does not read it",
+}
 
 
 def _method(qc: dict[str, Any]) -> str:
@@ -71,6 +80,8 @@ def recognise(qc: dict[str, Any] | None) -> Shipped | None:
     method = _method(qc)
     if method == "mx":
         return None
+    if method in REFUSED:
+        raise unsupported(REFUSED[method])
     reader = _BY_METHOD.get(method)
     if reader is None:
         raise unsupported(f"quantization_config has quant_method {method or 'missing'!r}")

@@ -240,9 +240,10 @@ def _input_scales(name: str, recipe: LayerRecipe, t: torch.Tensor) -> list[float
     """The stored input scale(s) as this project's divisor ``ts`` (as stored, or ``1/value`` for a multiplier such
     as compressed-tensors' ``input_global_scale``, in float32): one value, or one per expert."""
     key = f"{name}.{recipe.activation.tensor}"
-    if t.dtype != torch.float32:
-        raise _error(f"{key}: expected float32 values, got {t.dtype} of shape {tuple(t.shape)}")
-    v = t.reshape(-1).cpu()
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # a bf16 model's Quark input_scale is bf16
+        raise _error(f"{key}: expected float32 (or bfloat16/float16) values, got {t.dtype} of shape "
+                     f"{tuple(t.shape)}")
+    v = t.reshape(-1).cpu().float()  # exact
     ts = (1.0 / v) if recipe.activation.reciprocal else v
     if not bool((torch.isfinite(ts) & (ts > 0)).all()):
         raise _error(f"{key} = {v.tolist()!r} is not a usable scale")

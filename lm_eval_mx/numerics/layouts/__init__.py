@@ -1,7 +1,9 @@
 """The packed FP4 weight layouts shipped checkpoints use: exact decoders, encoders, and their ``Scheme``.
 
-Four layouts, each a :class:`Layout` in :data:`LAYOUTS` with its functions in one module per format
-(``compressed_tensors``, ``modelopt``, ``gptoss``; shared pieces in ``_common``); every name is re-exported here:
+The layouts, each a :class:`Layout` in :data:`LAYOUTS` with its functions in one module per format
+(``compressed_tensors``, ``modelopt``, ``gptoss``, ``quark``; shared pieces in ``_common``); every name is
+re-exported here (AMD Quark's ``quark-mxfp4``, ``quark-mxfp6-e2m3``/``-e3m2`` and ``quark-nvfp4``: see
+:mod:`.quark`):
 
 * ``ct-nvfp4``: compressed-tensors ``nvfp4-pack-quantized`` (llm-compressor's NVFP4 checkpoints);
 * ``ct-mxfp4``: compressed-tensors ``mxfp4-pack-quantized`` (E8M0 exponents stored as uint8);
@@ -66,6 +68,24 @@ from .modelopt import (
     modelopt_nvfp4_to_packed,
     modelopt_nvfp4_weight_scale_2,
 )
+from .quark import (
+    QUARK_MXFP6_E2M3,
+    QUARK_MXFP6_E3M2,
+    decode_quark_mxfp4,
+    decode_quark_mxfp6,
+    decode_quark_mxfp6_e2m3,
+    decode_quark_mxfp6_e3m2,
+    encode_quark_mxfp4,
+    encode_quark_mxfp6,
+    encode_quark_mxfp6_e2m3,
+    encode_quark_mxfp6_e3m2,
+    pack_fp6,
+    quark_mxfp4_to_packed,
+    quark_mxfp6_e2m3_to_packed,
+    quark_mxfp6_e3m2_to_packed,
+    quark_mxfp6_to_packed,
+    unpack_fp6,
+)
 
 __all__ = [
     "CT_MXFP4",
@@ -94,21 +114,29 @@ __all__ = [
     "decode_ct_nvfp4",
     "decode_gptoss_mxfp4",
     "decode_modelopt_nvfp4",
+    "decode_quark_mxfp4",
+    "decode_quark_mxfp6",
     "encode_ar_nvfp4",
     "encode_ct_mxfp4",
     "encode_ct_mxfp8",
     "encode_ct_nvfp4",
     "encode_gptoss_mxfp4",
     "encode_modelopt_nvfp4",
+    "encode_quark_mxfp4",
+    "encode_quark_mxfp6",
     "fp4_codes",
     "get_layout",
     "gptoss_mxfp4_to_packed",
     "modelopt_nvfp4_block_scales",
     "modelopt_nvfp4_to_packed",
     "modelopt_nvfp4_weight_scale_2",
+    "pack_fp6",
     "pow2",
     "quantize_blocks",
+    "quark_mxfp4_to_packed",
+    "quark_mxfp6_to_packed",
     "round_elements",
+    "unpack_fp6",
 ]
 
 # The table
@@ -145,6 +173,7 @@ class Layout:
         return [tensors[n] for n in self.tensors]
 
 
+
 LAYOUTS: dict[str, Layout] = {
     lay.name: lay
     for lay in (
@@ -163,6 +192,14 @@ LAYOUTS: dict[str, Layout] = {
         Layout("ar-nvfp4", "auto-round NVFP4 (auto_round:llm_compressor)",
                ("weight_packed", "weight_scale", "weight_global_scale"), NVFP4,
                decode_ar_nvfp4, encode_ar_nvfp4, ar_nvfp4_to_packed, exact_scale_order=False),
+        Layout("quark-mxfp4", "AMD Quark MXFP4", ("weight", "weight_scale"), CT_MXFP4, decode_quark_mxfp4,
+               encode_quark_mxfp4, quark_mxfp4_to_packed, exact_scale_order=True),
+        Layout("quark-mxfp6-e2m3", "AMD Quark MXFP6 E2M3", ("weight", "weight_scale"), QUARK_MXFP6_E2M3,
+               decode_quark_mxfp6_e2m3, encode_quark_mxfp6_e2m3, quark_mxfp6_e2m3_to_packed, exact_scale_order=True),
+        Layout("quark-mxfp6-e3m2", "AMD Quark MXFP6 E3M2", ("weight", "weight_scale"), QUARK_MXFP6_E3M2,
+               decode_quark_mxfp6_e3m2, encode_quark_mxfp6_e3m2, quark_mxfp6_e3m2_to_packed, exact_scale_order=True),
+        Layout("quark-nvfp4", "AMD Quark NVFP4 (ModelOpt's layout)", ("weight", "weight_scale", "weight_scale_2"),
+               NVFP4, decode_modelopt_nvfp4, encode_modelopt_nvfp4, modelopt_nvfp4_to_packed, exact_scale_order=True),
         Layout("gptoss-mxfp4", "gpt-oss MXFP4 (transformers)", ("blocks", "scales"), MXFP4,
                decode_gptoss_mxfp4, encode_gptoss_mxfp4, gptoss_mxfp4_to_packed, exact_scale_order=True),
     )
