@@ -10,8 +10,8 @@ call its launcher (``CompiledKernel.run``) with the same arguments, as ``JITFunc
 The class of a call is what Triton specializes a compiled kernel on: the device, and for each argument
 that changes between calls its ``arg_key`` (an integer: 1, a multiple of 16, 32- or 64-bit; a tensor:
 16-byte aligned). tests/test_launch.py checks that this partition is at least as fine as Triton's own
-(``native_specialize_impl``). Under ``torch.compile``, while a launch hook is set (profilers), under the
-interpreter, or with ``LM_EVAL_MX_FAST_LAUNCH=0`` every call takes ``kernel[grid]``.
+(``native_specialize_impl``). Under ``torch.compile`` (the callers' ``plain``), while a launch hook is set
+(profilers), under the interpreter, or with ``LM_EVAL_MX_FAST_LAUNCH=0`` every call takes ``kernel[grid]``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ try:  # the compiled-kernel class and the launch hooks: the launcher is used onl
     from triton.compiler import CompiledKernel
 except ImportError:  # pragma: no cover - triton without knobs (older than 3.3): always the plain path
     knobs, CompiledKernel = None, None
+_HookChain = getattr(knobs, "HookChain", None)  # triton 3.9's hook holder (3.6: a hook or None)
 
 # Read at import (the interpreter runs kernels without compiling them); benchmarks flip it to time both paths.
 FAST = os.environ.get("LM_EVAL_MX_FAST_LAUNCH", "1") != "0" and not (knobs is not None and knobs.runtime.interpret)
@@ -41,7 +42,7 @@ def _stream(device: int) -> int:
 
 def _idle(hook: Any) -> bool:
     """No launch hook: None (triton 3.6) or an empty HookChain (3.9)."""
-    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
+    return hook is None or (type(hook) is _HookChain and not hook.calls)
 
 
 def hooks_idle() -> bool:
@@ -73,16 +74,21 @@ class Launch:
         return tuple(self.kwargs[name] for name in self.kernel.arg_names[n_args:])
 
     def __call__(self, grid: int, args: tuple, key: tuple) -> None:
-        if FAST and not torch.compiler.is_compiling():
-            device = _device()
-            hit = self.cache.get((device, *key))
-            if hit is not None and hooks_idle():
-                run, function, metadata, tail = hit
-                run(grid, 1, 1, _stream(device), function, metadata, None, None, None, *args, *tail)
-                return
-            compiled = self.kernel[(grid,)](*args, **self.kwargs)
-            if CompiledKernel is not None and isinstance(compiled, CompiledKernel) and hooks_idle():
-                self.cache[(device, *key)] = (compiled.run, compiled.function, compiled.packed_metadata,
-                                              self._tail(len(args)))
+        """Launch from eager code (callers that may be traced by torch.compile check ``is_compiling`` and call
+        :meth:`plain` there: dynamo traces ``kernel[grid]``, not the launcher)."""
+        if not FAST:
+            self.kernel[(grid,)](*args, **self.kwargs)
             return
+        device = _device()
+        hit = self.cache.get((device, *key))
+        if hit is not None and hooks_idle():
+            run, function, metadata, tail = hit
+            run(grid, 1, 1, _stream(device), function, metadata, None, None, None, *args, *tail)
+            return
+        compiled = self.kernel[(grid,)](*args, **self.kwargs)
+        if CompiledKernel is not None and isinstance(compiled, CompiledKernel) and hooks_idle():
+            self.cache[(device, *key)] = (compiled.run, compiled.function, compiled.packed_metadata,
+                                          self._tail(len(args)))
+
+    def plain(self, grid: int, args: tuple) -> None:
         self.kernel[(grid,)](*args, **self.kwargs)

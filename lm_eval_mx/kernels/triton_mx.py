@@ -326,7 +326,8 @@ def quantize_triton(
         return x.clone()
     moved = axis not in (-1, x.dim() - 1)
     xc = (x.movedim(axis, -1) if moved else x).contiguous()
-    y = _quantize(_plan(scheme, rotation, xc.shape[-1], x.dtype, tile_elements, num_warps, amax, reverse), xc, rotation)
+    plan = _plan(scheme, rotation, xc.shape[-1], x.dtype, tile_elements, num_warps, amax, reverse)
+    y = _quantize(plan, xc, rotation, not torch.compiler.is_compiling())
     return y.movedim(-1, axis) if moved else y
 
 
@@ -351,14 +352,15 @@ class ActQuantizer:
         plan = self.plans.get(key)
         if plan is None:
             plan = self.plans[key] = _plan(self.scheme, self.rotation, *key)
-        return _quantize(plan, x.contiguous(), self.rotation)
+        return _quantize(plan, x.contiguous(), self.rotation, True)
 
 
-def _quantize(plan: _Plan, xc: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
-    """The quantized contiguous non-empty ``xc`` (last axis), by ``plan``."""
+def _quantize(plan: _Plan, xc: torch.Tensor, rotation: Rotation | None, eager: bool) -> torch.Tensor:
+    """The quantized contiguous non-empty ``xc`` (last axis), by ``plan``; ``eager``: not traced by torch.compile
+    (the flat kernels may use their cached launchers)."""
     y = torch.empty_like(xc)
     if plan.flat:
-        _launch_flat(plan, xc, y)
+        _launch_flat(plan, xc, y, eager)
         return y
     if rotation is not None:
         xc = rotate(xc, rotation)
@@ -369,21 +371,29 @@ def _quantize(plan: _Plan, xc: torch.Tensor, rotation: Rotation | None) -> torch
     return y
 
 
-def _launch_flat(plan: _Plan, x: torch.Tensor, y: torch.Tensor) -> None:
+def _launch_flat(plan: _Plan, x: torch.Tensor, y: torch.Tensor, eager: bool) -> None:
     """The flat kernel (after the maximum pass when the scheme has a per-tensor scale). The launches' class key:
     ``x``'s alignment and ``n``'s class; y, the signs and the maximum are fresh or cached allocations (aligned),
     ``n_cols`` is the plan's."""
     n = y.numel()
     signs = _signs(plan.signs, plan.n_cols, y.device) if plan.signs is not None else y
-    key = (ptr_key(x), int_key(n))
+    key = (ptr_key(x), int_key(n)) if eager else None
     if plan.kwargs["TENSOR"]:
         amax = torch.zeros((), dtype=torch.int32, device=y.device)
         rows, tiles, _ = plan.amax
         chunk = rows * plan.width * tiles
-        plan.amax_launches[n % chunk == 0](_cdiv(n, chunk), (x, signs, amax, n, plan.n_cols), key)
+        _launch(plan.amax_launches[n % chunk == 0], _cdiv(n, chunk), (x, signs, amax, n, plan.n_cols), key)
     else:
         amax = y
-    plan.launches[n % plan.tile == 0](_cdiv(n, plan.tile), (x, y, signs, amax, n, plan.n_cols), key)
+    _launch(plan.launches[n % plan.tile == 0], _cdiv(n, plan.tile), (x, y, signs, amax, n, plan.n_cols), key)
+
+
+def _launch(lau: Launch, grid: int, args: tuple, key: tuple | None) -> None:
+    """Through the cached launcher, or (``key`` None: traced by torch.compile) through ``kernel[grid]``."""
+    if key is None:
+        lau.plain(grid, args)
+    else:
+        lau(grid, args, key)
 
 
 def _signs(rotation: Rotation, n: int, device: torch.device) -> torch.Tensor:
