@@ -140,17 +140,22 @@ def _fake_compiled_kernels() -> list[int]:
 
 def fast_launch() -> None:
     """Every call made twice (the second through the cached launcher) equals the torch reference bit for bit, for
-    whole and ragged last tiles, a per-tensor scale, rotations with and without signs, bf16/fp32 and an input not
-    16-byte aligned; the per-layer quantizer's plans follow the row length and dtype."""
-    from lm_eval_mx.kernels.triton_mx import ActQuantizer
+    whole and ragged last tiles, a per-tensor scale (taken in the kernel, and by the maximum pass), rotations with
+    and without signs, bf16/fp32 and an input not 16-byte aligned; the per-layer quantizer's plans follow the row
+    length and dtype."""
+    from lm_eval_mx.kernels import triton_mx
 
     fast = _fake_compiled_kernels()
     g = torch.Generator().manual_seed(5)
-    cases = [(make_scheme("fp8_e4m3"), None), (make_scheme("fp4_e2m1", 32, "nearest"), Rotation(32)),
-             (NAMED_SCHEMES["nvfp4"], None), (NAMED_SCHEMES["nvfp4"], Rotation(16, 3)), (make_scheme("int8", 0), None)]
+    nvfp4 = [(NAMED_SCHEMES["nvfp4"], None), (NAMED_SCHEMES["nvfp4"], Rotation(16, 3))]
+    cases = [(make_scheme("fp8_e4m3"), None), (make_scheme("fp4_e2m1", 32, "nearest"), Rotation(32)), *nvfp4,
+             (make_scheme("int8", 0), None)]
+    local = triton_mx.LOCAL_MAX_ELEMENTS
     n = 0
-    for (scheme, rot), dtype in itertools.product(cases, [torch.bfloat16, torch.float32]):
-        aq = ActQuantizer(scheme, rot)
+    for (scheme, rot), dtype, limit in [*itertools.product(cases, [torch.bfloat16, torch.float32], [local]),
+                                        *itertools.product(nvfp4, [torch.bfloat16, torch.float32], [0])]:
+        triton_mx.LOCAL_MAX_ELEMENTS = limit  # 0: every tensor through the maximum pass
+        aq = triton_mx.ActQuantizer(scheme, rot)
         for rows, cols, offset in [(64, 64, 0), (5, 64, 0), (64, 64, 1), (3, 128, 1), (3, 128, 0)]:
             buf = torch.randn(offset + rows * cols, generator=g) * 2.0 ** torch.randint(-8, 8, (1,), generator=g).item()
             x = buf.to(dtype)[offset:].view(rows, cols)
@@ -160,6 +165,7 @@ def fast_launch() -> None:
                 n += 1
         if sorted(aq.plans) != [(64, dtype), (128, dtype)]:
             FAILS.append(f"plans of {scheme.name}: {sorted(aq.plans)}")
+    triton_mx.LOCAL_MAX_ELEMENTS = local
     print(f"fast launch: {n} cases, {len(fast)} through the cached launcher")
 
 

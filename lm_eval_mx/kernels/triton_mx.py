@@ -55,17 +55,16 @@ def _round(v, emin, mbits, max_normal, ROUNDING: tl.constexpr):
 
 
 @triton.jit
-def _tensor_scale(amax_ptr, tensor_div):
-    """(scale, reciprocal, non-finite?) of the per-tensor maximum at ``amax_ptr`` (int32 bits of |x|max):
+def _tensor_scale(abits, tensor_div):
+    """(scale, reciprocal, non-finite?) of the per-tensor maximum ``abits`` (int32 bits of |x|max):
     numerics.tensor_scale's arithmetic."""
-    abits = tl.load(amax_ptr)
     ts = tl.math.div_rn(abits.to(tl.float32, bitcast=True), tensor_div)
     ts = tl.where(ts >= 1.1754943508222875e-38, ts, 1.0)
     return ts, tl.math.div_rn(1.0, ts), abits >= 0x7F800000
 
 
 @triton.jit
-def _quantize_blocks(x, amax_ptr, EMAX, EMIN, MBITS, MAX_NORMAL, INV_MAX_NORMAL, SCALE_EMAX, TENSOR_DIV,
+def _quantize_blocks(x, tensor_bits, EMAX, EMIN, MBITS, MAX_NORMAL, INV_MAX_NORMAL, SCALE_EMAX, TENSOR_DIV,
                      ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr, E4M3: tl.constexpr, TENSOR: tl.constexpr):
     """Fake quantization of float32 blocks ``x`` [R, NB, BP] (padding lanes hold 0), NaN blocks as NaN:
     numerics.quantize_blocks followed by the multiply, operation for operation. The format parameters are
@@ -76,7 +75,7 @@ def _quantize_blocks(x, amax_ptr, EMAX, EMIN, MBITS, MAX_NORMAL, INV_MAX_NORMAL,
     if E4M3:
         s = tl.math.div_rn(amax, MAX_NORMAL + tl.zeros_like(amax))
         if TENSOR:
-            ts, inv_ts, tensor_bad = _tensor_scale(amax_ptr, TENSOR_DIV)
+            ts, inv_ts, tensor_bad = _tensor_scale(tensor_bits, TENSOR_DIV)
             s8 = _round(tl.math.div_rn(s, ts + tl.zeros_like(s)), -6, 3, 448.0, 0)
             recip = tl.math.div_rn(inv_ts + tl.zeros_like(s8), s8)
             mult = ts * s8
@@ -167,16 +166,28 @@ def _mx_flat_kernel(
     ROUNDING: tl.constexpr, SCALE_MODE: tl.constexpr, E4M3: tl.constexpr, TENSOR: tl.constexpr,
     RNE_BF16: tl.constexpr, ROT: tl.constexpr, LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr, SIGNS: tl.constexpr,
     ROWS: tl.constexpr, W: tl.constexpr, BS: tl.constexpr, EVEN: tl.constexpr, REVERSE: tl.constexpr,
+    LOCAL_MAX: tl.constexpr,
 ):
     """Rotation (optional) and fake quantization of a tensor whose rows are whole blocks: each program reads
-    a [ROWS, W] tile once and writes it once (W: blocks and rotation blocks fit in it). REVERSE: programs take
-    the tiles last to first, so that after the maximum pass (first to last) the first reads may hit in L2."""
+    a [ROWS, W] tile once and writes it once (W: blocks and rotation blocks fit in it). The per-tensor maximum
+    (TENSOR) is read at ``amax_ptr`` (the maximum pass's result) or, LOCAL_MAX (small tensors), taken by every
+    program over the whole tensor itself: one launch, no maximum pass. REVERSE: programs take the tiles last to
+    first, so that after the maximum pass (first to last) the first reads may hit in L2."""
     pid = tl.program_id(0)
     if REVERSE:
         pid = tl.num_programs(0) - 1 - pid
+    tensor_bits = 0
+    if TENSOR:
+        if LOCAL_MAX:
+            tensor_bits = tl.zeros((), dtype=tl.int32)
+            for t in range(0, tl.cdiv(n_elems, ROWS * W)):  # pid * 0 + t: a tensor (the interpreter's t is an int)
+                tensor_bits = tl.maximum(tensor_bits, _tile_max(x_ptr, sign_ptr, pid * 0 + t, n_elems, n_cols, ROWS, W,
+                                                                ROT, LOG_ROT, ROT_SCALE, SIGNS, EVEN))
+        else:
+            tensor_bits = tl.load(amax_ptr)
     r, offs = _tile_offsets(pid, ROWS, W)
     x = _load_tile(x_ptr, sign_ptr, r, offs, n_elems, n_cols, ROWS, W, ROT, LOG_ROT, ROT_SCALE, SIGNS, EVEN)
-    out = _quantize_blocks(tl.reshape(x, (ROWS, W // BS, BS)), amax_ptr, EMAX, EMIN, MBITS, MAX_NORMAL,
+    out = _quantize_blocks(tl.reshape(x, (ROWS, W // BS, BS)), tensor_bits, EMAX, EMIN, MBITS, MAX_NORMAL,
                            INV_MAX_NORMAL, SCALE_EMAX, TENSOR_DIV, ROUNDING, SCALE_MODE, E4M3, TENSOR)
     out = _cast_out(tl.reshape(out, (ROWS, W)), y_ptr.dtype.element_ty, RNE_BF16)
     if EVEN:
@@ -193,10 +204,18 @@ def _amax_flat_kernel(x_ptr, sign_ptr, amax_ptr, n_elems, n_cols, ROWS: tl.const
     takes TILES consecutive tiles and does one atomic max (one per tile would serialise on the one address)."""
     m = tl.zeros((), dtype=tl.int32)
     for i in tl.static_range(TILES):
-        r, offs = _tile_offsets(tl.program_id(0) * TILES + i, ROWS, W)
-        x = _load_tile(x_ptr, sign_ptr, r, offs, n_elems, n_cols, ROWS, W, ROT, LOG_ROT, ROT_SCALE, SIGNS, EVEN)
-        m = tl.maximum(m, tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0))
+        m = tl.maximum(m, _tile_max(x_ptr, sign_ptr, tl.program_id(0) * TILES + i, n_elems, n_cols, ROWS, W, ROT,
+                                    LOG_ROT, ROT_SCALE, SIGNS, EVEN))
     tl.atomic_max(amax_ptr, m)
+
+
+@triton.jit
+def _tile_max(x_ptr, sign_ptr, tile, n_elems, n_cols, ROWS: tl.constexpr, W: tl.constexpr, ROT: tl.constexpr,
+              LOG_ROT: tl.constexpr, ROT_SCALE: tl.constexpr, SIGNS: tl.constexpr, EVEN: tl.constexpr):
+    """The maximum of |x| over tile ``tile`` (rotated when ROT > 0), as int32 bits (NaN sorts above inf)."""
+    r, offs = _tile_offsets(tile, ROWS, W)
+    x = _load_tile(x_ptr, sign_ptr, r, offs, n_elems, n_cols, ROWS, W, ROT, LOG_ROT, ROT_SCALE, SIGNS, EVEN)
+    return tl.max(tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1), axis=0)
 
 
 @triton.jit
@@ -215,7 +234,10 @@ def _mx_kernel(
     mask = (rows[:, None, None] < n_rows) & (j[None, None, :] < block_size) & (cols < n_cols)
     offs = rows[:, None, None].to(tl.int64) * n_cols + cols
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    out = _quantize_blocks(x, amax_ptr, EMAX, EMIN, MBITS, MAX_NORMAL, INV_MAX_NORMAL, SCALE_EMAX, TENSOR_DIV,
+    tensor_bits = 0
+    if TENSOR:
+        tensor_bits = tl.load(amax_ptr)
+    out = _quantize_blocks(x, tensor_bits, EMAX, EMIN, MBITS, MAX_NORMAL, INV_MAX_NORMAL, SCALE_EMAX, TENSOR_DIV,
                            ROUNDING, SCALE_MODE, E4M3, TENSOR)
     tl.store(y_ptr + offs, _cast_out(out, y_ptr.dtype.element_ty, RNE_BF16), mask=mask)
 
@@ -227,6 +249,9 @@ TILE_ELEMENTS, NUM_WARPS = 4096, 4
 # takes the tiles last to first (the tiles the maximum pass read last may still be in L2).
 AMAX = (4096, 16, 4)
 REVERSE_AFTER_AMAX = True
+# Tensors of at most this many elements skip the maximum pass: each program of the quantization kernel takes the
+# maximum over the whole (small, L2-resident) tensor itself. One launch instead of a memset and two: decode sizes.
+LOCAL_MAX_ELEMENTS = 1 << 16
 GENERAL_TILE_ELEMENTS, GENERAL_WARPS = 1024, 2
 
 
@@ -250,10 +275,12 @@ class _Plan:
         return self.rows * self.width
 
     @functools.cached_property
-    def launches(self) -> dict[bool, Launch]:
-        """The flat kernel for a ragged (False) or whole (True) last tile."""
-        return {even: Launch(_mx_flat_kernel, {**self.kwargs, "EVEN": even, "REVERSE": self.reverse, **self.options})
-                for even in (False, True)}
+    def launches(self) -> dict[tuple[bool, bool], Launch]:
+        """The flat kernel for a ragged (False) or whole (True) last tile, after the maximum pass (False) or
+        taking the per-tensor maximum itself (True)."""
+        return {(even, local): Launch(_mx_flat_kernel, {**self.kwargs, "EVEN": even, "LOCAL_MAX": local,
+                                                        "REVERSE": self.reverse and not local, **self.options})
+                for even in (False, True) for local in (False, True)}
 
     @functools.cached_property
     def amax_launches(self) -> dict[bool, Launch]:
@@ -378,14 +405,16 @@ def _launch_flat(plan: _Plan, x: torch.Tensor, y: torch.Tensor, eager: bool) -> 
     n = y.numel()
     signs = _signs(plan.signs, plan.n_cols, y.device) if plan.signs is not None else y
     key = (ptr_key(x), int_key(n)) if eager else None
-    if plan.kwargs["TENSOR"]:
+    local = n <= LOCAL_MAX_ELEMENTS
+    if plan.kwargs["TENSOR"] and not local:
         amax = torch.zeros((), dtype=torch.int32, device=y.device)
         rows, tiles, _ = plan.amax
         chunk = rows * plan.width * tiles
         _launch(plan.amax_launches[n % chunk == 0], _cdiv(n, chunk), (x, signs, amax, n, plan.n_cols), key)
     else:
         amax = y
-    _launch(plan.launches[n % plan.tile == 0], _cdiv(n, plan.tile), (x, y, signs, amax, n, plan.n_cols), key)
+    lau = plan.launches[n % plan.tile == 0, local and plan.kwargs["TENSOR"]]
+    _launch(lau, _cdiv(n, plan.tile), (x, y, signs, amax, n, plan.n_cols), key)
 
 
 def _launch(lau: Launch, grid: int, args: tuple, key: tuple | None) -> None:
