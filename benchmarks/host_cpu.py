@@ -10,13 +10,18 @@ Variants, timed in turns in one process (median of rounds, µs per call, CPU ten
 - ``act_quantizer, JITFunction.run``: the same with every launch through ``kernel[grid]``;
 - ``old commit``: ``quantize_triton`` of an earlier commit's package (``--old DIR``, see host_profile.py).
 
-    python benchmarks/host_cpu.py --old /tmp/old
+``--profile``: cProfile of 2,000 MXFP8 calls of each variant instead, functions by own time.
+
+    python benchmarks/host_cpu.py --old /tmp/old [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import statistics
 import time
 
@@ -65,11 +70,26 @@ def _install_fakes() -> None:
     launch._device, launch._stream = (lambda: 0), (lambda device: 0)
 
 
+def _profile(name: str, fn, fast: bool, calls: int) -> None:
+    launch.FAST = fast
+    fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+    print(f"== {name}: cProfile of {calls} calls")
+    print("\n".join(line for line in out.getvalue().splitlines()[4:] if line.strip()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--old", default=None, help="directory holding an earlier commit's lm_eval_mx package")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--profile", action="store_true")
     ns = p.parse_args()
     _install_fakes()
     x = torch.randn(8, 1, 2048, dtype=torch.bfloat16)
@@ -83,6 +103,11 @@ def main() -> None:
         if name in olds:
             o = olds[name]
             fns[f"{name} old commit quantize_triton"] = (lambda o=o: old_tq.quantize_triton(x, o.a, -1, o.rotation), True)
+    if ns.profile:
+        for n, (fn, fast) in fns.items():
+            if n.startswith("MXFP8"):
+                _profile(n, fn, fast, ns.calls)
+        return
     times: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(ns.rounds):
         for n, (fn, fast) in fns.items():
