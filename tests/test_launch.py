@@ -118,3 +118,18 @@ def test_plain_path_when_switched_off_traced_or_hooked(fake, monkeypatch):
     monkeypatch.setattr(launch, "hooks_idle", lambda: False)  # a profiler's launch hook
     _call(lau, x, 32)
     assert [e[0] for e in kernel.log] == ["plain"] * 4
+
+
+def test_a_copied_or_pickled_layer_quantizer_starts_without_launchers():
+    """Deep copies of an MX model (benchmarks make them) must not copy compiled kernels' device handles."""
+    import copy
+    import pickle
+
+    from lm_eval_mx.kernels.triton_mx import ActQuantizer
+    from lm_eval_mx.numerics.formats import NAMED_SCHEMES
+    from lm_eval_mx.numerics.rotation import Rotation
+
+    aq = ActQuantizer(NAMED_SCHEMES["nvfp4"], Rotation(16, 3))
+    aq.plans[(64, torch.bfloat16)] = object()  # stands for a plan holding launchers (not copyable)
+    for other in (copy.deepcopy(aq), pickle.loads(pickle.dumps(aq))):
+        assert other.plans == {} and other.scheme == aq.scheme and other.rotation == aq.rotation

@@ -366,6 +366,10 @@ class ActQuantizer:
         self.scheme, self.rotation = scheme, rotation
         self.plans: dict[tuple[int, torch.dtype], _Plan] = {}
 
+    def __reduce__(self) -> tuple:
+        """Copies and pickles start with no plans: plans hold compiled kernels' launchers (device handles)."""
+        return ActQuantizer, (self.scheme, self.rotation)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda:
             return quantize_torch(x, self.scheme, -1, self.rotation)
