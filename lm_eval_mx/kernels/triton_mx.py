@@ -267,7 +267,7 @@ class _Plan:
     kwargs: dict  # the kernel's keyword arguments: constexprs (and the general kernel's format scalars)
     signs: Rotation | None  # the rotation whose signs the kernel reads
     options: dict  # launch options
-    amax: tuple[int, int, int] = AMAX  # the maximum pass: rows per tile, tiles per program, warps
+    amax: tuple[int, int, int] = (0, 0, 0)  # flat plans' maximum pass: rows per tile, tiles per program, warps
     reverse: bool = False  # the quantization pass takes the tiles last to first
 
     @property
