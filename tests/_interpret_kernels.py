@@ -140,8 +140,8 @@ def _fake_compiled_kernels() -> list[int]:
 
 def fast_launch() -> None:
     """Every call made twice (the second through the cached launcher) equals the torch reference bit for bit, for
-    whole and ragged last tiles, a per-tensor scale (taken in the kernel, and by the maximum pass), rotations with
-    and without signs, bf16/fp32 and an input not 16-byte aligned; the per-layer quantizer's plans follow the row
+    whole and ragged last tiles, small and large tiles, a per-tensor scale (taken in the kernel, and by the maximum
+    pass), rotations with and without signs, bf16/fp32 and an input not 16-byte aligned; the per-layer quantizer's plans follow the row
     length and dtype."""
     from lm_eval_mx.kernels import triton_mx
 
@@ -150,11 +150,12 @@ def fast_launch() -> None:
     nvfp4 = [(NAMED_SCHEMES["nvfp4"], None), (NAMED_SCHEMES["nvfp4"], Rotation(16, 3))]
     cases = [(make_scheme("fp8_e4m3"), None), (make_scheme("fp4_e2m1", 32, "nearest"), Rotation(32)), *nvfp4,
              (make_scheme("int8", 0), None)]
-    local = triton_mx.LOCAL_MAX_ELEMENTS
+    local, small = triton_mx.LOCAL_MAX_ELEMENTS, triton_mx.SMALL_TILE
     n = 0
     for (scheme, rot), dtype, limit in [*itertools.product(cases, [torch.bfloat16, torch.float32], [local]),
-                                        *itertools.product(nvfp4, [torch.bfloat16, torch.float32], [0])]:
-        triton_mx.LOCAL_MAX_ELEMENTS = limit  # 0: every tensor through the maximum pass
+                                        *itertools.product(cases[:1] + nvfp4, [torch.bfloat16, torch.float32], [0])]:
+        # limit 0: every tensor as a large one (the maximum pass, the large tile)
+        triton_mx.LOCAL_MAX_ELEMENTS, triton_mx.SMALL_TILE = limit, (limit, *small[1:])
         aq = triton_mx.ActQuantizer(scheme, rot)
         for rows, cols, offset in [(64, 64, 0), (5, 64, 0), (64, 64, 1), (3, 128, 1), (3, 128, 0)]:
             buf = torch.randn(offset + rows * cols, generator=g) * 2.0 ** torch.randint(-8, 8, (1,), generator=g).item()
@@ -163,9 +164,9 @@ def fast_launch() -> None:
             for i in range(2):
                 check(f"fast {scheme.name} {rot} {dtype} {rows}x{cols}+{offset} call {i}", aq.triton(x), want)
                 n += 1
-        if sorted(aq.plans) != [(64, dtype), (128, dtype)]:
+        if sorted({key[:2] for key in aq.plans}) != [(64, dtype), (128, dtype)]:
             FAILS.append(f"plans of {scheme.name}: {sorted(aq.plans)}")
-    triton_mx.LOCAL_MAX_ELEMENTS = local
+    triton_mx.LOCAL_MAX_ELEMENTS, triton_mx.SMALL_TILE = local, small
     print(f"fast launch: {n} cases, {len(fast)} through the cached launcher")
 
 

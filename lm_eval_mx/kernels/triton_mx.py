@@ -244,6 +244,10 @@ def _mx_kernel(
 
 # Elements per program and warps of the flat kernel (benchmarks/gpu_bench.py --only tiles), and of the general one.
 TILE_ELEMENTS, NUM_WARPS = 4096, 4
+# Inputs of at most SMALL_TILE[0] elements (decode sizes) without a per-tensor scale take tiles of SMALL_TILE[1]
+# elements and SMALL_TILE[2] warps: more programs with less serial work each, for tensors too small to fill the GPU
+# (gpu_bench.py --only decode; those with a per-tensor scale keep the large tile their in-kernel maximum loops over).
+SMALL_TILE = (1 << 16, 1024, 4)
 # The per-tensor maximum pass (gpu_bench.py --only amax): elements per tile, tiles per program (one atomic max
 # each: one per tile would serialise on the one address), warps; and whether the quantization pass after it
 # takes the tiles last to first (the tiles the maximum pass read last may still be in L2).
@@ -337,8 +341,8 @@ def quantize_triton(
     scheme: Scheme,
     axis: int = -1,
     rotation: Rotation | None = None,
-    tile_elements: int = TILE_ELEMENTS,
-    num_warps: int = NUM_WARPS,
+    tile_elements: int | None = None,
+    num_warps: int | None = None,
     amax: tuple[int, int, int] = AMAX,
     reverse: bool = REVERSE_AFTER_AMAX,
 ) -> torch.Tensor:
@@ -347,24 +351,25 @@ def quantize_triton(
     Rows made of whole power-of-two blocks (nearly every activation) take the flat kernel, with the
     rotation fused in; other shapes take the general kernel, after a torch rotation (same arithmetic).
     A per-tensor scale costs one extra read of ``x`` (the maximum, by atomic max). The keyword arguments
-    after ``rotation`` choose tiles (benchmarks); every choice computes the same bits.
+    after ``rotation`` choose tiles (benchmarks; None: by the input's size); every choice computes the same bits.
     """
     if x.numel() == 0:
         return x.clone()
     moved = axis not in (-1, x.dim() - 1)
     xc = (x.movedim(axis, -1) if moved else x).contiguous()
-    plan = _plan(scheme, rotation, xc.shape[-1], x.dtype, tile_elements, num_warps, amax, reverse)
+    tile = _tile_for(x.numel(), scheme)
+    plan = _plan(scheme, rotation, xc.shape[-1], x.dtype, tile_elements or tile[0], num_warps or tile[1], amax, reverse)
     y = _quantize(plan, xc, rotation, not torch.compiler.is_compiling())
     return y.movedim(-1, axis) if moved else y
 
 
 class ActQuantizer:
     """``quantize_triton(x, scheme, -1, rotation)`` for one layer's inputs (CPU tensors: the torch path), with the
-    plan of each (row length, dtype) kept here: a call looks it up by those two, not by hashing the scheme."""
+    plan of each (row length, dtype, tile) kept here: a call looks it up by those, not by hashing the scheme."""
 
     def __init__(self, scheme: Scheme, rotation: Rotation | None) -> None:
         self.scheme, self.rotation = scheme, rotation
-        self.plans: dict[tuple[int, torch.dtype], _Plan] = {}
+        self.plans: dict[tuple[int, torch.dtype, tuple[int, int]], _Plan] = {}
 
     def __reduce__(self) -> tuple:
         """Copies and pickles start with no plans: plans hold compiled kernels' launchers (device handles)."""
@@ -379,11 +384,18 @@ class ActQuantizer:
         """The kernel's result for any tensor the kernel can read (CUDA; CPU under the interpreter)."""
         if torch.compiler.is_compiling() or x.numel() == 0:
             return quantize_triton(x, self.scheme, -1, self.rotation)
-        key = (x.shape[-1], x.dtype)
+        key = (x.shape[-1], x.dtype, _tile_for(x.numel(), self.scheme))
         plan = self.plans.get(key)
         if plan is None:
-            plan = self.plans[key] = _plan(self.scheme, self.rotation, *key)
+            plan = self.plans[key] = _plan(self.scheme, self.rotation, key[0], key[1], *key[2])
         return _quantize(plan, x.contiguous(), self.rotation, True)
+
+
+def _tile_for(n: int, scheme: Scheme) -> tuple[int, int]:
+    """(elements per program, warps) of the flat kernel for an input of ``n`` elements (see SMALL_TILE)."""
+    if n <= SMALL_TILE[0] and scheme.tensor_scale is not TensorScale.AMAX:
+        return SMALL_TILE[1], SMALL_TILE[2]
+    return TILE_ELEMENTS, NUM_WARPS
 
 
 def _quantize(plan: _Plan, xc: torch.Tensor, rotation: Rotation | None, eager: bool) -> torch.Tensor:
