@@ -21,10 +21,13 @@ from lm_eval.models.huggingface import HFLM
 
 from lm_eval_mx.hf.model import HFMXLM
 from lm_eval_mx.hf.testing import PRESETS, _prepare, corpus_dir, randomize_
+from lm_eval_mx.kernels import launch
 
+PLAIN = ", JITFunction.run launches"  # variants whose kernels launch through kernel[grid] (launch.FAST off)
 VARIANTS = {  # name: MX keys (None: plain hf)
     "hf": None,
     "hf-mx MXFP8 all projections": {"format": "fp8_e4m3"},
+    f"hf-mx MXFP8 all projections{PLAIN}": {"format": "fp8_e4m3"},
     "hf-mx MXFP4 mlp_only": {"format": "fp4_e2m1", "mlp_only": True},
     "hf-mx NVFP4 all projections": {"format": "nvfp4"},
 }
@@ -54,7 +57,8 @@ def requests(tokenizer, n: int, context_tokens: int, new_tokens: int, static: bo
     return [Instance("generate_until", {}, (c, dict(gen)), i) for i, c in enumerate(ctxs)]
 
 
-def run(lm, reqs: list[Instance]) -> float:
+def run(lm, reqs: list[Instance], fast: bool = True) -> float:
+    launch.FAST = fast
     sync()
     t0 = time.perf_counter()
     lm.generate_until(reqs, disable_tqdm=True)
@@ -71,7 +75,7 @@ def main() -> None:
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--passes", type=int, default=3)
     p.add_argument("--device", default="cuda", help="cuda (the benchmark), or cpu for a quick check of the script")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if PLAIN not in v], choices=list(VARIANTS))
     p.add_argument("--static", action="store_true",
                    help="transformers' static cache, whose decode step transformers compiles (torch.compile, CUDA graphs)")
     p.add_argument("--out", default=None)
@@ -88,12 +92,13 @@ def main() -> None:
             lms[name] = cls(pretrained=model, tokenizer=tok, batch_size=ns.batch_size, max_length=2048,
                             **(keys or {}))
         reqs = requests(tok, ns.requests, ns.context, ns.new_tokens, ns.static)
-        for lm in lms.values():
-            run(lm, reqs[: ns.batch_size])  # warm-up: kernels compiled, allocator warm
+        for name, lm in lms.items():
+            run(lm, reqs[: ns.batch_size], PLAIN not in name)  # warm-up: kernels compiled, allocator warm
         times = {name: [] for name in lms}
         for _ in range(ns.passes):
             for name, lm in lms.items():
-                times[name].append(run(lm, reqs))
+                times[name].append(run(lm, reqs, PLAIN not in name))
+        launch.FAST = True
         best = {name: min(t) for name, t in times.items()}
         steps = ns.requests // ns.batch_size * ns.new_tokens
         rows = {name: {"seconds": round(t, 3), "ms_per_decode_step": round(1000 * t / steps, 2),

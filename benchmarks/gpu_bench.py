@@ -2,13 +2,16 @@
 
 1. ``quant``: activation quantization (bf16 in, bf16 out) against a device copy of the same tensor, for
    MXFP8, MXFP4, NVFP4 (its per-tensor maximum pass included) and block-Hadamard-rotated MXFP4 / NVFP4.
-2. ``tiles``: the flat kernel's elements per program and warps (to choose kernels.TILE_ELEMENTS/NUM_WARPS).
+2. ``tiles``: the flat kernel's elements per program and warps (to choose triton_mx.TILE_ELEMENTS/NUM_WARPS), for
+   MXFP8, MXFP4 and MXFP4 + H32; ``amax``: NVFP4's maximum pass (elements per tile, tiles per program, warps:
+   triton_mx.AMAX) and the quantization pass's tile order after it (REVERSE_AFTER_AMAX), against a copy;
+   ``decode``: GPU time per call at decode sizes (20 calls captured in a CUDA graph, so no host time) per tile.
 3. ``mlp``: a transformers ``LlamaMLP`` of Llama-3.1-8B's shapes converted by ``apply_mx``, against bf16 and
    against a bf16 control on the same fake-quantized weights and inputs.
 4. ``host``: microseconds of host time per MX activation call at decode size (no GPU wait), beside F.linear.
 5. ``attention`` (only when named): Llama-3.1-8B attention, sdpa vs eager vs MX attention matmuls.
 
-    python benchmarks/gpu_bench.py [--only quant tiles mlp host attention] [--out results.json]
+    python benchmarks/gpu_bench.py [--only quant tiles amax decode mlp host attention] [--out results.json]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 import torch
 from timing import bench
 
+from lm_eval_mx.kernels import triton_mx
 from lm_eval_mx.kernels.triton_mx import quantize_triton
 from lm_eval_mx.numerics.formats import NAMED_SCHEMES
 from lm_eval_mx.numerics.quantize import make_scheme
@@ -32,6 +36,7 @@ QUANT = {  # name: (scheme, rotation, bytes moved per element of bf16 input besi
     "MXFP8": (MXFP8, None, 0),
     "MXFP4": (MXFP4, None, 0),
     "NVFP4 (+ amax pass)": (NVFP4, None, 2),
+    "NVFP4 (+ amax pass), tiles in order": (NVFP4, None, 2),
     "MXFP4 + H32": (MXFP4, Rotation(32), 0),
     "NVFP4 + H16 (+ amax pass)": (NVFP4, Rotation(16), 2),
 }
@@ -42,7 +47,8 @@ def bench_quant(reps: int) -> list[dict]:
     for t, k in SHAPES:
         x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
         fns = {"copy": lambda x=x: x.clone()}
-        fns |= {name: lambda x=x, s=s, r=r: quantize_triton(x, s, -1, r) for name, (s, r, _) in QUANT.items()}
+        fns |= {name: lambda x=x, s=s, r=r, rev="in order" not in name: quantize_triton(x, s, -1, r, reverse=rev)
+                for name, (s, r, _) in QUANT.items()}
         ms = bench(fns, reps)
         row = {"shape": f"{t}x{k}", "copy_ms": ms["copy"], "copy_TBps": 4 * x.numel() / ms["copy"] / 1e9}
         for name, (_, _, extra) in QUANT.items():
@@ -56,18 +62,77 @@ def bench_quant(reps: int) -> list[dict]:
 
 def bench_tiles(reps: int) -> list[dict]:
     rows = []
-    choices = [(1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]
+    choices = [(1024, 2), (1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8), (8192, 16)]
     for t, k in SHAPES[1:]:
         x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
-        for name, scheme in (("MXFP8", MXFP8), ("MXFP4", MXFP4)):
+        for name, scheme, rot in (("MXFP8", MXFP8, None), ("MXFP4", MXFP4, None), ("MXFP4 + H32", MXFP4, Rotation(32))):
             fns = {"copy": lambda x=x: x.clone()}
-            fns |= {f"{e}/{w}w": lambda x=x, e=e, w=w, s=scheme: quantize_triton(x, s, -1, None, e, w)
+            fns |= {f"{e}/{w}w": lambda x=x, e=e, w=w, s=scheme, r=rot: quantize_triton(x, s, -1, r, e, w)
                     for e, w in choices}
             ms = bench(fns, reps)
             row = {"shape": f"{t}x{k}", "format": name} | {c: round(100 * ms["copy"] / v, 1) for c, v in ms.items()
                                                            if c != "copy"}
             rows.append(row)
             print(json.dumps(row))
+    return rows
+
+
+AMAX_CHOICES = [(4096, 16, 4), (4096, 4, 4), (4096, 1, 4), (8192, 4, 8), (16384, 1, 8), (2048, 8, 2)]
+
+
+def bench_amax(reps: int) -> list[dict]:
+    """NVFP4 (maximum pass + quantization pass) per maximum-pass configuration and tile order, % of copy time."""
+    rows = []
+    for t, k in SHAPES[1:]:
+        x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+        fns = {"copy": lambda x=x: x.clone()}
+        fns |= {f"amax {e}/{n}t/{w}w {'reversed' if rev else 'in order'}":
+                lambda x=x, a=(e, n, w), rev=rev: quantize_triton(x, NVFP4, -1, None, amax=a, reverse=rev)
+                for e, n, w in AMAX_CHOICES for rev in (True, False)}
+        ms = bench(fns, reps)
+        row = {"shape": f"{t}x{k}"} | {c: round(100 * ms["copy"] / v, 1) for c, v in ms.items() if c != "copy"}
+        rows.append(row)
+        print(json.dumps(row))
+    return rows
+
+
+DECODE_SHAPES = [(8, 2048), (8, 4096), (8, 14336), (32, 4096), (64, 14336)]
+DECODE_TILES = [(4096, 4), (2048, 4), (1024, 4), (1024, 2), (512, 1), (256, 1)]
+
+
+def _graph_us(fn, calls: int = 20, reps: int = 20) -> float:
+    """GPU µs per call: ``calls`` calls captured in one CUDA graph, replayed (median of reps)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_decode() -> list[dict]:
+    """GPU time of one quantizer call at decode sizes (no host time: CUDA graphs), per flat-kernel tile."""
+    rows = []
+    for t, k in DECODE_SHAPES:
+        x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+        row: dict = {"shape": f"{t}x{k}", "copy_us": round(_graph_us(lambda x=x: x.clone()), 2)}
+        for name, s in (("MXFP8", MXFP8), ("NVFP4", NVFP4)):
+            for e, w in DECODE_TILES:
+                row[f"{name} {e}/{w}w us"] = round(_graph_us(lambda x=x, s=s, e=e, w=w: quantize_triton(x, s, -1, None, e, w)), 2)
+        local, triton_mx.LOCAL_MAX_ELEMENTS = triton_mx.LOCAL_MAX_ELEMENTS, 0  # captured with the maximum pass
+        row["NVFP4 4096/4w, maximum pass us"] = round(_graph_us(lambda x=x: quantize_triton(x, NVFP4, -1, None)), 2)
+        triton_mx.LOCAL_MAX_ELEMENTS = local
+        rows.append(row)
+        print(json.dumps(row))
     return rows
 
 
@@ -180,7 +245,7 @@ def bench_host(iters: int = 2000) -> dict:
         w = torch.randn(k, k, device="cuda", dtype=torch.bfloat16)
         specs = {"MXFP8 act": MXSpec.make("fp8_e4m3", "fp8_e4m3"), "NVFP4 act": MXSpec(NVFP4, NVFP4),
                  "MXFP4+H32 act": MXSpec.make("fp4_e2m1", "fp4_e2m1", rotation=Rotation(32))}
-        fns = {name: lambda s=s, x=x: s.quantizer(x, s.a, -1, s.rotation) for name, s in specs.items()}
+        fns = {name: lambda s=s, x=x: s.act_quantizer(x) for name, s in specs.items()}
         fns |= {"F.linear": lambda x=x, w=w: torch.nn.functional.linear(x, w), "x.clone": lambda x=x: x.clone()}
         for name, fn in fns.items():
             for _ in range(50):
@@ -199,7 +264,7 @@ def bench_host(iters: int = 2000) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", default=["quant", "tiles", "mlp", "host"],
-                   choices=["quant", "tiles", "mlp", "host", "attention"])
+                   choices=["quant", "tiles", "amax", "decode", "mlp", "host", "attention"])
     p.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", default=None)
@@ -213,6 +278,10 @@ def main() -> None:
         res["quant"] = bench_quant(ns.reps)
     if "tiles" in ns.only:
         res["tiles"] = bench_tiles(ns.reps)
+    if "amax" in ns.only:
+        res["amax"] = bench_amax(ns.reps)
+    if "decode" in ns.only:
+        res["decode"] = bench_decode()
     if "mlp" in ns.only:
         res["mlp"] = bench_mlp(ns.tokens, ns.reps)
     if "host" in ns.only:

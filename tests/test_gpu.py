@@ -145,6 +145,39 @@ def test_torch_compile_of_triton_layers_is_exact(cfg):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("scheme, rotation", [(make_scheme("fp8_e4m3"), None), (NAMED_SCHEMES["nvfp4"], None),
+                                              (make_scheme("fp4_e2m1"), Rotation(32, 7)),
+                                              (NAMED_SCHEMES["nvfp4"], Rotation(16))], ids=str)
+def test_cached_launcher_equals_plain_launch(scheme, rotation, monkeypatch):
+    """The compiled kernels' own launcher (lm_eval_mx.kernels.launch, after a first launch through kernel[grid])
+    computes what the plain launch and the torch path compute, bit for bit: repeated calls, ragged and whole
+    tiles, an input not 16-byte aligned, bf16 then float32, replayed in a CUDA graph; and this Triton uses it."""
+    from lm_eval_mx.kernels import launch
+    from lm_eval_mx.kernels.triton_mx import ActQuantizer
+
+    aq = ActQuantizer(scheme, rotation)
+    g = torch.Generator().manual_seed(11)
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows, offset in ((8, 0), (8, 0), (5, 0), (8, 1), (8, 0), (1024, 0)):
+            buf = (torch.randn(offset + rows * 256, generator=g) * 2.0 ** (rows % 7)).to(dtype).cuda()
+            x = buf[offset:].view(rows, 256)
+            want = quantize_torch(x, scheme, -1, rotation)
+            for fast in (True, False, True):
+                monkeypatch.setattr(launch, "FAST", fast)
+                assert _bits_equal(aq(x), want), (dtype, rows, offset, fast)
+    assert sum(len(lau.cache) for plan in aq.plans.values() for lau in plan.launches.values()) >= 4
+    monkeypatch.setattr(launch, "FAST", True)
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    aq(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = aq(x)
+    x.copy_(torch.randn(8, 256, generator=g).to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _bits_equal(y, quantize_torch(x, scheme, -1, rotation))
+
+
 def test_layers_on_cuda_match_cpu():
     """Weights quantized once on the GPU (Triton) equal the CPU reference bit for bit."""
     from conftest import tiny_model

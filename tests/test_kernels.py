@@ -1,6 +1,7 @@
 """The Triton kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1, in a subprocess): every
-scheme, rotation, dtype and axis, a third of the golden cases and the packed decoder, bit for
-bit against the torch reference. The GPU run (tests/test_gpu.py) checks the same on CUDA, all cases."""
+scheme, rotation, dtype and axis, a third of the golden cases, the packed decoder and the launch shortcut
+(lm_eval_mx.kernels.launch, with a fake compiled kernel running the interpreted one), bit for bit against the
+torch reference. The GPU run (tests/test_gpu.py) checks the same on CUDA, all cases."""
 
 from __future__ import annotations
 
@@ -29,3 +30,5 @@ def test_kernels_match_torch_under_the_interpreter():
     counts = {line.split(":")[0]: int(line.split(":")[1].split()[0]) for line in lines[:-1]}
     assert counts["schemes x rotations x dtypes"] > 200 and counts["golden cases"] > 300
     assert counts["packed decode"] == 10
+    fast = next(line for line in lines if line.startswith("fast launch:"))
+    assert counts["fast launch"] == 160 and int(fast.split(", ")[1].split()[0]) > 50  # most through the launcher

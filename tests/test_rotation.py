@@ -93,6 +93,7 @@ def _identity_quantizer(monkeypatch):
         return x if rotation is None else rotate(x, rotation, axis).to(x.dtype)
 
     monkeypatch.setattr(layers.MXSpec, "quantizer", property(lambda self: q))
+    monkeypatch.setattr(layers.MXSpec, "act_quantizer", property(lambda self: lambda x: q(x, self.a, -1, self.rotation)))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -171,6 +171,13 @@ def test_weights_quantized_once(monkeypatch):
         return lambda x, *a, **k: calls.append(x) or quantizer(x, *a, **k)
 
     monkeypatch.setattr(spec_module, "get_quantizer", counting)
+    orig_act = spec_module.get_act_quantizer
+
+    def counting_act(name, scheme, rotation):  # the input quantizer, everything but x resolved
+        quantizer = orig_act(name, scheme, rotation)
+        return lambda x: calls.append(x) or quantizer(x)
+
+    monkeypatch.setattr(spec_module, "get_act_quantizer", counting_act)
     model = tiny_model("llama")
     linears = {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
     report = apply_mx(model, MXConfig())

@@ -304,6 +304,7 @@ def _quantizer_log(model: torch.nn.Module, monkeypatch) -> tuple[list[str], dict
         return fed[current[-1]][1]
 
     monkeypatch.setattr(layers.MXSpec, "quantizer", property(quantizer))
+    monkeypatch.setattr(layers.MXSpec, "act_quantizer", property(lambda self: lambda x: quantizer(self)(x, self.a, -1, self.rotation)))
     monkeypatch.setattr(layers.MXSpec, "act", act)
     for name, module in layers.mx_layers(model):
         module.register_forward_pre_hook(lambda m, args, _n=name: current.append(_n))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -34,13 +35,19 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def _triton_mx() -> Any:
+    """The kernels' module, imported on first use (Triton is optional; a function-level import each call costs)."""
+    from . import triton_mx
+
+    return triton_mx
+
+
 def _triton(x: torch.Tensor, *args: Any) -> torch.Tensor:
     """The Triton kernel for CUDA tensors, the torch path otherwise (same arguments as ``Quantizer``)."""
     if not x.is_cuda:
         return quantize_torch(x, *args)
-    from .triton_mx import quantize_triton
-
-    return quantize_triton(x, *args)
+    return _triton_mx().quantize_triton(x, *args)
 
 
 def resolve_backend(name: str) -> str:
@@ -60,3 +67,11 @@ def resolve_backend(name: str) -> str:
 def get_quantizer(name: str) -> Quantizer:
     """The quantize function of a backend (``auto`` resolved)."""
     return {"torch": quantize_torch, "triton": _triton}[resolve_backend(name)]  # type: ignore[return-value]
+
+
+def get_act_quantizer(name: str, scheme: Scheme, rotation: Rotation | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``get_quantizer(name)(x, scheme, -1, rotation)`` as a function of ``x`` alone, everything else resolved now:
+    an input quantizer's call does only what depends on the tensor (its row length, dtype and size)."""
+    if resolve_backend(name) == "torch":
+        return functools.partial(quantize_torch, scheme=scheme, axis=-1, rotation=rotation)
+    return _triton_mx().ActQuantizer(scheme, rotation)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..kernels.backends import Quantizer, get_quantizer
+from ..kernels.backends import Quantizer, get_act_quantizer, get_quantizer
 from ..numerics.formats import Scheme, TensorScale
 from ..numerics.quantize import make_scheme, quantize_torch
 from ..numerics.rotation import Rotation, rotate
@@ -69,6 +70,11 @@ class MXSpec:
     def quantizer(self) -> Quantizer:
         return get_quantizer(self.backend)
 
+    @functools.cached_property
+    def act_quantizer(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The input quantizer, ``quantizer(x, a, -1, rotation)`` with all but ``x`` resolved once."""
+        return get_act_quantizer(self.backend, self.a, self.rotation)  # type: ignore[arg-type]
+
     def weight(self, w: torch.Tensor, axis: int) -> torch.Tensor:
         """The weight rotated and quantized along its reduction axis (a per-tensor scale: per matrix,
         so per expert for 3-D expert weights)."""
@@ -85,15 +91,18 @@ class MXSpec:
             return get_rule(self.a_rule)(xr, self.a, self.a_scale)
         if self.a_scale is not None:  # a stored input scale: the torch reference (on CPU and CUDA alike)
             return quantize_torch(x, self.a, -1, self.rotation, static_scale=self.a_scale)
-        # inference tensors have no version counter (an in-place change could not be seen), and under
-        # torch.compile identity and versions are the tracer's: quantize without the sibling cache there
-        if torch.compiler.is_compiling() or x.is_inference():
+        # under torch.compile identity and versions are the tracer's: quantize without the sibling cache, through
+        # the general quantizer, which dynamo traces (act_quantizer's host shortcuts are for eager calls)
+        if torch.compiler.is_compiling():
             return self.quantizer(x, self.a, -1, self.rotation)
+        # inference tensors have no version counter: an in-place change could not be seen
+        if x.is_inference():
+            return self.act_quantizer(x)
         key = (self.a, self.rotation, self.backend)
         hit = _LAST_ACT.get("entry")
         if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] == key:
             return hit[3]
-        xq = self.quantizer(x, self.a, -1, self.rotation)
+        xq = self.act_quantizer(x)
         _LAST_ACT["entry"] = (weakref.ref(x), x._version, key, xq)
         return xq
 
