@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..numerics.formats import Scheme
+from ..numerics.formats import E4M3Steps, Scheme
 from ..numerics.quantize import quantize_torch
 from ..numerics.rotation import Rotation
 from . import BACKENDS
@@ -36,11 +36,17 @@ def triton_available() -> bool:
 
 def _triton(x: torch.Tensor, *args: Any) -> torch.Tensor:
     """The Triton kernel for CUDA tensors, the torch path otherwise (same arguments as ``Quantizer``)."""
-    if not x.is_cuda:
+    if not x.is_cuda or _torch_only(*args[:1]):
         return quantize_torch(x, *args)
     from .triton_mx import quantize_triton
 
     return quantize_triton(x, *args)
+
+
+def _torch_only(scheme: Scheme) -> bool:
+    """Schemes the Triton kernel does not implement (a stack's own E4M3 step order): the torch reference runs them,
+    on CUDA as on CPU."""
+    return not scheme.is_mx and scheme.e4m3_steps is not E4M3Steps.REFERENCE
 
 
 def resolve_backend(name: str) -> str:

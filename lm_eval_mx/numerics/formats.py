@@ -137,6 +137,21 @@ class ScaleMode(str, Enum):
     RCEIL = "rceil"
 
 
+class E4M3Steps(str, Enum):
+    """The order of operations of an E4M3-scale (NVFP4) quantization step; each is one stack's float32 arithmetic
+    (docs: *Profiles*). ``ts`` is the per-tensor scale as a divisor (``amax / 2688``), ``gs`` as a multiplier.
+
+    ``reference``: s = e4m3((bmax / 6) / ts); x · ((1 / ts) / s); dequantized q · (ts · s) (hf-mx, torchao less
+    its clamp). ``clamp``: the same with (bmax / 6) / ts clamped to [2**-6, 448] before rounding to E4M3
+    (torchao 0.18 ``nvfp4_quantize``). ``divide``: gs = 2688 / amax, s = e4m3(gs · (bmax / 6)), a zero s read as
+    0.125, x / (s / gs); dequantized q · (s / gs) (compressed-tensors 0.20 ``calculate_qparams``/``_quantize``).
+    """
+
+    REFERENCE = "reference"
+    CLAMP = "clamp"
+    DIVIDE = "divide"
+
+
 def _choices(values: object) -> str:
     return ", ".join(sorted(values))  # type: ignore[call-overload]
 
@@ -155,7 +170,7 @@ def get_format(name: str | ElemFormat) -> ElemFormat:
     return FORMATS[key]
 
 
-_E = TypeVar("_E", Rounding, ScaleMode, ScaleFormat, TensorScale)
+_E = TypeVar("_E", Rounding, ScaleMode, ScaleFormat, TensorScale, E4M3Steps)
 
 
 def _member(enum: type[_E], name: str | _E, what: str) -> _E:
@@ -181,6 +196,10 @@ def get_tensor_scale(name: str | TensorScale) -> TensorScale:
     return _member(TensorScale, name, "tensor_scale")
 
 
+def get_e4m3_steps(name: str | E4M3Steps) -> E4M3Steps:
+    return _member(E4M3Steps, name, "e4m3_steps")
+
+
 # The float8 format E4M3 block scales are rounded to (OCP E4M3: max 448, subnormals down to 2**-9).
 E4M3 = FORMATS["fp8_e4m3"]
 
@@ -200,6 +219,7 @@ class Scheme:
     rounding: Rounding = Rounding.EVEN
     scale_mode: ScaleMode = ScaleMode.FLOOR
     scale_bits: int = 8
+    e4m3_steps: E4M3Steps = E4M3Steps.REFERENCE
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
@@ -210,6 +230,8 @@ class Scheme:
             if self.scale_bits != 8 or self.scale_mode is not ScaleMode.FLOOR:
                 raise ValueError("scale_bits and scale_mode shape E8M0 scales; E4M3 scales are rounded to "
                                  "nearest-even E4M3 (use them with scale_format=e8m0)")
+        elif self.e4m3_steps is not E4M3Steps.REFERENCE:
+            raise ValueError("e4m3_steps orders the arithmetic of E4M3 block scales; it needs scale_format=e4m3")
         elif self.tensor_scale is not TensorScale.NONE:
             raise ValueError("tensor_scale=amax needs scale_format=e4m3: E8M0 block scales are powers of two "
                              "spanning 2**-127..2**127 and take no per-tensor scale")
@@ -237,6 +259,8 @@ class Scheme:
                                 "rounding": self.rounding.value}
         if self.is_mx:
             d.update(scale_mode=self.scale_mode.value, scale_bits=self.scale_bits)
+        elif self.e4m3_steps is not E4M3Steps.REFERENCE:
+            d["e4m3_steps"] = self.e4m3_steps.value
         if self.block_size:
             d["bits_per_element"] = self.bits()
         return d
@@ -253,6 +277,8 @@ class Scheme:
             parts.append(f"b{self.block_size}")
         if not self.is_mx:
             parts.append("e4m3" + ("" if self.tensor_scale is TensorScale.NONE else f"+{self.tensor_scale.value}"))
+            if self.e4m3_steps is not E4M3Steps.REFERENCE:
+                parts.append(self.e4m3_steps.value)
         return "/".join(parts)
 
 
