@@ -7,6 +7,7 @@ and the role names live in :mod:`.values` (re-exported here).
 from __future__ import annotations
 
 import re
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,21 @@ from ..numerics.formats import (
     FORMATS,
     HIGH_PRECISION,
     NAMED_SCHEMES,
+    E4M3Steps,
     ScaleFormat,
     Scheme,
     TensorScale,
     canonical_name,
     check_format_name,
+    get_e4m3_steps,
     get_rounding,
     get_scale_format,
     get_scale_mode,
     get_tensor_scale,
     is_power_of_two,
 )
+from ..numerics.profiles import get_profile
+from .profile import with_profile
 from .values import (
     BMM_ROLE,
     PACKED_GEMMS,
@@ -81,6 +86,9 @@ class MXConfig:
     mx_backend: str = "auto"
     packed: bool = False
     packed_gemm: str = "dequant"
+    e4m3_steps: str | None = None
+    # The stack whose numerics these keys reproduce (``profile=``; :mod:`.profile` sets the keys), or None.
+    profile: str | None = None
     # The keys the user gave (parse_mx_args fills it): checks of settings that a model's layers leave unused.
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     # The role and group names the user wrote in roles= and rotation_roles= (parse_mx_args fills it): each must
@@ -94,9 +102,11 @@ class MXConfig:
         set_(self, "a_format", check_format_name(self.a_format))
         set_(self, "rounding", get_rounding(self.rounding).value)
         for key, get in (("scale_format", get_scale_format), ("tensor_scale", get_tensor_scale),
-                         ("scale_mode", get_scale_mode)):
+                         ("scale_mode", get_scale_mode), ("e4m3_steps", get_e4m3_steps)):
             if getattr(self, key) is not None:
                 set_(self, key, get(getattr(self, key)).value)
+        if self.profile is not None:
+            set_(self, "profile", get_profile(self.profile).name)
         if self.tensor_scale == "static":
             raise ValueError("tensor_scale=static takes its scale from a checkpoint that stores one (a shipped NVFP4 "
                              "checkpoint's input scales); as a model_args key use tensor_scale=amax or none")
@@ -213,12 +223,20 @@ class MXConfig:
             if getattr(self, key) is not None and not mx:
                 raise ValueError(f"{key} shapes E8M0 (MX) scales, but every format here has E4M3 scales: "
                                  "it would be ignored")
+        if self.e4m3_steps is not None and len(mx) == len(schemes):
+            raise ValueError("e4m3_steps orders the arithmetic of E4M3 block scales (nvfp4), but every format here has "
+                             "E8M0 scales: it would be ignored")
 
     @property
     def selects_layers(self) -> bool:
         """True when some linear layer is meant to be selected: ``include`` narrows the roles' layers, so
         roles=none selects nothing whatever the pattern."""
         return bool(self.roles)
+
+    @property
+    def profile_pending(self) -> bool:
+        """A profile given without a format: only a shipped checkpoint (whose format it is) resolves it."""
+        return self.profile is not None and not self.given & {"format", "w_format", "a_format"}
 
     @property
     def enabled(self) -> bool:
@@ -259,16 +277,25 @@ class MXConfig:
                         f"a_format={base.elem.name},block_size=...,scale_format={base.scale_format.value},"
                         f"tensor_scale={base.tensor_scale.value}"
                     )
-            return Scheme(base.elem, base.block_size, base.scale_format, base.tensor_scale, rounding)
+            return Scheme(base.elem, base.block_size, base.scale_format, base.tensor_scale, rounding,
+                          e4m3_steps=self._e4m3_steps(base.scale_format))
+        scale_format = get_scale_format(self.scale_format or ScaleFormat.E8M0)
         return Scheme(
             FORMATS[key],
             32 if self.block_size is None else self.block_size,
-            get_scale_format(self.scale_format or ScaleFormat.E8M0),
+            scale_format,
             get_tensor_scale(self.tensor_scale or TensorScale.NONE),
             rounding,
             get_scale_mode(self.scale_mode or "floor"),
             8 if self.scale_bits is None else self.scale_bits,
+            self._e4m3_steps(scale_format),
         )
+
+    def _e4m3_steps(self, scale_format: ScaleFormat) -> E4M3Steps:
+        """The E4M3 step order of a scheme with these scales (E8M0 scales have none)."""
+        if scale_format is ScaleFormat.E4M3 and self.e4m3_steps is not None:
+            return get_e4m3_steps(self.e4m3_steps)
+        return E4M3Steps.REFERENCE
 
     def layer_rule(self, name: str) -> tuple[int, str] | None:
         """(index, format) of the first ``layer_formats`` rule matching a layer name, else None."""
@@ -301,6 +328,8 @@ class MXConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         del d["given"], d["named"]
+        if self.profile is not None:
+            d["profile"] = get_profile(self.profile).to_dict()
         d["roles"] = list(self.roles)
         d["layer_formats"] = [list(r) for r in self.layer_formats]
         d["rotation_roles"] = None if self.rotation_roles is None else list(self.rotation_roles)
@@ -310,6 +339,8 @@ class MXConfig:
         """Short human label naming only what differs from the defaults, e.g. ``fp4_e2m1 mlp``."""
         if not self.enabled:
             return "baseline"
+        if self.profile is not None:
+            return f"{self.profile}: {dataclasses.replace(self, profile=None, roles=self.roles).label()}"
         fmt = self.w_format if self.w_format == self.a_format else f"w:{self.w_format}/a:{self.a_format}"
         parts = [f"w:{self.w_format} weight-only" if self.weight_only else fmt]
         if self.layer_formats and not self.given & {"format", "w_format", "a_format"}:
@@ -338,6 +369,8 @@ class MXConfig:
             parts.append(rot)
         if self.packed:
             parts.append("packed" if self.packed_gemm == "dequant" else f"packed:{self.packed_gemm}")
+        if self.e4m3_steps is not None:
+            parts.append(f"e4m3={self.e4m3_steps}")
         if self.include:
             parts.append(f"+/{self.include}/")
         if self.exclude:
@@ -439,6 +472,7 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
         args = {**recipe, **args}
     rest = {k: v for k, v in args.items() if k not in MX_KEYS}
     mx = {k: v for k, v in args.items() if k in MX_KEYS}
+    user = frozenset(mx)
     for k, v in mx.items():
         if v is None and k in _NONE_KEYS:  # lm-eval's CLI reads the word none as Python None
             mx[k] = "none"
@@ -447,6 +481,9 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
                              "no such value; give a value or leave the key out")
         elif (isinstance(v, str) and not v.strip()) or (isinstance(v, (list, tuple, dict)) and not v):
             raise ValueError(f"{k} is empty; give a value or leave the key out")
+    if "profile" in mx:
+        mx = with_profile(mx, _normalised, lambda given: parse_mx_args({k: given[k] for k in
+                                                                     ("roles", *_PRESETS) if k in given})[0].roles)
     kw: dict[str, Any] = {}
 
     presets = [p for p in _PRESETS if p in mx and _as_bool(p, mx[p])]
@@ -471,7 +508,7 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
             raise ValueError("format= sets both w_format and a_format; do not combine them")
         kw["w_format"] = kw["a_format"] = str(mx["format"])
     for key in ("w_format", "a_format", "rounding", "scale_mode", "scale_format", "tensor_scale", "mx_backend",
-                "packed_gemm", "rotation", "bmm_format"):
+                "packed_gemm", "rotation", "bmm_format", "e4m3_steps", "profile"):
         if key in mx:
             kw[key] = str(mx[key])
             if key in ("mx_backend", "packed_gemm"):
@@ -504,7 +541,7 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
     named = {k: tuple(i.lower() for i in _as_list(mx[k])) for k in ("roles", "rotation_roles") if k in mx}
     if presets:
         named["roles"] = (_PRESETS[presets[0]],)
-    config = MXConfig(**kw, given=frozenset(mx), named=named)
+    config = MXConfig(**kw, given=user, named=named)
     _check_given(config, mx)
     return config, rest
 
