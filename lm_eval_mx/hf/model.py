@@ -172,6 +172,7 @@ def _checkpoint_profile(pretrained: str, shipped: Any, given: MXConfig) -> MXCon
     """``given`` as the profile's stack runs this shipped checkpoint (its activation recipe kept, or dropped:
     ``weight_only``); ``ValueError`` with the stack's reason where it refuses the checkpoint, or for keys that
     would set the activations beside the profile."""
+    from ..numerics.profiles import ProfileRefusal
     from ..selection.profile import checkpoint_activations
 
     clash = sorted(given.given & {"format", "w_format", "a_format", "weight_only"})
@@ -180,8 +181,8 @@ def _checkpoint_profile(pretrained: str, shipped: Any, given: MXConfig) -> MXCon
                          f"the checkpoint and the activation rule from the profile; drop {', '.join(clash)}")
     try:
         _, weight_only = checkpoint_activations(given.profile, shipped.layout.name, shipped.activations)
-    except ValueError as e:
-        raise ValueError(f"hf-mx: {pretrained} ({shipped.name}): {e}") from None
+    except ProfileRefusal as e:
+        raise ProfileRefusal(f"hf-mx: {pretrained} ({shipped.name}): {e}") from None
     if not weight_only:
         return given
     return dataclasses.replace(given, weight_only=True, given=given.given | {"weight_only"})

@@ -28,6 +28,10 @@ _PROJ = "all"
 _PROJ_HEAD = "all|lm_head"
 
 
+class ProfileRefusal(ValueError):
+    """The stack does not run this format or checkpoint: its reason."""
+
+
 @dataclass(frozen=True)
 class Rule:
     """What a stack computes for one format pair: MX keys (beside ``format``/``w_format``/``a_format``) and the
@@ -58,7 +62,7 @@ class Profile:
         name = next((n for n, p in PAIRS.items() if p == pair or (pair[1] is None and p[0] == pair[0])), None)
         found = self.rules.get(name) if name else None
         if isinstance(found, str):
-            raise ValueError(f"profile={self.name} ({self.stack}) does not run {name}: {found}")
+            raise ProfileRefusal(f"profile={self.name} ({self.stack}) does not run {name}: {found}")
         if found is None:
             runs = [n for n, r in self.rules.items() if isinstance(r, Rule)]
             raise ValueError(f"profile={self.name} ({self.stack}) has no rule for w_format={pair[0]}, "
@@ -71,7 +75,7 @@ class Profile:
         ``ValueError`` with the stack's reason where it refuses the checkpoint."""
         what = self.checkpoints.get((layout, activations or "none"), self.default_checkpoint)
         if what not in ("checkpoint", "weight_only"):
-            raise ValueError(f"profile={self.name} ({self.stack}) refuses this {layout} checkpoint "
+            raise ProfileRefusal(f"profile={self.name} ({self.stack}) refuses this {layout} checkpoint "
                              f"(activations: {activations or 'none'}): {what}")
         return what
 
@@ -81,14 +85,18 @@ class Profile:
 
 _OCP = Profile(
     "ocp", 1, "microxcaling (OCP MX v1.0 reference)",
-    "github.com/microsoft/microxcaling mx/mx_ops.py (_shared_exponents: floor(log2 amax) from the exponent bits), "
-    "mx/elemwise_ops.py (_quantize_elemwise_core); golden cases in tests/data",
+    "github.com/microsoft/microxcaling (commit 21221c0) mx/specs.py (MxSpecs defaults: round='nearest'), mx/mx_ops.py "
+    "(_shared_exponents: floor(log2 amax) from the exponent bits), mx/elemwise_ops.py (_quantize_elemwise_core); "
+    "golden cases in tests/data/microxcaling_mx_golden.npz",
     "the layers the user selects (microxcaling swaps the modules it is given); hf-mx's roles apply",
     {
-        "mxfp8": Rule({"scale_mode": "floor"}, "E8M0 scale 2**(floor(log2 bmax) - emax); elements x / scale "
-                      "rounded half-even, saturating; weights and activations alike, dynamic"),
-        "mxfp4": Rule({"scale_mode": "floor"}, "as mxfp8 with E2M1 elements (emax 2)"),
-        "mxfp4xmxfp8": Rule({"scale_mode": "floor"}, "weights MXFP4, activations MXFP8, each as above"),
+        "mxfp8": Rule({"scale_mode": "floor", "rounding": "nearest"},
+                      "E8M0 scale 2**(floor(log2 bmax) - emax) from the exponent bits; elements x / scale rounded "
+                      "to nearest, ties away from zero (MxSpecs default round='nearest'), saturating; weights and "
+                      "activations alike, dynamic"),
+        "mxfp4": Rule({"scale_mode": "floor", "rounding": "nearest"}, "as mxfp8 with E2M1 elements (emax 2)"),
+        "mxfp4xmxfp8": Rule({"scale_mode": "floor", "rounding": "nearest"},
+                            "weights MXFP4, activations MXFP8, each as above"),
         "nvfp4": "microxcaling implements the OCP MX formats (E8M0 scales) only; NVFP4's E4M3 scales are not in it",
     },
     default_checkpoint="microxcaling quantizes high-precision models; it reads no quantized checkpoint",
@@ -163,15 +171,15 @@ _AUTOROUND = Profile(
 
 _QUARK = Profile(
     "quark", 1, "AMD Quark 0.13 (OCP_MXFP4Spec / OCP MX specs, PerBlockMXObserver)",
-    "amd-quark 0.13 quark/torch/quantization/config/config.py (scale_calculation_mode, default None = even), "
-    "quark/experimental/torch/autoround/mxfp_quant.py (mxfp4_scale: 'even' matches Quark's PerBlockMXObserver)",
+    "amd-quark 0.13 quark/torch/kernel/hw_emulation/hw_emulation_interface.py (fake_quantize_mx, "
+    "scale_calculation_mode='even': even_round), quark/torch/quantization/config/config.py (scale_calculation_mode)",
     "the attention and MLP projections; the LM head excluded (Quark's exclude=['lm_head'] in its LLM examples)",
     {
         "mxfp4": Rule({"scale_mode": "even", "roles": _PROJ},
                       "E8M0 scale: bmax rounded half-up to a power of two at the element's mantissa, minus emax; "
                       "weights and activations (dynamic) alike"),
-        "mxfp8": "Quark's MXFP8 scale rule is not pinned here",
-        "mxfp4xmxfp8": "Quark's MXFP8 scale rule is not pinned here",
+        "mxfp8": Rule({"scale_mode": "even", "roles": _PROJ}, "as mxfp4 with FP8 E4M3 elements"),
+        "mxfp4xmxfp8": "a Quark MXFP4-weight x MXFP8-activation scheme is not pinned here",
         "nvfp4": "Quark's NVFP4 is not pinned here",
     },
     default_checkpoint="Quark's runtime for shipped checkpoints is not pinned here",
