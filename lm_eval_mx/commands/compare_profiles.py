@@ -44,13 +44,15 @@ def profile_specs(profiles: list[str], specs: list[tuple[str, dict[str, Any]]]
 
 def profile_checkpoints(profiles: list[str], checkpoints: list[tuple[str, str]], base_args: dict[str, Any]
                         ) -> tuple[list[tuple[str, str]], dict[str, dict[str, Any]], list[str]]:
-    """Every (checkpoint, profile) the stack runs, as ((label, directory), model_args by label), and one line per
-    combination the stack refuses, with its reason (checked before any model loads)."""
+    """Each checkpoint as hf-mx reads it (its recipe as stored), then every (checkpoint, profile) the stack runs,
+    as ((label, directory), model_args by label), and one line per combination the stack refuses, with its reason
+    (checked before any model loads)."""
     from ..hf.model import HFMXLM
     from .compare import checkpoint_args
 
     out, extra, refused = [], {}, []
     for label, path in checkpoints:
+        out.append((label, path))
         for name in (get_profile(p).name for p in profiles):
             run = f"{label} [{name}]"
             try:

@@ -226,12 +226,14 @@ _VLLM_BLACKWELL = Profile(
     },
     default_checkpoint=_NOT_PINNED_RCP,
 )
+_FP_QUANT_REASON = ("FP-Quant's one runtime (fp_quant in transformers: QuTLASS kernels or Triton pseudo-quantization) "
+                    "runs on GPUs only, so no reference of its quantizer (Hadamard-rotated MXFP4/NVFP4) "
+                    "ran or was transcribed here")
 _FP_QUANT = Profile(
-    "fp-quant", 1, "FP-Quant (IST-DASLab, QuTLASS kernels)",
-    "github.com/IST-DASLab/FP-Quant", "n/a",
-    {name: "FP-Quant's quantizer runs in its CUDA (QuTLASS) kernels and rounds MX scales by its own rule; it is "
-           "not pinned here (no CPU implementation to check against)" for name in PAIRS},
-    default_checkpoint="not pinned here",
+    "fp-quant", 1, "FP-Quant (IST-DASLab; fp_quant in transformers)",
+    "github.com/IST-DASLab/FP-Quant; transformers src/transformers/quantizers/quantizer_fp_quant.py", "n/a",
+    {name: _FP_QUANT_REASON for name in PAIRS},
+    default_checkpoint=_FP_QUANT_REASON,
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (_OCP, _TORCHAO, _CT, _AUTOROUND, _QUARK, _VLLM_HOPPER,
