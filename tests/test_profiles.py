@@ -214,8 +214,8 @@ def test_refusals_carry_the_stacks_reason():
         parse_mx_args({"profile": "torchao", "w_format": "mxfp4", "a_format": "mxfp8"})
     with pytest.raises(ProfileRefusal, match="E8M0 scales"):
         parse_mx_args({"profile": "microxcaling", "format": "nvfp4"})
-    with pytest.raises(ProfileRefusal, match=r"rcp\.approx"):
-        parse_mx_args({"profile": "trtllm", "format": "nvfp4"})
+    with pytest.raises(ProfileRefusal, match="not transcribed"):
+        parse_mx_args({"profile": "trtllm", "format": "mxfp4"})
     with pytest.raises(ValueError, match=r"unknown profile .vlm-hopper.*did you mean vllm-hopper"):
         parse_mx_args({"profile": "vlm-hopper", "format": "nvfp4"})
     hopper = get_profile("vllm-hopper")
@@ -257,3 +257,77 @@ def test_agreement_matrix():
     a, b = torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 4])
     t = agreement({"a": a, "b": b, "nan": torch.tensor([1, -1, 3, 4])})
     assert t["a"]["b"] == 0.75 and t["a"]["a"] == 1.0 and np.isnan(t["a"]["nan"])
+
+
+# ------------------------------------------------------------------------- vllm-blackwell: a cited transcription
+# vLLM csrc/quantization/fp4/nvfp4_utils.cuh at 2c9ff65, cvt_warp_fp16_to_fp4, written out per block in numpy
+# float32 (one IEEE operation per line); rcp.approx.ftz.f32 modelled as the correctly rounded reciprocal, flushed.
+
+
+def _rcp(x: np.float32) -> np.float32:
+    x = np.float32(0.0) if abs(x) < np.finfo(np.float32).tiny else x
+    with np.errstate(divide="ignore"):
+        r = np.float32(1.0) / np.float32(x)
+    return np.float32(0.0) if abs(r) < np.finfo(np.float32).tiny else r
+
+
+_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float32)
+
+
+def _e2m1_rn_satfinite(v: np.float32) -> np.float32:
+    """cvt.rn.satfinite.e2m1x2.f32: nearest E2M1 value, ties to the even code, saturating at 6."""
+    a = min(abs(float(v)), 6.0)
+    d = np.abs(_E2M1 - a)
+    best = np.flatnonzero(d == d.min())
+    code = best[0] if len(best) == 1 or best[0] % 2 == 0 else best[1]
+    return np.float32(np.copysign(_E2M1[code], v))
+
+
+def _cvt_warp_fp16_to_fp4(block: np.ndarray, gs: np.float32) -> tuple[np.float32, np.float32, np.ndarray]:
+    vec_max = np.float32(np.abs(block).max())
+    sf = np.float32(gs * np.float32(vec_max * _rcp(np.float32(6.0))))
+    sf = np.float32(torch.tensor(min(float(sf), 448.0)).to(torch.float8_e4m3fn).float().item())  # satfinite
+    out = _rcp(np.float32(sf * _rcp(gs))) if sf != 0 else np.float32(0.0)
+    q = np.array([_e2m1_rn_satfinite(np.float32(v * out)) for v in block], dtype=np.float32)
+    return sf, out, q * np.float32(sf * _rcp(gs))
+
+
+def test_vllm_blackwell_rcp_model():
+    """Step 1: rcp(6) is float32 RN(1/6); subnormal inputs flush to zero (rcp = inf), tiny results to 0."""
+    from lm_eval_mx.numerics.quantize import rcp_ftz
+
+    r = rcp_ftz(torch.tensor([6.0, 1e-40, 3e38], dtype=torch.float32))
+    assert r[0].view(torch.int32).item() == 0x3E2AAAAB and torch.isinf(r[1]) and r[2] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vllm_blackwell_nvfp4_is_the_kernel_transcription(dtype):
+    """Steps 2-4 (scale factor, output scale, E2M1 elements), block by block, against the numpy transcription of
+    cvt_warp_fp16_to_fp4 with compressed-tensors' generate_gparam as the global multiplier."""
+    pytest.importorskip("compressed_tensors", minversion="0.20")
+    from compressed_tensors.quantization.utils import generate_gparam
+
+    from lm_eval_mx.numerics.quantize import block_scales
+
+    x = data(5, 4, 64).to(dtype)
+    xf = x.float()
+    amax = xf.abs().amax().reshape(1)
+    gs = np.float32(generate_gparam(-amax, amax).item())
+    s = scheme("vllm-blackwell", "nvfp4")
+    blocks = xf.reshape(4, 4, 16)
+    out, _, _, stored = block_scales(blocks.abs().amax(-1, keepdim=True), s, amax.reshape(()))
+    ours = quantize(x, s).float().reshape(4, 4, 16)
+    for i in range(4):
+        for j in range(4):
+            sf, o, deq = _cvt_warp_fp16_to_fp4(blocks[i, j].numpy(), gs)
+            assert stored[i, j, 0].item() == sf and out[i, j, 0].item() == o, (i, j)
+            deq = torch.from_numpy(deq).to(dtype).float().numpy()  # the dequantized block in the input's dtype
+            assert np.array_equal((ours[i, j].numpy() + 0).view(np.uint32), (deq + 0).view(np.uint32)), (i, j)
+
+
+def test_vllm_blackwell_weights_are_quantized_offline():
+    """The kernel step is the activations'; the weights of a vllm-blackwell layer take llm-compressor's steps."""
+    s = scheme("vllm-blackwell", "nvfp4")
+    assert s.e4m3_steps is E4M3Steps.KERNEL and s.for_weights().e4m3_steps is E4M3Steps.DIVIDE
+    with pytest.raises(ValueError, match="packed"):
+        parse_mx_args({"profile": "vllm-blackwell", "format": "nvfp4", "packed": True})

@@ -11,6 +11,7 @@ before any heavy import or model load.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 from typing import TypeVar
@@ -145,11 +146,17 @@ class E4M3Steps(str, Enum):
     its clamp). ``clamp``: the same with (bmax / 6) / ts clamped to [2**-6, 448] before rounding to E4M3
     (torchao 0.18 ``nvfp4_quantize``). ``divide``: gs = 2688 / amax, s = e4m3(gs · (bmax / 6)), a zero s read as
     0.125, x / (s / gs); dequantized q · (s / gs) (compressed-tensors 0.20 ``calculate_qparams``/``_quantize``).
+    ``kernel``: NVIDIA's FP4 quantize kernel (vLLM ``cvt_warp_fp16_to_fp4``, FlashInfer, TensorRT-LLM), for
+    activations: s = e4m3(gs · (bmax · rcp(6))); o = rcp(s · rcp(gs)) (0 where s is 0); x · o; dequantized
+    q · (s · rcp(gs)); ``rcp`` is PTX ``rcp.approx.ftz.f32``, modelled as the correctly rounded reciprocal with
+    subnormals flushed (docs: *Profiles* says what is verified of that model). Weights of such a scheme are
+    quantized offline by the checkpoint's tool: :meth:`Scheme.for_weights` gives ``divide`` (llm-compressor).
     """
 
     REFERENCE = "reference"
     CLAMP = "clamp"
     DIVIDE = "divide"
+    KERNEL = "kernel"
 
 
 def _choices(values: object) -> str:
@@ -240,6 +247,13 @@ class Scheme:
     def is_mx(self) -> bool:
         """OCP MX: power-of-two (E8M0) block scales."""
         return self.scale_format is ScaleFormat.E8M0
+
+    def for_weights(self) -> Scheme:
+        """The scheme weights take: ``e4m3_steps=kernel`` describes a GEMM kernel's activation step, its weights
+        being quantized offline (compressed-tensors' ``divide`` steps); any other scheme is its own."""
+        if self.e4m3_steps is E4M3Steps.KERNEL:
+            return dataclasses.replace(self, e4m3_steps=E4M3Steps.DIVIDE)
+        return self
 
     def scale_bits_per_block(self) -> int:
         return self.scale_bits if self.is_mx else 8

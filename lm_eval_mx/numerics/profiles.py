@@ -211,20 +211,26 @@ _VLLM_HOPPER = Profile(
     },
     default_checkpoint="vLLM's path for this checkpoint format is not pinned here",
 )
-_NOT_PINNED_RCP = ("the Blackwell kernels compute the scale reciprocal with rcp.approx.ftz.f32, whose results are "
-                   "not pinned here (no sm_100 device): not emulated")
+_NOT_TRANSCRIBED = "vLLM's MXFP8/MXFP4 activation quantize kernels are not transcribed here"
 _VLLM_BLACKWELL = Profile(
-    "vllm-blackwell", 1, "vLLM / FlashInfer / TensorRT-LLM on B200 (sm_100) FP4 kernels",
-    "github.com/vllm-project/vllm csrc/quantization/fp4/nvfp4_utils.cuh (cvt_warp_fp16_to_fp4: SFValue = "
-    "SFScaleVal · (vecMax · rcp_approx(6)), outputScale = rcp_approx(SFValue · rcp_approx(SFScaleVal)))",
-    "the layers the checkpoint quantized",
+    "vllm-blackwell", 1, "vLLM / FlashInfer / TensorRT-LLM NVFP4 on B200 (sm_100), rcp.approx modelled as the "
+    "correctly rounded reciprocal",
+    "github.com/vllm-project/vllm csrc/quantization/fp4/nvfp4_utils.cuh at 2c9ff65 (cvt_warp_fp16_to_fp4, "
+    "reciprocal_approximate_ftz: rcp.approx.ftz.f32, fp32_vec_to_e2m1: cvt.rn.satfinite.e2m1x2.f32); the same "
+    "steps in FlashInfer's and TensorRT-LLM's quantization.cuh",
+    "the layers the checkpoint quantized (llm-compressor: the projections, the LM head ignored)",
     {
-        "nvfp4": _NOT_PINNED_RCP,
-        "mxfp4xmxfp8": _NOT_PINNED_RCP,
-        "mxfp4": _NOT_PINNED_RCP,
-        "mxfp8": _NOT_PINNED_RCP,
+        "nvfp4": Rule({"e4m3_steps": "kernel", "roles": _PROJ},
+                      "weights as llm-compressor writes them (compressed-tensors' steps); activations: gs = 2688 / "
+                      "amax (the input's own, as calibrating on it), SFValue = e4m3(gs · (bmax · rcp(6))), "
+                      "outputScale = rcp(SFValue · rcp(gs)), elements cvt.rn.satfinite.e2m1(x · outputScale); "
+                      "rcp = rcp.approx.ftz.f32, modelled as the correctly rounded reciprocal, subnormals flushed"),
+        "mxfp4xmxfp8": _NOT_TRANSCRIBED,
+        "mxfp4": _NOT_TRANSCRIBED,
+        "mxfp8": _NOT_TRANSCRIBED,
     },
-    default_checkpoint=_NOT_PINNED_RCP,
+    default_checkpoint="its activation step takes the stored input_global_scale as a multiplier; hf-mx's reader "
+                       "keeps float32 1/input_global_scale: not reproduced yet",
 )
 _FP_QUANT_REASON = ("FP-Quant's one runtime (fp_quant in transformers: QuTLASS kernels or Triton pseudo-quantization) "
                     "runs on GPUs only, so no reference of its quantizer (Hadamard-rotated MXFP4/NVFP4) "

@@ -134,6 +134,41 @@ def e4m3_block_scales(amax: torch.Tensor, fmt: ElemFormat, ts: torch.Tensor | No
 _CT_ZERO_SCALE = 0.125
 
 
+def rcp_ftz(x: torch.Tensor) -> torch.Tensor:
+    """PTX ``rcp.approx.ftz.f32`` as modelled here: the correctly rounded float32 reciprocal, subnormal inputs
+    and results flushed to zero (so a subnormal input gives ±inf)."""
+    tiny = x.abs() < _F32_MIN_NORMAL
+    r = torch.reciprocal(torch.where(tiny, torch.zeros_like(x).copysign(x), x))
+    return torch.where(r.abs() < _F32_MIN_NORMAL, torch.zeros_like(r).copysign(r), r)
+
+
+def _global_multiplier(tensor_amax: torch.Tensor, fmt: ElemFormat) -> torch.Tensor:
+    """compressed-tensors' ``generate_gparam``: ``2688 / amax`` (amax clamped at float32's smallest normal, torch's
+    ``float / tensor``: 2688 · (1 / amax)), a non-finite result read as 1."""
+    gs = (E4M3.max_normal * fmt.max_normal) / tensor_amax.clamp(min=_F32_MIN_NORMAL)
+    return torch.nan_to_num(gs, nan=1.0, posinf=1.0, neginf=1.0)
+
+
+def _kernel_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None,
+                   static_scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`block_scales` of ``e4m3_steps=kernel``: vLLM's ``cvt_warp_fp16_to_fp4`` (csrc/quantization/fp4/
+    nvfp4_utils.cuh at 2c9ff65) with the global multiplier ``gs`` of :func:`_global_multiplier`:
+    ``SFValue = gs · (bmax · rcp(6))`` rounded to E4M3 (saturating), ``outputScale = rcp(SFValue · rcp(gs))``, 0
+    where SFValue is 0. Returned as (outputScale, SFValue · rcp(gs), NaN mask, SFValue)."""
+    if scheme.tensor_scale is not TensorScale.AMAX:
+        raise ValueError("e4m3_steps=kernel takes the kernel's global multiplier from the tensor maximum "
+                         "(tensor_scale=amax); a stored input_global_scale is not supported")
+    if tensor_amax is None:
+        raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
+    gs = _global_multiplier(tensor_amax, scheme.elem)
+    rcp_max = rcp_ftz(amax.new_full((), scheme.elem.max_normal))
+    s8 = round_elements(gs * (amax * rcp_max), E4M3, Rounding.EVEN)
+    block = s8 * rcp_ftz(gs)
+    out = torch.where(s8 != 0, rcp_ftz(block), torch.zeros_like(s8))
+    nan = ~torch.isfinite(amax) | (~torch.isfinite(tensor_amax)).expand_as(amax)
+    return out, block, nan, s8
+
+
 def _divide_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None,
                    static_scale: float | None, src_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`block_scales` of ``e4m3_steps=divide`` (compressed-tensors 0.20): the global scale is a multiplier
@@ -150,8 +185,7 @@ def _divide_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor
     if scheme.tensor_scale is TensorScale.AMAX:
         if tensor_amax is None:
             raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
-        gs = (E4M3.max_normal * fmt.max_normal) / tensor_amax.clamp(min=_F32_MIN_NORMAL)  # torch: 2688 · (1/amax)
-        gs = torch.nan_to_num(gs, nan=1.0, posinf=1.0, neginf=1.0)
+        gs = _global_multiplier(tensor_amax, fmt)
         s = gs * s
         nan = nan | (~torch.isfinite(tensor_amax)).expand_as(amax)
     s8 = round_elements(s.clamp(-E4M3.max_normal, E4M3.max_normal), E4M3, Rounding.EVEN)
@@ -179,6 +213,8 @@ def block_scales(
         return pow2(-exp), pow2(exp), nan, exp
     if scheme.e4m3_steps is E4M3Steps.DIVIDE:
         return _divide_scales(amax, scheme, tensor_amax, static_scale, src_dtype)
+    if scheme.e4m3_steps is E4M3Steps.KERNEL:
+        return _kernel_scales(amax, scheme, tensor_amax, static_scale)
     clamp = scheme.e4m3_steps is E4M3Steps.CLAMP
     if scheme.tensor_scale is TensorScale.STATIC:
         if static_scale is None:

@@ -218,6 +218,9 @@ class MXConfig:
                 raise ValueError(f"rotation_block defaults to the block size, {odd[0]}, which is not a power of two; "
                                  "give rotation_block=N (a power of two) or 0 (the whole dimension)")
         check_fixed_keys(self, self.formats_in_use())
+        if self.packed and any(s.e4m3_steps is not E4M3Steps.REFERENCE for s in schemes):
+            raise ValueError(f"packed=True stores E4M3 scales for hf-mx's reference steps; e4m3_steps="
+                             f"{self.e4m3_steps} (a stack's own order) runs as fake quantization only: drop packed")
         mx = [s for s in schemes if s.is_mx]
         for key in ("scale_mode", "scale_bits"):
             if getattr(self, key) is not None and not mx:
