@@ -309,16 +309,17 @@ def test_vllm_blackwell_nvfp4_is_the_kernel_transcription(dtype):
 
     from lm_eval_mx.numerics.quantize import block_scales
 
-    x = data(5, 4, 64).to(dtype)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(8, 256, generator=g) * torch.exp(torch.randn(8, 256, generator=g) * 3)).to(dtype)
     xf = x.float()
     amax = xf.abs().amax().reshape(1)
     gs = np.float32(generate_gparam(-amax, amax).item())
     s = scheme("vllm-blackwell", "nvfp4")
-    blocks = xf.reshape(4, 4, 16)
+    blocks = xf.reshape(8, 16, 16)
     out, _, _, stored = block_scales(blocks.abs().amax(-1, keepdim=True), s, amax.reshape(()))
-    ours = quantize(x, s).float().reshape(4, 4, 16)
-    for i in range(4):
-        for j in range(4):
+    ours = quantize(x, s).float().reshape(8, 16, 16)
+    for i in range(8):
+        for j in range(16):
             sf, o, deq = _cvt_warp_fp16_to_fp4(blocks[i, j].numpy(), gs)
             assert stored[i, j, 0].item() == sf and out[i, j, 0].item() == o, (i, j)
             deq = torch.from_numpy(deq).to(dtype).float().numpy()  # the dequantized block in the input's dtype
