@@ -130,7 +130,8 @@ _CT = Profile(
     "github.com/vllm-project/compressed-tensors v0.20.1 src/compressed_tensors/quantization/quant_scheme.py "
     "(MXFP4, NVFP4), utils/helpers.py (calculate_qparams, generate_gparam), utils/mxfp_utils.py "
     "(generate_mx_scales, round_to_power_2), lifecycle/forward_helpers.py (_quantize, _dequantize)",
-    "the attention and MLP projections; the LM head is left out (llm-compressor recipes: ignore=['lm_head'])",
+    "the attention and MLP projections; the LM head is left out (llm-compressor's recipes, ignore=['lm_head'], "
+    "as benchmarks/profiles/make_ct_checkpoint.py)",
     {
         "mxfp4": Rule({"scale_mode": "even", "roles": _PROJ},
                       "E8M0 scale: bmax rounded half-up to a power of two at E2M1's mantissa (round_to_power_2), "
@@ -157,7 +158,8 @@ _AUTOROUND = Profile(
     "auto-round", 1, "auto-round 0.16 (RTN, iters=0: schemes MXFP4, MXFP8)",
     "github.com/intel/auto-round v0.16.1 auto_round/schemes.py (MXFP4, MXFP8: data_type and act_data_type mx_fp, "
     "act_dynamic), auto_round/data_type/mxfp.py (quant_mx: floor(log2(bmax)) - emax, quant_element)",
-    "the attention and MLP projections; the LM head is kept in high precision (auto-round's default)",
+    "the attention and MLP projections; the LM head is kept in high precision (auto-round's default "
+    "quant_lm_head=False, auto_round/compressors/base.py)",
     {
         "mxfp8": Rule({"scale_mode": "floor", "roles": _PROJ},
                       "E8M0 scale 2**(floor(log2 bmax) - emax) (torch.log2 then floor), elements half-even; "
@@ -173,7 +175,8 @@ _QUARK = Profile(
     "quark", 1, "AMD Quark 0.13 (OCP_MXFP4Spec / OCP MX specs, PerBlockMXObserver)",
     "amd-quark 0.13 quark/torch/kernel/hw_emulation/hw_emulation_interface.py (fake_quantize_mx, "
     "scale_calculation_mode='even': even_round), quark/torch/quantization/config/config.py (scale_calculation_mode)",
-    "the attention and MLP projections; the LM head excluded (Quark's exclude=['lm_head'] in its LLM examples)",
+    "the attention and MLP projections; the LM head excluded (as Quark's vLLM online-quantization configs do: "
+    "quark/online_quantization/vllm/hf_quantization_configs.py, exclude=['lm_head'])",
     {
         "mxfp4": Rule({"scale_mode": "even", "roles": _PROJ},
                       "E8M0 scale: bmax rounded half-up to a power of two at the element's mantissa, minus emax; "
@@ -190,9 +193,10 @@ _MARLIN = ("vLLM on compute capability < 10.0 runs FP4 checkpoints with the Marl
 _VLLM_HOPPER = Profile(
     "vllm-hopper", 1, "vLLM on H100/H200 (sm_90)",
     "github.com/vllm-project/vllm vllm/model_executor/layers/quantization/compressed_tensors/schemes/"
-    "compressed_tensors_w4a4_nvfp4.py and compressed_tensors_w4a4_mxfp4.py (Marlin fallback below capability "
-    "100), quark/schemes/quark_ocp_mx.py (dynamic activations only; static input scales refused), "
-    "utils/marlin_utils_fp4.py; issues #19563, #19879, PR #31926",
+    "compressed_tensors_w4a4_nvfp4.py (get_min_capability: 100, 80 only with VLLM_USE_NVFP4_CT_EMULATIONS), "
+    "compressed_tensors_w4a16_nvfp4.py / compressed_tensors_w4a16_mxfp4.py (the W4A16 Marlin schemes), "
+    "compressed_tensors.py (_get_scheme_from_parts: MXFP4 weights -> CompressedTensorsW4A16Mxfp4); vLLM issues "
+    "#19563, #19879, PR #31926 (NVFP4 W4A4 checkpoints on Hopper run W4A16)",
     "the layers the checkpoint quantized (its ignore list: typically the LM head)",
     {
         "nvfp4": Rule({"weight_only": True, "e4m3_steps": "divide", "roles": _PROJ},
@@ -201,8 +205,8 @@ _VLLM_HOPPER = Profile(
         "mxfp4": Rule({"weight_only": True, "scale_mode": "even", "roles": _PROJ},
                       "weights as llm-compressor writes them (even scales); activations in high precision "
                       "(Marlin W4A16)"),
-        "mxfp8": "MXFP8 GEMMs need Blackwell; vLLM's Hopper path for MXFP8 is not pinned here",
-        "mxfp4xmxfp8": "MXFP4 x MXFP8 GEMMs need Blackwell (sm_100)",
+        "mxfp8": "vLLM's Hopper path for MXFP8 checkpoints is not pinned here",
+        "mxfp4xmxfp8": "vLLM's Hopper path for MXFP4 x MXFP8 checkpoints is not pinned here",
     },
     checkpoints={
         ("ct-nvfp4", "static"): "weight_only", ("ct-nvfp4", "dynamic"): "weight_only",
