@@ -195,7 +195,9 @@ _VLLM_HOPPER = Profile(
     "github.com/vllm-project/vllm vllm/model_executor/layers/quantization/compressed_tensors/schemes/"
     "compressed_tensors_w4a4_nvfp4.py (get_min_capability: 100, 80 only with VLLM_USE_NVFP4_CT_EMULATIONS), "
     "compressed_tensors_w4a16_nvfp4.py / compressed_tensors_w4a16_mxfp4.py (the W4A16 Marlin schemes), "
-    "compressed_tensors.py (_get_scheme_from_parts: MXFP4 weights -> CompressedTensorsW4A16Mxfp4); vLLM issues "
+    "compressed_tensors.py (_get_scheme_from_parts: MXFP4 weights -> CompressedTensorsW4A16Mxfp4), "
+    "utils/marlin_utils_fp4.py (below sm_100: 'Weight-only FP4 compression will be used leveraging the Marlin "
+    "kernel'); vLLM issues "
     "#19563, #19879, PR #31926 (NVFP4 W4A4 checkpoints on Hopper run W4A16)",
     "the layers the checkpoint quantized (its ignore list: typically the LM head)",
     {
