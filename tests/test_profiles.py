@@ -332,3 +332,26 @@ def test_vllm_blackwell_weights_are_quantized_offline():
     assert s.e4m3_steps is E4M3Steps.KERNEL and s.for_weights().e4m3_steps is E4M3Steps.DIVIDE
     with pytest.raises(ValueError, match="packed"):
         parse_mx_args({"profile": "vllm-blackwell", "format": "nvfp4", "packed": True})
+
+
+def test_compare_profiles_end_to_end(tiny_dir, tmp_path, monkeypatch, capsys):
+    """compare --profile on a saved tiny model: each profile x format run (refusals listed), the agreement matrix
+    on the corpus, and the profile with its version in the results."""
+    from lm_eval_mx.commands.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--model_args", f"pretrained={tiny_dir}", "--tasks", "mx_corpus_ppl", "--limit", "1",
+               "--config", "format=nvfp4", "--profile", "ocp", "--profile", "ct",
+               "--agreement_tokens", "64", "--output_dir", str(out)])
+    assert rc == 0
+    agree = json.loads((out / "agreement.json").read_text())
+    labels = list(agree["top1_agreement"])
+    assert labels == ["baseline", "compressed-tensors: nvfp4 e4m3=divide"]  # ocp refuses nvfp4
+    assert all(agree["top1_agreement"][a][a] == 1.0 for a in labels) and agree["tokens"] > 0
+    assert len(agree["refused"]) == 1 and "profile=ocp" in agree["refused"][0]
+    assert agree["profiles"][labels[1]]["name"] == "compressed-tensors" and agree["profiles"][labels[1]]["version"] == 1
+    results = json.loads((out / "results_01.json").read_text())
+    assert '"version": 1' in json.dumps(results) and "compressed-tensors" in json.dumps(results)
+    printed = capsys.readouterr().out
+    assert "refused: --profile ocp with --config 'format=nvfp4'" in printed and "top-1 agreement" in printed
