@@ -359,12 +359,7 @@ class MXConfig:
         parts += [tag.format(getattr(self, k)) for k, tag in tags.items() if getattr(self, k) is not None and k not in skip]
         if self.rounding != "even":
             parts.append(f"round={self.rounding}")
-        group = next((g for g, r in ROLE_GROUPS.items() if r == self.roles), None)
-        if group is None:  # a group and extra roles (all|lm_head), else the roles
-            base = max((g for g, r in ROLE_GROUPS.items() if r and set(r) < set(self.roles)),
-                       key=lambda g: len(ROLE_GROUPS[g]), default=None)
-            extra = [r for r in self.roles if base is None or r not in ROLE_GROUPS[base]]
-            group = "|".join(([base] if base else []) + extra)
+        group = next((g for g, r in ROLE_GROUPS.items() if r == self.roles), "|".join(self.roles))
         if group != "all":
             parts.append(group or "no linear")
         if self.attn_bmm:
