@@ -54,7 +54,7 @@ def profile_checkpoints(profiles: list[str], checkpoints: list[tuple[str, str]],
     for label, path in checkpoints:
         out.append((label, path))
         for name in (get_profile(p).name for p in profiles):
-            run = f"{label} [{name}]"
+            run = f"{name}: {label}"
             try:
                 HFMXLM.check_before_loading(**checkpoint_args(base_args, path), profile=name)
             except ProfileRefusal as e:
@@ -76,6 +76,7 @@ def agreement_batches(tokenizer: Any, max_tokens: int) -> list[Any]:
 
 def render_agreement(table: dict[str, dict[str, float]], tokens: int) -> Any:
     """A rich table: top-1 agreement (%) of every pair of runs on the corpus tokens."""
+    from rich.markup import escape
     from rich.table import Table
 
     labels = list(table)
@@ -84,7 +85,7 @@ def render_agreement(table: dict[str, dict[str, float]], tokens: int) -> Any:
     for i, _ in enumerate(labels):
         t.add_column(f"[{i}]", justify="right")
     for i, a in enumerate(labels):
-        t.add_row(f"[{i}] {a}", *(_pct(table[a][b]) for b in labels))
+        t.add_row(escape(f"[{i}] {a}"), *(_pct(table[a][b]) for b in labels))
     return t
 
 
