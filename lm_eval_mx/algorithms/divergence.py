@@ -135,6 +135,30 @@ def _logprobs(model: nn.Module, batch: torch.Tensor, device: torch.device) -> tu
     return F.log_softmax(logits.float(), -1)[mask], ids[:, 1:][mask]
 
 
+def top1(model: nn.Module, batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The top-1 token of every predicted token of ``batches`` (int64, flattened); -1 where the distribution holds
+    NaN (no top-1)."""
+    out = []
+    for batch in batches:
+        lp, _ = _logprobs(model, batch, device)
+        out.append(torch.where(torch.isnan(lp).any(-1), -1, lp.argmax(-1)).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def agreement(preds: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Pairwise top-1 agreement (fraction of predicted tokens with the same top-1) between labelled runs on the
+    same tokens; NaN where either run has a token without a top-1 (a NaN distribution)."""
+    table: dict[str, dict[str, float]] = {}
+    for a, pa in preds.items():
+        table[a] = {}
+        for b, pb in preds.items():
+            if pa.shape != pb.shape:
+                raise ValueError(f"top-1 agreement: {a} and {b} were measured on different tokens")
+            bad = bool((pa < 0).any() or (pb < 0).any())
+            table[a][b] = math.nan if bad or not pa.numel() else float((pa == pb).float().mean())
+    return table
+
+
 def kl_sum(lb: torch.Tensor, lm: torch.Tensor) -> float:
     """Sum over tokens of KL(baseline || MX) from log-probabilities."""
     return float((lb.exp() * (lb - lm)).sum())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,13 @@ from .args import (
     parse_model_args,
     resolve_device,
     task_manager_for,
+)
+from .compare_profiles import (
+    agreement_batches,
+    profile_checkpoints,
+    profile_specs,
+    render_agreement,
+    write_agreement,
 )
 from .results_table import Run, build_rows, load_results, rich_table, unique_labels, write_outputs
 
@@ -131,10 +139,14 @@ def run_configs(
     task_manager: Any = None,
     progress: bool = True,
     checkpoints: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    checkpoint_extra: dict[str, dict[str, Any]] | None = None,
+    after_each: Callable[[str, Any], None] | None = None,
 ) -> list[Run]:
     """Evaluate the baseline then each MX configuration on one model copy, then each quantized checkpoint
-    ((label, directory): ``lm-eval-mx quantize`` outputs, compressed-tensors or ModelOpt exports) as it is stored;
-    every argument is checked first, before the model loads."""
+    ((label, directory): ``lm-eval-mx quantize`` outputs, compressed-tensors or ModelOpt exports) as it is stored,
+    with the model_args ``checkpoint_extra`` gives its label (a profile); every argument is checked first, before
+    the model loads. ``after_each(label, model)``: called with each run's model as it was evaluated."""
+    extra = checkpoint_extra or {}
     check_against_model_args(base_args, configs)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -152,7 +164,7 @@ def run_configs(
     check_tasks(tasks, task_manager)
     args = {**base_args, "batch_size": batch_size, "roles": "none", "mx_keep_original": True,
             "device": resolve_device(device, base_args)}
-    check_checkpoints(args, checkpoints)
+    check_checkpoints(args, checkpoints, extra)
     lm = HFMXLM(**args)
     for label, cfg in configs:  # what a configuration cannot do on this model fails now, not after the baseline's run
         try:
@@ -171,6 +183,8 @@ def run_configs(
         )
         if res is not None:  # None on non-zero ranks under accelerate
             runs.append(Run(label, cfg.to_dict() if cfg.enabled else None, res))
+        if after_each is not None:
+            after_each(label, model.model)
 
     with Progress(disable=not progress or lm.rank != 0) as bar:
         job = bar.add_task("configurations", total=len(plan) + len(checkpoints))
@@ -182,7 +196,7 @@ def run_configs(
         lm.set_mx(MXConfig(roles=()))
         for label, path in checkpoints:
             bar.update(job, description=f"evaluating {label}")
-            stored = HFMXLM(**checkpoint_args(args, path))
+            stored = HFMXLM(**checkpoint_args(args, path), **extra.get(label, {}))
             evaluate(stored, label, stored.mx_config)
             del stored
             bar.advance(job)
@@ -198,13 +212,14 @@ def checkpoint_args(base_args: dict[str, Any], path: str) -> dict[str, Any]:
     return {**{k: v for k, v in base_args.items() if k not in _BASE_ONLY}, "pretrained": path}
 
 
-def check_checkpoints(base_args: dict[str, Any], checkpoints: list[tuple[str, str]]) -> None:
+def check_checkpoints(base_args: dict[str, Any], checkpoints: list[tuple[str, str]],
+                      extra: dict[str, dict[str, Any]] | None = None) -> None:
     """Every pre-load check of each checkpoint with the run's arguments, before anything is evaluated."""
     from ..hf.model import HFMXLM
 
     for label, path in checkpoints:
         try:
-            HFMXLM.check_before_loading(**checkpoint_args(base_args, path))
+            HFMXLM.check_before_loading(**checkpoint_args(base_args, path), **(extra or {}).get(label, {}))
         except ValueError as e:
             raise ValueError(f"--checkpoint {label}={path}: {e}") from None
 
@@ -254,6 +269,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", action="append", default=[], metavar="[LABEL=]DIR",
                    help="also evaluate a quantized checkpoint as stored (repeatable): an lm-eval-mx quantize output, "
                         "a compressed-tensors or ModelOpt NVFP4/MXFP4 export; the baseline is --model_args' model")
+    p.add_argument("--profile", action="append", default=[], metavar="NAME",
+                   help="a stack's numerics (repeatable): each --config (its format) and --checkpoint is run as each "
+                        "profile computes it, plus top-1 agreement between the runs on the corpus; profiles: "
+                        "ocp, torchao, compressed-tensors, auto-round, quark, vllm-hopper, vllm-blackwell, fp-quant")
+    p.add_argument("--agreement_tokens", type=int, default=2048,
+                   help="corpus tokens the --profile top-1 agreement is measured on (default 2048)")
     p.add_argument("--results", nargs="+", default=None, metavar="JSON",
                    help="tabulate existing lm-eval results files instead of running (first = baseline)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (integer >= 1) or a fraction in (0, 1)")
@@ -275,7 +296,7 @@ def main(ns: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--output_dir {out} is a file, not a directory")
         if ns.results:
-            given = [f for f in ("model_args", "tasks", "config", "sweep", "checkpoint", "limit", "num_fewshot",
+            given = [f for f in ("model_args", "tasks", "config", "sweep", "checkpoint", "profile", "limit", "num_fewshot",
                                  "batch_size", "device", "seed", "include_path") if getattr(ns, f) not in (None, "", [])]
             if given:
                 raise ValueError(f"--results tabulates existing files; --{', --'.join(given)} would be ignored")
@@ -303,13 +324,25 @@ def main(ns: argparse.Namespace) -> int:
             checkpoints = parse_checkpoints(ns.checkpoint)
             if not specs and not checkpoints:
                 raise ValueError("give at least one --config, a --sweep or a --checkpoint")
+            extra, refused = {}, []
+            if ns.profile:
+                if ns.sweep is not None:
+                    raise ValueError("--profile is combined with each --config; a --sweep is not (give --config's)")
+                if ns.agreement_tokens < 2:
+                    raise ValueError(f"--agreement_tokens must be >= 2, got {ns.agreement_tokens}")
+                specs, refused = profile_specs(ns.profile, specs)
+                checkpoints, extra, refused_ckpt = profile_checkpoints(
+                    ns.profile, checkpoints, {**base, "device": resolve_device(ns.device, base)})
+                refused += refused_ckpt
+                if not specs and not checkpoints:
+                    raise ValueError("every --profile refuses what it was given:\n  " + "\n  ".join(refused))
             configs = plan_configs(specs) if specs else []
             check_against_model_args(base, configs)
             limit, batch = check_run_args(ns.limit, ns.batch_size or "1", ns.num_fewshot)
             if ns.include_path is not None and not Path(ns.include_path).is_dir():
                 raise ValueError(f"--include_path {ns.include_path}: no such directory")
             device = resolve_device(ns.device, base)
-            check_checkpoints({**base, "device": device}, checkpoints)
+            check_checkpoints({**base, "device": device}, checkpoints, extra)
             include = [str(tasks_dir())] + ([ns.include_path] if ns.include_path else [])
             tasks = [t for t in ns.tasks.split(",") if t]
             task_manager = task_manager_for(tasks, include)
@@ -319,10 +352,15 @@ def main(ns: argparse.Namespace) -> int:
     if not ns.results:
         from ..selection.apply import SelectionError
 
+        preds: dict[str, Any] = {}
+        after_each = _collect_top1(preds, base, ns.agreement_tokens) if ns.profile else None
+        for line in refused:
+            console.print(f"refused: {line}")
         try:
             runs = run_configs(base, configs, tasks, limit=limit, num_fewshot=ns.num_fewshot, batch_size=batch,
                                device=device, seed=1234 if ns.seed is None else ns.seed,
-                               task_manager=task_manager, checkpoints=checkpoints)
+                               task_manager=task_manager, checkpoints=checkpoints, checkpoint_extra=extra,
+                               after_each=after_each)
         except SelectionError as e:  # checked on the loaded model, before any evaluation
             raise SystemExit(f"lm-eval-mx compare: {e}") from None
         if not runs:  # non-zero rank
@@ -337,5 +375,29 @@ def main(ns: argparse.Namespace) -> int:
         for i, r in enumerate(runs):
             (out / f"results_{i:02d}.json").write_text(json.dumps(r.results, indent=2, default=str))
     paths = write_outputs(runs, out)
+    if not ns.results and ns.profile:
+        from ..algorithms.divergence import agreement
+
+        table = agreement(preds)
+        tokens = int(next(iter(preds.values())).numel())
+        console.print(render_agreement(table, tokens))
+        profiles = {r.label: (r.config or {}).get("profile") for r in runs}
+        paths["agreement"] = write_agreement(out, table, tokens, refused, profiles)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _collect_top1(preds: dict[str, Any], base: dict[str, Any], max_tokens: int) -> Callable[[str, Any], None]:
+    """An ``after_each`` hook: each run's top-1 tokens on the corpus, into ``preds`` by label."""
+    from transformers import AutoTokenizer
+
+    from ..algorithms.divergence import top1
+
+    tokenizer = AutoTokenizer.from_pretrained(base.get("tokenizer") or base["pretrained"],
+                                              gguf_file=base.get("gguf_file"))
+    batches = agreement_batches(tokenizer, max_tokens)
+
+    def hook(label: str, model: Any) -> None:
+        preds[label] = top1(model, batches, next(model.parameters()).device)
+
+    return hook

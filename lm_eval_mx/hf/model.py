@@ -141,7 +141,7 @@ _BESIDE_STORED = frozenset({"mx_backend", "packed_gemm"})
 
 # Keys beside a checkpoint quantized by another tool (hf.checkpoints): run-time keys, and the activation overrides
 # (a_format with the keys shaping its scheme, weight_only). The weights are the checkpoint's.
-_BESIDE_SHIPPED = _BESIDE_STORED | {"a_format", "weight_only"}
+_BESIDE_SHIPPED = _BESIDE_STORED | {"a_format", "weight_only", "profile"}
 _ACT_SCHEME_KEYS = frozenset({"block_size", "scale_format", "tensor_scale", "rounding", "scale_bits", "scale_mode"})
 
 
@@ -166,6 +166,31 @@ def detect_checkpoint(args: dict[str, Any]) -> tuple[Any, Any]:
     from .checkpoints import read_quant_config, recognise
 
     return None, recognise(read_quant_config(args["pretrained"], cfg))
+
+
+def _checkpoint_profile(pretrained: str, shipped: Any, given: MXConfig) -> MXConfig:
+    """``given`` as the profile's stack runs this shipped checkpoint (its activation recipe kept, or dropped:
+    ``weight_only``); ``ValueError`` with the stack's reason where it refuses the checkpoint, or for keys that
+    would set the activations beside the profile."""
+    from ..numerics.profiles import ProfileRefusal
+    from ..selection.profile import checkpoint_activations
+
+    clash = sorted(given.given & {"format", "w_format", "a_format", "weight_only"})
+    if clash:
+        raise ValueError(f"hf-mx: profile={given.profile} with {pretrained} ({shipped.name}) takes the formats from "
+                         f"the checkpoint and the activation rule from the profile; drop {', '.join(clash)}")
+    try:  # every recipe of the checkpoint (a mixed recipe has several): the stack runs or refuses each
+        dropped = {checkpoint_activations(given.profile, r.layout.name,
+                                          None if r.activation.kind == "none" else r.activation.kind)[1]
+                   for r in shipped.recipes}
+    except ProfileRefusal as e:
+        raise ProfileRefusal(f"hf-mx: {pretrained} ({shipped.name}): {e}") from None
+    if len(dropped) > 1:
+        raise ProfileRefusal(f"hf-mx: {pretrained} ({shipped.name}): profile={given.profile} would drop the activation "
+                             "quantization of some of its recipes and keep it in others; evaluate it without a profile")
+    if not dropped.pop():
+        return given
+    return dataclasses.replace(given, weight_only=True, given=given.given | {"weight_only"})
 
 
 def _check_packed_args(pretrained: Any, keep_original: bool, args: dict[str, Any], what: str = "packed=True") -> None:
@@ -310,6 +335,9 @@ class HFMXLM(HFLM):
             config = self._stored_config(pretrained, config)
             _check_packed_args(pretrained, self.mx_keep_original, rest, f"{pretrained} (packed MX weights)")
             check_hf_args(config, rest)
+        elif config.profile_pending:
+            raise ValueError(f"hf-mx: profile={config.profile} needs the format it runs on a high-precision model: "
+                             "format=mxfp8, mxfp4 or nvfp4 (or w_format=mxfp4,a_format=mxfp8)")
         elif config.packed:
             _check_packed_args(pretrained, self.mx_keep_original, rest)
             from .quantizer import MXQuantizationConfig
@@ -331,6 +359,8 @@ class HFMXLM(HFLM):
                 f"{', '.join(clash)}: {why}. Beside it only {', '.join(sorted(_BESIDE_SHIPPED))} (and, with "
                 f"a_format, {', '.join(sorted(_ACT_SCHEME_KEYS))} for the activation scheme) may be given"
             )
+        if given.profile is not None:
+            given = _checkpoint_profile(pretrained, shipped, given)
         if "weight_only" in given.given and "a_format" in given.given and given.weight_only:
             raise ValueError("hf-mx: weight_only=True and a_format contradict each other; give one")
         if "weight_only" in given.given and not given.weight_only and shipped.weight_only \
@@ -352,7 +382,7 @@ class HFMXLM(HFLM):
         keys = dict(w_format=w, a_format=given.a_format if "a_format" in given.given else
                     (a_scheme.elem.name if a_scheme is not None and a_scheme.block_size != 16 else w),
                     weight_only=a_scheme is None and not per_layer, mx_backend=given.mx_backend, packed=True,
-                    packed_gemm=given.packed_gemm)
+                    packed_gemm=given.packed_gemm, profile=given.profile)
         if "a_format" in given.given:
             keys.update({k: getattr(given, k) for k in _ACT_SCHEME_KEYS if k in given.given})
         if w != "nvfp4" and "scale_mode" not in keys:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..numerics.formats import Scheme
+from ..numerics.formats import E4M3Steps, Scheme
 from ..numerics.quantize import quantize_torch
 from ..numerics.rotation import Rotation
 from . import BACKENDS
@@ -45,9 +45,15 @@ def _triton_mx() -> Any:
 
 def _triton(x: torch.Tensor, *args: Any) -> torch.Tensor:
     """The Triton kernel for CUDA tensors, the torch path otherwise (same arguments as ``Quantizer``)."""
-    if not x.is_cuda:
+    if not x.is_cuda or _torch_only(*args[:1]):
         return quantize_torch(x, *args)
     return _triton_mx().quantize_triton(x, *args)
+
+
+def _torch_only(scheme: Scheme) -> bool:
+    """Schemes the Triton kernel does not implement (a stack's own E4M3 step order): the torch reference runs them,
+    on CUDA as on CPU."""
+    return not scheme.is_mx and scheme.e4m3_steps is not E4M3Steps.REFERENCE
 
 
 def resolve_backend(name: str) -> str:

@@ -11,6 +11,7 @@ before any heavy import or model load.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 from typing import TypeVar
@@ -140,6 +141,27 @@ class ScaleMode(str, Enum):
     RCEIL = "rceil"
 
 
+class E4M3Steps(str, Enum):
+    """The order of operations of an E4M3-scale (NVFP4) quantization step; each is one stack's float32 arithmetic
+    (docs: *Profiles*). ``ts`` is the per-tensor scale as a divisor (``amax / 2688``), ``gs`` as a multiplier.
+
+    ``reference``: s = e4m3((bmax / 6) / ts); x · ((1 / ts) / s); dequantized q · (ts · s) (hf-mx, torchao less
+    its clamp). ``clamp``: the same with (bmax / 6) / ts clamped to [2**-6, 448] before rounding to E4M3
+    (torchao 0.18 ``nvfp4_quantize``). ``divide``: gs = 2688 / amax, s = e4m3(gs · (bmax / 6)), a zero s read as
+    0.125, x / (s / gs); dequantized q · (s / gs) (compressed-tensors 0.20 ``calculate_qparams``/``_quantize``).
+    ``kernel``: NVIDIA's FP4 quantize kernel (vLLM ``cvt_warp_fp16_to_fp4``, FlashInfer, TensorRT-LLM), for
+    activations: s = e4m3(gs · (bmax · rcp(6))); o = rcp(s · rcp(gs)) (0 where s is 0); x · o; dequantized
+    q · (s · rcp(gs)); ``rcp`` is PTX ``rcp.approx.ftz.f32``, modelled as the correctly rounded reciprocal with
+    subnormals flushed (docs: *Profiles* says what is verified of that model). Weights of such a scheme are
+    quantized offline by the checkpoint's tool: :meth:`Scheme.for_weights` gives ``divide`` (llm-compressor).
+    """
+
+    REFERENCE = "reference"
+    CLAMP = "clamp"
+    DIVIDE = "divide"
+    KERNEL = "kernel"
+
+
 def _choices(values: object) -> str:
     return ", ".join(sorted(values))  # type: ignore[call-overload]
 
@@ -158,7 +180,7 @@ def get_format(name: str | ElemFormat) -> ElemFormat:
     return FORMATS[key]
 
 
-_E = TypeVar("_E", Rounding, ScaleMode, ScaleFormat, TensorScale)
+_E = TypeVar("_E", Rounding, ScaleMode, ScaleFormat, TensorScale, E4M3Steps)
 
 
 def _member(enum: type[_E], name: str | _E, what: str) -> _E:
@@ -184,6 +206,10 @@ def get_tensor_scale(name: str | TensorScale) -> TensorScale:
     return _member(TensorScale, name, "tensor_scale")
 
 
+def get_e4m3_steps(name: str | E4M3Steps) -> E4M3Steps:
+    return _member(E4M3Steps, name, "e4m3_steps")
+
+
 # The float8 format E4M3 block scales are rounded to (OCP E4M3: max 448, subnormals down to 2**-9).
 E4M3 = FORMATS["fp8_e4m3"]
 
@@ -206,6 +232,7 @@ class Scheme:
     # Elements divided by their block's multiplier ``ts·s8`` (one correctly rounded float32 division, AMD Quark's
     # order) instead of multiplied by ``(1/ts)/s8``: only with tensor_scale=static (a checkpoint's stored scale).
     divide: bool = False
+    e4m3_steps: E4M3Steps = E4M3Steps.REFERENCE
 
     def __post_init__(self) -> None:
         if self.divide and (self.tensor_scale is not TensorScale.STATIC or self.scale_format is not ScaleFormat.E4M3):
@@ -224,6 +251,8 @@ class Scheme:
             if self.scale_bits != 8 or self.scale_mode is not ScaleMode.FLOOR:
                 raise ValueError("scale_bits and scale_mode shape E8M0 scales; E4M3 scales are rounded to "
                                  "nearest-even E4M3 (use them with scale_format=e8m0)")
+        elif self.e4m3_steps is not E4M3Steps.REFERENCE:
+            raise ValueError("e4m3_steps orders the arithmetic of E4M3 block scales; it needs scale_format=e4m3")
         elif self.tensor_scale is not TensorScale.NONE:
             raise ValueError("tensor_scale=amax needs scale_format=e4m3: E8M0 block scales are powers of two "
                              "spanning 2**-127..2**127 and take no per-tensor scale")
@@ -232,6 +261,13 @@ class Scheme:
     def is_mx(self) -> bool:
         """OCP MX: power-of-two (E8M0) block scales."""
         return self.scale_format is ScaleFormat.E8M0
+
+    def for_weights(self) -> Scheme:
+        """The scheme weights take: ``e4m3_steps=kernel`` describes a GEMM kernel's activation step, its weights
+        being quantized offline (compressed-tensors' ``divide`` steps); any other scheme is its own."""
+        if self.e4m3_steps is E4M3Steps.KERNEL:
+            return dataclasses.replace(self, e4m3_steps=E4M3Steps.DIVIDE)
+        return self
 
     def scale_bits_per_block(self) -> int:
         return 0 if self.scale_format is ScaleFormat.NONE else self.scale_bits if self.is_mx else 8
@@ -253,6 +289,8 @@ class Scheme:
                                 "rounding": self.rounding.value}
         if self.is_mx:
             d.update(scale_mode=self.scale_mode.value, scale_bits=self.scale_bits)
+        elif self.e4m3_steps is not E4M3Steps.REFERENCE:
+            d["e4m3_steps"] = self.e4m3_steps.value
         if self.block_size:
             d["bits_per_element"] = self.bits()
         if self.divide:
@@ -274,6 +312,8 @@ class Scheme:
         if not self.is_mx:
             parts.append("e4m3" + ("" if self.tensor_scale is TensorScale.NONE else f"+{self.tensor_scale.value}")
                          + ("/div" if self.divide else ""))
+            if self.e4m3_steps is not E4M3Steps.REFERENCE:
+                parts.append(self.e4m3_steps.value)
         return "/".join(parts)
 
 

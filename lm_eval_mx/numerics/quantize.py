@@ -20,6 +20,7 @@ import torch
 
 from .formats import (
     E4M3,
+    E4M3Steps,
     ElemFormat,
     Rounding,
     ScaleFormat,
@@ -115,25 +116,94 @@ def static_tensor_scale(scale: float, device: torch.device | None = None) -> tup
     return ts, 1.0 / ts
 
 
-def e4m3_block_scales(amax: torch.Tensor, fmt: ElemFormat, ts: torch.Tensor | None) -> torch.Tensor:
+def e4m3_block_scales(amax: torch.Tensor, fmt: ElemFormat, ts: torch.Tensor | None, clamp: bool = False) -> torch.Tensor:
     """Block scales as E4M3 values (float32): ``(amax / max_normal) / ts`` rounded to nearest-even
-    E4M3, subnormals kept, saturating at 448."""
+    E4M3, subnormals kept, saturating at 448; ``clamp``: first clamped to [2**-6, 448], E4M3's normal range
+    (torchao's ``nvfp4_quantize``: no subnormal scale, no zero scale)."""
     # Divided by a tensor, not a Python number: CUDA torch turns division by a number into multiplication by
     # its reciprocal (rounded twice); by a tensor it divides, correctly rounded, as the CPU and the kernel do.
     s = amax / amax.new_full((), fmt.max_normal)
     if ts is not None:
         s = s / ts
+    if clamp:
+        s = s.clamp(2.0**E4M3.emin, E4M3.max_normal)
     return round_elements(s, E4M3, Rounding.EVEN)
 
 
+# compressed-tensors' stand-in for a zero E4M3 scale (``_get_dtype_eps(float8_e4m3fn)``).
+_CT_ZERO_SCALE = 0.125
+
+
+def rcp_ftz(x: torch.Tensor) -> torch.Tensor:
+    """PTX ``rcp.approx.ftz.f32`` as modelled here: the correctly rounded float32 reciprocal, subnormal inputs
+    and results flushed to zero (so a subnormal input gives ±inf)."""
+    tiny = x.abs() < _F32_MIN_NORMAL
+    r = torch.reciprocal(torch.where(tiny, torch.zeros_like(x).copysign(x), x))
+    return torch.where(r.abs() < _F32_MIN_NORMAL, torch.zeros_like(r).copysign(r), r)
+
+
+def _global_multiplier(tensor_amax: torch.Tensor, fmt: ElemFormat) -> torch.Tensor:
+    """compressed-tensors' ``generate_gparam``: ``2688 / amax`` (amax clamped at float32's smallest normal, torch's
+    ``float / tensor``: 2688 · (1 / amax)), a non-finite result read as 1."""
+    gs = (E4M3.max_normal * fmt.max_normal) / tensor_amax.clamp(min=_F32_MIN_NORMAL)
+    return torch.nan_to_num(gs, nan=1.0, posinf=1.0, neginf=1.0)
+
+
+def _kernel_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None,
+                   static_scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`block_scales` of ``e4m3_steps=kernel``: vLLM's ``cvt_warp_fp16_to_fp4`` (csrc/quantization/fp4/
+    nvfp4_utils.cuh at 2c9ff65) with the global multiplier ``gs`` of :func:`_global_multiplier`:
+    ``SFValue = gs · (bmax · rcp(6))`` rounded to E4M3 (saturating), ``outputScale = rcp(SFValue · rcp(gs))``, 0
+    where SFValue is 0. Returned as (outputScale, SFValue · rcp(gs), NaN mask, SFValue)."""
+    if scheme.tensor_scale is not TensorScale.AMAX:
+        raise ValueError("e4m3_steps=kernel takes the kernel's global multiplier from the tensor maximum "
+                         "(tensor_scale=amax); a stored input_global_scale is not supported")
+    if tensor_amax is None:
+        raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
+    gs = _global_multiplier(tensor_amax, scheme.elem)
+    rcp_max = rcp_ftz(amax.new_full((), scheme.elem.max_normal))
+    s8 = round_elements(gs * (amax * rcp_max), E4M3, Rounding.EVEN)
+    block = s8 * rcp_ftz(gs)
+    out = torch.where(s8 != 0, rcp_ftz(block), torch.zeros_like(s8))
+    nan = ~torch.isfinite(amax) | (~torch.isfinite(tensor_amax)).expand_as(amax)
+    return out, block, nan, s8
+
+
+def _divide_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None,
+                   static_scale: float | None, src_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`block_scales` of ``e4m3_steps=divide`` (compressed-tensors 0.20): the global scale is a multiplier
+    ``gs = 2688 / amax`` (``generate_gparam``: amax clamped at float32's smallest normal, a non-finite gs read as
+    1); block scales ``e4m3(gs · (bmax / 6))`` with 0 read as 0.125 (``calculate_qparams``); values divided by
+    ``s / gs`` and dequantized by multiplying with it (``_quantize``/``_dequantize``). Returned as
+    (divisor, multiplier, ...): :func:`round_on_scales` divides when the scheme says so."""
+    fmt = scheme.elem
+    if scheme.tensor_scale is TensorScale.STATIC:
+        raise ValueError("e4m3_steps=divide takes compressed-tensors' multiplier input_global_scale, not a static "
+                         "divisor: not supported")
+    nan = ~torch.isfinite(amax)
+    s = (amax / amax.new_full((), fmt.max_normal)).to(src_dtype).float()  # the observer's dtype: the input's
+    if scheme.tensor_scale is TensorScale.AMAX:
+        if tensor_amax is None:
+            raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
+        gs = _global_multiplier(tensor_amax, fmt)
+        s = gs * s
+        nan = nan | (~torch.isfinite(tensor_amax)).expand_as(amax)
+    s8 = round_elements(s.clamp(-E4M3.max_normal, E4M3.max_normal), E4M3, Rounding.EVEN)
+    s8 = torch.where(s8 == 0, torch.full_like(s8, _CT_ZERO_SCALE), s8)
+    scale = s8 / gs if scheme.tensor_scale is TensorScale.AMAX else s8
+    return scale, scale, nan, s8
+
+
 def block_scales(
-    amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None = None, static_scale: float | None = None
+    amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None = None, static_scale: float | None = None,
+    src_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The scales of blocks whose float32 maxima of |x| are ``amax``: (reciprocal that element values are
     multiplied by before rounding, multiplier that dequantizes them, NaN-block mask, the scales as stored:
     E8M0 exponents (int32) or E4M3 values (float32)). ``tensor_amax``: the tensor maximum setting the
     per-tensor scale, required when the scheme has one (``tensor_scale=amax``); ``static_scale``: the given
-    per-tensor scale of ``tensor_scale=static`` (:func:`static_tensor_scale`).
+    per-tensor scale of ``tensor_scale=static`` (:func:`static_tensor_scale`); ``src_dtype``: the dtype of the
+    values before their float32 copy (``e4m3_steps=divide`` computes ``bmax / 6`` in it, as compressed-tensors does).
 
     Shared by :func:`quantize_blocks` and algorithms that round values on scales chosen beforehand (GPTQ).
     """
@@ -143,27 +213,33 @@ def block_scales(
     if scheme.is_mx:
         exp, nan = shared_exponent(amax, fmt, scheme.scale_bits, scheme.scale_mode)
         return pow2(-exp), pow2(exp), nan, exp
+    if scheme.e4m3_steps is E4M3Steps.DIVIDE:
+        return _divide_scales(amax, scheme, tensor_amax, static_scale, src_dtype)
+    if scheme.e4m3_steps is E4M3Steps.KERNEL:
+        return _kernel_scales(amax, scheme, tensor_amax, static_scale)
+    clamp = scheme.e4m3_steps is E4M3Steps.CLAMP
     if scheme.tensor_scale is TensorScale.STATIC:
         if static_scale is None:
             raise ValueError("tensor_scale=static needs the stored per-tensor scale (static_scale)")
         ts, inv_ts = static_tensor_scale(static_scale, amax.device)
-        s8 = e4m3_block_scales(amax, fmt, ts)  # saturates at 448 for a block beyond the calibrated range
+        s8 = e4m3_block_scales(amax, fmt, ts, clamp)  # saturates at 448 for a block beyond the calibrated range
         return inv_ts / s8, ts * s8, ~torch.isfinite(amax), s8  # a non-finite value spoils its own block
     if scheme.tensor_scale is TensorScale.AMAX:
         if tensor_amax is None:
             raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
         ts, inv_ts = tensor_scale(tensor_amax, fmt)
         nan = (~torch.isfinite(tensor_amax)).expand_as(amax)  # one non-finite value spoils every scale
-        s8 = e4m3_block_scales(amax, fmt, ts)
+        s8 = e4m3_block_scales(amax, fmt, ts, clamp)
         return inv_ts / s8, ts * s8, nan, s8
-    s8 = e4m3_block_scales(amax, fmt, None)
+    s8 = e4m3_block_scales(amax, fmt, None, clamp)
     return 1.0 / s8, s8, ~torch.isfinite(amax), s8
 
 
 def round_on_scales(values: torch.Tensor, recip: torch.Tensor, stored: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Float32 ``values`` rounded to element values (in units of their block's scale) on the scales of
     :func:`block_scales` (``recip``, ``stored`` broadcast against ``values``)."""
-    q = round_elements(values * recip, scheme.elem, scheme.rounding)
+    scaled = values / recip if scheme.e4m3_steps is E4M3Steps.DIVIDE else values * recip
+    q = round_elements(scaled, scheme.elem, scheme.rounding)
     if not scheme.is_mx:
         q = torch.where(stored == 0, torch.zeros_like(q), q)  # a scale that rounds to zero: a zero block
     return q
@@ -176,7 +252,8 @@ def dequantize_elements(q: torch.Tensor, mult: torch.Tensor, nan: torch.Tensor) 
 
 
 def quantize_blocks(
-    blocks: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None = None, static_scale: float | None = None
+    blocks: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None = None, static_scale: float | None = None,
+    src_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The quantization step on float32 ``blocks`` [..., n_blocks, block], shared by fake quantization
     and packing: (element values in units of the scale, the scale multiplier [..., n_blocks, 1],
@@ -189,7 +266,7 @@ def quantize_blocks(
         raise ValueError("scale_format=none divides in the input's dtype: quantize_torch computes it")
     if scheme.tensor_scale is TensorScale.AMAX and tensor_amax is None:
         tensor_amax = blocks.abs().amax()
-    recip, mult, nan, stored = block_scales(amax, scheme, tensor_amax, static_scale)
+    recip, mult, nan, stored = block_scales(amax, scheme, tensor_amax, static_scale, src_dtype)
     if scheme.divide:  # x / (ts·s8), the product rounded first (AMD Quark's order); a zero scale: a zero block
         q = round_elements(blocks / torch.where(mult == 0, 1.0, mult), scheme.elem, scheme.rounding)
         return torch.where(stored == 0, torch.zeros_like(q), q), mult, nan, stored
@@ -197,9 +274,10 @@ def quantize_blocks(
 
 
 def _fake_quantize(xf: torch.Tensor, bs: int, scheme: Scheme, tensor_amax: torch.Tensor | None,
-                   static_scale: float | None = None) -> torch.Tensor:
-    """Fake-quantize float32 ``xf`` whose last axis is a whole number of ``bs``-blocks."""
-    q, mult, nan, _ = quantize_blocks(xf.reshape(*xf.shape[:-1], -1, bs), scheme, tensor_amax, static_scale)
+                   static_scale: float | None = None, src_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Fake-quantize float32 ``xf`` (a copy of ``src_dtype`` values) whose last axis is a whole number of
+    ``bs``-blocks."""
+    q, mult, nan, _ = quantize_blocks(xf.reshape(*xf.shape[:-1], -1, bs), scheme, tensor_amax, static_scale, src_dtype)
     return dequantize_elements(q, mult, nan).reshape(xf.shape)
 
 
@@ -227,9 +305,10 @@ def quantize_torch(
     bs = n if scheme.block_size == 0 else min(scheme.block_size, n)
     full = n - n % bs
     tensor_amax = xf.abs().amax() if scheme.tensor_scale is TensorScale.AMAX else None
-    q = _fake_quantize(xf[..., :full], bs, scheme, tensor_amax, static_scale)
+    src = x.dtype if rotation is None else torch.float32
+    q = _fake_quantize(xf[..., :full], bs, scheme, tensor_amax, static_scale, src)
     if full < n:
-        tail = _fake_quantize(xf[..., full:], n - full, scheme, tensor_amax, static_scale)
+        tail = _fake_quantize(xf[..., full:], n - full, scheme, tensor_amax, static_scale, src)
         q = torch.cat([q, tail], dim=-1)
     return q.movedim(-1, axis).to(x.dtype)
 

@@ -200,6 +200,7 @@ def layer_spec(config: MXConfig, c: Candidate) -> MXSpec | None:
         return None
     w, a = (config.scheme(f) if f else None for f in formats)
     assert w is not None
+    w = w.for_weights()  # a kernel's activation step (e4m3_steps=kernel) is not how its weights were quantized
     rotation = rotation_for(config, c.role, a or w, reduction_dims(c.module, c.kind), c.name)
     return MXSpec(w, a, rotation, config.mx_backend)
 

@@ -1,11 +1,12 @@
 """``MXConfig``: everything that says which matmuls run in MX and how; one parser of user arguments.
 
-Plain Python (no torch), so a bad ``model_args`` value fails before any model load.
+Plain Python (no torch), so a bad ``model_args`` value fails before any model load. The parsers of single values
+and the role names live in :mod:`.values` (re-exported here).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,154 +18,35 @@ from ..numerics.formats import (
     FORMATS,
     HIGH_PRECISION,
     NAMED_SCHEMES,
+    E4M3Steps,
     ScaleFormat,
     Scheme,
     TensorScale,
     canonical_name,
     check_format_name,
+    get_e4m3_steps,
     get_rounding,
     get_scale_format,
     get_scale_mode,
     get_tensor_scale,
     is_power_of_two,
-    suggest,
 )
-
-ROLES: tuple[str, ...] = (
-    "attn_qkv",
-    "attn_out",
-    "mlp_up",
-    "mlp_down",
-    "experts",
-    "router",
-    "lm_head",
-    "other",
+from ..numerics.profiles import get_profile
+from .profile import with_profile
+from .values import (
+    BMM_ROLE,
+    PACKED_GEMMS,
+    ROLE_GROUPS,
+    ROLES,
+    ROTATIONS,
+    _as_bool,
+    _as_int,
+    _as_list,
+    _as_pattern,
+    _parse_rules,
+    expand_roles,
+    read_json,
 )
-# Named groups of roles, usable wherever a role is (roles=..., role_formats=...).
-ROLE_GROUPS: dict[str, tuple[str, ...]] = {
-    "mlp": ("mlp_up", "mlp_down", "experts"),
-    "attn": ("attn_qkv", "attn_out"),
-    "all": ("attn_qkv", "attn_out", "mlp_up", "mlp_down", "experts"),
-    "none": (),
-}
-# The attention matmuls (attn_bmm=True), as rotation_roles names them.
-BMM_ROLE = "attn_bmm"
-# How packed weights meet activations on CUDA (Triton): "dequant" decodes each weight to the activation
-# dtype with a Triton kernel, then cuBLAS multiplies (bit-identical to fake quantization);
-# "fused" decodes inside a Triton GEMM's main loop (no bf16 copy of the weight; slower, BENCHMARKS.md).
-PACKED_GEMMS: tuple[str, ...] = ("dequant", "fused")
-ROTATIONS: tuple[str, ...] = ("none", "hadamard")
-
-
-def _as_list(value: Any) -> list[str]:
-    """A list from a Python list/tuple or lm-eval's CLI form ``a|b``."""
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple, set)):
-        return [str(v).strip() for v in value if str(v).strip()]
-    return [v.strip() for v in str(value).split("|") if v.strip()]
-
-
-def expand_roles(value: Any, what: str = "roles", extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """Role names and group names (``mlp``, ``attn``, ``all``, ``none``) to a tuple of roles."""
-    out: list[str] = []
-    items = _as_list(value)
-    if len(items) > 1 and "none" in (i.lower() for i in items):
-        raise ValueError(f"{what}={'|'.join(items)}: none means no role and cannot be combined with others")
-    for item in items:
-        key = item.lower()
-        if key in ROLE_GROUPS:
-            out.extend(ROLE_GROUPS[key])
-        elif key in ROLES or key in extra:
-            out.append(key)
-        else:
-            raise ValueError(
-                f"{what}: unknown role {item!r}{suggest(key, [*ROLES, *ROLE_GROUPS, *extra])}; valid: "
-                f"{', '.join([*ROLES, *extra])} or groups {', '.join(ROLE_GROUPS)}"
-            )
-    return tuple(dict.fromkeys(out))
-
-
-def _as_bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError(f"{key} must be True or False, got {value!r}")
-
-
-def _as_int(key: str, value: Any) -> int:
-    """An integer from an int, an integral float (lm-eval's CLI reads ``+32`` as 32.0) or a string."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{key} must be an integer, got {value!r}")
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{key} must be an integer, got {value!r}") from None
-
-
-def _as_pattern(key: str, value: Any) -> str:
-    """A regular expression (a string, or a compiled pattern's ``.pattern``); numbers are refused, since
-    lm-eval's CLI turns ``.1`` into 0.1."""
-    if isinstance(value, re.Pattern):
-        value = value.pattern
-    if isinstance(value, (list, tuple, set, dict)):
-        raise ValueError(f"{key} takes one regular expression, got a {type(value).__name__} {value!r}; join "
-                         "alternatives with '|' (e.g. 'q_proj|k_proj')")
-    if isinstance(value, bool) or (not isinstance(value, str) and not isinstance(value, (int, float))):
-        raise ValueError(f"{key} must be a regular expression (a string), got {type(value).__name__} {value!r}")
-    if not isinstance(value, str):
-        raise ValueError(
-            f"{key}={value!r} is not a regular expression: lm-eval's --model_args turns number-like "
-            f"values into numbers before hf-mx sees them; write the pattern so it is not a number "
-            f"(e.g. '\\.1' instead of '.1')"
-        )
-    try:
-        re.compile(value)
-    except re.error as e:
-        raise ValueError(f"{key}: invalid regular expression {value!r}: {e}") from None
-    return value
-
-
-def _parse_rules(key: str, value: Any) -> tuple[tuple[str, str], ...]:
-    """Ordered ``pattern:format`` rules (a list of pairs, or ``pat:fmt|pat:fmt``; the format follows the
-    last ':'), validated: non-empty, compilable, known formats, no pattern twice."""
-    if isinstance(value, dict):
-        pairs = list(value.items())
-    elif isinstance(value, (list, tuple)) and all(isinstance(v, (list, tuple)) for v in value):
-        pairs = [tuple(v) for v in value]
-    else:
-        pairs = []
-        for item in _as_list(value):
-            pattern, sep, fmt = item.rpartition(":")
-            if not sep:
-                raise ValueError(f"{key}: expected 'pattern:format' rules separated by '|', got {item!r}")
-            pairs.append((pattern, fmt))
-    if not pairs:
-        raise ValueError(f"{key} is empty")
-    rules: list[tuple[str, str]] = []
-    for pair in pairs:
-        if len(pair) != 2:
-            raise ValueError(f"{key}: each rule is (pattern, format), got {pair!r}")
-        if pair[1] is None or pair[0] is None:
-            raise ValueError(
-                f"{key}: rule {pair!r} has {'pattern' if pair[0] is None else 'format'} None; a format is a name "
-                f"(an MX format, nvfp4, or the words {' or '.join(sorted(HIGH_PRECISION))} to keep the layer in "
-                "high precision)"
-            )
-        pattern, fmt = str(pair[0]).strip(), str(pair[1]).strip()
-        if not fmt:
-            raise ValueError(f"{key}: rule {pattern!r} has an empty format (after ':'); give a format or "
-                             f"{' or '.join(sorted(HIGH_PRECISION))} to keep the layer in high precision")
-        if not pattern:
-            raise ValueError(f"{key}: a rule has an empty pattern (before ':{fmt}')")
-        _as_pattern(f"{key} pattern", pattern)
-        if pattern in (p for p, _ in rules):
-            raise ValueError(f"{key}: pattern {pattern!r} is given twice")
-        rules.append((pattern, check_format_name(fmt, allow_high_precision=True)))
-    return tuple(rules)
 
 
 @dataclass(frozen=True)
@@ -204,6 +86,9 @@ class MXConfig:
     mx_backend: str = "auto"
     packed: bool = False
     packed_gemm: str = "dequant"
+    e4m3_steps: str | None = None
+    # The stack whose numerics these keys reproduce (``profile=``; :mod:`.profile` sets the keys), or None.
+    profile: str | None = None
     # The keys the user gave (parse_mx_args fills it): checks of settings that a model's layers leave unused.
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     # The role and group names the user wrote in roles= and rotation_roles= (parse_mx_args fills it): each must
@@ -217,12 +102,14 @@ class MXConfig:
         set_(self, "a_format", check_format_name(self.a_format))
         set_(self, "rounding", get_rounding(self.rounding).value)
         for key, get in (("scale_format", get_scale_format), ("tensor_scale", get_tensor_scale),
-                         ("scale_mode", get_scale_mode)):
+                         ("scale_mode", get_scale_mode), ("e4m3_steps", get_e4m3_steps)):
             if getattr(self, key) is not None:
                 set_(self, key, get(getattr(self, key)).value)
         if self.scale_format == "none":
             raise ValueError("scale_format=none is a checkpoint's stored per-tensor input scale (AMD Quark's static FP8 "
                              "inputs), read from the checkpoint; as a model_args key use e8m0 or e4m3")
+        if self.profile is not None:
+            set_(self, "profile", get_profile(self.profile).name)
         if self.tensor_scale == "static":
             raise ValueError("tensor_scale=static takes its scale from a checkpoint that stores one (a shipped NVFP4 "
                              "checkpoint's input scales); as a model_args key use tensor_scale=amax or none")
@@ -334,17 +221,28 @@ class MXConfig:
                 raise ValueError(f"rotation_block defaults to the block size, {odd[0]}, which is not a power of two; "
                                  "give rotation_block=N (a power of two) or 0 (the whole dimension)")
         check_fixed_keys(self, self.formats_in_use())
+        if self.packed and any(s.e4m3_steps is not E4M3Steps.REFERENCE for s in schemes):
+            raise ValueError(f"packed=True stores E4M3 scales for hf-mx's reference steps; e4m3_steps="
+                             f"{self.e4m3_steps} (a stack's own order) runs as fake quantization only: drop packed")
         mx = [s for s in schemes if s.is_mx]
         for key in ("scale_mode", "scale_bits"):
             if getattr(self, key) is not None and not mx:
                 raise ValueError(f"{key} shapes E8M0 (MX) scales, but every format here has E4M3 scales: "
                                  "it would be ignored")
+        if self.e4m3_steps is not None and len(mx) == len(schemes):
+            raise ValueError("e4m3_steps orders the arithmetic of E4M3 block scales (nvfp4), but every format here has "
+                             "E8M0 scales: it would be ignored")
 
     @property
     def selects_layers(self) -> bool:
         """True when some linear layer is meant to be selected: ``include`` narrows the roles' layers, so
         roles=none selects nothing whatever the pattern."""
         return bool(self.roles)
+
+    @property
+    def profile_pending(self) -> bool:
+        """A profile given without a format: only a shipped checkpoint (whose format it is) resolves it."""
+        return self.profile is not None and not self.given & {"format", "w_format", "a_format"}
 
     @property
     def enabled(self) -> bool:
@@ -385,16 +283,25 @@ class MXConfig:
                         f"a_format={base.elem.name},block_size=...,scale_format={base.scale_format.value},"
                         f"tensor_scale={base.tensor_scale.value}"
                     )
-            return Scheme(base.elem, base.block_size, base.scale_format, base.tensor_scale, rounding)
+            return Scheme(base.elem, base.block_size, base.scale_format, base.tensor_scale, rounding,
+                          e4m3_steps=self._e4m3_steps(base.scale_format))
+        scale_format = get_scale_format(self.scale_format or ScaleFormat.E8M0)
         return Scheme(
             FORMATS[key],
             32 if self.block_size is None else self.block_size,
-            get_scale_format(self.scale_format or ScaleFormat.E8M0),
+            scale_format,
             get_tensor_scale(self.tensor_scale or TensorScale.NONE),
             rounding,
             get_scale_mode(self.scale_mode or "floor"),
             8 if self.scale_bits is None else self.scale_bits,
+            e4m3_steps=self._e4m3_steps(scale_format),
         )
+
+    def _e4m3_steps(self, scale_format: ScaleFormat) -> E4M3Steps:
+        """The E4M3 step order of a scheme with these scales (E8M0 scales have none)."""
+        if scale_format is ScaleFormat.E4M3 and self.e4m3_steps is not None:
+            return get_e4m3_steps(self.e4m3_steps)
+        return E4M3Steps.REFERENCE
 
     def layer_rule(self, name: str) -> tuple[int, str] | None:
         """(index, format) of the first ``layer_formats`` rule matching a layer name, else None."""
@@ -427,6 +334,8 @@ class MXConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         del d["given"], d["named"]
+        if self.profile is not None:
+            d["profile"] = get_profile(self.profile).to_dict()
         d["roles"] = list(self.roles)
         d["layer_formats"] = [list(r) for r in self.layer_formats]
         d["rotation_roles"] = None if self.rotation_roles is None else list(self.rotation_roles)
@@ -436,6 +345,8 @@ class MXConfig:
         """Short human label naming only what differs from the defaults, e.g. ``fp4_e2m1 mlp``."""
         if not self.enabled:
             return "baseline"
+        if self.profile is not None:
+            return f"{self.profile}: {dataclasses.replace(self, profile=None, roles=self.roles).label()}"
         fmt = self.w_format if self.w_format == self.a_format else f"w:{self.w_format}/a:{self.a_format}"
         parts = [f"w:{self.w_format} weight-only" if self.weight_only else fmt]
         if self.layer_formats and not self.given & {"format", "w_format", "a_format"}:
@@ -464,6 +375,8 @@ class MXConfig:
             parts.append(rot)
         if self.packed:
             parts.append("packed" if self.packed_gemm == "dequant" else f"packed:{self.packed_gemm}")
+        if self.e4m3_steps is not None:
+            parts.append(f"e4m3={self.e4m3_steps}")
         if self.include:
             parts.append(f"+/{self.include}/")
         if self.exclude:
@@ -498,17 +411,6 @@ _NONE_KEYS = ("roles", "rotation", "tensor_scale")
 # Keys that only act on linear layers (ignored when roles=none).
 _LINEAR_KEYS = ("w_format", "role_formats", "layer_formats", "include", "exclude", "weight_only", "packed",
                 "packed_gemm")
-
-
-def read_json(path: Any, what: str, error: type[ValueError] = ValueError) -> Any:
-    """A JSON file's content; ``error`` naming ``what`` and the file when it is missing or not JSON."""
-    p = Path(str(path))
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError:
-        raise error(f"{what}: no such file {str(p)!r}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise error(f"{what}: cannot read {str(p)!r} as JSON: {e}") from None
 
 
 def load_recipe(path: Any) -> dict[str, Any]:
@@ -576,6 +478,7 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
         args = {**recipe, **args}
     rest = {k: v for k, v in args.items() if k not in MX_KEYS}
     mx = {k: v for k, v in args.items() if k in MX_KEYS}
+    user = frozenset(mx)
     for k, v in mx.items():
         if v is None and k in _NONE_KEYS:  # lm-eval's CLI reads the word none as Python None
             mx[k] = "none"
@@ -584,6 +487,9 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
                              "no such value; give a value or leave the key out")
         elif (isinstance(v, str) and not v.strip()) or (isinstance(v, (list, tuple, dict)) and not v):
             raise ValueError(f"{k} is empty; give a value or leave the key out")
+    if "profile" in mx:
+        mx = with_profile(mx, _normalised, lambda given: parse_mx_args({k: given[k] for k in
+                                                                     ("roles", *_PRESETS) if k in given})[0].roles)
     kw: dict[str, Any] = {}
 
     presets = [p for p in _PRESETS if p in mx and _as_bool(p, mx[p])]
@@ -608,7 +514,7 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
             raise ValueError("format= sets both w_format and a_format; do not combine them")
         kw["w_format"] = kw["a_format"] = str(mx["format"])
     for key in ("w_format", "a_format", "rounding", "scale_mode", "scale_format", "tensor_scale", "mx_backend",
-                "packed_gemm", "rotation", "bmm_format"):
+                "packed_gemm", "rotation", "bmm_format", "e4m3_steps", "profile"):
         if key in mx:
             kw[key] = str(mx[key])
             if key in ("mx_backend", "packed_gemm"):
@@ -641,7 +547,7 @@ def parse_mx_args(args: dict[str, Any]) -> tuple[MXConfig, dict[str, Any]]:
     named = {k: tuple(i.lower() for i in _as_list(mx[k])) for k in ("roles", "rotation_roles") if k in mx}
     if presets:
         named["roles"] = (_PRESETS[presets[0]],)
-    config = MXConfig(**kw, given=frozenset(mx), named=named)
+    config = MXConfig(**kw, given=user, named=named)
     _check_given(config, mx)
     return config, rest
 
@@ -677,4 +583,5 @@ def _check_given(config: MXConfig, mx: dict[str, Any]) -> None:
                              + ("" if config.attn_bmm else " (and attn_bmm is off)"))
 
 
-__all__ = ["BACKENDS", "FORMATS", "MX_KEYS", "ROLES", "ROLE_GROUPS", "MXConfig", "parse_mx_args"]
+__all__ = ["BACKENDS", "BMM_ROLE", "FORMATS", "MX_KEYS", "PACKED_GEMMS", "ROLES", "ROLE_GROUPS", "ROTATIONS", "MXConfig",
+           "check_fixed_keys", "expand_roles", "load_recipe", "parse_mx_args", "parse_mx_only", "read_json"]
