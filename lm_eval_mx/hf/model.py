@@ -251,7 +251,7 @@ def _count_nonfinite(requests: list[Any], results: list[Any]) -> Counter[str]:
 class HFMXLM(HFLM):
     """lm-eval ``hf`` with MX fake quantization of selected linear layers.
 
-    All ``hf`` model_args work; MX keys are documented in the README
+    All ``hf`` model_args work; MX keys are documented in docs/model_args.md
     (``w_format``, ``a_format``, ``format``, ``block_size``, ``rounding``,
     ``scale_bits``, ``scale_mode``, ``roles``/``mlp_only``/``attn_only``,
     ``include``, ``exclude``, ``role_formats``, ``layer_formats``, ``recipe``, ``weight_only``,
