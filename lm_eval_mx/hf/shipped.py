@@ -104,13 +104,20 @@ def read_quant_config(pretrained: str, config: Any) -> dict[str, Any] | None:
     """The checkpoint's quantization config: config.json's ``quantization_config``, else a local directory's
     ``hf_quant_config.json`` (older ModelOpt exports)."""
     qc = getattr(config, "quantization_config", None)
-    if qc is not None:
-        return qc if isinstance(qc, dict) else qc.to_dict()
+    qc = qc if qc is None or isinstance(qc, dict) else qc.to_dict()
     path = os.path.join(str(pretrained), "hf_quant_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return {"quant_method": "modelopt", **json.load(f)}
-    return None
+    if not os.path.isfile(path):
+        return qc
+    with open(path) as f:
+        side = {"quant_method": "modelopt", **json.load(f)}
+    if qc is not None and _method(qc) == "modelopt":  # both say what is quantized: they must agree
+        a, b = _modelopt(qc), _modelopt(side)
+        if (a.name, set(a.ignore)) != (b.name, set(b.ignore)):
+            raise ShippedCheckpointError(
+                f"hf-mx: {pretrained}: config.json's quantization_config ({a.name}, excluded {sorted(a.ignore)}) and "
+                f"hf_quant_config.json ({b.name}, excluded {sorted(b.ignore)}) disagree on what is quantized; "
+                "make them agree (or remove one)")
+    return qc if qc is not None else side
 
 
 def _method(qc: dict[str, Any]) -> str:
@@ -371,7 +378,12 @@ def _set(model: nn.Module, key: str, t: torch.Tensor) -> None:
 
 def _to_packed(layout: Layout, tensors: dict[str, torch.Tensor]) -> tuple[MXPacked, str]:
     """The stored tensors as :class:`MXPacked`, bit-exact against the library's decoding: compressed-tensors NVFP4
-    with a float32 ``ts`` where ``ts·s8 == s8/gs`` for every stored scale, else with ``gs`` kept as a divisor."""
+    with a float32 ``ts`` where ``ts·s8 == s8/gs`` for every stored scale, else with ``gs`` kept as a divisor.
+    A per-tensor scale that is not finite and positive (it would flip or zero the weights) is refused, named."""
+    for key in ("weight_global_scale", "weight_scale_2"):
+        t = tensors.get(key)
+        if t is not None and t.is_floating_point() and not bool((torch.isfinite(t) & (t > 0)).all()):
+            raise ValueError(f"{key} = {t.flatten()[:4].tolist()} is not a usable scale (it must be finite and > 0)")
     if layout.name != "ct-nvfp4":
         return layout.to_packed_dict(tensors), "ts*s8" if layout.scheme.tensor_scale is TensorScale.AMAX else "2**(s-127)"
     try:
