@@ -175,6 +175,16 @@ def test_compare_checkpoint_of_another_model_refused(tmp_path, tiny_dir, monkeyp
              *_compare(tiny_dir, "--checkpoint", f"gpt2={gpt2}"))
 
 
+def test_model_differences_ignore_fields_a_config_leaves_unset():
+    """A baseline read from a GGUF file has no ``architectures``: its quantized copy is still the same model."""
+    from lm_eval_mx.commands.compare import model_differences
+
+    gguf = {"model_type": "llama", "architectures": None, "vocab_size": 320, "hidden_size": 64, "num_hidden_layers": 2}
+    ck = {**gguf, "architectures": ["LlamaForCausalLM"]}
+    assert model_differences(gguf, ck) == []
+    assert model_differences(gguf, {**ck, "num_hidden_layers": 3}) == ["num_hidden_layers 3 (baseline 2)"]
+
+
 def test_compare_checkpoint_that_does_not_load_fails_before_the_baseline(tmp_path, tiny_dir, packed, monkeypatch):
     """Config and tensors disagree (its roles edited): the failure comes before any evaluation."""
     import lm_eval

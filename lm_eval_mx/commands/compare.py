@@ -220,6 +220,13 @@ def check_labels(config_labels: list[str], checkpoint_labels: list[str]) -> None
 SAME_MODEL_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers")
 
 
+def model_differences(base: dict[str, Any], own: dict[str, Any]) -> list[str]:
+    """The SAME_MODEL_FIELDS in which two model configs differ; a field one of them leaves unset (a config read
+    from a GGUF file has no ``architectures``) is not a difference."""
+    return [f"{k} {own[k]} (baseline {base[k]})" for k in SAME_MODEL_FIELDS
+            if base.get(k) is not None and own.get(k) is not None and own[k] != base[k]]
+
+
 def check_checkpoints(base_args: dict[str, Any], checkpoints: list[tuple[str, str]]) -> None:
     """Every pre-load check of each checkpoint with the run's arguments, and that it is the baseline's model
     (architecture and shapes, from the configs), before anything is evaluated."""
@@ -233,7 +240,7 @@ def check_checkpoints(base_args: dict[str, Any], checkpoints: list[tuple[str, st
             own = _read_config(checkpoint_args(base_args, path)).to_dict()
         except (ValueError, OSError) as e:
             raise ValueError(f"--checkpoint {label}={path}: {e}") from None
-        differ = [f"{k} {own.get(k)} (baseline {base.get(k)})" for k in SAME_MODEL_FIELDS if own.get(k) != base.get(k)]
+        differ = model_differences(base, own)
         if differ:
             raise ValueError(f"--checkpoint {label}={path} is not a quantized copy of the baseline's model: "
                              f"{'; '.join(differ)}; compare a checkpoint against the model it was made from")
