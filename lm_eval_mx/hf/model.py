@@ -178,7 +178,9 @@ def _check_no_packed_tensors(pretrained: str) -> None:
     quantization_config would load as garbage or fail in transformers naming no tensor: refused, named."""
     from .quantizer import stored_tensor_names
 
-    packed = [k for k in stored_tensor_names(pretrained) if k.endswith("_scales")]
+    names = stored_tensor_names(pretrained)
+    present = set(names)
+    packed = [k for k in names if k.endswith("_scales") and k.removesuffix("_scales") in present]  # NAME, NAME_scales
     if packed:
         raise ValueError(f"hf-mx: {pretrained} holds packed MX tensors (e.g. {packed[0]}) but its config.json has no "
                          "quantization_config (quant_method mx): the config was edited; restore the one lm-eval-mx "
