@@ -153,6 +153,15 @@ def test_compare_output_dir_checked_first(tmp_path, tiny_dir, monkeypatch):
                                                                       "--output_dir", "/proc/x"))
 
 
+@NO_PROC
+@pytest.mark.parametrize("command", [["search", "--candidates", "fp4,fp8", "--bits", "6"],
+                                     ["divergence", "--config", "format=mxfp4"]])
+def test_search_and_divergence_output_checked_first(command, monkeypatch):
+    _no_load(monkeypatch)
+    _refused(r"--output /proc/x\.json: its directory /proc: cannot write in /proc", *command, "--model_args",
+             "pretrained=/no/such/model", "--device", "cpu", "--output", "/proc/x.json")
+
+
 def test_compare_labels_and_checkpoint_paths(tmp_path, tiny_dir, packed, monkeypatch):
     from lm_eval_mx.commands.compare import parse_checkpoints
 
