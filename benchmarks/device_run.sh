@@ -34,7 +34,7 @@ for step in ${STEPS:-tests quant tiles host mlp generate loglik packed}; do
     packed) python3 benchmarks/packed_bench.py --tokens 2048 8192 --reps 20 --out "$OUT/packed.json" > "$OUT/packed.log" 2>&1
             grep -E "ratio|bytes|NVFP4|error" "$OUT/packed.log" | head -40 ;;
     search) python3 benchmarks/search_bench.py --out "$OUT/search.json" 2>&1 | tail -25 ;;
-    profile) python3 benchmarks/host_profile.py > "$OUT/host_profile.txt" 2>&1; grep -E "tottime|kernels.py|jit.py|driver|launch|Self CPU|aten::|triton|mx" "$OUT/host_profile.txt" | head -40 ;;
+    profile) python3 benchmarks/host_profile.py > "$OUT/host_profile.txt" 2>&1; grep -E "tottime|triton_mx.py|backends.py|jit.py|driver|launch|Self CPU|aten::|triton|mx" "$OUT/host_profile.txt" | head -40 ;;
   esac
   echo "== $step: $((SECONDS - t0)) s"
 done

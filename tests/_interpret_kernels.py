@@ -39,11 +39,14 @@ def schemes_and_rotations() -> None:
                make_scheme("fp4_e2m1", 32, scale_mode="even"), NAMED_SCHEMES["nvfp4"],
                make_scheme("fp4_e2m1", 16, scale_format="e4m3"), make_scheme("int8", 0),
                make_scheme("fp8_e4m3", 32, "floor", scale_format="e4m3", tensor_scale="amax")]
-    shapes = [(4, 64), (3, 100), (2, 3, 128), (5, 96), (1, 24)]
-    n = 0
-    grid = list(itertools.product(shapes, schemes, [torch.float32, torch.bfloat16, torch.float16],
-                                  [None, Rotation(16), Rotation(32, 7), Rotation(0, 3)]))
-    for shape, scheme, dtype, rot in grid[::4]:  # every scheme, shape, dtype and rotation, not every combination
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    rotations = [None, Rotation(16), Rotation(32, 7), Rotation(0, 3)]
+    even, ragged = [(4, 64), (2, 3, 128), (5, 96)], [(3, 100), (1, 24)]  # ragged rows: no rotation block divides
+    n, pairs = 0, set()
+    # every scheme with every rotation; the dtypes and shapes in turn, so each also meets every scheme and rotation
+    grid = [((ragged if rot is None else even)[(i + j) % (2 if rot is None else 3)], scheme, dtypes[(i + j) % 3], rot)
+            for i, scheme in enumerate(schemes) for j, rot in enumerate(rotations)]
+    for shape, scheme, dtype, rot in grid:
         x = (torch.randn(*shape, generator=g) * torch.exp2(torch.randint(-6, 7, (*shape[:-1], 1), generator=g).float()))
         x[..., :3] = torch.tensor([0.0, -0.0, 1e-3])
         x = x.to(dtype)
@@ -54,7 +57,28 @@ def schemes_and_rotations() -> None:
                 continue
             check(f"{scheme.name} {tuple(shape)} {dtype} {rot} axis={axis}", quantize_triton(x, scheme, axis, rot), want)
             n += 1
+            pairs.add((repr(scheme), str(rot)))
     print(f"schemes x rotations x dtypes: {n} cases")
+    print(f"scheme x rotation pairs: {len(pairs)} of {len(schemes) * len(rotations)}")
+
+
+GOLDEN_KEYS = ("elem_format", "block_size", "round", "scale_bits", "axis", "dtype", "input")
+
+
+def pairwise(cases: list[dict]) -> list[dict]:
+    """A subset of the golden cases holding every pair of values (format, block, rounding, scale bits, axis, dtype,
+    input data) that the cases hold: greedy, each step the case adding the most new pairs (first one on ties)."""
+    def pairs(c: dict) -> set[tuple[str, str, str, str]]:
+        return {(a, str(c[a]), b, str(c[b])) for a, b in itertools.combinations(GOLDEN_KEYS, 2)}
+
+    each = [pairs(c) for c in cases]
+    left = set().union(*each)
+    chosen: list[int] = []
+    while left:
+        i = max(range(len(cases)), key=lambda k: (len(each[k] & left), -k))
+        chosen.append(i)
+        left -= each[i]
+    return [cases[i] for i in sorted(chosen)]
 
 
 def golden_subset() -> None:
@@ -62,10 +86,9 @@ def golden_subset() -> None:
     from test_numerics import _DATA, CASES
 
     n = 0
-    for case in CASES[::3]:
-        # the interpreter converts float32 to bfloat16 by truncation, without subnormals: those cases run on CUDA only
-        if case["dtype"] == "bfloat16" and "special" in case["key"]:
-            continue
+    # the interpreter converts float32 to bfloat16 by truncation, without subnormals: those cases run on CUDA only
+    runnable = [c for c in CASES if not (c["dtype"] == "bfloat16" and "special" in c["key"])]
+    for case in pairwise(runnable):
         x = torch.from_numpy(_DATA[case["input"]])
         if case["dtype"] == "bfloat16":
             x = x.to(torch.bfloat16)

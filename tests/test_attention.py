@@ -141,7 +141,7 @@ REFUSED = {"gpt_neo": "GPTNeoForCausalLM", "mpt": "MptForCausalLM", "bloom": "Bl
 
 @pytest.mark.parametrize("arch", REFUSED)
 def test_unsupported_architectures_error(arch):
-    """The README's refused list, pinned: each raises AttentionError naming the model, and stays as it was."""
+    """docs/model_args.md's refused list (MX attention matmuls), pinned: each raises AttentionError naming the model, and stays as it was."""
     model = tiny_model(arch)
     impl = model.config._attn_implementation
     with pytest.raises(AttentionError, match=f"attn_bmm: {REFUSED[arch]} does not dispatch attention through"):
@@ -200,7 +200,7 @@ def test_lm_eval_records_attn_bmm(tiny_dir):
 @pytest.mark.parametrize("arch", ["opt", "gpt_neox", *(["gptj"] if GPTJ_RUNS else []), *(["falcon"] if FALCON_RUNS else []),
                                   "qwen2_moe", "olmoe", "gemma"])
 def test_other_supported_architectures_run_mx_attention(arch):
-    """The README's supported list beyond the seed architectures, pinned: every attention layer runs the MX
+    """docs/model_args.md's supported list beyond the seed architectures, pinned: every attention layer runs the MX
     function (an AttentionError here fails the test), each call exact against the hand reference."""
     model = tiny_model(arch)
     apply_mx(model, MXConfig(roles=(), attn_bmm=True))

@@ -1,4 +1,6 @@
-"""Every launch form of hf-mx, run for real in subprocesses on a tiny local model, offline."""
+"""The launch forms of hf-mx on a tiny local model, offline: one (``lm-eval run``) run for real in a subprocess,
+the others (``lm_eval``, ``python -m lm_eval``, ``accelerate launch -m lm_eval``, ``lm-eval-mx run``) checked to
+reach the same lm-eval CLI with hf-mx registered; the autoload hook and its opt-out in fresh interpreters."""
 
 from __future__ import annotations
 
@@ -58,42 +60,56 @@ def check_results(res: dict, w_format: str = "fp8_e4m3") -> None:
 
 @needs_install
 @pytest.mark.slow
-@pytest.mark.parametrize("form", ["lm_eval", "lm-eval run", "python -m lm_eval", "lm-eval-mx", "accelerate"])
-def test_launch_forms(form, tiny_dir, tmp_path):
-    args = lm_eval_args(tiny_dir, tmp_path)
-    if form == "lm_eval":
-        cmd = [str(BIN / "lm_eval"), *args, "--include_path", TASKS]
-    elif form == "lm-eval run":
-        cmd = [str(BIN / "lm-eval"), "run", *args, "--include_path", TASKS]
-    elif form == "python -m lm_eval":
-        cmd = [sys.executable, "-m", "lm_eval", *args, "--include_path", TASKS]
-    elif form == "lm-eval-mx":
-        cmd = [str(BIN / "lm-eval-mx"), "run", *args]  # adds our tasks itself
-    else:
-        if not shutil.which("accelerate", path=str(BIN)):
-            pytest.skip("accelerate CLI not installed")
-        cmd = [str(BIN / "accelerate"), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lm_eval", *args, "--include_path", TASKS]
-    check_results(run(cmd, tmp_path))
+def test_launch_form_end_to_end(tiny_dir, tmp_path):
+    """One launch form run for real: ``lm-eval run`` in a fresh interpreter finds hf-mx through the installed
+    autoload hook (lm_eval_mx.pth), loads the tiny model with MX and scores an offline task."""
+    check_results(run([str(BIN / "lm-eval"), "run", *lm_eval_args(tiny_dir, tmp_path), "--include_path", TASKS],
+                      tmp_path))
 
 
 @needs_install
-@pytest.mark.slow
-def test_opt_out_env_var(tiny_dir, tmp_path):
-    cmd = [sys.executable, "-m", "lm_eval", *lm_eval_args(tiny_dir, tmp_path), "--include_path", TASKS]
-    proc = subprocess.run(cmd, env={**env(), "LM_EVAL_MX_AUTOLOAD": "0"}, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
-    # lm-eval's own refusal of an unregistered model, not any crash
-    assert proc.returncode != 0
-    assert "Attempted to load model 'hf-mx', but no model for this name found" in proc.stdout + proc.stderr, (
-        proc.stderr[-3000:])
-    assert not list(tmp_path.rglob("results_*.json"))
+def test_other_launch_forms_reach_the_same_cli():
+    """The other launch forms start the same lm-eval CLI in a fresh interpreter, where the hook registers hf-mx
+    (test_import_lm_eval_registers_without_importing_torch): ``lm_eval`` and ``lm-eval`` are one console script,
+    ``python -m lm_eval`` and ``accelerate launch -m lm_eval`` run lm_eval.__main__, whose cli_evaluate it is."""
+    from importlib.metadata import entry_points
+
+    import lm_eval.__main__
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name in ("lm_eval", "lm-eval")}
+    assert scripts == {"lm_eval": "lm_eval.__main__:cli_evaluate", "lm-eval": "lm_eval.__main__:cli_evaluate"}
+    assert callable(lm_eval.__main__.cli_evaluate)
+    assert (BIN / "lm_eval").exists() and (BIN / "lm-eval").exists()
+    if shutil.which("accelerate", path=str(BIN)):
+        from accelerate.commands.launch import launch_command_parser
+
+        ns = launch_command_parser().parse_args(["--cpu", "--num_processes", "1", "-m", "lm_eval", "--tasks", "t"])
+        assert ns.module and ns.training_script == "lm_eval"
+
+
+def test_lm_eval_mx_run_hands_lm_eval_its_tasks(tiny_dir, tmp_path, monkeypatch):
+    """``lm-eval-mx run ARGS`` calls lm-eval's own CLI with ``run ARGS --include_path <tasks/>`` and hf-mx
+    registered (in process; the end-to-end form above runs that CLI for real)."""
+    import lm_eval.__main__
+    from lm_eval.api.registry import model_registry
+
+    from lm_eval_mx.commands import cli
+    from lm_eval_mx.hf.tasks import tasks_dir
+
+    seen = {}
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.update(argv=list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    args = lm_eval_args(tiny_dir, tmp_path)
+    cli.main(["run", *args])
+    assert seen["argv"] == ["lm-eval", "run", *args, "--include_path", str(tasks_dir())]
+    assert "hf-mx" in model_registry
 
 
 @needs_install
 @pytest.mark.parametrize("value,registered", [("0", False), (None, True)])
 def test_opt_out_env_var_decides_registration(value, registered):
-    """LM_EVAL_MX_AUTOLOAD=0 leaves hf-mx out of lm-eval's registry; without it the hook registers hf-mx."""
+    """LM_EVAL_MX_AUTOLOAD=0 leaves hf-mx out of lm-eval's registry (so lm-eval itself refuses --model hf-mx, by
+    its registry lookup; this replaces a full refused run); without it the hook registers hf-mx."""
     code = ("import lm_eval.models; from lm_eval.api.registry import model_registry;"
             "print('hf-mx' in model_registry, 'hf' in model_registry)")
     extra = {} if value is None else {"LM_EVAL_MX_AUTOLOAD": value}
@@ -135,22 +151,26 @@ def test_bad_model_arg_is_a_clear_error(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_two_cpu_processes(tiny_dir, tmp_path):
     """Two processes (torch.distributed.run; ``accelerate launch --cpu --num_processes 2`` starts only one):
-    one results file, with the MX config, the same metric as one process.
+    both ranks run (each writes its own log: --redirects), one results file, with the MX config, and the same
+    metric as one process (computed in this process, with the same arguments).
 
     (lm-eval shards requests only across GPUs; on CPU each process scores everything.)
     """
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
-    two.mkdir()
-    single = run([sys.executable, "-m", "lm_eval", *lm_eval_args(tiny_dir, one), "--include_path", TASKS], one)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lm_eval",
-           *lm_eval_args(tiny_dir, two), "--include_path", TASKS]
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, cwd=two)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[rank1]" in proc.stderr  # a second process really ran
-    files = list(two.rglob("results_*.json"))
+    import lm_eval
+
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--log-dir", str(logs),
+           "--redirects", "3", "-m", "lm_eval", *lm_eval_args(tiny_dir, tmp_path), "--include_path", TASKS]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    ranks = sorted(p.parent.name for p in logs.rglob("stderr.log"))
+    assert proc.returncode == 0, proc.stderr[-3000:] + "".join(p.read_text()[-2000:] for p in logs.rglob("stderr.log"))
+    assert ranks == ["0", "1"], ranks  # a second process really ran
+    files = list(tmp_path.rglob("results_*.json"))
     assert len(files) == 1
     double = json.loads(files[0].read_text())
     check_results(double)
+    single = lm_eval.simple_evaluate(
+        model="hf-mx", model_args={"pretrained": tiny_dir, "device": "cpu", "mlp_only": True}, tasks=["mx_corpus_ppl"],
+        limit=3, batch_size=2, task_manager=lm_eval.tasks.TaskManager(include_path=TASKS))
     key = "bits_per_byte,none"
     assert double["results"]["mx_corpus_ppl"][key] == single["results"]["mx_corpus_ppl"][key]

@@ -258,7 +258,7 @@ def render_text(result) -> str:
 
 
 def test_corpus_option_replaces_the_shipped_corpus(tmp_path):
-    """README: --corpus FILES measures on those files instead of tasks/corpus (not in addition to it)."""
+    """docs/compare.md: --corpus FILES measures on those files instead of tasks/corpus (not in addition to it)."""
     from lm_eval_mx.algorithms.corpus import read_corpus
     from lm_eval_mx.hf.tasks import tasks_dir
 

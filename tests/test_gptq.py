@@ -3,6 +3,9 @@ output error than RTN on correlated inputs, equal to a plain column-by-column re
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -282,6 +285,8 @@ def test_hessian_accumulator():
 def _torchao_gptq():
     import inspect
 
+    if os.environ.get("CI") and importlib.util.find_spec("torchao") is None:
+        pytest.fail("torchao (a test dependency of the [test] extra) is missing in CI")
     pytest.importorskip("torchao")
     import torch._inductor.config as inductor_config
 
@@ -297,7 +302,12 @@ def _torchao_gptq():
     src = inspect.getsource(api.gptq_quantize)
     cuda_only = 'assert device.type == "cuda"'
     if src.count(cuda_only) != 1 or src.count("torch.cuda.synchronize()") != 1:
-        pytest.skip("torchao's gptq_quantize changed: the CPU cross-check needs updating")
+        import torchao
+
+        msg = f"torchao {torchao.__version__}'s gptq_quantize changed: the CPU cross-check needs updating"
+        if os.environ.get("CI") or torchao.__version__.startswith("0.18."):  # the version it was written for, or CI:
+            pytest.fail(msg)  # a cross-check that stops checking silently is no check
+        pytest.skip(msg)
     src = src.replace(cuda_only, 'assert device.type == "cpu"').replace("torch.cuda.synchronize()", "pass")
     ns = dict(api.__dict__)
     ns["_nvfp4_qdq_fn"] = api._nvfp4_with_precalculated_scales_qdq

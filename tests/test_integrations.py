@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -103,10 +104,13 @@ def test_gguf_file_is_loaded_dequantized(monkeypatch):
     HFMXLM._create_model(lm, pretrained="x", gguf_file="m.Q4_1.gguf")
     config = seen["quantization_config"]
     assert seen["gguf_file"] == "m.Q4_1.gguf"
-    if gguf_dequantize_config() is not None:  # transformers with GgufConfig(dequantize=...)
-        from transformers import GgufConfig
+    from transformers import GgufConfig  # transformers >= 5.24 (the declared floor is 5.17: it may lack dequantize)
 
+    if "dequantize" in inspect.signature(GgufConfig.__init__).parameters:
         assert isinstance(config, GgufConfig) and config.dequantize is True
+        assert gguf_dequantize_config().dequantize is True
+    else:  # transformers that always dequantizes a GGUF: nothing to ask
+        assert config is None and gguf_dequantize_config() is None
     seen.clear()
     HFMXLM._create_model(lm, pretrained="x")  # no GGUF: nothing added
     assert seen["quantization_config"] is None

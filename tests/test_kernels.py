@@ -1,7 +1,9 @@
-"""The Triton kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1, in a subprocess): every
-scheme, rotation, dtype and axis, a third of the golden cases, the packed decoder and the launch shortcut
-(lm_eval_mx.kernels.launch, with a fake compiled kernel running the interpreted one), bit for bit against the
-torch reference. The GPU run (tests/test_gpu.py) checks the same on CUDA, all cases."""
+"""The Triton kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1, in a subprocess), bit for bit
+against the torch reference: every scheme with every rotation (each also meeting every dtype and shape, ragged rows
+included, both axes of 2-D inputs), the golden cases chosen pairwise (every pair of values of format, block,
+rounding, scale bits, axis, dtype and input data the golden cases hold; it was every third case), the packed
+decoder and the launch shortcut (lm_eval_mx.kernels.launch, with a fake compiled kernel running the interpreted one).
+The GPU run (tests/test_gpu.py) checks the same on CUDA, all cases."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def test_kernels_match_torch_under_the_interpreter():
     lines = proc.stdout.splitlines()
     assert lines[-1] == "0 mismatches"
     counts = {line.split(":")[0]: int(line.split(":")[1].split()[0]) for line in lines[:-1]}
-    assert counts["schemes x rotations x dtypes"] > 200 and counts["golden cases"] > 300
+    assert "scheme x rotation pairs: 40 of 40" in lines
+    assert counts["schemes x rotations x dtypes"] >= 50 and counts["golden cases"] >= 100
     assert counts["packed decode"] == 10
     fast = next(line for line in lines if line.startswith("fast launch:"))
     assert counts["fast launch"] == 160 and int(fast.split(", ")[1].split()[0]) > 50  # most through the launcher

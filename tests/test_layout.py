@@ -3,6 +3,8 @@ import contracts (pyproject's [tool.importlinter], run by `make lint`) hold and 
 
 from __future__ import annotations
 
+import importlib
+import re
 import shutil
 import subprocess
 import sys
@@ -15,9 +17,31 @@ import lm_eval_mx
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", lm_eval_mx.__all__)
+# Where each public name is defined (written here, not read from lm_eval_mx._EXPORTS, so a wrong entry fails).
+DEFINED_IN = {
+    "quantize_mx": "lm_eval_mx.numerics.quantize", "get_format": "lm_eval_mx.numerics.formats",
+    "FORMATS": "lm_eval_mx.numerics.formats", "MXConfig": "lm_eval_mx.selection.config",
+    "parse_mx_args": "lm_eval_mx.selection.config", "apply_mx": "lm_eval_mx.selection.apply",
+    "MXReport": "lm_eval_mx.selection.report", "mx_disabled": "lm_eval_mx.nn.layers",
+    "MXQuantizationConfig": "lm_eval_mx.hf.quantizer",
+}
+
+
+def test_public_names_are_the_documented_set():
+    assert set(lm_eval_mx.__all__) == {"__version__", *DEFINED_IN}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", lm_eval_mx.__version__)
+
+
+@pytest.mark.parametrize("name", sorted(DEFINED_IN))
 def test_every_public_name_resolves(name):
-    assert getattr(lm_eval_mx, name) is not None
+    """Each name is the very object its layer defines (a function or class defined in that module, not a copy)."""
+    module = importlib.import_module(DEFINED_IN[name])
+    value = getattr(lm_eval_mx, name)
+    assert value is getattr(module, name)
+    if name == "FORMATS":
+        assert "fp4_e2m1" in value and "fp8_e4m3" in value
+    else:
+        assert callable(value) and value.__module__ == DEFINED_IN[name]
 
 
 def test_configuration_is_checked_without_importing_torch():

@@ -121,7 +121,7 @@ def test_cache_tag_differs_per_config(tiny_dir, tmp_path):
     from lm_eval.api.model import CachingLM
 
     cached = CachingLM(lm, str(tmp_path / "cache") + "_rank0.db")  # the path lm-eval's --use_cache makes
-    assert cached.dbdict.filename == str(tmp_path / f"cache_rank0_{lm.mx_cache_tag}.db")  # README, *Caching*
+    assert cached.dbdict.filename == str(tmp_path / f"cache_rank0_{lm.mx_cache_tag}.db")  # docs/model_args.md, *Caching*
 
 
 def test_bf16_model(tiny_dir):

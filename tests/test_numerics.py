@@ -51,7 +51,7 @@ def test_golden_cpu(case):
 
 
 def test_float16_follows_bfloat16_rules():
-    """float16 inputs: same results as computing in float32 (README: the cast back never rounds)."""
+    """float16 inputs: same results as computing in float32 (docs/numerics.md: the cast back never rounds)."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(64, 96, generator=g) * 4).to(torch.float16)
     for fmt in FORMATS:
@@ -201,7 +201,7 @@ def test_scale_modes_match_torchao(mode, fmt):
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 def test_tiny_block_deviations_from_torchao(fmt):
-    """README, *MX (E8M0 scales)*: where a block's E8M0 scale clamps at 2**-127, torchao dequantizes to half the OCP
+    """docs/numerics.md, *MX (E8M0 scales)*: where a block's E8M0 scale clamps at 2**-127, torchao dequantizes to half the OCP
     value with scale_mode floor/ceil/even and to zero with rceil; one power of ten above, both agree."""
     mx_tensor = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor", reason="torchao not installed")
     from torchao.prototype.mx_formats.config import ScaleCalculationMode

@@ -170,7 +170,7 @@ def test_output_refusals(tmp_path, monkeypatch):
     (tmp_path / "notmodel").mkdir()
     (tmp_path / "notmodel" / "data.txt").write_text("x")
     cases = [("exists", [], "pass --overwrite"), ("file", [], "is a file"), ("missing/out", [], "does not exist"),
-             ("notmodel", ["--overwrite"], "no config.json")]
+             ("notmodel", ["--overwrite"], "not a packed MX checkpoint")]
     for out, flags, match in cases:
         with pytest.raises(SystemExit, match=match):
             cli.main(["quantize", "--model_args", "pretrained=P,format=mxfp4", "--method", "rtn", "--output",

@@ -1,4 +1,5 @@
-"""Every command in README.md's (and BENCHMARKS.md's) ```bash blocks runs as pasted in a POSIX shell.
+"""Every command in the ```bash blocks of README.md, of its pages docs/*.md (not the drafts in docs/_new/) and of
+BENCHMARKS.md runs as pasted in a POSIX shell; every relative link between them resolves.
 
 Each command (``\\`` continuations joined, comments dropped) is scanned as the shell scans it: no unquoted
 ``| ; & < >`` (a pipe or redirection the author did not mean), no unquoted backslash (the shell eats it:
@@ -11,6 +12,7 @@ own argparse parser and the commands' argument checks. Placeholders stay placeho
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import re
@@ -21,6 +23,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# The README and its topic pages (docs/_new/ holds drafts, not pages).
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 LM_EVAL = {"lm_eval", "lm-eval"}
 # Intended pipelines or redirections, written out in full; none in the README today.
 ALLOWED_OPERATORS: set[str] = set()
@@ -180,26 +184,33 @@ def check_command(argv: list[str]) -> str:
     if argv[0] in ("python", "bash") and len(argv) > 1:
         if argv[1] == "-m":
             assert importlib.util.find_spec(argv[2]) is not None, f"{argv}: no module {argv[2]}"
+        elif argv[1] == "-c":  # valid Python whose imports exist
+            for node in ast.walk(ast.parse(argv[2])):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                for name in names:
+                    assert importlib.util.find_spec(name) is not None, f"{argv}: no module {name}"
         else:
             assert (ROOT / argv[1]).is_file(), f"{argv}: no file {argv[1]}"
         return argv[0]
     return "other"
 
 
-COMMANDS = bash_commands(README.read_text(encoding="utf-8"))
+COMMANDS = [(page.relative_to(ROOT).as_posix(), line, cmd) for page in PAGES
+            for line, cmd in bash_commands(page.read_text(encoding="utf-8"))]
 BENCHMARK_COMMANDS = bash_commands((ROOT / "BENCHMARKS.md").read_text(encoding="utf-8"))
 
 
 def test_readme_has_commands():
-    programs = {words(c)[0] for _, c in COMMANDS}
+    programs = {words(c)[0] for _, _, c in COMMANDS}
     assert {"lm_eval", "lm-eval", "lm-eval-mx", "python", "make"} <= programs, programs
     assert len(BENCHMARK_COMMANDS) >= 5
 
 
-@pytest.mark.parametrize("line,cmd", COMMANDS, ids=[f"L{n}" for n, _ in COMMANDS])
-def test_readme_command_runs_as_pasted(line, cmd, recipe_file):
+@pytest.mark.parametrize("page,line,cmd", COMMANDS, ids=[f"{p}:L{n}" for p, n, _ in COMMANDS])
+def test_readme_command_runs_as_pasted(page, line, cmd, recipe_file):
     problems = shell_problems(cmd)
-    assert not problems, f"README line {line}: {cmd}\n" + "\n".join(problems)
+    assert not problems, f"{page} line {line}: {cmd}\n" + "\n".join(problems)
     check_command(words(cmd))
 
 
@@ -234,3 +245,38 @@ def test_checker_catches_bad_arguments(recipe_file):
     with pytest.raises(AssertionError, match="Makefile"):
         check_command(words("make tests"))
     assert check_command(words("lm_eval --model hf-mx --model_args pretrained=P,recipe=recipe.json --tasks t"))
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation but '-' dropped, spaces to '-'."""
+    out = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            out.add(re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-"))
+    return out
+
+
+def links(path: Path) -> list[tuple[str, str]]:
+    """(target file or '', anchor or '') of every relative Markdown link outside code."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    text = re.sub(r"`[^`]*`", "", text)
+    out = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if not re.match(r"[a-z]+:", target):
+            file, _, anchor = target.partition("#")
+            out.append((file, anchor))
+    return out
+
+
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "BENCHMARKS.md"], ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_links_resolve(page):
+    """The README was split into docs/ pages: every link between them (file and heading) still points somewhere."""
+    found = links(page)
+    for file, anchor in found:
+        target = (page.parent / file).resolve() if file else page
+        assert target.exists(), f"{page.name}: link to {file!r}, no such file"
+        if anchor and target.suffix == ".md":
+            assert anchor in anchors(target), f"{page.name}: link to {file}#{anchor}, no such heading"
+    if page == README:
+        pages = {(README.parent / f).resolve() for f, _ in found if f}
+        assert set(PAGES[1:]) <= pages, "a docs/ page the README does not link"

@@ -31,7 +31,7 @@ def test_sylvester_matrix_is_orthogonal(n):
 
 
 def _numpy_rotate(x: np.ndarray, block: int, seed: int | None) -> np.ndarray:
-    """The README's arithmetic in numpy float32: signs, butterflies h = 1, 2, ... (a + b, a - b), then 1/sqrt(n)."""
+    """docs/numerics.md's arithmetic in numpy float32: signs, butterflies h = 1, 2, ... (a + b, a - b), then 1/sqrt(n)."""
     x = x.astype(np.float32).copy()
     if seed is not None:
         x *= signs(seed, x.shape[-1]).numpy()

@@ -1,4 +1,4 @@
-"""E4M3 block scales (NVFP4): the README's step-by-step definition, checked against an independent numpy
+"""E4M3 block scales (NVFP4): docs/numerics.md's step-by-step definition, checked against an independent numpy
 implementation (grids by enumeration), against torchao 0.18 on ordinary data, and on edge data where
 the two are documented to differ. Packing round trips and scheme reporting."""
 
@@ -41,7 +41,7 @@ E4M3_GRID, FP4_GRID = _grid("fp8_e4m3"), _grid("fp4_e2m1")
 
 
 def numpy_reference(x: np.ndarray, block: int = 16, two_level: bool = True) -> np.ndarray:
-    """The README's NVFP4 steps, one float32 operation each, on finite input whose rows are whole blocks."""
+    """docs/numerics.md's NVFP4 steps, one float32 operation each, on finite input whose rows are whole blocks."""
     f32 = np.float32
     x = x.astype(f32)
     ts = f32(np.abs(x).max()) / f32(448 * 6) if two_level else f32(1)
@@ -164,7 +164,7 @@ def test_single_level_matches_torchao_above_its_scale_clamp(dtype):
 
 
 def test_documented_deviations_from_torchao():
-    """Each README-listed deviation, pinned: where it differs, and that we give the documented result."""
+    """Each deviation docs/numerics.md lists, pinned: where it differs, and that we give the documented result."""
     x = _data(1, 4, 64, spread=0.5)
     # 1. E4M3 scales below 2**-6: torchao clamps them up to 2**-6; we keep E4M3 subnormals.
     tiny = x.clone()

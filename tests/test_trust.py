@@ -32,14 +32,15 @@ DATA_README = GOLDEN.parent / "README.md"
 
 
 def test_golden_data_readme_describes_the_file():
-    """tests/data/README.md (cited by the README and numerics/quantize.py) exists and names this very file."""
+    """tests/data/README.md (cited by docs/numerics.md and numerics/quantize.py) exists and names this very file."""
     text = DATA_README.read_text()
     digest = hashlib.sha256(GOLDEN.read_bytes()).hexdigest()
     assert f"sha256: `{digest}`" in text
     assert f"{len(CASES)} cases in all" in text
     assert "copy of\n`../shared/golden/microxcaling_mx_golden.npz`" in text
     root = Path(__file__).resolve().parent.parent
-    cited = [p for p in (root / "README.md", root / "lm_eval_mx" / "numerics" / "quantize.py") if "tests/data/README.md" in p.read_text()]
+    cited = [p for p in (root / "docs" / "numerics.md", root / "lm_eval_mx" / "numerics" / "quantize.py")
+             if "tests/data/README.md" in p.read_text()]
     assert len(cited) == 2
     assert "custom_cuda=True" in text  # the provenance: microxcaling's CUDA path
 
@@ -375,7 +376,7 @@ def test_demo_runs_for_real(tiny_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_torchao_cross_check_cannot_skip_in_ci():
-    """The README calls the scale modes tested against torchao; CI (.ci/run sets CI=true) must not skip that."""
+    """docs/numerics.md calls the scale modes tested against torchao; CI (.ci/run sets CI=true) must not skip that."""
     if not os.environ.get("CI"):
         pytest.skip("CI is not set: outside CI the torchao cross-check may skip when torchao is absent")
     assert importlib.util.find_spec("torchao") is not None, (

@@ -52,7 +52,12 @@ def task_texts(task: str, include_path: str | Path | None = None) -> TaskTexts:
         manager = TaskManager(include_path=path)
     if not manager.match_tasks([task]):
         raise ValueError(f"--calibration: {task!r} is neither a file nor a task lm-eval knows")
-    texts = TaskTexts([(t, t.eval_docs) for t in _leaves(get_task_dict([task], manager))])
+    try:
+        texts = TaskTexts([(t, t.eval_docs) for t in _leaves(get_task_dict([task], manager))])
+    except Exception as e:  # the hub unreachable, local data missing, ...: whatever the task's loader raises
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"--calibration: the documents of task {task!r} could not be loaded ({type(e).__name__}: "
+                         f"{why}); use a task whose data is here (e.g. hellaswag_offline) or text files") from None
     if not len(texts):
         raise ValueError(f"--calibration: task {task!r} has no documents")
     return texts
@@ -87,6 +92,8 @@ def read_texts(sources: Sequence[str]) -> tuple[Sequence[str], str]:
 
     if not sources:
         raise ValueError("--calibration: give text files or one lm-eval task name")
+    if any(not str(s).strip() for s in sources):
+        raise ValueError("--calibration: an empty name; give text files or one lm-eval task name")
     files = [s for s in sources if Path(s).exists()]
     if len(files) == len(sources):
         dirs = [s for s in files if Path(s).is_dir()]

@@ -5,7 +5,9 @@ devices, run limits and task names, each checked before any model loads.
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,12 @@ def resolve_device(device: str | None, model_args: dict[str, Any] | None = None)
     chosen = device if device is not None else given
     if chosen is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(str(chosen)).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device {chosen!r} is not a device: give cpu, cuda or cuda:N (or leave --device out)")
     if str(chosen).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {chosen}: CUDA is not available here; use cpu, or leave --device out")
     return str(chosen)
@@ -104,3 +112,24 @@ def check_tasks(tasks: list[str], task_manager: Any, flag: str = "--tasks") -> N
     if unknown:
         hints = "; ".join(f"{t!r}{suggest(t, task_manager.all_tasks)}" for t in unknown)
         raise ValueError(f"{flag}: unknown task {hints} (`lm-eval-mx ls tasks` lists them)")
+
+
+def check_writable_dir(path: str | Path, flag: str) -> Path:
+    """A directory a command writes its results to (made when missing), checked before any work: it, or the first
+    existing directory above it, must be a directory that takes new entries; so no result is lost after a long
+    evaluation. Returns it as an absolute path."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty: give a directory")
+    out = Path(os.path.abspath(path))
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a directory")
+    base = out
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"{flag} {path}: {base} is a file, so no directory can be made under it")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lm-eval-mx-check.", dir=base))
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {base} ({e.strerror or e})") from None
+    return out

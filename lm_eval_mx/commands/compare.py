@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from ..hf.tasks import tasks_dir
-from ..selection.config import MXConfig, _as_bool, parse_mx_args
+from ..selection.config import SCHEME_KEYS, MXConfig, _as_bool, parse_mx_args
 from .args import (
     check_run_args,
     check_tasks,
+    check_writable_dir,
     parse_config,
     parse_kv,
     parse_model_args,
@@ -32,6 +33,10 @@ from .compare_profiles import (
     write_agreement,
 )
 from .results_table import Run, build_rows, load_results, rich_table, unique_labels, write_outputs
+
+
+class CompareError(ValueError):
+    """An input found bad once the run started (a checkpoint that does not load), before any evaluation."""
 
 
 def expand_sweep(spec: str) -> list[dict[str, Any]]:
@@ -89,7 +94,7 @@ def behaviour(cfg: MXConfig) -> dict[str, Any]:
     ``scale_mode=floor`` spelled out equal their defaults, and keys a fixed scheme ignores drop out), and
     ``a_format`` only where activations are quantized."""
     d = cfg.to_dict()
-    for key in ("block_size", "scale_format", "tensor_scale", "rounding", "scale_bits", "scale_mode"):
+    for key in SCHEME_KEYS:
         del d[key]
     d["roles"] = sorted(cfg.roles)
     d["rotation_roles"] = None if cfg.rotation_roles is None else sorted(cfg.rotation_roles)
@@ -155,9 +160,7 @@ def run_configs(
     from ..nn.attention import AttentionError
     from ..selection.apply import SelectionError, check_config
 
-    labels = ["baseline", *(label for label, _ in configs), *(label for label, _ in checkpoints)]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"configuration labels must be unique and not 'baseline' (compare.json is keyed by them): {labels}")
+    check_labels([label for label, _ in configs], [label for label, _ in checkpoints])
     check_configs([(f"configuration {label!r}", cfg) for label, cfg in configs])
     limit, batch_size = check_run_args(limit, batch_size, num_fewshot)
     task_manager = task_manager or TaskManager(include_path=include_path)
@@ -165,6 +168,12 @@ def run_configs(
     args = {**base_args, "batch_size": batch_size, "roles": "none", "mx_keep_original": True,
             "device": resolve_device(device, base_args)}
     check_checkpoints(args, checkpoints, extra)
+    for label, path in checkpoints:  # what only loading tells (tensors vs config, placement), before any evaluation
+        try:
+            HFMXLM(**checkpoint_args(args, path), **extra.get(label, {}))
+        except (ValueError, OSError, RuntimeError) as e:
+            raise CompareError(f"--checkpoint {label}={path} does not load: {type(e).__name__}: "
+                               f"{(str(e).strip().splitlines() or [''])[0]}") from None
     lm = HFMXLM(**args)
     for label, cfg in configs:  # what a configuration cannot do on this model fails now, not after the baseline's run
         try:
@@ -212,16 +221,44 @@ def checkpoint_args(base_args: dict[str, Any], path: str) -> dict[str, Any]:
     return {**{k: v for k, v in base_args.items() if k not in _BASE_ONLY}, "pretrained": path}
 
 
+def check_labels(config_labels: list[str], checkpoint_labels: list[str]) -> None:
+    """compare.json is keyed by run labels: each once, and none 'baseline'."""
+    labels = ["baseline", *config_labels, *checkpoint_labels]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ValueError(f"run labels must be unique and not 'baseline' (compare.json is keyed by them): "
+                         f"{', '.join(map(repr, twice))} comes twice; name checkpoints with --checkpoint LABEL=DIR")
+
+
+# Config fields that a quantized copy of the baseline's model shares with it (else the Δ compares two models).
+SAME_MODEL_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers")
+
+
+def model_differences(base: dict[str, Any], own: dict[str, Any]) -> list[str]:
+    """The SAME_MODEL_FIELDS in which two model configs differ; a field one of them leaves unset (a config read
+    from a GGUF file has no ``architectures``) is not a difference."""
+    return [f"{k} {own[k]} (baseline {base[k]})" for k in SAME_MODEL_FIELDS
+            if base.get(k) is not None and own.get(k) is not None and own[k] != base[k]]
+
+
 def check_checkpoints(base_args: dict[str, Any], checkpoints: list[tuple[str, str]],
                       extra: dict[str, dict[str, Any]] | None = None) -> None:
-    """Every pre-load check of each checkpoint with the run's arguments, before anything is evaluated."""
-    from ..hf.model import HFMXLM
+    """Every pre-load check of each checkpoint with the run's arguments, and that it is the baseline's model
+    (architecture and shapes, from the configs), before anything is evaluated."""
+    from ..hf.model import HFMXLM, _read_config
 
+    base = None
     for label, path in checkpoints:
         try:
             HFMXLM.check_before_loading(**checkpoint_args(base_args, path), **(extra or {}).get(label, {}))
-        except ValueError as e:
+            base = base if base is not None else _read_config(base_args).to_dict()
+            own = _read_config(checkpoint_args(base_args, path)).to_dict()
+        except (ValueError, OSError) as e:
             raise ValueError(f"--checkpoint {label}={path}: {e}") from None
+        differ = model_differences(base, own)
+        if differ:
+            raise ValueError(f"--checkpoint {label}={path} is not a quantized copy of the baseline's model: "
+                             f"{'; '.join(differ)}; compare a checkpoint against the model it was made from")
 
 
 def parse_checkpoints(values: list[str]) -> list[tuple[str, str]]:
@@ -231,7 +268,7 @@ def parse_checkpoints(values: list[str]) -> list[tuple[str, str]]:
 
     out = []
     for value in values:
-        label, sep, path = value.rpartition("=")
+        label, sep, path = ("", "", value) if Path(value).is_dir() or "=" not in value else value.partition("=")
         label = label if sep else Path(path).name
         if not label or not path:
             raise ValueError(f"--checkpoint {value!r}: give DIR or LABEL=DIR")
@@ -293,8 +330,7 @@ def main(ns: argparse.Namespace) -> int:
     console = Console(width=160)
     out = Path(ns.output_dir)
     try:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--output_dir {out} is a file, not a directory")
+        check_writable_dir(out, "--output_dir")
         if ns.results:
             given = [f for f in ("model_args", "tasks", "config", "sweep", "checkpoint", "profile", "limit", "num_fewshot",
                                  "batch_size", "device", "seed", "include_path") if getattr(ns, f) not in (None, "", [])]
@@ -337,6 +373,7 @@ def main(ns: argparse.Namespace) -> int:
                 if not specs and not checkpoints:
                     raise ValueError("every --profile refuses what it was given:\n  " + "\n  ".join(refused))
             configs = plan_configs(specs) if specs else []
+            check_labels([label for label, _ in configs], [label for label, _ in checkpoints])
             check_against_model_args(base, configs)
             limit, batch = check_run_args(ns.limit, ns.batch_size or "1", ns.num_fewshot)
             if ns.include_path is not None and not Path(ns.include_path).is_dir():
@@ -361,7 +398,7 @@ def main(ns: argparse.Namespace) -> int:
                                device=device, seed=1234 if ns.seed is None else ns.seed,
                                task_manager=task_manager, checkpoints=checkpoints, checkpoint_extra=extra,
                                after_each=after_each)
-        except SelectionError as e:  # checked on the loaded model, before any evaluation
+        except (SelectionError, CompareError) as e:  # checked on the loaded model, before any evaluation
             raise SystemExit(f"lm-eval-mx compare: {e}") from None
         if not runs:  # non-zero rank
             return 0

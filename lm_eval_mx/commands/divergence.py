@@ -96,7 +96,7 @@ def main(ns: argparse.Namespace) -> int:
 
     from ..algorithms.corpus import read_corpus
     from ..algorithms.divergence import check_args, run_divergence
-    from .args import parse_config, parse_kv, parse_model_args, resolve_device
+    from .args import check_writable_dir, parse_config, parse_kv, parse_model_args, resolve_device
 
     try:
         base = parse_model_args(ns.model_args, "--config")
@@ -113,6 +113,8 @@ def main(ns: argparse.Namespace) -> int:
         texts = read_corpus(ns.corpus)
         if ns.output and (Path(ns.output).is_dir() or not Path(ns.output).parent.is_dir()):
             raise ValueError(f"--output {ns.output}: not a file in an existing directory")
+        if ns.output:
+            check_writable_dir(Path(ns.output).parent, f"--output {ns.output}: its directory")
         base["device"] = resolve_device(ns.device, base)
         from ..hf.model import HFMXLM, check_hf_args
 

@@ -5,17 +5,31 @@ a packed MX checkpoint that ``AutoModelForCausalLM.from_pretrained`` and ``hf-mx
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..selection.config import RUN_KEYS
 
 # Keys that choose how a checkpoint runs, not what it stores: given when the output loads, not here.
-IGNORED_MX_KEYS = ("packed", "packed_gemm", "mx_keep_original", "mx_backend")
+IGNORED_MX_KEYS = ("packed", *RUN_KEYS, "mx_keep_original")
 CALIBRATION_DEFAULTS = {"nsamples": 128, "seqlen": 512, "seed": 0}
+# lm-eval hf keys of evaluation only (quantize evaluates nothing) or that cannot give high-precision weights to round.
+REFUSED_HF_KEYS = {
+    **dict.fromkeys(("max_length", "batch_size", "max_batch_size", "truncation", "logits_cache", "softmax_dtype",
+                     "add_bos_token", "prefix_token_id", "think_end_token", "enable_thinking", "chat_template_args",
+                     "mixed_precision_dtype"), "they shape evaluation, and quantize evaluates nothing (windows are "
+                                                "--seqlen tokens)"),
+    **dict.fromkeys(("load_in_4bit", "load_in_8bit", "quantization_config", "autogptq", "gptqmodel"),
+                    "quantize rounds high-precision weights: the model must load unquantized"),
+    **dict.fromkeys(("peft", "delta"), "quantize rounds the base weights: merge the adapter or delta into a "
+                                       "checkpoint first"),
+}
 GPTQ_FLAGS = {"block_columns": "--block_columns", "damp": "--damp", "act_order": "--act_order", "scales": "--scales"}
 DEFAULTS = {"block_columns": 128, "damp": 0.01, "act_order": False, "scales": "static"}
 
@@ -62,19 +76,71 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (a model directory)")
 
 
-def check_output(path: str, overwrite: bool) -> Path:
-    out = Path(path)
+def _written_by_lm_eval_mx(out: Path) -> bool:
+    """Whether a directory is a packed MX checkpoint (what quantize or a packed model's save_pretrained writes:
+    files only, config.json with ``quant_method: mx``), the only kind of directory --overwrite replaces."""
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    method = (config.get("quantization_config") or {}).get("quant_method") if isinstance(config, dict) else None
+    return method == "mx" and not any(p.is_dir() for p in out.iterdir())
+
+
+def check_output(path: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> Path:
+    """The absolute output directory, checked before any work: not a file, not holding any of ``inputs`` (the
+    files and directories the command reads), replaced only when --overwrite is given and it is empty or a packed
+    MX checkpoint, and its parent writable (the checkpoint is written beside it first, then renamed)."""
+    if not str(path).strip():
+        raise ValueError("--output is empty: give the directory to write the checkpoint to")
+    out = Path(os.path.abspath(path))  # '.' becomes the working directory, whose parent is a real parent
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {path} is a file, not a directory")
+    if out.parent == out:
+        raise ValueError(f"--output {path} is the root directory; give a directory of its own")
     if not out.parent.is_dir():
         raise ValueError(f"--output {path}: the parent directory {out.parent} does not exist")
+    for given in inputs:
+        if given and Path(given).exists():
+            src = Path(given).resolve()
+            if src == out.resolve() or out.resolve() in src.parents:
+                raise ValueError(f"--output {path} holds {given}, an input of this command; write elsewhere")
     if out.exists():
         if not overwrite:
             raise ValueError(f"--output {path} exists; pass --overwrite to replace it")
-        if any(out.iterdir()) and not (out / "config.json").is_file():
-            raise ValueError(f"--output {path} holds files but no config.json: --overwrite replaces only a model "
-                             "directory; choose another DIR")
+        if any(out.iterdir()) and not _written_by_lm_eval_mx(out):
+            raise ValueError(f"--output {path} is not a packed MX checkpoint (config.json with quant_method mx, no "
+                             "subdirectories): --overwrite replaces only a checkpoint lm-eval-mx wrote; choose "
+                             "another DIR")
+    from .args import check_writable_dir
+
+    check_writable_dir(out.parent, f"--output {path}: its parent")  # the checkpoint is written beside DIR, renamed
     return out
+
+
+def write_beside(out: Path, write: Any) -> None:
+    """``write(tmp)`` into a new directory beside ``out`` (never inside it), then put it in ``out``'s place: a failure
+    leaves ``out`` as it was. The new directory gets the user's umask (mkdtemp makes it 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~mask)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        if old is not None:
+            if out.exists():
+                shutil.rmtree(old)
+            else:  # the new checkpoint could not take its place: the old one goes back
+                (old / out.name).rename(out)
+                old.rmdir()
 
 
 def gptq_options(ns: argparse.Namespace) -> Any:
@@ -109,6 +175,11 @@ def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list
     args = parse_kv(ns.model_args, "--model_args")
     if "pretrained" not in args:
         raise ValueError("--model_args needs pretrained=<model path or hub id>")
+    refused = [k for k in REFUSED_HF_KEYS if k in args and args[k] not in (None, False, "")]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} in --model_args: {REFUSED_HF_KEYS[refused[0]]}")
+    if str(args.get("backend", "causal")).strip().lower() not in ("causal", "default"):
+        raise ValueError(f"backend={args['backend']}: quantize handles causal language models (backend=causal)")
     ignored = [k for k in IGNORED_MX_KEYS if k in args]
     if ignored:
         raise ValueError(f"{', '.join(ignored)} would be ignored: quantize always writes packed codes; how they run "
@@ -125,17 +196,30 @@ def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list
         for key in ("nsamples", "seqlen"):
             if getattr(ns, key) < 1:
                 raise ValueError(f"--{key} must be >= 1, got {getattr(ns, key)}")
+        if not 0 <= ns.seed < 2**63:
+            raise ValueError(f"--seed must be an integer in [0, 2**63), got {ns.seed}")
         if not ns.calibration:
             raise ValueError("--method gptq needs --calibration: text files or one lm-eval task name")
         from ..algorithms.calibration import read_texts
 
         texts, _ = read_texts(ns.calibration)
-    check_output(ns.output, ns.overwrite)
     if Path(ns.output).resolve() == Path(str(args["pretrained"])).resolve():
         raise ValueError(f"--output {ns.output} is the model being quantized (pretrained): write elsewhere")
+    check_output(ns.output, ns.overwrite, (str(args["pretrained"]), str(args.get("tokenizer") or ""),
+                                           *(ns.calibration or ())))
     rest["device"] = resolve_device(ns.device, rest)
-    from ..hf.model import check_hf_args, check_model_args, detect_checkpoint
+    from ..hf.model import _read_config, check_hf_args, check_model_args, detect_checkpoint
 
+    try:
+        model_config = _read_config(rest)
+    except Exception as e:  # a missing path, a hub id offline, a missing gguf_file: transformers' reason, one line
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"pretrained={args['pretrained']}: its config cannot be read ({type(e).__name__}: "
+                         f"{why})") from None
+    positions = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if ns.method == "gptq" and isinstance(positions, int) and ns.seqlen > positions:
+        raise ValueError(f"--seqlen {ns.seqlen} exceeds the model's {positions} positions (max_position_embeddings); "
+                         f"give --seqlen <= {positions}")
     stored, shipped = detect_checkpoint(rest)
     if stored is not None or shipped is not None:
         what = shipped.name if shipped is not None else "packed MX weights"
@@ -193,7 +277,11 @@ def main(ns: argparse.Namespace) -> int:
     from ..algorithms.quantize_model import quantize_model, save_quantized
     from ..hf.model import HFMXLM
 
-    lm = HFMXLM(**hf_args, roles="none")
+    try:
+        lm = HFMXLM(**hf_args, roles="none")
+    except (OSError, ValueError, ImportError, RuntimeError) as e:  # what only loading tells (a corrupt file, ...)
+        raise SystemExit(f"lm-eval-mx quantize: loading {hf_args['pretrained']} failed: {type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0]}") from None
     windows, texts_read = None, None
     try:
         if ns.method == "gptq":
@@ -210,16 +298,7 @@ def main(ns: argparse.Namespace) -> int:
                                  "seed": ns.seed, "tokens": ns.nsamples * ns.seqlen, "texts_read": texts_read,
                                  "texts_available": len(texts)}
         origin["diagnostics"] = run.summary()
-    out = Path(ns.output)
-    # written next to DIR first, so that a failure leaves DIR as it was
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_quantized(lm.model, lm.tokenizer, config, origin, run, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    out = Path(os.path.abspath(ns.output))
+    write_beside(out, lambda tmp: save_quantized(lm.model, lm.tokenizer, config, origin, run, tmp))
     Console(width=160, stderr=False).print(render(run, out, None if windows is None else ns.nsamples * ns.seqlen))
     return 0

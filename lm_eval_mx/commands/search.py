@@ -243,6 +243,12 @@ def _check_output(ns: argparse.Namespace) -> None:
         raise SearchError(f"--output {ns.output}: not a file in an existing writable directory")
     if out.exists() and not os.access(out, os.W_OK):
         raise SearchError(f"--output {ns.output}: the file is not writable")
+    from .args import check_writable_dir
+
+    try:  # os.access says yes to root everywhere: a real entry made and removed says what a write will meet
+        check_writable_dir(out.parent, f"--output {ns.output}: its directory")
+    except ValueError as e:
+        raise SearchError(str(e)) from None
     if ns.from_ and out.resolve() == Path(ns.from_).resolve():
         raise SearchError(f"--output {ns.output} is the --from recipe; the search does not overwrite its input: "
                           "give another --output, e.g. --output recipe_new.json")

@@ -29,7 +29,15 @@ from ..nn.attention import NAME as ATTENTION_NAME
 from ..nn.layers import mx_disabled, mx_layers, remove_mx
 from ..numerics.formats import suggest
 from ..selection.apply import apply_mx
-from ..selection.config import MX_KEYS, MXConfig, _as_bool, parse_mx_args
+from ..selection.config import (
+    BESIDE_CHECKPOINT,
+    MX_KEYS,
+    SCHEME_KEYS,
+    MXConfig,
+    _as_bool,
+    parse_mx_args,
+    refused_beside_checkpoint,
+)
 from ..selection.report import MXReport
 
 log = logging.getLogger("lm_eval_mx")
@@ -135,16 +143,6 @@ def _quant_method(config: Any) -> str:
     return str(getattr(method, "value", method))
 
 
-# Keys that choose how stored MX weights are computed with, not what they are: allowed beside a packed MX checkpoint.
-_BESIDE_STORED = frozenset({"mx_backend", "packed_gemm"})
-
-
-# Keys beside a checkpoint quantized by another tool (hf.checkpoints): run-time keys, and the activation overrides
-# (a_format with the keys shaping its scheme, weight_only). The weights are the checkpoint's.
-_BESIDE_SHIPPED = _BESIDE_STORED | {"a_format", "weight_only", "profile"}
-_ACT_SCHEME_KEYS = frozenset({"block_size", "scale_format", "tensor_scale", "rounding", "scale_bits", "scale_mode"})
-
-
 def detect_checkpoint(args: dict[str, Any]) -> tuple[Any, Any]:
     """What a checkpoint stores, read from its config before loading, in one place: ``(MXQuantizationConfig, None)``
     for packed MX weights (``lm-eval-mx quantize``, or ``save_pretrained`` of a ``packed=True`` model),
@@ -156,8 +154,15 @@ def detect_checkpoint(args: dict[str, Any]) -> tuple[Any, Any]:
     try:
         cfg = _read_config(args)
     except Exception:  # HFLM reads it again and reports why it cannot
-        return None, None
+        if not args.get("gguf_file"):
+            return None, None
+        try:  # a gguf_file beside a quantized checkpoint is refused by name, not by transformers' GGUF reader
+            cfg = _read_config({**args, "gguf_file": None})
+        except Exception:
+            return None, None
     stored = getattr(cfg, "quantization_config", None)
+    if stored is None:
+        _check_no_packed_tensors(args["pretrained"])
     if _quant_method(stored) == "mx":
         from .quantizer import MXQuantizationConfig  # registers quant_method="mx" with transformers
 
@@ -193,13 +198,29 @@ def _checkpoint_profile(pretrained: str, shipped: Any, given: MXConfig) -> MXCon
     return dataclasses.replace(given, weight_only=True, given=given.given | {"weight_only"})
 
 
+def _check_no_packed_tensors(pretrained: str) -> None:
+    """A local checkpoint whose tensors are packed MX codes (``*_scales``) but whose config.json lost its
+    quantization_config would load as garbage or fail in transformers naming no tensor: refused, named."""
+    from .quantizer import stored_tensor_names
+
+    names = stored_tensor_names(pretrained)
+    present = set(names)
+    packed = [k for k in names if k.endswith("_scales") and k.removesuffix("_scales") in present]  # NAME, NAME_scales
+    if packed:
+        raise ValueError(f"hf-mx: {pretrained} holds packed MX tensors (e.g. {packed[0]}) but its config.json has no "
+                         "quantization_config (quant_method mx): the config was edited; restore the one lm-eval-mx "
+                         "wrote")
+
+
 def _check_packed_args(pretrained: Any, keep_original: bool, args: dict[str, Any], what: str = "packed=True") -> None:
     """packed=True (or a checkpoint of packed MX weights): refuse, before loading, the options it cannot honour."""
     if not isinstance(pretrained, str):
         raise ValueError("packed=True quantizes while loading: pretrained must be a path or hub id, not a model object")
     if keep_original:
-        raise ValueError("packed=True keeps only the MX codes; mx_keep_original needs the high-precision weights "
-                         "(compare and divergence use it: run them without packed=True)")
+        how = ("run them without packed=True" if what == "packed=True" else
+               "compare a checkpoint with `lm-eval-mx compare --checkpoint DIR`")
+        raise ValueError(f"{what} holds only quantized codes; mx_keep_original needs the high-precision weights "
+                         f"(compare and divergence switch MX off with it: {how})")
     clashes = {
         "gguf_file": "GGUF files load through transformers' own GGUF quantizer",
         "quantization_config": "the packed MX config is the model's quantization config",
@@ -276,7 +297,7 @@ def _count_nonfinite(requests: list[Any], results: list[Any]) -> Counter[str]:
 class HFMXLM(HFLM):
     """lm-eval ``hf`` with MX fake quantization of selected linear layers.
 
-    All ``hf`` model_args work; MX keys are documented in the README
+    All ``hf`` model_args work; MX keys are documented in docs/model_args.md
     (``w_format``, ``a_format``, ``format``, ``block_size``, ``rounding``,
     ``scale_bits``, ``scale_mode``, ``roles``/``mlp_only``/``attn_only``,
     ``include``, ``exclude``, ``role_formats``, ``layer_formats``, ``recipe``, ``weight_only``,
@@ -349,15 +370,15 @@ class HFMXLM(HFLM):
         """The activation scheme and run-time keys beside a shipped checkpoint (the weights are its own); what
         would re-quantize or reinterpret the stored weights is refused before loading."""
         shipped = self.mx_shipped
-        clash = sorted(given.given - _BESIDE_SHIPPED - (_ACT_SCHEME_KEYS if "a_format" in given.given else set()))
+        clash = refused_beside_checkpoint("shipped", given.given)
         if clash:
             rot = [k for k in clash if k.startswith("rotation")]
             why = ("its stored weights are not rotated, so inputs cannot be rotated to match" if rot else
                    "they would re-quantize or reinterpret the stored weights")
             raise ValueError(
                 f"hf-mx: {pretrained} is a {shipped.name} checkpoint, evaluated with its weights as stored; "
-                f"{', '.join(clash)}: {why}. Beside it only {', '.join(sorted(_BESIDE_SHIPPED))} (and, with "
-                f"a_format, {', '.join(sorted(_ACT_SCHEME_KEYS))} for the activation scheme) may be given"
+                f"{', '.join(clash)}: {why}. Beside it only {', '.join(sorted(BESIDE_CHECKPOINT['shipped']))} "
+                f"(and, with a_format, {', '.join(SCHEME_KEYS)} for the activation scheme) may be given"
             )
         if given.profile is not None:
             given = _checkpoint_profile(pretrained, shipped, given)
@@ -384,7 +405,7 @@ class HFMXLM(HFLM):
                     weight_only=a_scheme is None and not per_layer, mx_backend=given.mx_backend, packed=True,
                     packed_gemm=given.packed_gemm, profile=given.profile)
         if "a_format" in given.given:
-            keys.update({k: getattr(given, k) for k in _ACT_SCHEME_KEYS if k in given.given})
+            keys.update({k: getattr(given, k) for k in SCHEME_KEYS if k in given.given})
         if w != "nvfp4" and "scale_mode" not in keys:
             keys["scale_mode"] = shipped.weight_scheme.scale_mode.value
         return MXConfig(**keys, given=given.given)
@@ -393,14 +414,14 @@ class HFMXLM(HFLM):
         """The checkpoint's MX configuration, with the run-time keys given beside it; any other MX key would
         re-quantize or reinterpret the stored weights: refused before loading."""
         stored = self.mx_stored.mx_config
-        clash = sorted(given.given - _BESIDE_STORED)
+        clash = refused_beside_checkpoint("stored", given.given)
         if clash:
             raise ValueError(
                 f"hf-mx: {pretrained} stores packed MX weights ({stored.label()}), evaluated as stored with the "
                 f"configuration it records; {', '.join(clash)} would change them. Beside such a checkpoint only "
-                f"{', '.join(sorted(_BESIDE_STORED))} may be given"
+                f"{', '.join(sorted(BESIDE_CHECKPOINT['stored']))} may be given"
             )
-        keep = {k: getattr(given, k) for k in _BESIDE_STORED if k in given.given}
+        keep = {k: getattr(given, k) for k in BESIDE_CHECKPOINT["stored"] if k in given.given}
         return dataclasses.replace(stored, **keep, given=stored.given | frozenset(keep))
 
     def _create_model(self, *args: Any, quantization_config: Any = None, **kwargs: Any) -> None:

@@ -15,8 +15,10 @@ when this module is imported (``from lm_eval_mx import MXQuantizationConfig`` an
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,7 +60,10 @@ class MXQuantizationConfig(QuantizationConfigMixin):
 
     def __init__(self, mx: MXConfig | dict[str, Any] | None = None, origin: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
-        kwargs.pop("quant_method", None)  # present when rebuilt from a serialized dict
+        if kwargs.pop("quant_method", None) is not None and not isinstance(mx, (dict, MXConfig)):  # a config.json's
+            raise ValueError("packed MX checkpoint: config.json's quantization_config (quant_method mx) has no 'mx' "
+                             f"object (got {mx!r}), which records how the codes were made: the config was edited; "
+                             "restore the one lm-eval-mx wrote")
         if mx is not None and kwargs:
             raise ValueError(f"MXQuantizationConfig: give an MXConfig (or its dict) or keys, not both (got {sorted(kwargs)})")
         if isinstance(mx, dict):  # MXConfig.to_dict(), as from_dict() gives it back
@@ -108,6 +113,59 @@ class MXPack(ConversionOps):
                 packed = module.mx_pack(name, tensor)
             out.update({f"{module_name}.{k}": v for k, v in packed.items()})
         return out
+
+
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.float32: "F32"}
+
+
+def stored_tensor_headers(files: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, safetensors dtype) of every tensor of a checkpoint's safetensors ``files``, read from their headers
+    (no tensor data is read)."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in files:
+        if str(path).endswith(".safetensors"):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    s = f.get_slice(key)
+                    out[key] = (tuple(s.get_shape()), s.get_dtype())
+    return out
+
+
+def stored_tensor_names(pretrained: str) -> list[str]:
+    """The tensor names of a local checkpoint directory's safetensors files ([] for a hub id or no such files)."""
+    root = Path(str(pretrained))
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(json.loads(index.read_text()).get("weight_map", {}))
+    return sorted(stored_tensor_headers([root / "model.safetensors"])) if (root / "model.safetensors").is_file() else []
+
+
+def check_stored_tensors(model: torch.nn.Module, headers: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """A packed MX checkpoint's tensors against what its quantization_config makes of the model, before any is
+    loaded: each packed layer's codes, scales and tensor scale of the right shape and dtype, and no packed tensor
+    for a layer the config leaves in high precision. The error names the tensor (transformers' names none)."""
+    edited = "the checkpoint's config.json and tensors disagree (was its quantization_config edited?); nothing was " \
+             "evaluated"
+    packed = {n: m for n, m in mx_layers(model) if isinstance(m, MXPackedLayer)}
+    for name, m in packed.items():
+        for leaf, (shape, dtype) in m.mx_stored().items():
+            got = headers.get(f"{name}.{leaf}")
+            if got is not None and got != (shape, _SAFETENSORS_DTYPES[dtype]):
+                raise ValueError(f"packed MX checkpoint: {name}.{leaf} is stored as {got[1]} {list(got[0])}, its "
+                                 f"config ({m.mx_spec.w.name}) makes it {_SAFETENSORS_DTYPES[dtype]} {list(shape)}: "
+                                 f"{edited}")
+    for key in headers:
+        module_name, _, leaf = key.rpartition(".")
+        if not leaf.endswith(("_scales", "_tensor_scale")) or module_name in packed:
+            continue
+        try:
+            model.get_submodule(module_name)
+        except AttributeError:  # a name the loader renames (e.g. per-expert tensors of fused experts)
+            continue
+        raise ValueError(f"packed MX checkpoint: {key} holds packed scales of {module_name}, which its config does "
+                         f"not select: {edited}")
 
 
 def _packed_param(model: torch.nn.Module, param_name: str) -> tuple[MXPackedLayer, str] | None:
@@ -166,6 +224,7 @@ class MXHfQuantizer(HfQuantizer):
             for _, m in mx_layers(model):
                 if isinstance(m, MXPackedLayer):
                     m.mx_expect_codes()
+            check_stored_tensors(model, stored_tensor_headers(kwargs.get("checkpoint_files") or ()))
         enable_attention(model, config, self.mx_report)  # refuses unsupported attention before the weights load
         return model
 

@@ -113,7 +113,7 @@ class TensorScale(str, Enum):
     maximum, so that E4M3 block scales use E4M3's whole range; activations: per input tensor, dynamically),
     or ``static`` (a float32 per-tensor scale given from outside, e.g. one a checkpoint stores for a layer's
     inputs: the block scales are computed relative to it, whatever the tensor's own maximum; see the
-    README's *Static per-tensor scales*)."""
+    docs/numerics.md, *Static per-tensor scales*)."""
 
     NONE = "none"
     AMAX = "amax"
@@ -216,7 +216,7 @@ E4M3 = FORMATS["fp8_e4m3"]
 
 @dataclass(frozen=True)
 class Scheme:
-    """How one tensor is quantized, along one axis (see the README's *Numerics* for the arithmetic).
+    """How one tensor is quantized, along one axis (see docs/numerics.md for the arithmetic).
 
     ``block_size=0`` is one block per row. ``scale_bits`` and ``scale_mode`` belong to E8M0
     scales; a tensor scale only to E4M3 scales (E8M0 scales need none: they span 2**±127).

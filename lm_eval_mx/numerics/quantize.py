@@ -7,7 +7,7 @@ inf/nan become NaN, zeros come back as +0.0. All of it is float32 arithmetic wit
 power-of-two factors, so every step is exact.
 
 E4M3 scales (NVFP4) follow torchao's ``nvfp4_quantize`` arithmetic, with the deviations the
-README lists (E4M3 subnormal scales kept, all-zero and non-finite tensors): every division is
+docs/numerics.md lists (E4M3 subnormal scales kept, all-zero and non-finite tensors): every division is
 one correctly rounded float32 operation, so the result is defined to the bit and the Triton
 kernel reproduces it.
 

@@ -35,6 +35,7 @@ from ..numerics.profiles import get_profile
 from .profile import with_profile
 from .values import (
     BMM_ROLE,
+    FIXED_KEYS,
     PACKED_GEMMS,
     ROLE_GROUPS,
     ROLES,
@@ -44,6 +45,7 @@ from .values import (
     _as_list,
     _as_pattern,
     _parse_rules,
+    check_fixed_keys,
     expand_roles,
     read_json,
 )
@@ -384,28 +386,31 @@ class MXConfig:
         return " ".join(parts)
 
 
-# Keys that a fixed scheme (nvfp4) sets itself.
-FIXED_KEYS = ("block_size", "scale_format", "tensor_scale")
-
-
-def check_fixed_keys(config: MXConfig, names: list[str]) -> None:
-    """block_size/scale_format/tensor_scale given while every format in use is a fixed scheme: refused, since
-    they would have no effect (as scale_mode/scale_bits are refused where no scale is E8M0)."""
-    keys = [k for k in FIXED_KEYS if getattr(config, k) is not None]
-    fixed = sorted({canonical_name(n) for n in names})
-    if keys and names and all(n in FIXED_SCHEMES for n in fixed):
-        raise ValueError(f"{', '.join(keys)} would be ignored: every format in use here ({', '.join(fixed)}) is a "
-                         "fixed scheme with its own block size, scale format and tensor scale; drop "
-                         f"{'it' if len(keys) == 1 else 'them'}, or give the parts separately (e.g. "
-                         "format=fp4_e2m1,block_size=16,scale_format=e4m3,tensor_scale=amax)")
-
-
 # User-facing keys beyond MXConfig's own fields.
 _PRESETS = {"mlp_only": "mlp", "attn_only": "attn"}
 _SHORTHANDS = ("format", "recipe")
 MX_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MXConfig) if f.name not in ("given", "named")) + tuple(_PRESETS) + _SHORTHANDS
 # MX keys that may be added to a recipe's: how it runs and stores, not the numbers it was measured with.
 _BESIDE_RECIPE = ("mx_backend", "packed", "packed_gemm", "attn_bmm", "bmm_format")
+# Keys that shape a format's scheme beyond its element format (block, scales, rounding).
+SCHEME_KEYS: tuple[str, ...] = ("block_size", "scale_format", "tensor_scale", "rounding", "scale_bits", "scale_mode")
+# Keys that choose how stored MX weights are computed with, not what they are.
+RUN_KEYS: tuple[str, ...] = ("mx_backend", "packed_gemm")
+# The one table of the MX keys that may stand beside a checkpoint whose weights are already quantized: "stored",
+# a packed MX checkpoint (quant_method mx; its recorded configuration runs as stored); "shipped", another tool's
+# (its weights as stored, its recipe's activations unless a_format or weight_only override them; with a_format,
+# SCHEME_KEYS shape the activation scheme). Every other MX key would re-quantize or reinterpret the stored weights.
+BESIDE_CHECKPOINT: dict[str, frozenset[str]] = {
+    "stored": frozenset(RUN_KEYS),
+    "shipped": frozenset({*RUN_KEYS, "a_format", "weight_only"}),
+}
+
+
+def refused_beside_checkpoint(kind: str, given: frozenset[str] | set[str]) -> list[str]:
+    """The MX keys of ``given`` that may not stand beside a ``kind`` ("stored" or "shipped") checkpoint, sorted."""
+    allowed = BESIDE_CHECKPOINT[kind] | (frozenset(SCHEME_KEYS) if kind == "shipped" and "a_format" in given
+                                         else frozenset())
+    return sorted(set(given) - allowed)
 # Keys whose values include "none" (lm-eval's CLI hands those over as None).
 _NONE_KEYS = ("roles", "rotation", "tensor_scale")
 # Keys that only act on linear layers (ignored when roles=none).
@@ -576,12 +581,12 @@ def _check_given(config: MXConfig, mx: dict[str, Any]) -> None:
         if config.attn_bmm and not bmm_reads_a and "a_format" in mx:
             linear.append("a_format")
         if not config.attn_bmm:
-            linear += [k for k in ("a_format", "block_size", "scale_format", "tensor_scale", "rounding",
-                                   "scale_bits", "scale_mode", "mx_backend") if k in mx]
+            linear += [k for k in ("a_format", *SCHEME_KEYS, "mx_backend") if k in mx]
         if linear:
             raise ValueError(f"{', '.join(linear)} would be ignored: roles=none puts no linear layer in MX"
                              + ("" if config.attn_bmm else " (and attn_bmm is off)"))
 
 
-__all__ = ["BACKENDS", "BMM_ROLE", "FORMATS", "MX_KEYS", "PACKED_GEMMS", "ROLES", "ROLE_GROUPS", "ROTATIONS", "MXConfig",
-           "check_fixed_keys", "expand_roles", "load_recipe", "parse_mx_args", "parse_mx_only", "read_json"]
+__all__ = ["BACKENDS", "BESIDE_CHECKPOINT", "BMM_ROLE", "FIXED_KEYS", "FORMATS", "MX_KEYS", "PACKED_GEMMS", "ROLES", "ROLE_GROUPS",
+           "ROTATIONS", "RUN_KEYS", "SCHEME_KEYS", "MXConfig", "check_fixed_keys", "expand_roles", "load_recipe",
+           "parse_mx_args", "parse_mx_only", "read_json", "refused_beside_checkpoint"]

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..numerics.formats import HIGH_PRECISION, check_format_name, suggest
+from ..numerics.formats import FIXED_SCHEMES, HIGH_PRECISION, canonical_name, check_format_name, suggest
 
 ROLES: tuple[str, ...] = (
     "attn_qkv",
@@ -137,7 +137,8 @@ def _parse_rules(key: str, value: Any) -> tuple[tuple[str, str], ...]:
                 f"(an MX format, nvfp4, or the words {' or '.join(sorted(HIGH_PRECISION))} to keep the layer in "
                 "high precision)"
             )
-        pattern, fmt = str(pair[0]).strip(), str(pair[1]).strip()
+        raw = pair[0].pattern if isinstance(pair[0], re.Pattern) else pair[0]  # a compiled regex: its pattern
+        pattern, fmt = str(raw).strip(), str(pair[1]).strip()
         if not fmt:
             raise ValueError(f"{key}: rule {pattern!r} has an empty format (after ':'); give a format or "
                              f"{' or '.join(sorted(HIGH_PRECISION))} to keep the layer in high precision")
@@ -159,3 +160,19 @@ def read_json(path: Any, what: str, error: type[ValueError] = ValueError) -> Any
         raise error(f"{what}: no such file {str(p)!r}") from None
     except (OSError, json.JSONDecodeError) as e:
         raise error(f"{what}: cannot read {str(p)!r} as JSON: {e}") from None
+
+
+# Keys that a fixed scheme (nvfp4) sets itself.
+FIXED_KEYS = ("block_size", "scale_format", "tensor_scale")
+
+
+def check_fixed_keys(config: Any, names: list[str]) -> None:
+    """block_size/scale_format/tensor_scale given while every format in use is a fixed scheme: refused, since
+    they would have no effect (as scale_mode/scale_bits are refused where no scale is E8M0)."""
+    keys = [k for k in FIXED_KEYS if getattr(config, k) is not None]
+    fixed = sorted({canonical_name(n) for n in names})
+    if keys and names and all(n in FIXED_SCHEMES for n in fixed):
+        raise ValueError(f"{', '.join(keys)} would be ignored: every format in use here ({', '.join(fixed)}) is a "
+                         "fixed scheme with its own block size, scale format and tensor scale; drop "
+                         f"{'it' if len(keys) == 1 else 'them'}, or give the parts separately (e.g. "
+                         "format=fp4_e2m1,block_size=16,scale_format=e4m3,tensor_scale=amax)")

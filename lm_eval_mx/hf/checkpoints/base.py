@@ -198,10 +198,19 @@ def read_quant_config(pretrained: str, config: Any) -> dict[str, Any] | None:
     """The checkpoint's quantization config: config.json's ``quantization_config``, else a local directory's
     ``hf_quant_config.json`` (older ModelOpt exports)."""
     qc = getattr(config, "quantization_config", None)
-    if qc is not None:
-        return qc if isinstance(qc, dict) else qc.to_dict()
+    qc = qc if qc is None or isinstance(qc, dict) else qc.to_dict()
     path = os.path.join(str(pretrained), "hf_quant_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return {"quant_method": "modelopt", **json.load(f)}
-    return None
+    if not os.path.isfile(path):
+        return qc
+    with open(path) as f:
+        side = {"quant_method": "modelopt", **json.load(f)}
+    if qc is not None and str(qc.get("quant_method") or "").lower() == "modelopt":  # both say what is quantized
+        from .modelopt import recognise
+
+        a, b = recognise(qc), recognise(side)
+        if (a.name, set(a.exclude)) != (b.name, set(b.exclude)):
+            raise ShippedCheckpointError(
+                f"hf-mx: {pretrained}: config.json's quantization_config ({a.name}, excluded {sorted(a.exclude)}) and "
+                f"hf_quant_config.json ({b.name}, excluded {sorted(b.exclude)}) disagree on what is quantized; "
+                "make them agree (or remove one)")
+    return qc if qc is not None else side

@@ -265,6 +265,7 @@ def _fill(name: str, layer: _Layer, shipped: Shipped, activations: Activations, 
         if missing:
             raise _error(f"{', '.join(missing)}: missing from the checkpoint, which its config ({shipped.name}) needs")
         try:
+            _check_tensor_scales(tensors)
             packed, how = recipe.convert(recipe.layout, tensors)
             m.mx_fill(weight, packed)
         except ValueError as e:
@@ -374,3 +375,12 @@ def _set(model: nn.Module, key: str, t: torch.Tensor) -> None:
         module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
     else:
         module._buffers[leaf] = t
+
+
+def _check_tensor_scales(tensors: dict[str, torch.Tensor]) -> None:
+    """A stored per-tensor weight scale that is not finite and positive would flip or zero the weights: refused,
+    named (every format's, before its conversion)."""
+    for key in ("weight_global_scale", "weight_scale_2"):
+        t = tensors.get(key)
+        if t is not None and t.is_floating_point() and not bool((torch.isfinite(t) & (t > 0)).all()):
+            raise ValueError(f"{key} = {t.flatten()[:4].tolist()} is not a usable scale (it must be finite and > 0)")
