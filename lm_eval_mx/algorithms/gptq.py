@@ -92,13 +92,15 @@ class GPTQOptions:
     ``block_columns``: columns per lazy batch update; ``damp``: relative damping, ``λ = damp · mean(diag H)``;
     ``act_order``: process columns in decreasing ``diag H`` (static scales only); ``scales``: ``static``
     (block scales from the original weight) or ``lazy`` (a block's scale from the updated weight when its
-    first column is reached).
+    first column is reached); ``expert_min_tokens``: an expert of a fused MoE layer routed fewer calibration
+    tokens is rounded to nearest (None: fewer tokens than the weight has inputs; see :mod:`.gptq_moe`).
     """
 
     block_columns: int = 128
     damp: float = 0.01
     act_order: bool = False
     scales: str = "static"
+    expert_min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.block_columns, bool) or not isinstance(self.block_columns, int) or self.block_columns < 1:
@@ -108,6 +110,9 @@ class GPTQOptions:
             raise ValueError(f"GPTQ damp must be a finite number >= 0 (relative to mean(diag H)), got {self.damp!r}")
         if not isinstance(self.act_order, bool):
             raise ValueError(f"GPTQ act_order must be True or False, got {self.act_order!r}")
+        if self.expert_min_tokens is not None and (isinstance(self.expert_min_tokens, bool) or not isinstance(
+                self.expert_min_tokens, int) or self.expert_min_tokens < 1):
+            raise ValueError(f"GPTQ expert_min_tokens must be an integer >= 1, got {self.expert_min_tokens!r}")
         if self.scales not in SCALES:
             raise ValueError(f"GPTQ scales must be one of {', '.join(SCALES)}, got {self.scales!r}")
         if self.act_order and self.scales != "static":
@@ -125,7 +130,9 @@ class GPTQResult:
     ``hessian_error`` / ``rtn_hessian_error``: ``tr((W - Q) H (W - Q)ᵀ)`` of GPTQ's and RTN's ``Q``
     (``W`` rotated when rotating, ``H`` as given); ``perm``: the column order used (act_order), else None;
     ``packed``: the same weight as codes on the scales GPTQ rounded on (:func:`pack_elements`), what a checkpoint
-    stores (``unpack_mx(packed)`` equals ``weight`` bit for bit).
+    stores (``unpack_mx(packed)`` equals ``weight`` bit for bit); ``tokens``: the calibration tokens its Hessian
+    was taken from (set by :func:`gptq_layers`); ``fallback``: why the weight was rounded to nearest instead
+    (too few tokens, :func:`rtn_fallback`), else None.
     """
 
     weight: torch.Tensor
@@ -137,6 +144,8 @@ class GPTQResult:
     rtn_hessian_error: float
     perm: torch.Tensor | None = None
     packed: MXPacked | None = None
+    tokens: int = 0
+    fallback: str | None = None
 
     @property
     def cholesky_retry(self) -> bool:
@@ -447,6 +456,23 @@ class GPTQLayer:
     module: torch.nn.Module
     scheme: Scheme
     rotation: Rotation | None = None
+    min_tokens: int | None = None  # fewer tokens: rounded to nearest (rtn_fallback); None: no tokens is an error
+
+
+def rtn_fallback(w: torch.Tensor, acc: HessianAccumulator, scheme: Scheme, rotation: Rotation | None,
+                 min_tokens: int) -> GPTQResult:
+    """Round to nearest for a weight whose Hessian came from fewer than ``min_tokens`` tokens (an expert the router
+    rarely picks): GPTQ with the identity Hessian, which is RTN bit for bit (codes and scales as ``mx_pack``
+    stores them); the errors are then measured on the Hessian of the tokens it did get (0 with none)."""
+    n = w.shape[1]
+    res = gptq_weight(w, torch.eye(n, device=w.device), scheme, rotation, GPTQOptions(damp=0.0))
+    w32 = rotate(w.detach(), rotation) if rotation is not None else w.detach().to(torch.float32)
+    h = acc.hessian().to(torch.float64) if acc.tokens else torch.zeros(n, n, dtype=torch.float64, device=w.device)
+    res.hessian_error = res.rtn_hessian_error = _hessian_error(w32.to(torch.float64) - res.weight.to(torch.float64), h)
+    res.damping = res.relative_damping = 0.0
+    res.tokens = acc.tokens
+    res.fallback = f"rtn: {acc.tokens} calibration tokens < min_tokens {min_tokens}"
+    return res
 
 
 def set_fake_quantized_weight(layer: GPTQLayer, result: GPTQResult) -> None:
@@ -477,7 +503,9 @@ def gptq_layers(
     the groups before it already quantized (``[[q, k, v], [o], [gate, up], [down]]`` is "true sequential";
     one group holding every layer calibrates them all on the block's unquantized forward). ``set_weight``
     writes a result into its layer (default: :func:`set_fake_quantized_weight`); ``on_layer`` is called after
-    each (progress, logging). Returns the results by layer name. Runs under ``torch.no_grad()``.
+    each (progress, logging). A layer with ``min_tokens`` set that saw fewer tokens is rounded to nearest
+    (:func:`rtn_fallback`, recorded in its result). Returns the results by layer name. Runs under
+    ``torch.no_grad()``.
     """
     items = list(inputs)
     if not items:
@@ -503,10 +531,14 @@ def gptq_layers(
                         hook.remove()
                 for layer in group:
                     acc = accs[layer.name]
-                    if acc.tokens == 0:
+                    if acc.tokens == 0 and layer.min_tokens is None:
                         raise ValueError(f"gptq_layers: layer {layer.name!r} saw no calibration tokens "
                                          f"(is it run by block {i}?)")
-                    result = gptq_weight(layer.module.weight, acc.hessian(), layer.scheme, layer.rotation, options)
+                    if layer.min_tokens is not None and acc.tokens < layer.min_tokens:
+                        result = rtn_fallback(layer.module.weight, acc, layer.scheme, layer.rotation, layer.min_tokens)
+                    else:
+                        result = gptq_weight(layer.module.weight, acc.hessian(), layer.scheme, layer.rotation, options)
+                        result.tokens = acc.tokens
                     set_weight(layer, result)
                     results[layer.name] = result
                     if on_layer is not None:
