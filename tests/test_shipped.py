@@ -386,7 +386,7 @@ def test_tensors_that_disagree_with_the_config_are_named(ct_nvfp4, tmp_path, edi
     (dict(rotation="hadamard"), "not rotated"), (dict(packed=True), "packed"),
 ])
 def test_mx_keys_that_would_requantize_are_refused(ct_nvfp4, extra, needle, monkeypatch):
-    import lm_eval_mx.hf.shipped as shipped
+    import lm_eval_mx.hf.checkpoints as shipped
 
     monkeypatch.setattr(shipped, "load_shipped", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ValueError, match=needle):

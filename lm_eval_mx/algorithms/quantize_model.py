@@ -37,7 +37,7 @@ from torch import nn
 
 from ..nn.layers import MXPackedLayer, convert_packed
 from ..nn.spec import MXSpec
-from ..numerics.packing import MXPacked, packed_layout
+from ..numerics.packing import MXPacked
 from ..selection.apply import layer_spec, select
 from ..selection.config import MXConfig
 from ..selection.roles import MIXINS, Candidate
@@ -259,13 +259,9 @@ def pack_layer(p: Planned, packed: MXPacked | None, gemm: str = "dequant") -> No
         if packed is None:
             with torch.no_grad():
                 tensors = module.mx_pack(name, w)
+            _store(module, tensors)
         else:
-            shape = module.mx_shapes[name]
-            codes_shape, scales_shape, _ = packed_layout(shape, p.spec.w.elem, p.spec.w.block_size)
-            tensors = {name: packed.codes.reshape(codes_shape), f"{name}_scales": packed.scales.reshape(scales_shape)}
-            if packed.tensor_scale is not None:
-                tensors[f"{name}_tensor_scale"] = packed.tensor_scale.to(torch.float32).reshape(shape[:-2])
-        _store(module, tensors)
+            module.mx_fill(name, packed)
 
 
 def _gptq_row(result: GPTQResult) -> dict[str, Any]:

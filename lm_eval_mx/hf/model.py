@@ -139,7 +139,7 @@ def _quant_method(config: Any) -> str:
 _BESIDE_STORED = frozenset({"mx_backend", "packed_gemm"})
 
 
-# Keys beside a checkpoint quantized by another tool (hf.shipped): run-time keys, and the activation overrides
+# Keys beside a checkpoint quantized by another tool (hf.checkpoints): run-time keys, and the activation overrides
 # (a_format with the keys shaping its scheme, weight_only). The weights are the checkpoint's.
 _BESIDE_SHIPPED = _BESIDE_STORED | {"a_format", "weight_only"}
 _ACT_SCHEME_KEYS = frozenset({"block_size", "scale_format", "tensor_scale", "rounding", "scale_bits", "scale_mode"})
@@ -148,7 +148,7 @@ _ACT_SCHEME_KEYS = frozenset({"block_size", "scale_format", "tensor_scale", "rou
 def detect_checkpoint(args: dict[str, Any]) -> tuple[Any, Any]:
     """What a checkpoint stores, read from its config before loading, in one place: ``(MXQuantizationConfig, None)``
     for packed MX weights (``lm-eval-mx quantize``, or ``save_pretrained`` of a ``packed=True`` model),
-    ``(None, Shipped)`` for a format of another tool that hf-mx reads as stored (:mod:`lm_eval_mx.hf.shipped`),
+    ``(None, Shipped)`` for a format of another tool that hf-mx reads as stored (:mod:`lm_eval_mx.hf.checkpoints`),
     ``(None, None)`` for an unquantized one. Any other quantization_config raises, naming the supported formats.
     A config that cannot be read here is left for HFLM to report."""
     if not isinstance(args.get("pretrained"), str):
@@ -163,7 +163,7 @@ def detect_checkpoint(args: dict[str, Any]) -> tuple[Any, Any]:
 
         mx = stored if isinstance(stored, MXQuantizationConfig) else MXQuantizationConfig.from_dict(dict(stored))
         return mx, None
-    from .shipped import read_quant_config, recognise
+    from .checkpoints import read_quant_config, recognise
 
     return None, recognise(read_quant_config(args["pretrained"], cfg))
 
@@ -299,11 +299,11 @@ class HFMXLM(HFLM):
         self._mx_packed = None
         if self.mx_shipped is not None:  # another tool's quantized weights, as stored
             _check_packed_args(pretrained, self.mx_keep_original, rest, f"{pretrained} ({self.mx_shipped.name})")
-            placed = [k for k in ("device_map", "parallelize", "tp_plan") if rest.get(k) not in (None, False, "False",
-                                                                                                  "false", "")]
+            placed = [k for k in ("parallelize", "tp_plan") if rest.get(k) not in (None, False, "False", "false", "")]
             if placed:
-                raise ValueError(f"hf-mx: {pretrained} ({self.mx_shipped.name}) loads on CPU, then moves to `device`; "
-                                 f"{', '.join(placed)} is not supported for such checkpoints yet")
+                raise ValueError(f"hf-mx: {pretrained} ({self.mx_shipped.name}) loads tensor by tensor onto `device` or "
+                                 f"the modules' devices of `device_map`; {', '.join(placed)} is not supported for such "
+                                 "checkpoints yet")
             config = self._shipped_config(pretrained, config)
             check_hf_args(config, rest)
         elif self.mx_stored is not None:  # the checkpoint's codes run as stored, with its recorded configuration
@@ -333,7 +333,7 @@ class HFMXLM(HFLM):
             )
         if "weight_only" in given.given and "a_format" in given.given and given.weight_only:
             raise ValueError("hf-mx: weight_only=True and a_format contradict each other; give one")
-        if "weight_only" in given.given and not given.weight_only and shipped.activations is None \
+        if "weight_only" in given.given and not given.weight_only and shipped.weight_only \
                 and "a_format" not in given.given:
             raise ValueError(f"hf-mx: {pretrained} is weight-only ({shipped.name}): weight_only=False needs an "
                              "a_format for the activations")
@@ -343,16 +343,16 @@ class HFMXLM(HFLM):
             a_scheme, a_from = given.scheme(given.a_format), "model_args (a_format)"
         else:
             a_scheme, a_from = shipped.default_activation(), "checkpoint"
-        self._shipped_act = (a_scheme, a_from)
+        self._shipped_act = (a_scheme, a_from)  # the label's; each layer loads its own recipe when from the checkpoint
         self._shipped_backend, self._shipped_gemm = given.mx_backend, given.packed_gemm
-        w = "nvfp4" if shipped.layout.scheme.block_size == 16 else "fp4_e2m1"
+        w = "nvfp4" if shipped.weight_scheme.block_size == 16 else "fp4_e2m1"
         keys = dict(w_format=w, a_format=given.a_format if "a_format" in given.given else w,
                     weight_only=a_scheme is None, mx_backend=given.mx_backend, packed=True,
                     packed_gemm=given.packed_gemm)
         if "a_format" in given.given:
             keys.update({k: getattr(given, k) for k in _ACT_SCHEME_KEYS if k in given.given})
         if w != "nvfp4" and "scale_mode" not in keys:
-            keys["scale_mode"] = shipped.layout.scheme.scale_mode.value
+            keys["scale_mode"] = shipped.weight_scheme.scale_mode.value
         return MXConfig(**keys, given=given.given)
 
     def _stored_config(self, pretrained: str, given: MXConfig) -> MXConfig:
@@ -394,17 +394,17 @@ class HFMXLM(HFLM):
 
     def _create_shipped(self, pretrained: str, revision: str | None = "main", dtype: Any = "auto",
                         trust_remote_code: bool | None = False, **kwargs: Any) -> None:
-        """The model of a shipped checkpoint, its quantized layers packed as stored (:mod:`.shipped`)."""
-        from .shipped import load_shipped
+        """The model of a shipped checkpoint, its quantized layers packed as stored (:mod:`.checkpoints`)."""
+        from .checkpoints import load_shipped
 
         if dtype in (None, "auto"):
             dtype = getattr(self._config, "dtype", None) or getattr(self._config, "torch_dtype", None) or torch.bfloat16
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         a_scheme, a_from = self._shipped_act
         self._model, self._shipped_report, self._shipped_layers = load_shipped(
-            pretrained, self.mx_shipped, a_scheme=a_scheme, a_from=a_from, dtype=dtype,
+            pretrained, self.mx_shipped, activations=None if a_from == "checkpoint" else (a_scheme, a_from), dtype=dtype,
             backend=self._shipped_backend, gemm=self._shipped_gemm, revision=revision,
-            trust_remote_code=bool(trust_remote_code))
+            trust_remote_code=bool(trust_remote_code), device=self.device, device_map=kwargs.get("device_map"))
 
     def set_mx(self, config: MXConfig) -> MXReport:
         """(Re)apply MX with ``config``; earlier MX layers are removed first (needs mx_keep_original)."""
@@ -469,13 +469,15 @@ class HFMXLM(HFLM):
             info["mx_checkpoint"] = {"format": "packed MX (quant_method=mx)", "origin": self.mx_stored.origin}
         if self.mx_shipped is not None:  # the weights are the checkpoint's and the activations its recipe's
             a_scheme, a_from = self._shipped_act
-            info["mx_label"] = f"{self.mx_shipped.name}: a={a_scheme.name if a_scheme else 'none'}"
-            info["mx_schemes"] = {"weights": self.mx_shipped.layout.scheme.to_dict(),
+            per_layer = a_scheme is None and a_from == "checkpoint" and not self.mx_shipped.weight_only
+            a_name = "per layer" if per_layer else a_scheme.name if a_scheme else None
+            info["mx_label"] = f"{self.mx_shipped.name}: a={a_name or 'none'}"
+            info["mx_schemes"] = {"weights": self.mx_shipped.weight_scheme.to_dict(),
                                   "activations": a_scheme.to_dict() if a_scheme else None}
             info["mx_checkpoint"] = {
                 **self.mx_shipped.describe(),
                 "settings": {"weights": "checkpoint (as stored)",
-                             "activations": a_scheme.name if a_scheme else "none (weight only)",
+                             "activations": a_name or "none (weight only)",
                              "activations_from": a_from,
                              **{k: "model_args" for k in sorted(self.mx_config.given)}},
                 "layers": self._shipped_layers,

@@ -15,6 +15,7 @@ before a checkpoint loads and filled by the loader (:mod:`lm_eval_mx.hf.quantize
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import types
 from collections.abc import Iterator
@@ -107,21 +108,32 @@ class MXExperts(MXLayer):
             out = out + getattr(self, f"{name}_bias")[expert]
         return out
 
+    def _input(self, x: torch.Tensor, name: str, expert: int) -> torch.Tensor:
+        """The input of projection ``name`` of ``expert``, quantized: with the expert's own stored per-tensor scale
+        where a checkpoint gives one per expert and projection (``mx_a_scales``), else by the layer's spec."""
+        scales = getattr(self, "mx_a_scales", None)
+        if scales is None:
+            return self.mx_spec.act(x)
+        return dataclasses.replace(self.mx_spec, a_scale=scales[name][expert]).act(x)
+
     def _mx_forward(  # type: ignore[override]
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        spec = self.mx_spec
-        xq = spec.act(hidden_states)  # rows are tokens: quantizing before gathering is exact
+        per_expert = getattr(self, "mx_a_scales", None) is not None
+        # rows are tokens: quantizing before gathering is exact (unless each expert has its own input scale)
+        xq = hidden_states if per_expert else self.mx_spec.act(hidden_states)
         out = torch.zeros_like(hidden_states)
         num_experts = self.down_proj.shape[0]
         has_gate = getattr(self, "has_gate", True)
+        up = "gate_up_proj" if has_gate else "up_proj"
         for expert in torch.unique(top_k_index).tolist():
             if expert >= num_experts:  # expert-parallel sentinels
                 continue
             token_idx, slot = torch.where(top_k_index == expert)
-            h = self._project(xq[token_idx], "gate_up_proj" if has_gate else "up_proj", expert)
+            x = self._input(xq[token_idx], up, expert) if per_expert else xq[token_idx]
+            h = self._project(x, up, expert)
             h = self._apply_gate(h) if has_gate else self.act_fn(h)
-            h = self._project(spec.act(h), "down_proj", expert)
+            h = self._project(self._input(h, "down_proj", expert), "down_proj", expert)
             h = h * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, h.to(out.dtype))
         return out
@@ -205,6 +217,42 @@ class MXPackedLayer(MXLayer):
         scheme = self.mx_spec.w
         bs = packed_layout(shape, scheme.elem, scheme.block_size)[2]
         return MXPacked(codes, scales, shape, scheme, bs, ts, name in self.mx_ts_divides)
+
+    def mx_fill(self, name: str, packed: MXPacked, index: int | None = None) -> None:
+        """Put ``packed`` into weight ``name`` as it is (codes, scale bytes, per-tensor scale): the inverse of
+        :meth:`mx_packed`, the one way every reader and quantizer fills a packed layer. ``index``: the slice along
+        the first axis (one expert of fused experts), written into the layer's tensors, which are allocated on
+        ``packed``'s device the first time (a layer set up on the meta device). ``ValueError`` naming what
+        disagrees with the layer (shape, element format, block size, per-tensor scale)."""
+        shape = self.mx_shapes[name] if index is None else self.mx_shapes[name][1:]
+        scheme = self.mx_spec.w
+        codes_shape, scales_shape, _ = packed_layout(shape, scheme.elem, scheme.block_size)
+        has_ts = scheme.tensor_scale is TensorScale.AMAX
+        why = ("shape" if tuple(packed.shape) != tuple(shape) else "element format" if packed.fmt != scheme.elem
+               else "block size" if packed.scheme.block_size != scheme.block_size
+               else "per-tensor scale" if (packed.tensor_scale is not None) != has_ts else None)
+        if why:
+            raise ValueError(f"{name}{'' if index is None else f'[{index}]'}: {why} differs: packed "
+                             f"{tuple(packed.shape)} {packed.scheme.name}, the layer holds {tuple(shape)} {scheme.name}")
+        tensors = {name: packed.codes.reshape(codes_shape), f"{name}_scales": packed.scales.reshape(scales_shape)}
+        if has_ts:
+            tensors[f"{name}_tensor_scale"] = packed.tensor_scale.to(torch.float32).reshape(shape[:-2])
+        divides = name in self.mx_ts_divides
+        if index is not None and index > 0 and packed.tensor_scale_divides != divides:
+            raise ValueError(f"{name}[{index}]: its per-tensor scale divides the block scales where the other "
+                             "experts' multiply them (or the reverse); fill all experts at once")
+        self.mx_ts_divides = (self.mx_ts_divides | {name}) if packed.tensor_scale_divides \
+            else (self.mx_ts_divides - {name})
+        for key, value in tensors.items():
+            if index is None:
+                setattr(self, key, nn.Parameter(value.contiguous(), requires_grad=False))
+                continue
+            full = getattr(self, key)
+            if full.device.type == "meta" or full.dtype != value.dtype or full.device != value.device:
+                full = nn.Parameter(torch.empty((self.mx_shapes[name][0], *value.shape), dtype=value.dtype,
+                                                device=value.device), requires_grad=False)
+                setattr(self, key, full)
+            full.data[index].copy_(value)
 
     def _reduction_last(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Weight ``name`` in the packed layout (reduction axis last) from the module's, or back: a swap."""
