@@ -16,8 +16,9 @@ from .. import __version__
 # Keys that choose how a checkpoint runs, not what it stores: given when the output loads, not here.
 IGNORED_MX_KEYS = ("packed", "packed_gemm", "mx_keep_original", "mx_backend")
 CALIBRATION_DEFAULTS = {"nsamples": 128, "seqlen": 512, "seed": 0}
-GPTQ_FLAGS = {"block_columns": "--block_columns", "damp": "--damp", "act_order": "--act_order", "scales": "--scales"}
-DEFAULTS = {"block_columns": 128, "damp": 0.01, "act_order": False, "scales": "static"}
+GPTQ_FLAGS = {"block_columns": "--block_columns", "damp": "--damp", "act_order": "--act_order", "scales": "--scales",
+              "expert_min_tokens": "--expert_min_tokens"}
+DEFAULTS = {"block_columns": 128, "damp": 0.01, "act_order": False, "scales": "static", "expert_min_tokens": None}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -58,6 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="gptq: columns in decreasing diag(H) order (static scales only)")
     p.add_argument("--scales", choices=("static", "lazy"), default=None,
                    help="gptq: block scales from the original weight (static, default) or when a block is reached (lazy)")
+    p.add_argument("--expert_min_tokens", type=int, default=None,
+                   help="gptq: an MoE expert routed fewer calibration tokens is rounded to nearest (recorded per expert; "
+                        "default: the weight's input count)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (a model directory)")
 
@@ -98,7 +102,8 @@ def gptq_options(ns: argparse.Namespace) -> Any:
     try:
         return GPTQOptions(**values)
     except ValueError as e:
-        raise ValueError(str(e).replace("GPTQ block_columns", "--block_columns").replace("GPTQ damp", "--damp")) from None
+        raise ValueError(str(e).replace("GPTQ block_columns", "--block_columns").replace("GPTQ damp", "--damp")
+                         .replace("GPTQ expert_min_tokens", "--expert_min_tokens")) from None
 
 
 def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list[str] | None]:
@@ -204,8 +209,11 @@ def main(ns: argparse.Namespace) -> int:
     origin: dict[str, Any] = {"method": ns.method, "lm_eval_mx_version": __version__}
     if options is not None:
         origin["gptq"] = {"block_columns": options.block_columns, "damp": options.damp, "act_order": options.act_order,
-                          "scales": options.scales, "groups": "true-sequential by role: attn_qkv, attn_out, mlp_up, "
-                          "mlp_down, then other roles", "activations": "high precision during calibration"}
+                          "scales": options.scales, "expert_min_tokens": options.expert_min_tokens,
+                          "groups": "true-sequential by role: attn_qkv, attn_out, mlp_up, mlp_down, then other roles, "
+                          "then each MoE expert's gate_up_proj, then its down_proj (one Hessian per expert from the "
+                          "tokens its router sends it); lm_head after the blocks, on the final hidden states",
+                          "activations": "high precision during calibration"}
         origin["calibration"] = {"source": list(ns.calibration), "nsamples": ns.nsamples, "seqlen": ns.seqlen,
                                  "seed": ns.seed, "tokens": ns.nsamples * ns.seqlen, "texts_read": texts_read,
                                  "texts_available": len(texts)}
