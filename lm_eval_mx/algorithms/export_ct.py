@@ -199,16 +199,15 @@ def ct_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], str, list[
 
 def ct_config(model: nn.Module, kind: str, quantized: list[str], activations: bool) -> dict[str, Any]:
     """compressed-tensors' ``quantization_config`` (as ``QuantizationConfig.model_dump`` writes it): targets
-    ``Linear`` (and the fused experts modules by name), every other linear layer in ``ignore``."""
-    from ..selection.roles import find_candidates
-
-    linear = [c.name for c in find_candidates(model)[0] if c.kind == "linear"]
-    experts = [n for n in quantized if n not in linear]
+    ``Linear`` and the fused experts modules by name, every linear layer left unquantized in ``ignore``."""
+    modules = dict(model.named_modules())
+    experts = [n for n in quantized if not isinstance(modules[n], nn.Linear)]
+    ignore = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in quantized]
     group = {"targets": ["Linear", *experts], "weights": _WEIGHTS[kind],
              "input_activations": _MXFP4_ACT if activations else None, "output_activations": None, "format": None}
     return {"config_groups": {"group_0": group}, "quant_method": "compressed-tensors", "kv_cache_scheme": None,
             "format": FORMATS[kind], "quantization_status": "compressed", "global_compression_ratio": None,
-            "ignore": [n for n in linear if n not in quantized], "moe_sparsity_config": None}
+            "ignore": ignore, "moe_sparsity_config": None}
 
 
 def save_compressed_tensors(model: nn.Module, tokenizer: Any, origin: dict[str, Any], layers: list[dict[str, Any]],

@@ -16,6 +16,7 @@ from .. import __version__
 # Keys that choose how a checkpoint runs, not what it stores: given when the output loads, not here.
 IGNORED_MX_KEYS = ("packed", "packed_gemm", "mx_keep_original", "mx_backend")
 CALIBRATION_DEFAULTS = {"nsamples": 128, "seqlen": 512, "seed": 0}
+SAVE_FORMATS = ("mx", "compressed-tensors")
 GPTQ_FLAGS = {"block_columns": "--block_columns", "damp": "--damp", "act_order": "--act_order", "scales": "--scales",
               "expert_min_tokens": "--expert_min_tokens"}
 DEFAULTS = {"block_columns": 128, "damp": 0.01, "act_order": False, "scales": "static", "expert_min_tokens": None}
@@ -62,6 +63,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--expert_min_tokens", type=int, default=None,
                    help="gptq: an MoE expert routed fewer calibration tokens is rounded to nearest (recorded per expert; "
                         "default: the weight's input count)")
+    p.add_argument("--save_format", choices=SAVE_FORMATS, default="mx",
+                   help="mx: this project's packed checkpoint (default); compressed-tensors: llm-compressor's "
+                        "nvfp4/mxfp4-pack-quantized files, for transformers + compressed-tensors and vLLM (MXFP4 or NVFP4 "
+                        "weights, no rotation; activations none or MXFP4 with scale_mode=even)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (a model directory)")
 
@@ -184,6 +189,27 @@ def render(run: Any, out: Path, tokens: int | None) -> Any:
     return t
 
 
+def check_compressed_tensors(model: Any, config: Any, method: str) -> None:
+    """--save_format compressed-tensors: refuse, before any rounding, a selection it cannot hold exactly."""
+    from ..algorithms.export_ct import check_layers
+    from ..algorithms.quantize_model import plan
+
+    check_layers({p.candidate.name: p.spec for p in plan(model, config, method)})
+
+
+def save_ct(model: Any, tokenizer: Any, origin: dict[str, Any], run: Any, out: Path) -> None:
+    """Write the compressed-tensors checkpoint and say, in one line, where it deviates (NVFP4 global scales)."""
+    from ..algorithms.export_ct import save_compressed_tensors
+
+    export = save_compressed_tensors(model, tokenizer, origin, run.layers, out)
+    if not export["exact"]:
+        off = sum(d["blocks_off_in_last_bit"] for d in export["deviations"])
+        print(f"lm-eval-mx quantize: compressed-tensors stores NVFP4's per-tensor scale as a divisor (s8/gs): for "
+              f"{len(export['deviations'])} weights no float32 gs equals this project's ts·s8 on every block, so "
+              f"{off} blocks decode differently in the last float32 bit of their scale (codes and scale bytes are "
+              "GPTQ's as chosen); listed under export.deviations in mx_quantize.json")
+
+
 def main(ns: argparse.Namespace) -> int:
     """Check every input, load the model, quantize, save, print the summary."""
     from rich.console import Console
@@ -201,6 +227,8 @@ def main(ns: argparse.Namespace) -> int:
     lm = HFMXLM(**hf_args, roles="none")
     windows, texts_read = None, None
     try:
+        if ns.save_format == "compressed-tensors":
+            check_compressed_tensors(lm.model, config, ns.method)
         if ns.method == "gptq":
             windows, texts_read = calibration_windows(lm.tokenizer, texts, ns.nsamples, ns.seqlen, ns.seed)
         run = quantize_model(lm.model, config, ns.method, windows, options, progress=True)
@@ -222,7 +250,10 @@ def main(ns: argparse.Namespace) -> int:
     # written next to DIR first, so that a failure leaves DIR as it was
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_quantized(lm.model, lm.tokenizer, config, origin, run, tmp)
+        if ns.save_format == "compressed-tensors":
+            save_ct(lm.model, lm.tokenizer, origin, run, tmp)
+        else:
+            save_quantized(lm.model, lm.tokenizer, config, origin, run, tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
