@@ -18,7 +18,7 @@ from lm_eval_mx.nn.layers import MXPackedLayer, mx_layers
 from lm_eval_mx.numerics.packing import unpack_mx
 
 pytest.importorskip("compressed_tensors", minversion="0.20")
-from test_shipped import ct_reference_weights  # noqa: E402  compressed-tensors' own decompression, per layer
+from test_shipped import ct_reference_weights  # compressed-tensors' own decompression, per layer
 
 CORPUS = str(Path(__file__).resolve().parents[1] / "tasks" / "corpus" / "us_constitution.txt")
 GPTQ = ["--method", "gptq", "--calibration", CORPUS, "--nsamples", "8", "--seqlen", "32", "--block_columns", "32",
