@@ -181,12 +181,10 @@ def test_refusals_after_loading(tmp_path, tiny_dir, monkeypatch):
     base = f"pretrained={tiny_dir},format=mxfp4"
     cases = [
         ([*GPTQ[:4], "--nsamples", "500", "--seqlen", "64"], "fewer than --nsamples 500"),
-        (["--method", "gptq", "--calibration", CORPUS, "--nsamples", "2", "--seqlen", "8"], "lm_head"),
     ]
     for i, (flags, match) in enumerate(cases):
-        args = base + (",roles=all|lm_head" if match == "lm_head" else "")
         with pytest.raises(SystemExit, match=match):
-            _quantize(args, tmp_path / f"o{i}", *flags)
+            _quantize(base, tmp_path / f"o{i}", *flags)
         assert not (tmp_path / f"o{i}").exists()
     from lm_eval_mx.algorithms import gptq
 
