@@ -327,7 +327,10 @@ def quantize_model(model: nn.Module, config: MXConfig, method: str, windows: tor
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(planned), desc=f"{method.upper()}: quantizing", unit="layer")
+        total = len(planned) if method == "rtn" else sum(  # GPTQ reports each expert's weights
+            sum(getattr(p.candidate.module, n).shape[0] for names in expert_names(p.candidate.module) for n in names)
+            if p.candidate.kind == "experts" else 1 for p in planned)
+        bar = tqdm(total=total, desc=f"{method.upper()}: quantizing", unit="weight")
     try:
         if method == "gptq":
             if windows is None or windows.numel() == 0:
