@@ -41,6 +41,8 @@ SHAPES = {
            "layers": 32},
     "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8,
             "layers": 80},
+    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "layers": 32},  # --smoke: the script's own check on CPU
 }
 VARIANTS = {
     "mxfp4": {"format": "mxfp4"},
@@ -58,6 +60,9 @@ def _alarm(_signum: int, _frame: Any) -> None:
     raise VariantTimeout
 
 
+DEVICE = "cuda"
+
+
 def build(shape: str, layers: int, seed: int) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -65,7 +70,7 @@ def build(shape: str, layers: int, seed: int) -> torch.nn.Module:
     config = LlamaConfig(**dims, num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=8192,
                          rope_theta=500000.0, tie_word_embeddings=False, attn_implementation="sdpa")
     torch.manual_seed(seed)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     with torch.no_grad():
         for p in model.parameters():
@@ -81,21 +86,23 @@ def run_variant(shape: str, layers: int, name: str, windows: torch.Tensor, batch
 
     model = build(shape, layers, seed=0)
     config, _ = parse_mx_args(dict(VARIANTS[name]))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    sync()
+    cuda = DEVICE == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
     done: dict[int, float] = {}  # block index -> time its last layer was done
     t0 = time.perf_counter()
 
     def on_layer(layer_name: str, _result: Any) -> None:
-        torch.cuda.synchronize()
+        sync()
         done[int(layer_name.split(".")[2])] = time.perf_counter() - t0
 
     planned = plan(model, config, "gptq")  # what quantize_model(model, config, "gptq", windows) does, timed
     results = run_gptq(model, planned, windows, GPTQOptions(), batch_size, on_layer)
     for p in planned:
         pack_layer(p, results[p.candidate.name].packed)
-    torch.cuda.synchronize()
+    sync()
     total = time.perf_counter() - t0
     stamps = [done[i] for i in sorted(done)]
     per_block = [b - a for a, b in zip([0.0, *stamps[:-1]], stamps)]
@@ -111,11 +118,16 @@ def run_variant(shape: str, layers: int, name: str, windows: torch.Tensor, batch
                                                  * full / layers, 1),
         "extrapolation": f"first block (includes capturing the calibration inputs) + {full - 1} x mean of the later "
                          f"blocks ({len(later)} measured) + packing time x {full}/{layers}",
-        "peak_gpu_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_gpu_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "gpu_memory_before_GiB (model + windows)": round(base / 2**30, 2),
         "hessian_error_ratio_vs_rtn": summary.get("hessian_error_ratio"),
         "layers_quantized": len(results),
     }
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def check_graphs() -> dict[str, Any]:
@@ -159,7 +171,7 @@ def environment() -> dict[str, Any]:
         commit = ""
     import transformers
 
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "none (--smoke on CPU)", "torch": torch.__version__, "transformers": transformers.__version__,
             "commit": commit or os.environ.get("GIT_COMMIT", "unknown"), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC",
                                                                                                time.gmtime())}
 
@@ -177,7 +189,11 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=540, help="seconds after which no variant starts")
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gptq_gpu.json"))
+    p.add_argument("--smoke", action="store_true", help="a tiny model on CPU: checks this script, measures nothing")
     ns = p.parse_args()
+    if ns.smoke:
+        global DEVICE
+        DEVICE, ns.check = "cpu", False
     start = time.perf_counter()
     signal.signal(signal.SIGALRM, _alarm)
     result: dict[str, Any] = {"environment": environment(), "calibration": f"{ns.nsamples} x {ns.seqlen} random token ids",
@@ -191,7 +207,8 @@ def main() -> None:
         result["graph_check"] = check_graphs()
         save()
     windows = torch.randint(0, 128256, (ns.nsamples, ns.seqlen), generator=torch.Generator().manual_seed(0))
-    plan = [("8b", ns.layers, v) for v in ns.variants] + [("70b", ns.layers70, v) for v in ns.variants70 if ns.layers70]
+    big = "tiny" if ns.smoke else "8b"
+    plan = [(big, ns.layers, v) for v in ns.variants] + [("70b", ns.layers70, v) for v in ns.variants70 if ns.layers70]
     for shape, layers, variant in plan:
         if time.perf_counter() - start > ns.budget:
             result["skipped"].append(f"{shape} {variant}: budget of {ns.budget} s spent")
@@ -201,11 +218,12 @@ def main() -> None:
             row = run_variant(shape, layers, variant, windows, ns.batch_size)
         except VariantTimeout:
             row = {"shape": shape, "variant": variant, "timed_out_after_s": ns.variant_timeout}
-        except torch.cuda.OutOfMemoryError as e:
+        except torch.OutOfMemoryError as e:
             row = {"shape": shape, "variant": variant, "out_of_memory": str(e).splitlines()[0]}
         finally:
             signal.alarm(0)
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         result["runs"].append(row)
         print(json.dumps(row), flush=True)
         save()
