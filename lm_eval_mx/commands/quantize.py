@@ -126,6 +126,7 @@ def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list
     config, rest = parse_mx_args(args)
     if not config.selects_layers:
         raise ValueError("the MX keys select no layer (roles=none): there is nothing to quantize")
+    precheck_save_format(ns.save_format, config)
     options = gptq_options(ns)
     texts = None
     if ns.method == "gptq":
@@ -187,6 +188,15 @@ def render(run: Any, out: Path, tokens: int | None) -> Any:
                      f"{s['hessian_error_ratio']:.4f}; layers above RTN: {s['layers_above_rtn']}; calibration "
                      f"tokens: {tokens}; per layer: {out}/mx_quantize.json")
     return t
+
+
+def precheck_save_format(save_format: str, config: Any) -> None:
+    """--save_format compressed-tensors: what the MX keys alone show it cannot hold, refused before the model loads
+    (the rest, per layer, by :func:`check_compressed_tensors` once it has)."""
+    if save_format == "compressed-tensors" and config.rotation != "none":
+        raise ValueError(f"--save_format compressed-tensors: rotation={config.rotation} rotates the weights, which would "
+                         "need compressed-tensors' transform config, not written by this export: drop rotation= or "
+                         "use --save_format mx")
 
 
 def check_compressed_tensors(model: Any, config: Any, method: str) -> None:
