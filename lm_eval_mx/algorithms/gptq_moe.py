@@ -117,10 +117,18 @@ def gptq_head(model: nn.Module, layer: GPTQLayer, batches: list[torch.Tensor], o
     """GPTQ of ``lm_head`` on the final hidden states of ``model`` (whose blocks are quantized by now), one
     forward per batch of token ids, stopped at ``lm_head``."""
 
+    done = []
+
     def halt(*_: Any) -> None:
         raise _Stop
 
+    def finish(lay: GPTQLayer, result: GPTQResult) -> None:
+        set_weight(lay, result)
+        done.append(lay.name)
+
     def run(_i: int, m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        if done:  # gptq_layers passes the items on after the last group: no block follows, nothing to run
+            return ids
         stop = layer.module.register_forward_pre_hook(halt)  # after gptq_layers' hook: it has the inputs
         try:
             with contextlib.suppress(_Stop):
@@ -129,5 +137,5 @@ def gptq_head(model: nn.Module, layer: GPTQLayer, batches: list[torch.Tensor], o
             stop.remove()
         return ids
 
-    results = gptq_layers([model], run, lambda _i, _m: [[layer]], batches, options, set_weight)
+    results = gptq_layers([model], run, lambda _i, _m: [[layer]], batches, options, finish)
     return results[layer.name]
