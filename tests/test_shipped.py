@@ -393,7 +393,7 @@ def test_mx_keys_that_would_requantize_are_refused(ct_nvfp4, extra, needle, monk
         _lm(ct_nvfp4, **extra)
 
 
-def test_gpt_oss_and_placement_refused(src, ct_nvfp4, tmp_path):
+def test_mxfp4_on_a_model_without_gpt_oss_experts_and_placement_refused(src, ct_nvfp4, tmp_path):
     out = str(tmp_path / "gptoss")
     shutil.copytree(src, out)
     with open(f"{out}/config.json") as f:
@@ -401,7 +401,7 @@ def test_gpt_oss_and_placement_refused(src, ct_nvfp4, tmp_path):
     cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]}
     with open(f"{out}/config.json", "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(ValueError, match=r"gpt-oss MXFP4.*not supported yet"):
+    with pytest.raises(ValueError, match=r"gpt-oss MXFP4: no layer of this model is quantized"):
         _lm(out)
     with pytest.raises(ValueError, match="parallelize"):
         _lm(ct_nvfp4, parallelize=True)

@@ -347,7 +347,8 @@ class HFMXLM(HFLM):
         self._shipped_backend, self._shipped_gemm = given.mx_backend, given.packed_gemm
         w = "nvfp4" if shipped.weight_scheme.block_size == 16 else "fp4_e2m1"
         keys = dict(w_format=w, a_format=given.a_format if "a_format" in given.given else w,
-                    weight_only=a_scheme is None, mx_backend=given.mx_backend, packed=True,
+                    weight_only=a_scheme is None and (a_from != "checkpoint" or shipped.weight_only),
+                    mx_backend=given.mx_backend, packed=True,
                     packed_gemm=given.packed_gemm)
         if "a_format" in given.given:
             keys.update({k: getattr(given, k) for k in _ACT_SCHEME_KEYS if k in given.given})

@@ -238,7 +238,8 @@ class MXPackedLayer(MXLayer):
         if has_ts:
             tensors[f"{name}_tensor_scale"] = packed.tensor_scale.to(torch.float32).reshape(shape[:-2])
         divides = name in self.mx_ts_divides
-        if index is not None and index > 0 and packed.tensor_scale_divides != divides:
+        filled = index is not None and getattr(self, name).device.type != "meta"  # another expert came first
+        if filled and packed.tensor_scale_divides != divides:
             raise ValueError(f"{name}[{index}]: its per-tensor scale divides the block scales where the other "
                              "experts' multiply them (or the reverse); fill all experts at once")
         self.mx_ts_divides = (self.mx_ts_divides | {name}) if packed.tensor_scale_divides \

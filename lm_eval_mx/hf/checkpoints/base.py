@@ -95,6 +95,46 @@ class LayerRecipe:
                 **({"source": self.source} if self.source else {})}
 
 
+# The names one expert's projections go by in per-expert checkpoints, as transformers' conversion rules read them:
+# Qwen2-MoE's (gate_proj, up_proj -> gate_up_proj; down_proj) and Mixtral's (w1, w3 -> gate_up_proj; w2 -> down_proj).
+_EXPERT_NAMINGS = ({"gate_up_proj": ("gate_proj", "up_proj"), "up_proj": ("up_proj",), "down_proj": ("down_proj",)},
+                   {"gate_up_proj": ("w1", "w3"), "up_proj": ("w3",), "down_proj": ("w2",)})
+
+
+def expert_linear_names(name: str, module: nn.Module) -> list[list[str]]:
+    """Per naming family (Qwen2-MoE's, Mixtral's, each also under Mixtral's ``block_sparse_moe``), the names expert
+    0's projections of fused experts ``name`` go by in a per-expert checkpoint, to match a format's targets and
+    ignore lists as the tool that wrote it did; empty for a module that is not fused experts."""
+    weights = [w for w in ("gate_up_proj", "up_proj", "down_proj")
+               if isinstance(getattr(module, w, None), torch.Tensor) and getattr(module, w).dim() == 3]
+    if not weights:
+        return []
+    if "gate_up_proj" in weights:
+        weights = [w for w in weights if w != "up_proj"]
+    families = []
+    for naming in _EXPERT_NAMINGS:
+        for prefix in dict.fromkeys((name, name.replace(".mlp.", ".block_sparse_moe."))):
+            families.append([f"{prefix}.0.{p}" for w in weights for p in naming[w]])
+    return families
+
+
+def experts_recipe(name: str, module: nn.Module, recipe_of_linear: Callable[[str], LayerRecipe | None]
+                   ) -> LayerRecipe | None:
+    """Fused experts' recipe from their per-expert projections' (``recipe_of_linear(name)`` of an ``nn.Linear`` so
+    named): the recipe every projection of a naming family the config matches agrees on, None where no family
+    matches; refused where projections disagree (one fused experts module holds one recipe)."""
+    found: set[LayerRecipe | None] = set()
+    for family in expert_linear_names(name, module):
+        recipes = {recipe_of_linear(n) for n in family}
+        if recipes != {None}:
+            found |= recipes
+    if len(found) > 1:
+        raise unsupported(f"{name}: the experts' projections (gate, up, down) have different recipes "
+                          f"({', '.join(sorted(r.source or r.layout.name if r else 'unquantized' for r in found))}); "
+                          "one fused experts module holds one")
+    return found.pop() if found else None
+
+
 @dataclass(frozen=True)
 class Shipped:
     """A checkpoint format hf-mx reads as stored. A reader module returns a subclass from its ``recognise(qc)``

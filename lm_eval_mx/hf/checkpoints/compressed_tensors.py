@@ -19,7 +19,7 @@ from torch import nn
 from ...numerics.formats import TensorScale
 from ...numerics.layouts import CT_MXFP4, LAYOUTS, NVFP4, Layout
 from ...numerics.packing import MXPacked
-from .base import NO_ACTIVATION, Activation, LayerRecipe, Shipped, layout_to_packed, unsupported
+from .base import NO_ACTIVATION, Activation, LayerRecipe, Shipped, experts_recipe, layout_to_packed, unsupported
 
 QUANT_METHODS = ("compressed-tensors",)
 SUPPORTED = (
@@ -40,7 +40,7 @@ def _nvfp4_to_packed(layout: Layout, tensors: Mapping[str, torch.Tensor]) -> tup
         if "no float32 ts" not in str(e):
             raise
     p = layout.to_packed_dict(tensors, exact=False)
-    gs = tensors["weight_global_scale"].reshape(())
+    gs = tensors["weight_global_scale"].reshape(p.tensor_scale.shape)  # one, or one per expert
     return dataclasses.replace(p, tensor_scale=gs, tensor_scale_divides=True), "s8/gs"
 
 
@@ -89,12 +89,17 @@ def _matches(patterns: tuple[str, ...], name: str, module: nn.Module) -> bool:
     return False
 
 
+_LINEAR = nn.Linear(1, 1, device="meta")  # what an expert's projection is when llm-compressor matches it
+
+
 @dataclass(frozen=True)
 class CompressedTensors(Shipped):
     groups: tuple[tuple[tuple[str, ...], LayerRecipe], ...] = ()  # (targets, recipe) per config group
     ignore: tuple[str, ...] = ()
 
     def recipe_for(self, name: str, module: nn.Module) -> LayerRecipe | None:
+        if not isinstance(module, nn.Linear):  # llm-compressor quantizes fused experts per expert, as nn.Linear
+            return experts_recipe(name, module, lambda n: self.recipe_for(n, _LINEAR))
         if _matches(self.ignore, name, module):
             return None
         found = {r for targets, r in self.groups if _matches(targets, name, module)}

@@ -40,23 +40,26 @@ class Locator:
     """Maps checkpoint keys of the quantized layers planned for ``model`` to :class:`Slot` (None: another tensor)."""
 
     def __init__(self, model: nn.Module, layers: dict[str, Any]) -> None:
-        self.layers = layers  # module name -> its packed module
-        self.renamings: list[Any] = []
-        self.converters: list[Any] = []
-        if any(_is_experts(m) for m in layers.values()):
-            from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
-            from transformers.core_model_loading import WeightConverter, WeightRenaming
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping, get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
 
-            transforms = list(get_model_conversion_mapping(model)) + list(
-                get_checkpoint_conversion_mapping("qwen2_moe") or ())
-            self.renamings = [t for t in transforms if type(t) is WeightRenaming]
-            self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.layers = layers  # module name -> its packed module
+        transforms = list(get_model_conversion_mapping(model)) + list(
+            get_checkpoint_conversion_mapping("qwen2_moe") or ())
+        self.renamings = [t for t in transforms if type(t) is WeightRenaming]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def renamed(self, key: str) -> str:
+        """``key`` after transformers' renamings for this model (Mixtral's ``block_sparse_moe`` -> ``mlp``)."""
+        from transformers.core_model_loading import rename_source_key
+
+        return rename_source_key(key, self.renamings, [])[0]
 
     def locate(self, key: str) -> Slot | None:
         module, _, leaf = key.rpartition(".")
-        m = self.layers.get(module)
+        m = self.layers.get(module) or self.layers.get(self.renamed(module))
         if m is not None and not _is_experts(m):
-            return Slot(module, "weight", leaf)
+            return Slot(module if module in self.layers else self.renamed(module), "weight", leaf)
         owner, _, rest = key.rpartition(".")  # fused storage: "<experts>.<weight>_<leaf>" (gpt-oss's blocks)
         m = self.layers.get(owner)
         if m is not None:
@@ -65,7 +68,7 @@ class Locator:
                     return Slot(owner, weight, rest.removeprefix(f"{weight}_"))
             return None
         found = _EXPERT.search(key)
-        if found is None or not self.converters:
+        if found is None:
             return None
         from transformers.core_model_loading import rename_source_key
 

@@ -159,6 +159,8 @@ def _read(model: nn.Module, shipped: Shipped, layers: dict[str, _Layer], files: 
                     layers[slot.module].stored[(slot.weight, slot.expert, slot.part)][slot.leaf] = \
                         f.get_tensor(stored_key).to(device)
                     continue
+                if key not in params and key not in buffers and locator.renamed(key) in params:
+                    key = locator.renamed(key)
                 if key not in params and key not in buffers:
                     _refuse_unknown(stored_key, key, slot, layers, shipped, own_anywhere)
                 t = f.get_tensor(stored_key)

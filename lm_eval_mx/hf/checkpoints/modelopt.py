@@ -15,10 +15,13 @@ from torch import nn
 
 from ...numerics.formats import TensorScale
 from ...numerics.layouts import LAYOUTS, NVFP4
-from .base import NO_ACTIVATION, Activation, LayerRecipe, Shipped, unsupported
+from .base import NO_ACTIVATION, Activation, LayerRecipe, Shipped, experts_recipe, unsupported
 
 QUANT_METHODS = ("modelopt",)
 SUPPORTED = ("ModelOpt quant_algo NVFP4 / W4A16_NVFP4 (quant_method modelopt, hf_quant_config.json)",)
+
+
+_LINEAR = nn.Linear(1, 1, device="meta")  # what an expert's projection is when ModelOpt matches it
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,9 @@ class ModelOpt(Shipped):
     exclude: tuple[str, ...] = ()
 
     def recipe_for(self, name: str, module: nn.Module) -> LayerRecipe | None:
-        if not isinstance(module, nn.Linear) or any(
+        if not isinstance(module, nn.Linear):  # ModelOpt quantizes fused experts per expert (w1/w2/w3), as Linear
+            return experts_recipe(name, module, lambda n: self.recipe_for(n, _LINEAR))
+        if any(
                 p == type(module).__name__ or fnmatch.fnmatchcase(name, p) for p in self.exclude):
             return None
         return self.recipes[0]
