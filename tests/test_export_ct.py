@@ -1,7 +1,7 @@
 """``lm-eval-mx quantize --save_format compressed-tensors``: compressed-tensors' own decompressor gives back GPTQ's
 values (MXFP4 bit for bit; NVFP4 bit for bit but in the blocks the report lists), transformers + compressed-tensors
 loads the output (dense and Mixtral experts), and hf-mx gives the same logits on it as on the packed MX output of the
-same run (dense; Mixtral: xfail, see the test)."""
+same run (dense and Mixtral)."""
 
 from __future__ import annotations
 
@@ -141,10 +141,6 @@ def test_mixtral_experts_round_trip(mixtral_outputs):
         assert torch.equal(loaded.down_proj[e].float(), ref[f"{base}.w2"])
 
 
-@pytest.mark.xfail(strict=True, reason="hf-mx's checkpoint loader (core) maps the per-expert quantized tensors through "
-                   "transformers' conversion rules but not the unquantized ones: Mixtral's router, saved as "
-                   "block_sparse_moe.gate.weight (transformers' own save names), is refused as 'no parameter of the "
-                   "model has this name'")
 def test_mixtral_hfmx_logits_equal(mixtral_outputs):
     mx, ct = mixtral_outputs
     assert torch.equal(_logits(_hfmx(ct)), _logits(_hfmx(mx)))
