@@ -207,6 +207,17 @@ def check_compressed_tensors(model: Any, config: Any, method: str) -> None:
     check_layers({p.candidate.name: p.spec for p in plan(model, config, method)})
 
 
+def save_output(save_format: str, model: Any, tokenizer: Any, config: Any, origin: dict[str, Any], run: Any,
+                out: Path) -> None:
+    """Write the quantized model to ``out`` in ``save_format`` (:data:`SAVE_FORMATS`)."""
+    from ..algorithms.quantize_model import save_quantized
+
+    if save_format == "compressed-tensors":
+        save_ct(model, tokenizer, origin, run, out)
+    else:
+        save_quantized(model, tokenizer, config, origin, run, out)
+
+
 def save_ct(model: Any, tokenizer: Any, origin: dict[str, Any], run: Any, out: Path) -> None:
     """Write the compressed-tensors checkpoint and say, in one line, where it deviates (NVFP4 global scales)."""
     from ..algorithms.export_ct import save_compressed_tensors
@@ -231,7 +242,7 @@ def main(ns: argparse.Namespace) -> int:
 
     from ..algorithms.calibration import calibration_windows
     from ..algorithms.gptq import GPTQError
-    from ..algorithms.quantize_model import quantize_model, save_quantized
+    from ..algorithms.quantize_model import quantize_model
     from ..hf.model import HFMXLM
 
     lm = HFMXLM(**hf_args, roles="none")
@@ -260,10 +271,7 @@ def main(ns: argparse.Namespace) -> int:
     # written next to DIR first, so that a failure leaves DIR as it was
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        if ns.save_format == "compressed-tensors":
-            save_ct(lm.model, lm.tokenizer, origin, run, tmp)
-        else:
-            save_quantized(lm.model, lm.tokenizer, config, origin, run, tmp)
+        save_output(ns.save_format, lm.model, lm.tokenizer, config, origin, run, tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
