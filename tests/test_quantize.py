@@ -58,7 +58,7 @@ def test_rtn_equals_packed_load(tmp_path, tiny_dir, arch, cfg):
     assert got.config.quantization_config.origin["method"] == "rtn"
 
 
-def _driver(src: str, cfg: str, nsamples: int = 8, seqlen: int = 32):
+def _driver(src: str, cfg: str, nsamples: int = 8, seqlen: int = 32, **options):
     """What the library pipeline gives on the same windows: the GPTQ results by layer name."""
     from lm_eval_mx.algorithms.calibration import calibration_windows, read_texts
     from lm_eval_mx.algorithms.gptq import GPTQOptions
@@ -68,7 +68,7 @@ def _driver(src: str, cfg: str, nsamples: int = 8, seqlen: int = 32):
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     config = parse_mx_args(dict(kv.split("=") for kv in cfg.split(",")))[0]
     windows, _ = calibration_windows(AutoTokenizer.from_pretrained(src), read_texts([CORPUS])[0], nsamples, seqlen, 0)
-    return run_gptq(model, plan(model, config, "gptq"), windows, GPTQOptions(block_columns=32))
+    return run_gptq(model, plan(model, config, "gptq"), windows, GPTQOptions(block_columns=32, **options))
 
 
 @pytest.mark.parametrize("cfg", ["format=mxfp4", "format=nvfp4,rotation=hadamard"])
@@ -181,12 +181,10 @@ def test_refusals_after_loading(tmp_path, tiny_dir, monkeypatch):
     base = f"pretrained={tiny_dir},format=mxfp4"
     cases = [
         ([*GPTQ[:4], "--nsamples", "500", "--seqlen", "64"], "fewer than --nsamples 500"),
-        (["--method", "gptq", "--calibration", CORPUS, "--nsamples", "2", "--seqlen", "8"], "lm_head"),
     ]
     for i, (flags, match) in enumerate(cases):
-        args = base + (",roles=all|lm_head" if match == "lm_head" else "")
         with pytest.raises(SystemExit, match=match):
-            _quantize(args, tmp_path / f"o{i}", *flags)
+            _quantize(base, tmp_path / f"o{i}", *flags)
         assert not (tmp_path / f"o{i}").exists()
     from lm_eval_mx.algorithms import gptq
 
@@ -198,10 +196,24 @@ def test_refusals_after_loading(tmp_path, tiny_dir, monkeypatch):
         _quantize(base, tmp_path / "chol", *GPTQ)
 
 
-def test_gptq_refuses_fused_experts(tmp_path):
+def test_gptq_fused_experts_checkpoint(tmp_path):
+    """GPTQ on a tiny Mixtral (fused experts and lm_head): the checkpoint loads and holds each expert's codes as the
+    driver chose them; the report lists every expert with its routed tokens (test_gptq_moe checks the Hessians)."""
     src = save_tiny(tmp_path / "mixtral", "mixtral")
-    with pytest.raises(SystemExit, match="fused 3-D experts"):
-        _quantize(f"pretrained={src},format=mxfp4", tmp_path / "o", *GPTQ)
+    cfg = "format=mxfp4,roles=all|lm_head"
+    out = _quantize(f"pretrained={src},{cfg}", tmp_path / "o", *GPTQ, "--expert_min_tokens", "8")
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    results = _driver(src, cfg, expert_min_tokens=8)
+    experts = model.model.layers[1].mlp.experts
+    for name in ("gate_up_proj", "down_proj"):
+        for e in range(4):
+            r = results[f"model.layers.1.mlp.experts.{name}.{e}"]
+            assert torch.equal(experts.mx_packed(name, e).codes, r.packed.codes), (name, e)
+    assert torch.equal(model.lm_head.weight, results["lm_head"].packed.codes)
+    rows = {r["name"]: r for r in json.loads((out / "mx_quantize.json").read_text())["layers"]}
+    row = rows["model.layers.0.mlp.experts"]
+    assert len(row["experts"]) == 8 and sum(x["tokens"] for x in row["experts"] if x["weight"] == "down_proj") == 8 * 32 * 2
+    assert torch.isfinite(_logits(model)).all()
 
 
 def test_quantized_input_and_output_over_the_input_are_refused(tmp_path, tiny_dir, monkeypatch):

@@ -51,7 +51,15 @@ Precision: the Hessian is accumulated in float32; its inverse factor, the workin
 and their propagation are float64 (a column is cast to float32 to be rounded). With float64 updates,
 the order in which errors are summed (the lazy batches) leaves the float32 values GPTQ rounds unchanged
 but for float64 rounding that practically never crosses a float32 rounding boundary. Everything runs
-on the weight's device; on CPU two runs give identical bits.
+on the weight's device; on CPU two runs give identical bits. float64 stays where it is because the codes are
+defined by it: a float32 working weight would round some columns differently (and float64 on an H100/H200
+is not what bounds the run: the column loop is launch-bound, the batch update is one GEMM per batch).
+
+Speed on CUDA: step 6 is a sequence of small kernels per column (rows are independent, columns are not), so
+Python's launch overhead bounds it. With static scales, every full batch of ``block_columns`` columns replays
+one CUDA graph captured from the very same per-column code on static buffers (:class:`_BatchGraph`): the same
+kernels on the same shapes, hence the same bits as the eager loop, which still runs on CPU, for lazy scales and
+for a ragged last batch. No step syncs with the host per column.
 """
 
 from __future__ import annotations
@@ -84,13 +92,15 @@ class GPTQOptions:
     ``block_columns``: columns per lazy batch update; ``damp``: relative damping, ``λ = damp · mean(diag H)``;
     ``act_order``: process columns in decreasing ``diag H`` (static scales only); ``scales``: ``static``
     (block scales from the original weight) or ``lazy`` (a block's scale from the updated weight when its
-    first column is reached).
+    first column is reached); ``expert_min_tokens``: an expert of a fused MoE layer routed fewer calibration
+    tokens is rounded to nearest (None: fewer tokens than the weight has inputs; see :mod:`.gptq_moe`).
     """
 
     block_columns: int = 128
     damp: float = 0.01
     act_order: bool = False
     scales: str = "static"
+    expert_min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.block_columns, bool) or not isinstance(self.block_columns, int) or self.block_columns < 1:
@@ -100,6 +110,9 @@ class GPTQOptions:
             raise ValueError(f"GPTQ damp must be a finite number >= 0 (relative to mean(diag H)), got {self.damp!r}")
         if not isinstance(self.act_order, bool):
             raise ValueError(f"GPTQ act_order must be True or False, got {self.act_order!r}")
+        if self.expert_min_tokens is not None and (isinstance(self.expert_min_tokens, bool) or not isinstance(
+                self.expert_min_tokens, int) or self.expert_min_tokens < 1):
+            raise ValueError(f"GPTQ expert_min_tokens must be an integer >= 1, got {self.expert_min_tokens!r}")
         if self.scales not in SCALES:
             raise ValueError(f"GPTQ scales must be one of {', '.join(SCALES)}, got {self.scales!r}")
         if self.act_order and self.scales != "static":
@@ -117,7 +130,9 @@ class GPTQResult:
     ``hessian_error`` / ``rtn_hessian_error``: ``tr((W - Q) H (W - Q)ᵀ)`` of GPTQ's and RTN's ``Q``
     (``W`` rotated when rotating, ``H`` as given); ``perm``: the column order used (act_order), else None;
     ``packed``: the same weight as codes on the scales GPTQ rounded on (:func:`pack_elements`), what a checkpoint
-    stores (``unpack_mx(packed)`` equals ``weight`` bit for bit).
+    stores (``unpack_mx(packed)`` equals ``weight`` bit for bit); ``tokens``: the calibration tokens its Hessian
+    was taken from (set by :func:`gptq_layers`); ``fallback``: why the weight was rounded to nearest instead
+    (too few tokens, :func:`rtn_fallback`), else None.
     """
 
     weight: torch.Tensor
@@ -129,6 +144,8 @@ class GPTQResult:
     rtn_hessian_error: float
     perm: torch.Tensor | None = None
     packed: MXPacked | None = None
+    tokens: int = 0
+    fallback: str | None = None
 
     @property
     def cholesky_retry(self) -> bool:
@@ -181,6 +198,167 @@ def _hessian_error(delta: torch.Tensor, h: torch.Tensor) -> float:
     return float(((delta @ h) * delta).sum())
 
 
+@dataclass
+class _Columns:
+    """Step 6's state for one weight: the float64 working weight ``work`` [out, n] (columns permuted under
+    act_order), the inverse factor ``u``, the per-block scales (recip, mult, nan, stored) [out, blocks], each
+    column's block ``col_block`` and the outputs ``q_out`` / ``elements`` [out, n] (float32)."""
+
+    work: torch.Tensor
+    u: torch.Tensor
+    scales: list[torch.Tensor]
+    col_block: list[int]
+    bs: int
+    scheme: Scheme
+    tensor_amax: torch.Tensor | None
+    lazy: bool
+    q_out: torch.Tensor
+    elements: torch.Tensor
+
+    def column(self, w1: torch.Tensor, u1: torch.Tensor, err1: torch.Tensor, k: int, cols: list[torch.Tensor],
+               q_cols: torch.Tensor, e_cols: torch.Tensor) -> None:
+        """Round column ``k`` of the batch ``w1`` [out, width] on its block's scales ``cols`` (recip, mult, nan,
+        stored; each [out]), store it in ``q_cols`` / ``e_cols`` and its error in ``err1``, and push the error
+        onto the batch's later columns."""
+        recip, mult, nan, stored = cols
+        wc = w1[:, k]
+        e = round_on_scales(wc.to(torch.float32), recip, stored, self.scheme)
+        q = dequantize_elements(e, mult, nan)
+        e_cols[:, k] = e
+        q_cols[:, k] = q
+        err = (wc - q.to(torch.float64)) / u1[k, k]
+        err = torch.where(nan, torch.zeros_like(err), err)
+        w1[:, k + 1:] -= torch.outer(err, u1[k, k + 1:])
+        err1[:, k] = err
+
+    def lazy_scales(self, w1: torch.Tensor, err1: torch.Tensor, b1: int, b2: int, k: int) -> None:
+        """``scales="lazy"``: the scales of the block starting at column ``b1 + k``, from its columns as updated
+        by now (those past the batch with the batch's pending updates applied)."""
+        c, n = b1 + k, self.work.shape[1]
+        blk = self.col_block[c]
+        end = min(c + self.bs, n)
+        cols = w1[:, k:min(end, b2) - b1]
+        if end > b2:
+            cols = torch.cat([cols, self.work[:, b2:end] - err1[:, :k] @ self.u[b1:c, b2:end]], dim=1)
+        s = _scales(cols.to(torch.float32), end - c, self.scheme, self.tensor_amax)
+        for dst, src in zip(self.scales, s):
+            dst[:, blk] = src[:, 0]
+
+    def batch_eager(self, b1: int, b2: int) -> torch.Tensor:
+        """Columns ``[b1, b2)`` one after another, in place; returns the batch's errors ``Err`` [out, b2 - b1]."""
+        w1 = self.work[:, b1:b2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = self.u[b1:b2, b1:b2]
+        for k in range(b2 - b1):
+            c = b1 + k
+            blk = self.col_block[c]
+            if self.lazy and c == blk * self.bs:
+                self.lazy_scales(w1, err1, b1, b2, k)
+            self.column(w1, u1, err1, k, [t[:, blk] for t in self.scales], self.q_out[:, b1:b2],
+                        self.elements[:, b1:b2])
+        return err1
+
+    def run(self, block_columns: int) -> None:
+        """Step 6 over all columns: lazy batches of ``block_columns``, each batch's errors pushed onto the columns
+        after it at once. On CUDA, full batches with static scales replay one captured CUDA graph of the batch
+        (the same kernels on the same shapes as :meth:`batch_eager`: the same bits, without the per-column
+        launch overhead of Python)."""
+        n = self.work.shape[1]
+        graph = _BatchGraph(self, block_columns) if _graphs_apply(self, block_columns) else None
+        for b1 in range(0, n, block_columns):
+            b2 = min(b1 + block_columns, n)
+            full = graph is not None and b2 - b1 == block_columns
+            err1 = graph.replay(b1) if full else self.batch_eager(b1, b2)  # type: ignore[union-attr]
+            if b2 < n:
+                self.work[:, b2:] -= err1 @ self.u[b1:b2, b2:]
+
+
+def _graphs_apply(state: _Columns, block_columns: int) -> bool:
+    return (state.work.is_cuda and not state.lazy and state.work.shape[1] >= 2 * block_columns
+            and torch.cuda.is_available() and _USE_GRAPHS)
+
+
+_USE_GRAPHS = True  # CUDA graphs for full static batches (tests turn it off to compare with the eager path)
+
+
+class _BatchGraph:
+    """One full batch of step 6 captured as a CUDA graph on static buffers: the batch's working columns, its
+    block of ``U`` and every column's scales gathered per column; replayed for each full batch."""
+
+    def __init__(self, state: _Columns, width: int) -> None:
+        self.state, self.width = state, width
+        out = state.work.shape[0]
+        self.w1 = torch.empty(out, width, dtype=torch.float64, device=state.work.device)
+        self.u1 = torch.empty(width, width, dtype=torch.float64, device=state.work.device)
+        self.cols = [torch.empty(out, width, dtype=t.dtype, device=t.device) for t in state.scales]
+        self.err1 = torch.zeros_like(self.w1)
+        self.q = torch.empty(out, width, dtype=torch.float32, device=state.work.device)
+        self.e = torch.empty_like(self.q)
+        self.graph: Any = None
+
+    def _body(self) -> None:
+        self.err1.zero_()
+        for k in range(self.width):
+            self.state.column(self.w1, self.u1, self.err1, k, [t[:, k] for t in self.cols], self.q, self.e)
+
+    def replay(self, b1: int) -> torch.Tensor:
+        s, b2 = self.state, b1 + self.width
+        self.w1.copy_(s.work[:, b1:b2])
+        self.u1.copy_(s.u[b1:b2, b1:b2])
+        index = torch.tensor(s.col_block[b1:b2], device=s.work.device)
+        for dst, src in zip(self.cols, s.scales):
+            torch.index_select(src, 1, index, out=dst)
+        if self.graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up outside the capture, as torch.cuda.graphs asks
+                w1 = self.w1.clone()
+                self._body()
+                self.w1.copy_(w1)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._body()
+        self.graph.replay()
+        s.q_out[:, b1:b2] = self.q
+        s.elements[:, b1:b2] = self.e
+        return self.err1
+
+
+def _prepare(w: torch.Tensor, hessian: torch.Tensor, scheme: Scheme, rotation: Rotation | None,
+             options: GPTQOptions) -> tuple[_Columns, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                            tuple[float, float, int]]:
+    """Steps 1-5: (the step-6 state, ``W`` rotated (float32), ``H`` as given (float64), the dead inputs, the
+    permutation, (λ, relative damping, retries))."""
+    out, n = w.shape
+    device = w.device
+    w = w.detach()
+    w32 = rotate(w, rotation) if rotation is not None else w.to(torch.float32)
+    h_given = hessian.to(device=device, dtype=torch.float64)
+    bs = block_length(n, scheme)
+    tensor_amax = w32.abs().amax() if scheme.tensor_scale is TensorScale.AMAX else None
+    # Step 2: static scales, from the original (rotated) weight; lazy ones are filled in step 6.
+    scales = _scales(w32, bs, scheme, tensor_amax)
+    # Step 3: dead inputs.
+    h = h_given.clone()
+    work = w32.to(torch.float64)
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    diag[dead] = 1.0
+    work[:, dead] = 0.0
+    perm = None
+    col_block = torch.arange(n, device=device) // bs
+    if options.act_order:
+        perm = torch.argsort(torch.diagonal(h_given), descending=True, stable=True)
+        work, h, col_block = work[:, perm], h[perm][:, perm], col_block[perm]
+    # Steps 4-5.
+    u, lam, rel, retries = inverse_hessian_factor(h, options.damp, tuple(w.shape))
+    state = _Columns(work, u, scales, col_block.tolist(), bs, scheme, tensor_amax, options.scales == "lazy",
+                     torch.empty(out, n, dtype=torch.float32, device=device),
+                     torch.empty(out, n, dtype=torch.float32, device=device))
+    return state, w32, h_given, dead, perm, (lam, rel, retries)
+
+
 def gptq_weight(
     w: torch.Tensor,
     hessian: torch.Tensor,
@@ -197,75 +375,19 @@ def gptq_weight(
     options = options or GPTQOptions()
     if w.dim() != 2:
         raise ValueError(f"GPTQ takes a 2-D weight [out_features, in_features], got shape {tuple(w.shape)}")
-    out, n = w.shape
+    n = w.shape[1]
     if tuple(hessian.shape) != (n, n):
         raise ValueError(f"GPTQ: the Hessian of a weight of shape {tuple(w.shape)} must be [{n}, {n}], got "
                          f"{tuple(hessian.shape)}")
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError(f"GPTQ: the Hessian of the layer of shape {tuple(w.shape)} has non-finite values")
-    device = w.device
-    w = w.detach()
-    w32 = rotate(w, rotation) if rotation is not None else w.to(torch.float32)
-    h_given = hessian.to(device=device, dtype=torch.float64)
-    bs = block_length(n, scheme)
-    tensor_amax = w32.abs().amax() if scheme.tensor_scale is TensorScale.AMAX else None
-    lazy = options.scales == "lazy"
-    # Step 2: static scales, from the original (rotated) weight; lazy ones are filled in step 6.
-    recip, mult, nan, stored = _scales(w32, bs, scheme, tensor_amax)
-
-    # Step 3: dead inputs.
-    h = h_given.clone()
-    work = w32.to(torch.float64)
-    diag = torch.diagonal(h)
-    dead = diag == 0
-    diag[dead] = 1.0
-    work[:, dead] = 0.0
-
-    perm = None
-    col_block = torch.arange(n, device=device) // bs
-    if options.act_order:
-        perm = torch.argsort(torch.diagonal(h_given), descending=True, stable=True)
-        work, h, col_block = work[:, perm], h[perm][:, perm], col_block[perm]
-    col_block = col_block.tolist()
-
-    # Steps 4-5.
-    u, lam, rel, retries = inverse_hessian_factor(h, options.damp, tuple(w.shape))
-
-    # Step 6.
-    q_out = torch.empty(out, n, dtype=torch.float32, device=device)
-    elements = torch.empty(out, n, dtype=torch.float32, device=device)
-    for b1 in range(0, n, options.block_columns):
-        b2 = min(b1 + options.block_columns, n)
-        w1 = work[:, b1:b2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[b1:b2, b1:b2]
-        for k in range(b2 - b1):
-            c = b1 + k
-            blk = col_block[c]
-            if lazy and c == blk * bs:
-                end = min(c + bs, n)
-                cols = w1[:, k:min(end, b2) - b1]
-                if end > b2:  # the block runs past this batch: its columns with the batch's pending updates
-                    cols = torch.cat([cols, work[:, b2:end] - err1[:, :k] @ u[b1:c, b2:end]], dim=1)
-                s = _scales(cols.to(torch.float32), end - c, scheme, tensor_amax)
-                for dst, src in zip((recip, mult, nan, stored), s):
-                    dst[:, blk] = src[:, 0]
-            wc = w1[:, k]
-            e = round_on_scales(wc.to(torch.float32), recip[:, blk], stored[:, blk], scheme)
-            q = dequantize_elements(e, mult[:, blk], nan[:, blk])
-            elements[:, c] = e
-            q_out[:, c] = q
-            err = (wc - q.to(torch.float64)) / u1[k, k]
-            err = torch.where(nan[:, blk], torch.zeros_like(err), err)
-            w1[:, k + 1:] -= torch.outer(err, u1[k, k + 1:])
-            err1[:, k] = err
-        if b2 < n:
-            work[:, b2:] -= err1 @ u[b1:b2, b2:]
-
+    state, w32, h_given, dead, perm, (lam, rel, retries) = _prepare(w, hessian, scheme, rotation, options)
+    state.run(options.block_columns)  # step 6
     # Step 7.
+    q_out, elements = state.q_out, state.elements
     if perm is not None:
         q_out, elements = q_out[:, torch.argsort(perm)], elements[:, torch.argsort(perm)]
-    ts = None if tensor_amax is None else tensor_scale(tensor_amax, scheme.elem)[0]
+    ts = None if state.tensor_amax is None else tensor_scale(state.tensor_amax, scheme.elem)[0]
     w64 = w32.to(torch.float64)
     rtn = quantize_torch(w32, scheme)
     return GPTQResult(
@@ -277,7 +399,7 @@ def gptq_weight(
         hessian_error=_hessian_error(w64 - q_out.to(torch.float64), h_given),
         rtn_hessian_error=_hessian_error(w64 - rtn.to(torch.float64), h_given),
         perm=perm,
-        packed=pack_elements(elements, nan, stored, scheme, ts),
+        packed=pack_elements(elements, state.scales[2], state.scales[3], scheme, ts),
     )
 
 
@@ -334,6 +456,23 @@ class GPTQLayer:
     module: torch.nn.Module
     scheme: Scheme
     rotation: Rotation | None = None
+    min_tokens: int | None = None  # fewer tokens: rounded to nearest (rtn_fallback); None: no tokens is an error
+
+
+def rtn_fallback(w: torch.Tensor, acc: HessianAccumulator, scheme: Scheme, rotation: Rotation | None,
+                 min_tokens: int) -> GPTQResult:
+    """Round to nearest for a weight whose Hessian came from fewer than ``min_tokens`` tokens (an expert the router
+    rarely picks): GPTQ with the identity Hessian, which is RTN bit for bit (codes and scales as ``mx_pack``
+    stores them); the errors are then measured on the Hessian of the tokens it did get (0 with none)."""
+    n = w.shape[1]
+    res = gptq_weight(w, torch.eye(n, device=w.device), scheme, rotation, GPTQOptions(damp=0.0))
+    w32 = rotate(w.detach(), rotation) if rotation is not None else w.detach().to(torch.float32)
+    h = acc.hessian().to(torch.float64) if acc.tokens else torch.zeros(n, n, dtype=torch.float64, device=w.device)
+    res.hessian_error = res.rtn_hessian_error = _hessian_error(w32.to(torch.float64) - res.weight.to(torch.float64), h)
+    res.damping = res.relative_damping = 0.0
+    res.tokens = acc.tokens
+    res.fallback = f"rtn: {acc.tokens} calibration tokens < min_tokens {min_tokens}"
+    return res
 
 
 def set_fake_quantized_weight(layer: GPTQLayer, result: GPTQResult) -> None:
@@ -364,7 +503,9 @@ def gptq_layers(
     the groups before it already quantized (``[[q, k, v], [o], [gate, up], [down]]`` is "true sequential";
     one group holding every layer calibrates them all on the block's unquantized forward). ``set_weight``
     writes a result into its layer (default: :func:`set_fake_quantized_weight`); ``on_layer`` is called after
-    each (progress, logging). Returns the results by layer name. Runs under ``torch.no_grad()``.
+    each (progress, logging). A layer with ``min_tokens`` set that saw fewer tokens is rounded to nearest
+    (:func:`rtn_fallback`, recorded in its result). Returns the results by layer name. Runs under
+    ``torch.no_grad()``.
     """
     items = list(inputs)
     if not items:
@@ -390,10 +531,14 @@ def gptq_layers(
                         hook.remove()
                 for layer in group:
                     acc = accs[layer.name]
-                    if acc.tokens == 0:
+                    if acc.tokens == 0 and layer.min_tokens is None:
                         raise ValueError(f"gptq_layers: layer {layer.name!r} saw no calibration tokens "
                                          f"(is it run by block {i}?)")
-                    result = gptq_weight(layer.module.weight, acc.hessian(), layer.scheme, layer.rotation, options)
+                    if layer.min_tokens is not None and acc.tokens < layer.min_tokens:
+                        result = rtn_fallback(layer.module.weight, acc, layer.scheme, layer.rotation, layer.min_tokens)
+                    else:
+                        result = gptq_weight(layer.module.weight, acc.hessian(), layer.scheme, layer.rotation, options)
+                        result.tokens = acc.tokens
                     set_weight(layer, result)
                     results[layer.name] = result
                     if on_layer is not None:

@@ -14,10 +14,13 @@ stores (``MXPackedLayer.mx_pack``, the loader's own op). ``gptq``:
    each rounded weight is written back fake-quantized (rotated back to the original domain when rotating, in the
    weight's dtype) so that later layers see it, and its codes and scales (``GPTQResult.packed``, the scales GPTQ
    rounded on) are kept;
-4. every selected layer becomes a packed layer (:func:`lm_eval_mx.nn.layers.convert_packed`) holding those codes.
+4. fused 3-D experts: one Hessian per expert from the tokens the model's router sends it, ``gate_up_proj``
+   (``up_proj``) of every expert, then ``down_proj`` (:mod:`lm_eval_mx.algorithms.gptq_moe`), after the block's
+   other groups; an expert with too few tokens is rounded to nearest, recorded per expert in the report;
+5. ``lm_head``, when selected: after every block, on the final hidden states (:func:`~.gptq_moe.gptq_head`);
+6. every selected layer becomes a packed layer (:func:`lm_eval_mx.nn.layers.convert_packed`) holding those codes.
 
-GPTQ refuses fused 3-D experts (they need one Hessian per expert, from the tokens routed to it) and layers
-outside the transformer blocks (``lm_head``): RTN handles both.
+GPTQ refuses other layers outside the transformer blocks (RTN handles them).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..selection.apply import layer_spec, select
 from ..selection.config import MXConfig
 from ..selection.roles import MIXINS, Candidate
 from .gptq import GPTQLayer, GPTQOptions, GPTQResult, gptq_layers, set_fake_quantized_weight
+from .gptq_moe import expert_layers, expert_names, gptq_head
 
 METHODS = ("rtn", "gptq")
 # True-sequential order inside a block; roles not named here come after, in one group each.
@@ -122,15 +126,12 @@ def plan(model: nn.Module, config: MXConfig, method: str) -> list[Planned]:
                          "(tie_word_embeddings=True): a checkpoint holds that weight once, as the embeddings, which "
                          "stay in high precision; leave lm_head out (exclude=lm_head)")
     if method == "gptq":
-        experts = [p.candidate.name for p in planned if p.candidate.kind == "experts"]
-        if experts:
-            raise ValueError(f"--method gptq does not support fused 3-D experts ({experts[0]}, {len(experts)} in all): "
-                             "each expert needs its own Hessian from the tokens routed to it. Exclude them "
-                             "(exclude=experts) or use --method rtn")
         prefix, _ = find_blocks(model)
         for p in planned:
             rest = p.candidate.name[len(prefix) + 1:] if p.candidate.name.startswith(f"{prefix}.") else ""
             index = rest.partition(".")[0]
+            if p.candidate.role == "lm_head" and not index.isdigit():
+                continue  # calibrated after the blocks, on the final hidden states
             if not index.isdigit():
                 raise ValueError(f"--method gptq calibrates the layers inside the transformer blocks ({prefix}.N); "
                                  f"{p.candidate.name} ({p.candidate.role}) is outside them: exclude it "
@@ -193,9 +194,17 @@ def _run_block(_i: int, block: nn.Module, item: tuple[tuple[Any, ...], dict[str,
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _groups(planned: list[Planned]) -> list[list[Planned]]:
+def _groups(planned: list[Planned], options: GPTQOptions) -> list[list[GPTQLayer]]:
+    """The block's layers in true-sequential groups: by role (:data:`GROUP_ORDER`, then other roles), fused
+    experts last, as two groups: every expert's first projection, then every expert's ``down_proj``."""
     roles = list(GROUP_ORDER) + sorted({p.candidate.role for p in planned} - set(GROUP_ORDER))
-    groups = [[p for p in planned if p.candidate.role == r] for r in roles]
+    dense = [p for p in planned if p.candidate.kind != "experts"]
+    groups = [[_gptq_layer(p) for p in dense if p.candidate.role == r] for r in roles]
+    experts = [p for p in planned if p.candidate.kind == "experts"]
+    for stage in (0, 1):
+        groups.append([layer for p in experts for layer in expert_layers(
+            p.candidate.name, p.candidate.module, expert_names(p.candidate.module)[stage], p.spec.w, p.spec.rotation,
+            options.expert_min_tokens)])
     return [g for g in groups if g]
 
 
@@ -209,21 +218,28 @@ def run_gptq(model: nn.Module, planned: list[Planned], windows: torch.Tensor, op
     """Steps 1-3 of the module docstring; returns the results by layer name (each with ``.packed``)."""
     _, blocks = find_blocks(model)
     by_block: dict[int, list[Planned]] = {}
+    heads = [p for p in planned if p.block is None]
     for p in planned:
-        assert p.block is not None, "plan(model, config, 'gptq') assigns blocks"
-        by_block.setdefault(p.block, []).append(p)
-    last = max(by_block)
-    items = capture_block_inputs(model, blocks[0], windows, batch_size)
+        if p.block is not None:
+            by_block.setdefault(p.block, []).append(p)
 
     def layers(i: int, _block: nn.Module) -> list[list[GPTQLayer]]:
-        return [[_gptq_layer(p) for p in g] for g in _groups(by_block.get(i, []))]
+        return _groups(by_block.get(i, []), options)
 
     def set_weight(layer: GPTQLayer, result: GPTQResult) -> None:
         set_fake_quantized_weight(layer, result)
         if on_layer is not None:
             on_layer(layer.name, result)
 
-    return gptq_layers(list(blocks)[: last + 1], _run_block, layers, items, options, set_weight)
+    results: dict[str, GPTQResult] = {}
+    if by_block:
+        items = capture_block_inputs(model, blocks[0], windows, batch_size)
+        results = gptq_layers(list(blocks)[: max(by_block) + 1], _run_block, layers, items, options, set_weight)
+    device = _input_device(model)
+    batches = [windows[i : i + batch_size].to(device) for i in range(0, windows.shape[0], batch_size)]
+    for p in heads:
+        results[p.candidate.name] = gptq_head(model, _gptq_layer(p), batches, options, set_weight)
+    return results
 
 
 def _store(module: MXPackedLayer, tensors: dict[str, torch.Tensor]) -> None:
@@ -248,6 +264,58 @@ def pack_layer(p: Planned, packed: MXPacked | None, gemm: str = "dequant") -> No
             module.mx_fill(name, packed)
 
 
+def _gptq_row(result: GPTQResult) -> dict[str, Any]:
+    return {"hessian_error": result.hessian_error, "rtn_hessian_error": result.rtn_hessian_error,
+            "damping": result.damping, "relative_damping": result.relative_damping,
+            "cholesky_retries": result.cholesky_retries, "dead_columns": result.dead_columns,
+            "tokens": result.tokens, "fallback": result.fallback}
+
+
+def pack_experts(p: Planned, packed: dict[str, list[MXPacked]], gemm: str = "dequant") -> None:
+    """Fused experts as a packed layer holding each expert's codes (``packed[name][expert]``)."""
+    c = p.candidate
+    module = convert_packed(c.module, MIXINS[c.kind], p.spec, c.role, gemm)
+    assert isinstance(module, MXPackedLayer)
+    for name, parts in packed.items():
+        for e, part in enumerate(parts):
+            module.mx_fill(name, part, index=e)
+
+
+def _expert_results(c: Candidate, results: dict[str, GPTQResult]) -> dict[str, list[GPTQResult]] | None:
+    """GPTQ's results for every expert of fused experts ``c`` by weight name, or None (RTN, or not experts)."""
+    if c.kind != "experts":
+        return None
+    first, second = expert_names(c.module)
+    keys = {n: [f"{c.name}.{n}.{e}" for e in range(getattr(c.module, n).shape[0])] for n in first + second}
+    if not all(k in results for ks in keys.values() for k in ks):
+        return None
+    return {n: [results[k] for k in ks] for n, ks in keys.items()}
+
+
+def _pack_and_report(p: Planned, results: dict[str, GPTQResult], gemm: str) -> dict[str, Any]:
+    """Pack one selected layer (GPTQ's codes where it ran, else RTN's) and return its report row; fused experts'
+    rows sum their experts' errors and list every expert (tokens, errors, fallback)."""
+    c = p.candidate
+    row: dict[str, Any] = {"name": c.name, "role": c.role, "kind": c.kind, "w_format": p.spec.w.name,
+                           "rotation": p.spec.rotation.label() if p.spec.rotation else None}
+    experts = _expert_results(c, results)
+    if experts is not None:
+        pack_experts(p, {n: [r.packed for r in rs] for n, rs in experts.items()}, gemm)  # type: ignore[misc]
+        rs = [r for parts in experts.values() for r in parts]
+        row.update(hessian_error=sum(r.hessian_error for r in rs), rtn_hessian_error=sum(r.rtn_hessian_error for r in rs),
+                   relative_damping=max(r.relative_damping for r in rs),
+                   cholesky_retries=sum(r.cholesky_retries for r in rs),
+                   experts_rounded_to_nearest=sum(r.fallback is not None for r in rs),
+                   experts=[{"weight": n, "expert": e, **_gptq_row(r)} for n, parts in experts.items()
+                            for e, r in enumerate(parts)])
+        return row
+    result = results.get(c.name)
+    pack_layer(p, None if result is None else result.packed, gemm)
+    if result is not None:
+        row.update(_gptq_row(result))
+    return row
+
+
 def quantize_model(model: nn.Module, config: MXConfig, method: str, windows: torch.Tensor | None = None,
                    options: GPTQOptions | None = None, progress: bool = False, batch_size: int = 8) -> QuantizeRun:
     """Quantize ``model``'s selected layers in place with ``method`` and leave them packed (see the module
@@ -259,7 +327,10 @@ def quantize_model(model: nn.Module, config: MXConfig, method: str, windows: tor
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(planned), desc=f"{method.upper()}: quantizing", unit="layer")
+        total = len(planned) if method == "rtn" else sum(  # GPTQ reports each expert's weights
+            sum(getattr(p.candidate.module, n).shape[0] for names in expert_names(p.candidate.module) for n in names)
+            if p.candidate.kind == "experts" else 1 for p in planned)
+        bar = tqdm(total=total, desc=f"{method.upper()}: quantizing", unit="weight")
     try:
         if method == "gptq":
             if windows is None or windows.numel() == 0:
@@ -272,18 +343,9 @@ def quantize_model(model: nn.Module, config: MXConfig, method: str, windows: tor
 
             run.results = run_gptq(model, planned, windows, options or GPTQOptions(), batch_size, on_layer)
         for p in planned:
-            result = run.results.get(p.candidate.name)
-            pack_layer(p, None if result is None else result.packed, config.packed_gemm)
-            row: dict[str, Any] = {"name": p.candidate.name, "role": p.candidate.role, "kind": p.candidate.kind,
-                                   "w_format": p.spec.w.name,
-                                   "rotation": p.spec.rotation.label() if p.spec.rotation else None}
-            if result is not None:
-                row.update(hessian_error=result.hessian_error, rtn_hessian_error=result.rtn_hessian_error,
-                           damping=result.damping, relative_damping=result.relative_damping,
-                           cholesky_retries=result.cholesky_retries, dead_columns=result.dead_columns)
-            elif bar is not None:
+            run.layers.append(_pack_and_report(p, run.results, config.packed_gemm))
+            if bar is not None and p.candidate.name not in run.results:
                 bar.update(1)
-            run.layers.append(row)
     finally:
         if bar is not None:
             bar.close()

@@ -30,8 +30,10 @@ REFUSED_HF_KEYS = {
     **dict.fromkeys(("peft", "delta"), "quantize rounds the base weights: merge the adapter or delta into a "
                                        "checkpoint first"),
 }
-GPTQ_FLAGS = {"block_columns": "--block_columns", "damp": "--damp", "act_order": "--act_order", "scales": "--scales"}
-DEFAULTS = {"block_columns": 128, "damp": 0.01, "act_order": False, "scales": "static"}
+SAVE_FORMATS = ("mx", "compressed-tensors")
+GPTQ_FLAGS = {"block_columns": "--block_columns", "damp": "--damp", "act_order": "--act_order", "scales": "--scales",
+              "expert_min_tokens": "--expert_min_tokens"}
+DEFAULTS = {"block_columns": 128, "damp": 0.01, "act_order": False, "scales": "static", "expert_min_tokens": None}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +74,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="gptq: columns in decreasing diag(H) order (static scales only)")
     p.add_argument("--scales", choices=("static", "lazy"), default=None,
                    help="gptq: block scales from the original weight (static, default) or when a block is reached (lazy)")
+    p.add_argument("--expert_min_tokens", type=int, default=None,
+                   help="gptq: an MoE expert routed fewer calibration tokens is rounded to nearest (recorded per expert; "
+                        "default: the weight's input count)")
+    p.add_argument("--save_format", choices=SAVE_FORMATS, default="mx",
+                   help="mx: this project's packed checkpoint (default); compressed-tensors: llm-compressor's "
+                        "nvfp4/mxfp4-pack-quantized files, for transformers + compressed-tensors and vLLM (MXFP4 or NVFP4 "
+                        "weights, no rotation; activations none or MXFP4 with scale_mode=even)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: cuda if available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists (a model directory)")
 
@@ -164,7 +173,8 @@ def gptq_options(ns: argparse.Namespace) -> Any:
     try:
         return GPTQOptions(**values)
     except ValueError as e:
-        raise ValueError(str(e).replace("GPTQ block_columns", "--block_columns").replace("GPTQ damp", "--damp")) from None
+        raise ValueError(str(e).replace("GPTQ block_columns", "--block_columns").replace("GPTQ damp", "--damp")
+                         .replace("GPTQ expert_min_tokens", "--expert_min_tokens")) from None
 
 
 def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list[str] | None]:
@@ -187,6 +197,7 @@ def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list
     config, rest = parse_mx_args(args)
     if not config.selects_layers:
         raise ValueError("the MX keys select no layer (roles=none): there is nothing to quantize")
+    precheck_save_format(ns.save_format, config)
     options = gptq_options(ns)
     texts = None
     if ns.method == "gptq":
@@ -263,6 +274,47 @@ def render(run: Any, out: Path, tokens: int | None) -> Any:
     return t
 
 
+def precheck_save_format(save_format: str, config: Any) -> None:
+    """--save_format compressed-tensors: what the MX keys alone show it cannot hold, refused before the model loads
+    (the rest, per layer, by :func:`check_compressed_tensors` once it has)."""
+    if save_format == "compressed-tensors" and config.rotation != "none":
+        raise ValueError(f"--save_format compressed-tensors: rotation={config.rotation} rotates the weights, which would "
+                         "need compressed-tensors' transform config, not written by this export: drop rotation= or "
+                         "use --save_format mx")
+
+
+def check_compressed_tensors(model: Any, config: Any, method: str) -> None:
+    """--save_format compressed-tensors: refuse, before any rounding, a selection it cannot hold exactly."""
+    from ..algorithms.export_ct import check_layers
+    from ..algorithms.quantize_model import plan
+
+    check_layers({p.candidate.name: p.spec for p in plan(model, config, method)})
+
+
+def save_output(save_format: str, model: Any, tokenizer: Any, config: Any, origin: dict[str, Any], run: Any,
+                out: Path) -> None:
+    """Write the quantized model to ``out`` in ``save_format`` (:data:`SAVE_FORMATS`)."""
+    from ..algorithms.quantize_model import save_quantized
+
+    if save_format == "compressed-tensors":
+        save_ct(model, tokenizer, origin, run, out)
+    else:
+        save_quantized(model, tokenizer, config, origin, run, out)
+
+
+def save_ct(model: Any, tokenizer: Any, origin: dict[str, Any], run: Any, out: Path) -> None:
+    """Write the compressed-tensors checkpoint and say, in one line, where it deviates (NVFP4 global scales)."""
+    from ..algorithms.export_ct import save_compressed_tensors
+
+    export = save_compressed_tensors(model, tokenizer, origin, run.layers, out)
+    if not export["exact"]:
+        off = sum(d["blocks_off_in_last_bit"] for d in export["deviations"])
+        print(f"lm-eval-mx quantize: compressed-tensors stores NVFP4's per-tensor scale as a divisor (s8/gs): for "
+              f"{len(export['deviations'])} weights no float32 gs equals this project's ts·s8 on every block, so "
+              f"{off} blocks decode differently in the last float32 bit of their scale (codes and scale bytes are "
+              "GPTQ's as chosen); listed under export.deviations in mx_quantize.json")
+
+
 def main(ns: argparse.Namespace) -> int:
     """Check every input, load the model, quantize, save, print the summary."""
     from rich.console import Console
@@ -274,7 +326,7 @@ def main(ns: argparse.Namespace) -> int:
 
     from ..algorithms.calibration import calibration_windows
     from ..algorithms.gptq import GPTQError
-    from ..algorithms.quantize_model import quantize_model, save_quantized
+    from ..algorithms.quantize_model import quantize_model
     from ..hf.model import HFMXLM
 
     try:
@@ -284,6 +336,8 @@ def main(ns: argparse.Namespace) -> int:
                          f"{(str(e).strip().splitlines() or [''])[0]}") from None
     windows, texts_read = None, None
     try:
+        if ns.save_format == "compressed-tensors":
+            check_compressed_tensors(lm.model, config, ns.method)
         if ns.method == "gptq":
             windows, texts_read = calibration_windows(lm.tokenizer, texts, ns.nsamples, ns.seqlen, ns.seed)
         run = quantize_model(lm.model, config, ns.method, windows, options, progress=True)
@@ -292,13 +346,16 @@ def main(ns: argparse.Namespace) -> int:
     origin: dict[str, Any] = {"method": ns.method, "lm_eval_mx_version": __version__}
     if options is not None:
         origin["gptq"] = {"block_columns": options.block_columns, "damp": options.damp, "act_order": options.act_order,
-                          "scales": options.scales, "groups": "true-sequential by role: attn_qkv, attn_out, mlp_up, "
-                          "mlp_down, then other roles", "activations": "high precision during calibration"}
+                          "scales": options.scales, "expert_min_tokens": options.expert_min_tokens,
+                          "groups": "true-sequential by role: attn_qkv, attn_out, mlp_up, mlp_down, then other roles, "
+                          "then each MoE expert's gate_up_proj, then its down_proj (one Hessian per expert from the "
+                          "tokens its router sends it); lm_head after the blocks, on the final hidden states",
+                          "activations": "high precision during calibration"}
         origin["calibration"] = {"source": list(ns.calibration), "nsamples": ns.nsamples, "seqlen": ns.seqlen,
                                  "seed": ns.seed, "tokens": ns.nsamples * ns.seqlen, "texts_read": texts_read,
                                  "texts_available": len(texts)}
         origin["diagnostics"] = run.summary()
     out = Path(os.path.abspath(ns.output))
-    write_beside(out, lambda tmp: save_quantized(lm.model, lm.tokenizer, config, origin, run, tmp))
+    write_beside(out, lambda tmp: save_output(ns.save_format, lm.model, lm.tokenizer, config, origin, run, tmp))
     Console(width=160, stderr=False).print(render(run, out, None if windows is None else ns.nsamples * ns.seqlen))
     return 0
