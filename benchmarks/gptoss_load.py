@@ -172,6 +172,9 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="toy shape on CPU (smoke test of the same path)")
     p.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temporary directory)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--layers", type=int, default=None,
+                   help="write and load only this many layers (to fit a time limit); the GPU memory of the rest is "
+                        "extrapolated per layer, as when the disk is short")
     ns = p.parse_args()
     shape = "tiny" if ns.tiny else ns.shape
     device = "cpu" if ns.tiny else "cuda"
@@ -183,6 +186,8 @@ def main() -> None:
     layers = full.num_hidden_layers
     if per_layer * layers + rest > free - (2 << 30):
         layers = max(1, int((free - (2 << 30) - rest) // per_layer))
+    if ns.layers is not None:
+        layers = max(1, min(layers, ns.layers))
     path = os.path.join(root, f"gptoss-{shape}")
     t0 = time.perf_counter()
     ctx = mp.get_context("spawn")
@@ -198,7 +203,8 @@ def main() -> None:
            "disk_free_bytes": free, **evaluate(path, device)}
     if layers < full.num_hidden_layers and device == "cuda":
         out["extrapolated"] = {
-            "why": f"disk holds {free / 2**30:.1f} GiB: {layers} of {full.num_hidden_layers} layers written",
+            "why": (f"--layers {ns.layers}" if ns.layers is not None and layers == ns.layers else
+                    f"disk holds {free / 2**30:.1f} GiB") + f": {layers} of {full.num_hidden_layers} layers written",
             "per_layer_bytes": per_layer,
             "peak_gpu_bytes_full": out["peak_gpu_bytes"] + (full.num_hidden_layers - layers) * per_layer}
     shutil.rmtree(path, ignore_errors=True)
