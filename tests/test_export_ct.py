@@ -75,20 +75,24 @@ def test_mxfp4_dense_round_trip_and_logits(tmp_path, llama):
 
 
 def test_transformers_loads_the_output(tmp_path, llama):
+    """transformers + compressed-tensors (the library's own runtime) computes the same logits as hf-mx on the
+    output, bit for bit (bf16: the library decompresses to bf16), and holds the library's decompressed weights."""
     from transformers import AutoModelForCausalLM
 
     ct = _quantize(llama, "w_format=mxfp4,weight_only=True", tmp_path / "ct", "--save_format", "compressed-tensors")
-    model = AutoModelForCausalLM.from_pretrained(str(ct), dtype=torch.bfloat16).eval()  # the library decompresses to bf16
-    ref = ct_reference_weights(str(ct))
-    mods = dict(model.named_modules())
+    model = AutoModelForCausalLM.from_pretrained(str(ct), dtype=torch.bfloat16).eval()
     with torch.no_grad():
         logits = model(IDS).logits
-    assert torch.isfinite(logits).all()
-    for name, w in ref.items():  # transformers' compressed-tensors path decompresses to the library's values
-        m = mods[name]
-        got = m.weight if getattr(m, "weight", None) is not None and m.weight.is_floating_point() else None
-        if got is not None:
-            assert torch.equal(got.float(), w), name
+    ours = HFMXLM(pretrained=str(ct), device="cpu", dtype="bfloat16")
+    with torch.no_grad():
+        assert torch.equal(logits, ours.model(IDS).logits)
+    ref = ct_reference_weights(str(ct))
+    mods = dict(model.named_modules())
+    held = {n: mods[n].weight for n in ref if getattr(mods[n], "weight", None) is not None
+            and mods[n].weight.is_floating_point()}
+    assert held, "transformers held no decompressed weight to compare"
+    for name, w in held.items():  # transformers' compressed-tensors path decompresses to the library's values
+        assert torch.equal(w.float(), ref[name]), name
 
 
 def test_nvfp4_deviations_are_the_recorded_blocks(tmp_path, llama):
