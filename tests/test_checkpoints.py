@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import save_tiny
 from safetensors.torch import load_file, save_file
+from test_cli_e2e import env, needs_install
 from transformers import AutoModelForCausalLM
 
 from lm_eval_mx.hf.model import HFMXLM
@@ -160,3 +163,26 @@ def test_compare_checks_checkpoints_before_the_baseline_runs(tmp_path, packed_di
     with pytest.raises(SystemExit, match=rf"--checkpoint ck={packed_dir}: .*cannot be combined with peft"):
         main(["compare", "--model_args", f"pretrained={src},peft=adapter", "--tasks", "mx_corpus_ppl",
               "--device", "cpu", "--checkpoint", f"ck={packed_dir}"])
+
+
+@needs_install
+def test_plain_from_pretrained_loads_a_packed_checkpoint(packed_dir):
+    """transformers' own ``from_pretrained(DIR)`` in a fresh interpreter that never imports lm_eval_mx: the installed
+    hook registers the ``mx`` quantizer when transformers meets ``quant_method: mx``, so the checkpoint loads as stored
+    (packed layers, the same logits as hf-mx) instead of transformers skipping the quantization and failing on every
+    packed tensor's size; a config of another method imports nothing of lm_eval_mx."""
+    ids = [[1, 5, 9, 2, 7]]
+    code = (f"import sys, torch; from transformers import AutoModelForCausalLM, AutoConfig\n"
+            f"m = AutoModelForCausalLM.from_pretrained({packed_dir!r}, dtype=torch.float32)\n"
+            f"print(type(m.model.layers[0].mlp.up_proj).__name__)\n"
+            f"torch.save(m(torch.tensor({ids})).logits, {packed_dir + '/plain_logits.pt'!r})")
+    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1].startswith("MXPacked")
+    lm = HFMXLM(pretrained=packed_dir, device="cpu", dtype="float32")
+    with torch.no_grad():
+        assert torch.equal(torch.load(packed_dir + "/plain_logits.pt"), lm.model(torch.tensor(ids)).logits)
+    code = ("import sys, transformers.quantizers.auto as a\n"
+            "print(a.AutoHfQuantizer.supports_quant_method({'quant_method': 'fp8'}), 'lm_eval_mx.hf' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=300)
+    assert out.stdout.split()[-2:] == ["True", "False"], out.stderr[-2000:]
