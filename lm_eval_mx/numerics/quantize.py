@@ -130,6 +130,8 @@ def e4m3_block_scales(amax: torch.Tensor, fmt: ElemFormat, ts: torch.Tensor | No
     return round_elements(s, E4M3, Rounding.EVEN)
 
 
+# The E4M3 step orders whose elements are divided by their scale (round_on_scales).
+_DIVIDING = (E4M3Steps.DIVIDE, E4M3Steps.QUARK)
 # compressed-tensors' stand-in for a zero E4M3 scale (``_get_dtype_eps(float8_e4m3fn)``).
 _CT_ZERO_SCALE = 0.125
 
@@ -223,7 +225,9 @@ def block_scales(
             raise ValueError("tensor_scale=static needs the stored per-tensor scale (static_scale)")
         ts, inv_ts = static_tensor_scale(static_scale, amax.device)
         s8 = e4m3_block_scales(amax, fmt, ts, clamp)  # saturates at 448 for a block beyond the calibrated range
-        return inv_ts / s8, ts * s8, ~torch.isfinite(amax), s8  # a non-finite value spoils its own block
+        mult = ts * s8
+        divisor_or_recip = mult if scheme.e4m3_steps is E4M3Steps.QUARK else inv_ts / s8  # see round_on_scales
+        return divisor_or_recip, mult, ~torch.isfinite(amax), s8  # a non-finite value spoils its own block
     if scheme.tensor_scale is TensorScale.AMAX:
         if tensor_amax is None:
             raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
@@ -237,8 +241,13 @@ def block_scales(
 
 def round_on_scales(values: torch.Tensor, recip: torch.Tensor, stored: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Float32 ``values`` rounded to element values (in units of their block's scale) on the scales of
-    :func:`block_scales` (``recip``, ``stored`` broadcast against ``values``)."""
-    scaled = values / recip if scheme.e4m3_steps is E4M3Steps.DIVIDE else values * recip
+    :func:`block_scales` (``recip``, ``stored`` broadcast against ``values``). The dividing orders (``e4m3_steps``
+    ``divide``, ``quark``) take ``recip`` as the divisor: one correctly rounded float32 division (a zero divisor,
+    whose block is zero, read as 1)."""
+    if scheme.e4m3_steps in _DIVIDING:
+        scaled = values / torch.where(recip == 0, torch.ones_like(recip), recip)
+    else:
+        scaled = values * recip
     q = round_elements(scaled, scheme.elem, scheme.rounding)
     if not scheme.is_mx:
         q = torch.where(stored == 0, torch.zeros_like(q), q)  # a scale that rounds to zero: a zero block
@@ -267,9 +276,6 @@ def quantize_blocks(
     if scheme.tensor_scale is TensorScale.AMAX and tensor_amax is None:
         tensor_amax = blocks.abs().amax()
     recip, mult, nan, stored = block_scales(amax, scheme, tensor_amax, static_scale, src_dtype)
-    if scheme.divide:  # x / (ts·s8), the product rounded first (AMD Quark's order); a zero scale: a zero block
-        q = round_elements(blocks / torch.where(mult == 0, 1.0, mult), scheme.elem, scheme.rounding)
-        return torch.where(stored == 0, torch.zeros_like(q), q), mult, nan, stored
     return round_on_scales(blocks, recip, stored, scheme), mult, nan, stored
 
 
