@@ -47,12 +47,13 @@ def test_llm_compressor_moe_logits_equal_the_tools(name, atol, one_thread):
 
 def test_per_expert_static_input_scales_are_each_experts(one_thread):
     """llm-compressor stores one input_global_scale per expert projection: down_proj's differ between experts, and
-    each expert quantizes its inputs with its own (1/gs as the divisor)."""
+    each expert quantizes its inputs with its own (gs as stored: compressed-tensors' multiplier, e4m3_steps=divide)."""
     model, _, record = _load("llmc_mixtral_nvfp4")
     stored = load_file(str(DATA / "llmc_mixtral_nvfp4" / "model.safetensors"))
     m = model.get_submodule("model.layers.0.mlp.experts")
-    want = [(1.0 / stored[f"model.layers.0.block_sparse_moe.experts.{e}.down_proj.input_global_scale"]).item()
+    want = [stored[f"model.layers.0.block_sparse_moe.experts.{e}.down_proj.input_global_scale"].item()
             for e in range(4)]
+    assert m.mx_spec.a.e4m3_steps.value == "divide"
     assert list(m.mx_a_scales["down_proj"]) == want and len(set(want)) > 1
     assert record["model.layers.0.mlp.experts"]["a_tensor_scale"]["down_proj"] == want
 

@@ -126,7 +126,7 @@ _TORCHAO = Profile(
 )
 
 _CT = Profile(
-    "compressed-tensors", 1, "compressed-tensors 0.20 (llm-compressor presets MXFP4, NVFP4; forward QDQ)",
+    "compressed-tensors", 2, "compressed-tensors 0.20 (llm-compressor presets MXFP4, NVFP4; forward QDQ)",
     "github.com/vllm-project/compressed-tensors v0.20.1 src/compressed_tensors/quantization/quant_scheme.py "
     "(MXFP4, NVFP4), utils/helpers.py (calculate_qparams, generate_gparam), utils/mxfp_utils.py "
     "(generate_mx_scales, round_to_power_2), lifecycle/forward_helpers.py (_quantize, _dequantize)",
@@ -147,9 +147,7 @@ _CT = Profile(
     },
     checkpoints={
         ("ct-mxfp4", "dynamic"): "checkpoint", ("ct-mxfp4", "none"): "checkpoint", ("ct-nvfp4", "none"): "checkpoint",
-        ("ct-nvfp4", "static"): "its activation step divides by (s / input_global_scale) with the stored multiplier; "
-                                "hf-mx's static path multiplies by the float32 1/input_global_scale (differences "
-                                "up to ~1e-6 at magnitude 30): not reproduced yet",
+        ("ct-nvfp4", "static"): "checkpoint",  # the reader runs its steps: e4m3_steps=divide, the stored multiplier
     },
     default_checkpoint="compressed-tensors loads its own formats only",
 )
@@ -235,8 +233,9 @@ _VLLM_BLACKWELL = Profile(
         "mxfp4": _NOT_TRANSCRIBED,
         "mxfp8": _NOT_TRANSCRIBED,
     },
-    default_checkpoint="its activation step takes the stored input_global_scale as a multiplier; hf-mx's reader "
-                       "keeps float32 1/input_global_scale: not reproduced yet",
+    default_checkpoint="its activation step is the FP4 kernel's (rcp steps) with the stored input_global_scale; "
+                       "hf-mx runs a shipped checkpoint's inputs as compressed-tensors computes them "
+                       "(e4m3_steps=divide) and does not substitute the kernel's steps: not reproduced yet",
 )
 _FP_QUANT_REASON = ("FP-Quant's one runtime (fp_quant in transformers: QuTLASS kernels or Triton pseudo-quantization) "
                     "runs on GPUs only, so no reference of its quantizer (Hadamard-rotated MXFP4/NVFP4) "

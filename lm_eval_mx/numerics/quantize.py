@@ -173,26 +173,30 @@ def _kernel_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor
 
 def _divide_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None,
                    static_scale: float | None, src_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`block_scales` of ``e4m3_steps=divide`` (compressed-tensors 0.20): the global scale is a multiplier
+    """:func:`block_scales` of ``e4m3_steps=divide`` (compressed-tensors 0.20): the global scale is a multiplier,
     ``gs = 2688 / amax`` (``generate_gparam``: amax clamped at float32's smallest normal, a non-finite gs read as
-    1); block scales ``e4m3(gs · (bmax / 6))`` with 0 read as 0.125 (``calculate_qparams``); values divided by
-    ``s / gs`` and dequantized by multiplying with it (``_quantize``/``_dequantize``). Returned as
-    (divisor, multiplier, ...): :func:`round_on_scales` divides when the scheme says so."""
+    1) or, with ``tensor_scale=static``, the stored ``input_global_scale`` as stored (``static_scale``); block
+    scales ``e4m3(gs · (bmax / 6))`` with 0 read as 0.125 (``calculate_qparams``); values divided by ``s / gs`` and
+    dequantized by multiplying with it (``_quantize``/``_dequantize``). Returned as (divisor, multiplier, ...):
+    :func:`round_on_scales` divides when the scheme says so."""
     fmt = scheme.elem
-    if scheme.tensor_scale is TensorScale.STATIC:
-        raise ValueError("e4m3_steps=divide takes compressed-tensors' multiplier input_global_scale, not a static "
-                         "divisor: not supported")
     nan = ~torch.isfinite(amax)
     s = (amax / amax.new_full((), fmt.max_normal)).to(src_dtype).float()  # the observer's dtype: the input's
-    if scheme.tensor_scale is TensorScale.AMAX:
+    gs = None
+    if scheme.tensor_scale is TensorScale.STATIC:
+        if static_scale is None:
+            raise ValueError("e4m3_steps=divide with tensor_scale=static needs the stored input_global_scale")
+        gs, _ = static_tensor_scale(static_scale, amax.device)  # a multiplier here; finite and > 0 alike
+    elif scheme.tensor_scale is TensorScale.AMAX:
         if tensor_amax is None:
             raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
         gs = _global_multiplier(tensor_amax, fmt)
-        s = gs * s
         nan = nan | (~torch.isfinite(tensor_amax)).expand_as(amax)
+    if gs is not None:
+        s = gs * s
     s8 = round_elements(s.clamp(-E4M3.max_normal, E4M3.max_normal), E4M3, Rounding.EVEN)
     s8 = torch.where(s8 == 0, torch.full_like(s8, _CT_ZERO_SCALE), s8)
-    scale = s8 / gs if scheme.tensor_scale is TensorScale.AMAX else s8
+    scale = s8 if gs is None else s8 / gs
     return scale, scale, nan, s8
 
 
