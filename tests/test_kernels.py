@@ -37,13 +37,22 @@ def test_kernels_match_torch_under_the_interpreter():
     assert counts["fast launch"] == 160 and int(fast.split(", ")[1].split()[0]) > 50  # most through the launcher
 
 
-def test_stack_step_orders_run_the_torch_reference():
+def test_stack_step_orders_run_the_torch_reference(monkeypatch):
     """The Triton kernel implements hf-mx's reference E4M3 steps only: every stack's own order (e4m3_steps, Quark's
-    static division included) is handed to the torch reference, on CUDA as on CPU."""
+    static division included) is handed to the torch reference, on CUDA as on CPU, by the per-layer input quantizer
+    too."""
     import dataclasses
+    import functools
 
+    from lm_eval_mx.kernels import backends
     from lm_eval_mx.kernels.backends import _torch_only
     from lm_eval_mx.numerics.formats import NAMED_SCHEMES, E4M3Steps, TensorScale
+    from lm_eval_mx.numerics.quantize import quantize_torch
+
+    monkeypatch.setattr(backends, "triton_available", lambda: True)
+    clamp = dataclasses.replace(NAMED_SCHEMES["nvfp4"], e4m3_steps=E4M3Steps.CLAMP)
+    act = backends.get_act_quantizer("triton", clamp, None)
+    assert isinstance(act, functools.partial) and act.func is quantize_torch
 
     nvfp4 = NAMED_SCHEMES["nvfp4"]
     assert not _torch_only(nvfp4) and not _torch_only(NAMED_SCHEMES["mxfp4"])

@@ -77,7 +77,8 @@ def get_quantizer(name: str) -> Quantizer:
 
 def get_act_quantizer(name: str, scheme: Scheme, rotation: Rotation | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``get_quantizer(name)(x, scheme, -1, rotation)`` as a function of ``x`` alone, everything else resolved now:
-    an input quantizer's call does only what depends on the tensor (its row length, dtype and size)."""
-    if resolve_backend(name) == "torch":
+    an input quantizer's call does only what depends on the tensor (its row length, dtype and size). Schemes the
+    kernel does not implement (:func:`_torch_only`) get the torch reference, on CUDA as on CPU."""
+    if resolve_backend(name) == "torch" or _torch_only(scheme):
         return functools.partial(quantize_torch, scheme=scheme, axis=-1, rotation=rotation)
     return _triton_mx().ActQuantizer(scheme, rotation)
