@@ -86,3 +86,14 @@ def test_modelopt_exports_exact(name, kw, key, one_thread):
     assert torch.equal(got, want)
     info = lm.get_model_info()["mx_checkpoint"]
     assert info["format"] == ("ModelOpt W4A16_NVFP4" if name == "w4a16_nvfp4" else "ModelOpt NVFP4")
+
+
+def test_profile_compressed_tensors_on_its_static_nvfp4_checkpoint(one_thread):
+    """profile=compressed-tensors beside its own static NVFP4 checkpoint keeps the recipe: the tool's logits bit for
+    bit; vllm-blackwell (the FP4 kernel's steps) refuses it with the reason."""
+    from lm_eval_mx.numerics.profiles import ProfileRefusal
+
+    got, want, _ = _logits(f"{DATA}/llmcompressor/nvfp4", "logits", profile="compressed-tensors")
+    assert torch.equal(got, want)
+    with pytest.raises(ProfileRefusal, match="kernel's steps"):
+        HFMXLM.check_before_loading(pretrained=f"{DATA}/llmcompressor/nvfp4", profile="vllm-blackwell")
