@@ -46,7 +46,7 @@ def test_stack_step_orders_run_the_torch_reference(monkeypatch):
 
     from lm_eval_mx.kernels import backends
     from lm_eval_mx.kernels.backends import _torch_only
-    from lm_eval_mx.numerics.formats import NAMED_SCHEMES, E4M3Steps, TensorScale
+    from lm_eval_mx.numerics.formats import NAMED_SCHEMES, E4M3Steps, ScaleMode, TensorScale
     from lm_eval_mx.numerics.quantize import quantize_torch
 
     monkeypatch.setattr(backends, "triton_available", lambda: True)
@@ -56,6 +56,7 @@ def test_stack_step_orders_run_the_torch_reference(monkeypatch):
 
     nvfp4 = NAMED_SCHEMES["nvfp4"]
     assert not _torch_only(nvfp4) and not _torch_only(NAMED_SCHEMES["mxfp4"])
+    assert _torch_only(dataclasses.replace(NAMED_SCHEMES["mxfp4"], scale_mode=ScaleMode.LOG2))  # auto-round's
     for steps in E4M3Steps:
         ts = TensorScale.STATIC if steps is E4M3Steps.QUARK else nvfp4.tensor_scale
         scheme = dataclasses.replace(nvfp4, e4m3_steps=steps, tensor_scale=ts)

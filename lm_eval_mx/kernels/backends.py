@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..numerics.formats import E4M3Steps, Scheme
+from ..numerics.formats import E4M3Steps, ScaleMode, Scheme
 from ..numerics.quantize import quantize_torch
 from ..numerics.rotation import Rotation
 from . import BACKENDS
@@ -51,9 +51,11 @@ def _triton(x: torch.Tensor, *args: Any) -> torch.Tensor:
 
 
 def _torch_only(scheme: Scheme) -> bool:
-    """Schemes the Triton kernel does not implement (a stack's own E4M3 step order): the torch reference runs them,
-    on CUDA as on CPU."""
-    return not scheme.is_mx and scheme.e4m3_steps is not E4M3Steps.REFERENCE
+    """Schemes the Triton kernel does not implement (a stack's own E4M3 step order, auto-round's ``log2`` scales):
+    the torch reference runs them, on CUDA as on CPU."""
+    if scheme.is_mx:
+        return scheme.scale_mode is ScaleMode.LOG2
+    return scheme.e4m3_steps is not E4M3Steps.REFERENCE
 
 
 def resolve_backend(name: str) -> str:

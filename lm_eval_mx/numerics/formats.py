@@ -132,13 +132,16 @@ class ScaleMode(str, Enum):
     """How the shared E8M0 exponent is derived from the block maximum.
 
     ``floor`` is OCP MX v1.0 (microxcaling, the golden data); ``ceil`` and
-    ``even`` follow torchao; ``rceil`` is NVIDIA Blackwell cuBLAS/cuDNN.
+    ``even`` follow torchao; ``rceil`` is NVIDIA Blackwell cuBLAS/cuDNN; ``log2`` is auto-round's
+    ``floor(torch.log2(amax))`` (:func:`lm_eval_mx.numerics.quantize.log2_exponent`), which rounds a block maximum a
+    few float32 ulps below a power of two up to it where ``floor`` takes its exponent bits.
     """
 
     FLOOR = "floor"
     CEIL = "ceil"
     EVEN = "even"
     RCEIL = "rceil"
+    LOG2 = "log2"
 
 
 class E4M3Steps(str, Enum):

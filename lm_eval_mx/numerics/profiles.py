@@ -153,20 +153,28 @@ _CT = Profile(
 )
 
 _AUTOROUND = Profile(
-    "auto-round", 1, "auto-round 0.16 (RTN, iters=0: schemes MXFP4, MXFP8)",
+    "auto-round", 2, "auto-round 0.16 (RTN, iters=0: schemes MXFP4, MXFP8; its own MXFP4 / NVFP4 exports)",
     "github.com/intel/auto-round v0.16.1 auto_round/schemes.py (MXFP4, MXFP8: data_type and act_data_type mx_fp, "
-    "act_dynamic), auto_round/data_type/mxfp.py (quant_mx: floor(log2(bmax)) - emax, quant_element)",
+    "act_dynamic), auto_round/data_type/mxfp.py (quant_mx: floor(torch.log2(bmax)) - emax, quant_element), "
+    "experimental/qmodules/mx.py, nvfp4.py (qdq_input: the runtime of its exports; lm_eval_mx/numerics/runtimes.py)",
     "the attention and MLP projections; the LM head is kept in high precision (auto-round's default "
     "quant_lm_head=False, auto_round/compressors/base.py)",
     {
-        "mxfp8": Rule({"scale_mode": "floor", "roles": _PROJ},
-                      "E8M0 scale 2**(floor(log2 bmax) - emax) (torch.log2 then floor), elements half-even; "
-                      "activations dynamic (act_data_type mx_fp)"),
-        "mxfp4": Rule({"scale_mode": "floor", "roles": _PROJ}, "as mxfp8 with E2M1 elements"),
+        "mxfp8": Rule({"scale_mode": "log2", "roles": _PROJ},
+                      "E8M0 scale 2**(floor(torch.log2(bmax)) - emax) in float32 (a block maximum a few ulps below "
+                      "a power of two rounds up to it), clamped to 2**±127; elements half-even; activations dynamic "
+                      "(act_data_type mx_fp)"),
+        "mxfp4": Rule({"scale_mode": "log2", "roles": _PROJ}, "as mxfp8 with E2M1 elements"),
         "mxfp4xmxfp8": "auto-round's schemes pair MXFP4 weights with MXFP4 activations only",
-        "nvfp4": "auto-round's NVFP4 activation rule is not pinned here yet",
+        "nvfp4": "auto-round's NVFP4 activation step takes a calibrated input_global_scale (its exports store it); "
+                 "a plain model has none: evaluate an auto-round NVFP4 export instead",
     },
-    default_checkpoint="auto-round's runtime for shipped checkpoints is not pinned here",
+    # its own exports: the reader runs auto-round's runtime (numerics.runtimes: auto-round-mx, auto-round-nvfp4)
+    checkpoints={(layout, acts): "checkpoint" for layout, acts in
+                 (("ar-mxfp4", "dynamic"), ("ar-mxfp4", "none"), ("ar-nvfp4", "static"), ("ar-nvfp4", "none"))},
+    default_checkpoint="auto-round's runtime is pinned for its own MXFP4 and NVFP4 exports (layouts ar-mxfp4, "
+                       "ar-nvfp4); its MXFP8 export shares compressed-tensors' layout, which this profile does not "
+                       "tell apart from llm-compressor's",
 )
 
 _QUARK = Profile(

@@ -52,6 +52,15 @@ def _biased_exponent(x: torch.Tensor) -> torch.Tensor:
     return (x.view(torch.int32) >> _F32_MANT) & 0xFF
 
 
+def log2_exponent(amax: torch.Tensor, fmt: ElemFormat) -> torch.Tensor:
+    """auto-round 0.16.1's shared exponent (``auto_round/data_type/mxfp.py: quant_mx``), int32: ``floor(torch.log2(
+    amax))`` in float32 (``amax == 0``: ``log2`` read as 1) minus the element's emax, clamped to [-127, 127] (a scale
+    above 2**127 clamped, not NaN). ``scale_mode=log2`` and :func:`lm_eval_mx.numerics.runtimes.autoround_mx` (a
+    shipped auto-round checkpoint's activations) both take it from here."""
+    e = torch.floor(torch.where(amax == 0, torch.ones_like(amax), torch.log2(amax)))
+    return (e - fmt.emax).clamp(-127, 127).to(torch.int32)
+
+
 def shared_exponent(
     amax: torch.Tensor, fmt: ElemFormat, scale_bits: int, scale_mode: ScaleMode
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +76,8 @@ def shared_exponent(
         mant = dbits & 0x7FFFFF
         round_up = torch.where(biased == 0, mant > 0x400000, mant != 0)
         exp = biased + round_up.to(torch.int32) - _F32_BIAS
+    elif scale_mode is ScaleMode.LOG2:
+        exp = log2_exponent(amax, fmt)
     else:
         if scale_mode is ScaleMode.EVEN:
             bits = (bits + (1 << (_F32_MANT - fmt.mbits - 1))) & 0x7F800000
