@@ -5,6 +5,7 @@ quantizers); auto-round is not needed to run these tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lm_eval_mx.hf.model import HFMXLM
 from lm_eval_mx.numerics import runtimes as R
-from lm_eval_mx.numerics.formats import FORMATS, NAMED_SCHEMES
+from lm_eval_mx.numerics.formats import FORMATS, NAMED_SCHEMES, ScaleMode
 from lm_eval_mx.numerics.layouts import decode_ar_nvfp4
 from lm_eval_mx.numerics.layouts._common import _unpack_codes
 from lm_eval_mx.numerics.quantize import quantize_torch
@@ -47,6 +48,17 @@ def test_mx_logits_equal_auto_rounds_runtime(scheme, one_thread):
     assert layer["a_rule"] == "auto-round-mx" and layer["a"]["elem"] == NAMED_SCHEMES[scheme].elem.name
     assert "lm_head" not in info["layers"]  # auto-round keeps it in high precision (outside block_name_to_quantize)
     assert lm.model.get_submodule("model.layers.0.self_attn.q_proj").weight.dtype == torch.uint8  # packed
+
+
+def test_profile_auto_round_runs_its_mxfp4_export_as_its_runtime(one_thread):
+    """profile=auto-round keeps its own export's recipe (auto-round's runtime: the same logits bit for bit); its
+    MXFP8 export, in compressed-tensors' layout, is refused with the reason."""
+    from lm_eval_mx.numerics.profiles import ProfileRefusal
+
+    ref = load_file(f"{DATA}/mxfp4/runtime_logits.safetensors")
+    assert torch.equal(_logits(_lm(f"{DATA}/mxfp4", profile="auto-round"), ref["ids"]), ref["logits"])
+    with pytest.raises(ProfileRefusal, match="does not tell apart"):
+        _lm(f"{DATA}/mxfp8", profile="auto-round")
 
 
 @pytest.mark.parametrize("scheme", ["mxfp4", "mxfp8", "nvfp4"])
@@ -100,8 +112,11 @@ def test_activation_rules_equal_auto_rounds_quantizers():
     x = v["x"]
     for bits, elem in ((4, "fp4_e2m1"), (8, "fp8_e4m3")):
         assert torch.equal(R.autoround_mx(x, FORMATS[elem]), v[f"mxfp{bits}"])
-        # the rows whose block maxima sit just below a power of two: OCP's floor takes another scale there
+        # the rows whose block maxima sit just below a power of two: OCP's floor takes another scale there, the
+        # scale mode of profile=auto-round (log2: the rule's exponent) auto-round's
         assert not torch.equal(quantize_torch(x, NAMED_SCHEMES[f"mxfp{bits}"])[10:14], v[f"mxfp{bits}"][10:14])
+        log2 = dataclasses.replace(NAMED_SCHEMES[f"mxfp{bits}"], scale_mode=ScaleMode.LOG2)
+        assert torch.equal(quantize_torch(x, log2), v[f"mxfp{bits}"])
     assert torch.equal(R.autoround_nvfp4(x[:10], v["nvfp4_gs"]), v["nvfp4"])
     assert R.autoround_nvfp4(x[:10].to(torch.bfloat16), v["nvfp4_gs"]).dtype == torch.bfloat16
 

@@ -297,3 +297,14 @@ def test_divergence_shows_nan_layers_as_nan_and_ranks_them_worst():
     text = render_text(res)
     assert "nan" not in text and " inf" not in text and "0.00%" not in text
     assert "top-1 agreement │          │ NaN" in text and f"{len(nan_units)} layers make the output NaN alone" in text
+
+
+def test_compare_help_lists_every_checkpoint_reader(capsys):
+    """--checkpoint's help is the readers' registry, every supported format in it (wrapping aside)."""
+    from lm_eval_mx.hf.checkpoints import SUPPORTED
+
+    with pytest.raises(SystemExit):
+        cli_main(["compare", "--help"])
+    shown = "".join(capsys.readouterr().out.split())  # argparse wraps at spaces and after hyphens
+    for line in SUPPORTED:
+        assert "".join(line.split()) in shown, line

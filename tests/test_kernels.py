@@ -35,3 +35,29 @@ def test_kernels_match_torch_under_the_interpreter():
     assert counts["packed decode"] == 10
     fast = next(line for line in lines if line.startswith("fast launch:"))
     assert counts["fast launch"] == 160 and int(fast.split(", ")[1].split()[0]) > 50  # most through the launcher
+
+
+def test_stack_step_orders_run_the_torch_reference(monkeypatch):
+    """The Triton kernel implements hf-mx's reference E4M3 steps only: every stack's own order (e4m3_steps, Quark's
+    static division included) is handed to the torch reference, on CUDA as on CPU, by the per-layer input quantizer
+    too."""
+    import dataclasses
+    import functools
+
+    from lm_eval_mx.kernels import backends
+    from lm_eval_mx.kernels.backends import _torch_only
+    from lm_eval_mx.numerics.formats import NAMED_SCHEMES, E4M3Steps, ScaleMode, TensorScale
+    from lm_eval_mx.numerics.quantize import quantize_torch
+
+    monkeypatch.setattr(backends, "triton_available", lambda: True)
+    clamp = dataclasses.replace(NAMED_SCHEMES["nvfp4"], e4m3_steps=E4M3Steps.CLAMP)
+    act = backends.get_act_quantizer("triton", clamp, None)
+    assert isinstance(act, functools.partial) and act.func is quantize_torch
+
+    nvfp4 = NAMED_SCHEMES["nvfp4"]
+    assert not _torch_only(nvfp4) and not _torch_only(NAMED_SCHEMES["mxfp4"])
+    assert _torch_only(dataclasses.replace(NAMED_SCHEMES["mxfp4"], scale_mode=ScaleMode.LOG2))  # auto-round's
+    for steps in E4M3Steps:
+        ts = TensorScale.STATIC if steps is E4M3Steps.QUARK else nvfp4.tensor_scale
+        scheme = dataclasses.replace(nvfp4, e4m3_steps=steps, tensor_scale=ts)
+        assert _torch_only(scheme) == (steps is not E4M3Steps.REFERENCE), steps

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from lm_eval_mx.algorithms.divergence import agreement
-from lm_eval_mx.numerics.formats import E4M3Steps
+from lm_eval_mx.numerics import runtimes as R
+from lm_eval_mx.numerics.formats import FORMATS, E4M3Steps
 from lm_eval_mx.numerics.profiles import PAIRS, PROFILES, ProfileRefusal, Rule, get_profile
 from lm_eval_mx.numerics.quantize import make_scheme, quantize
 from lm_eval_mx.selection.config import parse_mx_args
@@ -167,13 +168,25 @@ def test_auto_round_is_its_quant_mx(dtype, fmt):
     assert same(ours, w[f"out/{dtype}/mx_{fmt[2:]}"])
 
 
-def test_auto_round_log2_deviation_pinned():
-    """Where auto-round's torch.log2 rounds a block maximum just below a power of two up to it (4·(2 - 2**-23)),
-    its scale is twice OCP's floor: the one case the profile does not reproduce (docs, *Profiles*)."""
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp8"])
+def test_auto_round_log2_edge_is_its_quant_mx(fmt):
+    """Where auto-round's torch.log2 rounds a block maximum just below a power of two up to it (4·(2 - 2**-23)), its
+    scale is twice OCP's floor: profile=auto-round (scale_mode=log2) takes auto-round's, bit for bit, as the auto-round
+    checkpoint reader's activation rule does (numerics.runtimes.autoround_mx)."""
     w = _written("autoround_mx.pt")
-    x, theirs = w["in/edge"], w["out/edge/mx_fp4"]
-    ours = quantize(x, scheme("auto-round", "mxfp4"))
-    assert ours[0, 0] == 6.0 and theirs[0, 0] == 8.0  # OCP: scale 2**(2-2)=1 saturates at 6; auto-round: scale 2
+    x, theirs = w["in/edge"], w[f"out/edge/mx_{fmt[2:]}"]
+    assert same(quantize(x, scheme("auto-round", fmt)), theirs)
+    assert same(R.autoround_mx(x, FORMATS[{"mxfp4": "fp4_e2m1", "mxfp8": "fp8_e4m3"}[fmt]]), theirs)
+    if fmt == "mxfp4":  # OCP: scale 2**(2-2)=1 saturates at 6; auto-round: scale 2
+        assert quantize(x, scheme("ocp", fmt))[0, 0] == 6.0 and theirs[0, 0] == 8.0
+
+
+def test_auto_round_profile_runs_its_own_exports_only():
+    ar = get_profile("auto-round")
+    assert ar.version == 2
+    assert ar.checkpoint("ar-mxfp4", "dynamic") == ar.checkpoint("ar-nvfp4", "static") == "checkpoint"
+    with pytest.raises(ProfileRefusal, match="does not tell apart"):
+        ar.checkpoint("ct-mxfp8", "dynamic")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -220,8 +233,10 @@ def test_refusals_carry_the_stacks_reason():
         parse_mx_args({"profile": "vlm-hopper", "format": "nvfp4"})
     hopper = get_profile("vllm-hopper")
     assert hopper.checkpoint("ct-nvfp4", "static") == "weight_only"
+    # a static NVFP4 checkpoint runs compressed-tensors' own steps (test_tool_fixtures: its logits bit for bit)
+    assert get_profile("compressed-tensors").checkpoint("ct-nvfp4", "static") == "checkpoint"
     with pytest.raises(ProfileRefusal, match="input_global_scale"):
-        get_profile("compressed-tensors").checkpoint("ct-nvfp4", "static")
+        get_profile("vllm-blackwell").checkpoint("ct-nvfp4", "static")
 
 
 def test_vllm_hopper_drops_activations_and_records_its_version():
@@ -350,8 +365,8 @@ def test_compare_profiles_end_to_end(tiny_dir, tmp_path, monkeypatch, capsys):
     assert labels == ["baseline", "compressed-tensors: nvfp4 e4m3=divide"]  # ocp refuses nvfp4
     assert all(agree["top1_agreement"][a][a] == 1.0 for a in labels) and agree["tokens"] > 0
     assert len(agree["refused"]) == 1 and "profile=ocp" in agree["refused"][0]
-    assert agree["profiles"][labels[1]]["name"] == "compressed-tensors" and agree["profiles"][labels[1]]["version"] == 1
+    assert agree["profiles"][labels[1]]["name"] == "compressed-tensors" and agree["profiles"][labels[1]]["version"] == 2
     results = json.loads((out / "results_01.json").read_text())
-    assert '"version": 1' in json.dumps(results) and "compressed-tensors" in json.dumps(results)
+    assert '"version": 2' in json.dumps(results) and "compressed-tensors" in json.dumps(results)
     printed = capsys.readouterr().out
     assert "refused: --profile ocp with --config 'format=nvfp4'" in printed and "top-1 agreement" in printed

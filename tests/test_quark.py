@@ -67,7 +67,8 @@ def test_each_layer_its_own_recipe_as_quarks_runtime(tokenizer, one_thread):
         if qa is None:
             assert a is None, name
         elif isinstance(qa, list):  # NVFP4 inputs: dynamic blocks under the stored input_scale_2
-            assert (a["name"], a["tensor_scale"]) == ("fp4_e2m1/b16/e4m3+static/div", "static"), name
+            assert (a["name"], a["tensor_scale"], a["e4m3_steps"]) == ("fp4_e2m1/b16/e4m3+static/quark", "static",
+                                                                   "quark"), name
             assert layers[name]["a_tensor_scale_from"] == f"{name}.input_scale_2"
         elif qa["dtype"] == "fp8_e4m3":
             assert a["scale_format"] == "none" and layers[name]["a_tensor_scale_from"] == f"{name}.input_scale", name

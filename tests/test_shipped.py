@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from lm_eval_mx.hf.model import HFMXLM
 from lm_eval_mx.nn.layers import MXPackedLayer, mx_layers
 from lm_eval_mx.numerics import layouts as L
-from lm_eval_mx.numerics.formats import NAMED_SCHEMES, TensorScale
+from lm_eval_mx.numerics.formats import NAMED_SCHEMES, E4M3Steps, TensorScale
 from lm_eval_mx.numerics.quantize import quantize_torch
 
 pytest.importorskip("compressed_tensors")
@@ -170,11 +170,10 @@ def test_ct_nvfp4_weights_and_logits(ct_nvfp4, src):
         assert torch.equal(held[n].to(torch.bfloat16), lib_bf16[n]), n
         assert lm.model.get_submodule(n).weight.dtype == torch.uint8  # kept packed
     stored = load_file(f"{ct_nvfp4}/model.safetensors")
-    a = dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC)
+    a = dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC, e4m3_steps=E4M3Steps.DIVIDE)
 
-    def act(n, x):  # static NVFP4: ts = float32(1 / input_global_scale), block scales relative to it
-        ts = (1.0 / stored[f"{n}.input_global_scale"].reshape(())).item()
-        return quantize_torch(x, a, static_scale=ts)
+    def act(n, x):  # compressed-tensors' static NVFP4 steps, the stored input_global_scale a multiplier as stored
+        return quantize_torch(x, a, static_scale=stored[f"{n}.input_global_scale"].reshape(()).item())
 
     with torch.no_grad():
         got = lm.model(IDS).logits

@@ -30,14 +30,13 @@ def _logits(model, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return model(ref["ids"]).logits, ref["logits"]
 
 
-@pytest.mark.parametrize(("name", "atol"), [("llmc_qwen2_moe_mxfp4", 0.0), ("llmc_mixtral_nvfp4", 2e-7),
-                                            ("llmc_qwen3_moe_nvfp4", 2e-7)])
-def test_llm_compressor_moe_logits_equal_the_tools(name, atol, one_thread):
-    """MXFP4 (dynamic MX activations) bit for bit; NVFP4 W4A4 (static per-expert input scales) to float32 summation
-    order (the tool's runtime sums its linearized experts in another order): within 2e-7 on logits of size ~1."""
+@pytest.mark.parametrize("name", ["llmc_qwen2_moe_mxfp4", "llmc_mixtral_nvfp4", "llmc_qwen3_moe_nvfp4"])
+def test_llm_compressor_moe_logits_equal_the_tools(name, one_thread):
+    """MXFP4 (dynamic MX activations) and NVFP4 W4A4 (static per-expert input scales, on compressed-tensors' own
+    steps) bit for bit."""
     model, _, record = _load(name)
     out, ref = _logits(model, name)
-    assert (out - ref).abs().max().item() <= atol
+    assert torch.equal(out, ref)
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
     experts = {n: m for n, m in model.named_modules() if isinstance(m, MXPackedExperts)}
     assert len(experts) == 2 and all(record[n]["kind"] == "experts" for n in experts)
@@ -47,12 +46,13 @@ def test_llm_compressor_moe_logits_equal_the_tools(name, atol, one_thread):
 
 def test_per_expert_static_input_scales_are_each_experts(one_thread):
     """llm-compressor stores one input_global_scale per expert projection: down_proj's differ between experts, and
-    each expert quantizes its inputs with its own (1/gs as the divisor)."""
+    each expert quantizes its inputs with its own (gs as stored: compressed-tensors' multiplier, e4m3_steps=divide)."""
     model, _, record = _load("llmc_mixtral_nvfp4")
     stored = load_file(str(DATA / "llmc_mixtral_nvfp4" / "model.safetensors"))
     m = model.get_submodule("model.layers.0.mlp.experts")
-    want = [(1.0 / stored[f"model.layers.0.block_sparse_moe.experts.{e}.down_proj.input_global_scale"]).item()
+    want = [stored[f"model.layers.0.block_sparse_moe.experts.{e}.down_proj.input_global_scale"].item()
             for e in range(4)]
+    assert m.mx_spec.a.e4m3_steps.value == "divide"
     assert list(m.mx_a_scales["down_proj"]) == want and len(set(want)) > 1
     assert record["model.layers.0.mlp.experts"]["a_tensor_scale"]["down_proj"] == want
 

@@ -18,9 +18,6 @@ from lm_eval_mx.numerics.formats import FORMATS, NAMED_SCHEMES, ScaleMode
 from lm_eval_mx.numerics.quantize import quantize_torch
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-# compressed-tensors' static NVFP4 activations divide by (s / input_global_scale); hf-mx's static path multiplies by
-# float32(1 / input_global_scale): measured max |logit difference| 1.43e-6 on these fixtures (logits of size ~1-5)
-CT_STATIC_NVFP4_MAX_DIFF = 2e-6
 
 
 def _logits(path: str, key: str, **kw) -> tuple[torch.Tensor, torch.Tensor, HFMXLM]:
@@ -55,10 +52,13 @@ def test_llm_compressor_exact(name, fmt, one_thread):
 
 
 @pytest.mark.parametrize("name", ["nvfp4", "qwen2_moe_nvfp4"])
-def test_llm_compressor_static_nvfp4_within_the_stated_deviation(name, one_thread):
-    got, want, _ = _logits(f"{DATA}/llmcompressor/{name}", "logits")
-    assert (got - want).abs().max() <= CT_STATIC_NVFP4_MAX_DIFF
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+def test_llm_compressor_static_nvfp4_exact(name, one_thread):
+    """Static NVFP4 inputs as compressed-tensors computes them (e4m3_steps=divide with the stored input_global_scale
+    as a multiplier): the tool's logits bit for bit."""
+    got, want, lm = _logits(f"{DATA}/llmcompressor/{name}", "logits")
+    assert torch.equal(got, want)
+    layer = next(r for r in lm.get_model_info()["mx_checkpoint"]["layers"].values() if r["a"])
+    assert (layer["a"]["e4m3_steps"], layer["a"]["tensor_scale"]) == ("divide", "static")
 
 
 def test_compressed_tensors_mx_activation_rule():
@@ -86,3 +86,14 @@ def test_modelopt_exports_exact(name, kw, key, one_thread):
     assert torch.equal(got, want)
     info = lm.get_model_info()["mx_checkpoint"]
     assert info["format"] == ("ModelOpt W4A16_NVFP4" if name == "w4a16_nvfp4" else "ModelOpt NVFP4")
+
+
+def test_profile_compressed_tensors_on_its_static_nvfp4_checkpoint(one_thread):
+    """profile=compressed-tensors beside its own static NVFP4 checkpoint keeps the recipe: the tool's logits bit for
+    bit; vllm-blackwell (the FP4 kernel's steps) refuses it with the reason."""
+    from lm_eval_mx.numerics.profiles import ProfileRefusal
+
+    got, want, _ = _logits(f"{DATA}/llmcompressor/nvfp4", "logits", profile="compressed-tensors")
+    assert torch.equal(got, want)
+    with pytest.raises(ProfileRefusal, match="kernel's steps"):
+        HFMXLM.check_before_loading(pretrained=f"{DATA}/llmcompressor/nvfp4", profile="vllm-blackwell")

@@ -148,7 +148,7 @@ def run_configs(
     after_each: Callable[[str, Any], None] | None = None,
 ) -> list[Run]:
     """Evaluate the baseline then each MX configuration on one model copy, then each quantized checkpoint
-    ((label, directory): ``lm-eval-mx quantize`` outputs, compressed-tensors or ModelOpt exports) as it is stored,
+    ((label, directory): a format of :data:`lm_eval_mx.hf.checkpoints.SUPPORTED`) as it is stored,
     with the model_args ``checkpoint_extra`` gives its label (a profile); every argument is checked first, before
     the model loads. ``after_each(label, model)``: called with each run's model as it was evaluated."""
     extra = checkpoint_extra or {}
@@ -262,8 +262,8 @@ def check_checkpoints(base_args: dict[str, Any], checkpoints: list[tuple[str, st
 
 
 def parse_checkpoints(values: list[str]) -> list[tuple[str, str]]:
-    """``--checkpoint [LABEL=]DIR``: (label, directory) of quantized checkpoints hf-mx evaluates as stored (packed
-    MX, compressed-tensors, ModelOpt), checked before anything loads (label: the directory's name by default)."""
+    """``--checkpoint [LABEL=]DIR``: (label, directory) of quantized checkpoints hf-mx evaluates as stored (the
+    formats of :data:`lm_eval_mx.hf.checkpoints.SUPPORTED`), checked before anything loads (label: the directory's name by default)."""
     from ..hf.model import detect_checkpoint
 
     out = []
@@ -281,12 +281,25 @@ def parse_checkpoints(values: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--checkpoint's help lists the checkpoint readers' formats (:data:`lm_eval_mx.hf.checkpoints.SUPPORTED`),
+    imported only when help is shown: building the parser imports no torch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and "--checkpoint" in action.option_strings:
+            from ..hf.checkpoints import SUPPORTED
+
+            text += ": " + "; ".join(SUPPORTED).replace("%", "%%")
+        return text
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
         help="evaluate a baseline and MX configurations of one model on the same tasks, and tabulate Δ",
         description="Baseline vs MX on the same tasks, batch size and seed; the model is loaded once.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog=(
             "examples:\n"
             "  lm-eval-mx compare --model_args pretrained=PATH,dtype=bfloat16 --tasks hellaswag_offline \\\n"
@@ -304,8 +317,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="one MX configuration in model_args syntax (repeatable), e.g. format=fp4,mlp_only=True")
     p.add_argument("--sweep", default=None, help="grid of MX configurations: 'key=v1,v2 key2=v3,v4'")
     p.add_argument("--checkpoint", action="append", default=[], metavar="[LABEL=]DIR",
-                   help="also evaluate a quantized checkpoint as stored (repeatable): an lm-eval-mx quantize output, "
-                        "a compressed-tensors or ModelOpt NVFP4/MXFP4 export; the baseline is --model_args' model")
+                   help="also evaluate a quantized checkpoint as stored (repeatable; the baseline is --model_args' "
+                        "model). Formats")
     p.add_argument("--profile", action="append", default=[], metavar="NAME",
                    help="a stack's numerics (repeatable): each --config (its format) and --checkpoint is run as each "
                         "profile computes it, plus top-1 agreement between the runs on the corpus; profiles: "

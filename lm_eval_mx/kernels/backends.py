@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..numerics.formats import E4M3Steps, Scheme
+from ..numerics.formats import E4M3Steps, ScaleMode, Scheme
 from ..numerics.quantize import quantize_torch
 from ..numerics.rotation import Rotation
 from . import BACKENDS
@@ -51,9 +51,11 @@ def _triton(x: torch.Tensor, *args: Any) -> torch.Tensor:
 
 
 def _torch_only(scheme: Scheme) -> bool:
-    """Schemes the Triton kernel does not implement (a stack's own E4M3 step order): the torch reference runs them,
-    on CUDA as on CPU."""
-    return not scheme.is_mx and scheme.e4m3_steps is not E4M3Steps.REFERENCE
+    """Schemes the Triton kernel does not implement (a stack's own E4M3 step order, auto-round's ``log2`` scales):
+    the torch reference runs them, on CUDA as on CPU."""
+    if scheme.is_mx:
+        return scheme.scale_mode is ScaleMode.LOG2
+    return scheme.e4m3_steps is not E4M3Steps.REFERENCE
 
 
 def resolve_backend(name: str) -> str:
@@ -77,7 +79,8 @@ def get_quantizer(name: str) -> Quantizer:
 
 def get_act_quantizer(name: str, scheme: Scheme, rotation: Rotation | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``get_quantizer(name)(x, scheme, -1, rotation)`` as a function of ``x`` alone, everything else resolved now:
-    an input quantizer's call does only what depends on the tensor (its row length, dtype and size)."""
-    if resolve_backend(name) == "torch":
+    an input quantizer's call does only what depends on the tensor (its row length, dtype and size). Schemes the
+    kernel does not implement (:func:`_torch_only`) get the torch reference, on CUDA as on CPU."""
+    if resolve_backend(name) == "torch" or _torch_only(scheme):
         return functools.partial(quantize_torch, scheme=scheme, axis=-1, rotation=rotation)
     return _triton_mx().ActQuantizer(scheme, rotation)

@@ -29,8 +29,9 @@ class MXSpec:
     a: Scheme | None
     rotation: Rotation | None = None
     backend: str = "auto"
-    # The stored per-tensor scale of the inputs (float32 value, a divisor: calibrated amax / (448·6)) when
-    # ``a.tensor_scale`` is ``static``; None otherwise.
+    # The stored per-tensor scale of the inputs when ``a.tensor_scale`` is ``static`` (float32 value, a divisor:
+    # calibrated amax / (448·6); for ``a.e4m3_steps=divide`` compressed-tensors' multiplier, its reciprocal); None
+    # otherwise.
     a_scale: float | None = None
     # A shipped checkpoint's runtime arithmetic for the inputs, by name in :data:`lm_eval_mx.numerics.runtimes.RULES`
     # (``a`` then names the format; ``a_scale`` is the stored value as the rule takes it); None: ``a``'s own.

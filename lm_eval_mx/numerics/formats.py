@@ -132,13 +132,16 @@ class ScaleMode(str, Enum):
     """How the shared E8M0 exponent is derived from the block maximum.
 
     ``floor`` is OCP MX v1.0 (microxcaling, the golden data); ``ceil`` and
-    ``even`` follow torchao; ``rceil`` is NVIDIA Blackwell cuBLAS/cuDNN.
+    ``even`` follow torchao; ``rceil`` is NVIDIA Blackwell cuBLAS/cuDNN; ``log2`` is auto-round's
+    ``floor(torch.log2(amax))`` (:func:`lm_eval_mx.numerics.quantize.log2_exponent`), which rounds a block maximum a
+    few float32 ulps below a power of two up to it where ``floor`` takes its exponent bits.
     """
 
     FLOOR = "floor"
     CEIL = "ceil"
     EVEN = "even"
     RCEIL = "rceil"
+    LOG2 = "log2"
 
 
 class E4M3Steps(str, Enum):
@@ -154,12 +157,16 @@ class E4M3Steps(str, Enum):
     q · (s · rcp(gs)); ``rcp`` is PTX ``rcp.approx.ftz.f32``, modelled as the correctly rounded reciprocal with
     subnormals flushed (docs: *Profiles* says what is verified of that model). Weights of such a scheme are
     quantized offline by the checkpoint's tool: :meth:`Scheme.for_weights` gives ``divide`` (llm-compressor).
+    ``quark``: AMD Quark 0.13's static NVFP4 inputs, a stored divisor ``ts`` (``input_scale_2``): s = e4m3((bmax / 6)
+    / ts) as ``reference``; elements x / (ts · s), the product rounded first (one correctly rounded float32 division);
+    dequantized q · (ts · s); only with ``tensor_scale=static``.
     """
 
     REFERENCE = "reference"
     CLAMP = "clamp"
     DIVIDE = "divide"
     KERNEL = "kernel"
+    QUARK = "quark"
 
 
 def _choices(values: object) -> str:
@@ -229,15 +236,14 @@ class Scheme:
     rounding: Rounding = Rounding.EVEN
     scale_mode: ScaleMode = ScaleMode.FLOOR
     scale_bits: int = 8
-    # Elements divided by their block's multiplier ``ts·s8`` (one correctly rounded float32 division, AMD Quark's
-    # order) instead of multiplied by ``(1/ts)/s8``: only with tensor_scale=static (a checkpoint's stored scale).
-    divide: bool = False
+    # A stack's own order of the E4M3-scale arithmetic (reference: hf-mx's); see E4M3Steps.
     e4m3_steps: E4M3Steps = E4M3Steps.REFERENCE
 
     def __post_init__(self) -> None:
-        if self.divide and (self.tensor_scale is not TensorScale.STATIC or self.scale_format is not ScaleFormat.E4M3):
-            raise ValueError("divide=True is the element order of a stored static per-tensor scale with E4M3 block "
-                             "scales (tensor_scale=static, scale_format=e4m3)")
+        if self.e4m3_steps is E4M3Steps.QUARK and (self.tensor_scale is not TensorScale.STATIC
+                                                   or self.scale_format is not ScaleFormat.E4M3):
+            raise ValueError("e4m3_steps=quark is the element order of a stored static per-tensor scale with E4M3 "
+                             "block scales (tensor_scale=static, scale_format=e4m3)")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 0:
             raise ValueError(f"block_size must be an integer >= 0 (0 = the whole row), got {self.block_size!r}")
         if isinstance(self.scale_bits, bool) or not isinstance(self.scale_bits, int) or not 2 <= self.scale_bits <= 8:
@@ -293,8 +299,6 @@ class Scheme:
             d["e4m3_steps"] = self.e4m3_steps.value
         if self.block_size:
             d["bits_per_element"] = self.bits()
-        if self.divide:
-            d["divide"] = True
         return d
 
     @property
@@ -310,8 +314,7 @@ class Scheme:
         if self.block_size != 32 or not self.is_mx:
             parts.append(f"b{self.block_size}")
         if not self.is_mx:
-            parts.append("e4m3" + ("" if self.tensor_scale is TensorScale.NONE else f"+{self.tensor_scale.value}")
-                         + ("/div" if self.divide else ""))
+            parts.append("e4m3" + ("" if self.tensor_scale is TensorScale.NONE else f"+{self.tensor_scale.value}"))
             if self.e4m3_steps is not E4M3Steps.REFERENCE:
                 parts.append(self.e4m3_steps.value)
         return "/".join(parts)

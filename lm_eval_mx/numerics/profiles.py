@@ -126,7 +126,7 @@ _TORCHAO = Profile(
 )
 
 _CT = Profile(
-    "compressed-tensors", 1, "compressed-tensors 0.20 (llm-compressor presets MXFP4, NVFP4; forward QDQ)",
+    "compressed-tensors", 2, "compressed-tensors 0.20 (llm-compressor presets MXFP4, NVFP4; forward QDQ)",
     "github.com/vllm-project/compressed-tensors v0.20.1 src/compressed_tensors/quantization/quant_scheme.py "
     "(MXFP4, NVFP4), utils/helpers.py (calculate_qparams, generate_gparam), utils/mxfp_utils.py "
     "(generate_mx_scales, round_to_power_2), lifecycle/forward_helpers.py (_quantize, _dequantize)",
@@ -147,28 +147,34 @@ _CT = Profile(
     },
     checkpoints={
         ("ct-mxfp4", "dynamic"): "checkpoint", ("ct-mxfp4", "none"): "checkpoint", ("ct-nvfp4", "none"): "checkpoint",
-        ("ct-nvfp4", "static"): "its activation step divides by (s / input_global_scale) with the stored multiplier; "
-                                "hf-mx's static path multiplies by the float32 1/input_global_scale (differences "
-                                "up to ~1e-6 at magnitude 30): not reproduced yet",
+        ("ct-nvfp4", "static"): "checkpoint",  # the reader runs its steps: e4m3_steps=divide, the stored multiplier
     },
     default_checkpoint="compressed-tensors loads its own formats only",
 )
 
 _AUTOROUND = Profile(
-    "auto-round", 1, "auto-round 0.16 (RTN, iters=0: schemes MXFP4, MXFP8)",
+    "auto-round", 2, "auto-round 0.16 (RTN, iters=0: schemes MXFP4, MXFP8; its own MXFP4 / NVFP4 exports)",
     "github.com/intel/auto-round v0.16.1 auto_round/schemes.py (MXFP4, MXFP8: data_type and act_data_type mx_fp, "
-    "act_dynamic), auto_round/data_type/mxfp.py (quant_mx: floor(log2(bmax)) - emax, quant_element)",
+    "act_dynamic), auto_round/data_type/mxfp.py (quant_mx: floor(torch.log2(bmax)) - emax, quant_element), "
+    "experimental/qmodules/mx.py, nvfp4.py (qdq_input: the runtime of its exports; lm_eval_mx/numerics/runtimes.py)",
     "the attention and MLP projections; the LM head is kept in high precision (auto-round's default "
     "quant_lm_head=False, auto_round/compressors/base.py)",
     {
-        "mxfp8": Rule({"scale_mode": "floor", "roles": _PROJ},
-                      "E8M0 scale 2**(floor(log2 bmax) - emax) (torch.log2 then floor), elements half-even; "
-                      "activations dynamic (act_data_type mx_fp)"),
-        "mxfp4": Rule({"scale_mode": "floor", "roles": _PROJ}, "as mxfp8 with E2M1 elements"),
+        "mxfp8": Rule({"scale_mode": "log2", "roles": _PROJ},
+                      "E8M0 scale 2**(floor(torch.log2(bmax)) - emax) in float32 (a block maximum a few ulps below "
+                      "a power of two rounds up to it), clamped to 2**±127; elements half-even; activations dynamic "
+                      "(act_data_type mx_fp)"),
+        "mxfp4": Rule({"scale_mode": "log2", "roles": _PROJ}, "as mxfp8 with E2M1 elements"),
         "mxfp4xmxfp8": "auto-round's schemes pair MXFP4 weights with MXFP4 activations only",
-        "nvfp4": "auto-round's NVFP4 activation rule is not pinned here yet",
+        "nvfp4": "auto-round's NVFP4 activation step takes a calibrated input_global_scale (its exports store it); "
+                 "a plain model has none: evaluate an auto-round NVFP4 export instead",
     },
-    default_checkpoint="auto-round's runtime for shipped checkpoints is not pinned here",
+    # its own exports: the reader runs auto-round's runtime (numerics.runtimes: auto-round-mx, auto-round-nvfp4)
+    checkpoints={(layout, acts): "checkpoint" for layout, acts in
+                 (("ar-mxfp4", "dynamic"), ("ar-mxfp4", "none"), ("ar-nvfp4", "static"), ("ar-nvfp4", "none"))},
+    default_checkpoint="auto-round's runtime is pinned for its own MXFP4 and NVFP4 exports (layouts ar-mxfp4, "
+                       "ar-nvfp4); its MXFP8 export shares compressed-tensors' layout, which this profile does not "
+                       "tell apart from llm-compressor's",
 )
 
 _QUARK = Profile(
@@ -235,8 +241,9 @@ _VLLM_BLACKWELL = Profile(
         "mxfp4": _NOT_TRANSCRIBED,
         "mxfp8": _NOT_TRANSCRIBED,
     },
-    default_checkpoint="its activation step takes the stored input_global_scale as a multiplier; hf-mx's reader "
-                       "keeps float32 1/input_global_scale: not reproduced yet",
+    default_checkpoint="its activation step is the FP4 kernel's (rcp steps) with the stored input_global_scale; "
+                       "hf-mx runs a shipped checkpoint's inputs as compressed-tensors computes them "
+                       "(e4m3_steps=divide) and does not substitute the kernel's steps: not reproduced yet",
 )
 _FP_QUANT_REASON = ("FP-Quant's one runtime (fp_quant in transformers: QuTLASS kernels or Triton pseudo-quantization) "
                     "runs on GPUs only, so no reference of its quantizer (Hadamard-rotated MXFP4/NVFP4) "

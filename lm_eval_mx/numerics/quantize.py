@@ -52,6 +52,15 @@ def _biased_exponent(x: torch.Tensor) -> torch.Tensor:
     return (x.view(torch.int32) >> _F32_MANT) & 0xFF
 
 
+def log2_exponent(amax: torch.Tensor, fmt: ElemFormat) -> torch.Tensor:
+    """auto-round 0.16.1's shared exponent (``auto_round/data_type/mxfp.py: quant_mx``), int32: ``floor(torch.log2(
+    amax))`` in float32 (``amax == 0``: ``log2`` read as 1) minus the element's emax, clamped to [-127, 127] (a scale
+    above 2**127 clamped, not NaN). ``scale_mode=log2`` and :func:`lm_eval_mx.numerics.runtimes.autoround_mx` (a
+    shipped auto-round checkpoint's activations) both take it from here."""
+    e = torch.floor(torch.where(amax == 0, torch.ones_like(amax), torch.log2(amax)))
+    return (e - fmt.emax).clamp(-127, 127).to(torch.int32)
+
+
 def shared_exponent(
     amax: torch.Tensor, fmt: ElemFormat, scale_bits: int, scale_mode: ScaleMode
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +76,8 @@ def shared_exponent(
         mant = dbits & 0x7FFFFF
         round_up = torch.where(biased == 0, mant > 0x400000, mant != 0)
         exp = biased + round_up.to(torch.int32) - _F32_BIAS
+    elif scale_mode is ScaleMode.LOG2:
+        exp = log2_exponent(amax, fmt)
     else:
         if scale_mode is ScaleMode.EVEN:
             bits = (bits + (1 << (_F32_MANT - fmt.mbits - 1))) & 0x7F800000
@@ -130,6 +141,8 @@ def e4m3_block_scales(amax: torch.Tensor, fmt: ElemFormat, ts: torch.Tensor | No
     return round_elements(s, E4M3, Rounding.EVEN)
 
 
+# The E4M3 step orders whose elements are divided by their scale (round_on_scales).
+_DIVIDING = (E4M3Steps.DIVIDE, E4M3Steps.QUARK)
 # compressed-tensors' stand-in for a zero E4M3 scale (``_get_dtype_eps(float8_e4m3fn)``).
 _CT_ZERO_SCALE = 0.125
 
@@ -171,26 +184,30 @@ def _kernel_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor
 
 def _divide_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None,
                    static_scale: float | None, src_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`block_scales` of ``e4m3_steps=divide`` (compressed-tensors 0.20): the global scale is a multiplier
+    """:func:`block_scales` of ``e4m3_steps=divide`` (compressed-tensors 0.20): the global scale is a multiplier,
     ``gs = 2688 / amax`` (``generate_gparam``: amax clamped at float32's smallest normal, a non-finite gs read as
-    1); block scales ``e4m3(gs · (bmax / 6))`` with 0 read as 0.125 (``calculate_qparams``); values divided by
-    ``s / gs`` and dequantized by multiplying with it (``_quantize``/``_dequantize``). Returned as
-    (divisor, multiplier, ...): :func:`round_on_scales` divides when the scheme says so."""
+    1) or, with ``tensor_scale=static``, the stored ``input_global_scale`` as stored (``static_scale``); block
+    scales ``e4m3(gs · (bmax / 6))`` with 0 read as 0.125 (``calculate_qparams``); values divided by ``s / gs`` and
+    dequantized by multiplying with it (``_quantize``/``_dequantize``). Returned as (divisor, multiplier, ...):
+    :func:`round_on_scales` divides when the scheme says so."""
     fmt = scheme.elem
-    if scheme.tensor_scale is TensorScale.STATIC:
-        raise ValueError("e4m3_steps=divide takes compressed-tensors' multiplier input_global_scale, not a static "
-                         "divisor: not supported")
     nan = ~torch.isfinite(amax)
     s = (amax / amax.new_full((), fmt.max_normal)).to(src_dtype).float()  # the observer's dtype: the input's
-    if scheme.tensor_scale is TensorScale.AMAX:
+    gs = None
+    if scheme.tensor_scale is TensorScale.STATIC:
+        if static_scale is None:
+            raise ValueError("e4m3_steps=divide with tensor_scale=static needs the stored input_global_scale")
+        gs, _ = static_tensor_scale(static_scale, amax.device)  # a multiplier here; finite and > 0 alike
+    elif scheme.tensor_scale is TensorScale.AMAX:
         if tensor_amax is None:
             raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
         gs = _global_multiplier(tensor_amax, fmt)
-        s = gs * s
         nan = nan | (~torch.isfinite(tensor_amax)).expand_as(amax)
+    if gs is not None:
+        s = gs * s
     s8 = round_elements(s.clamp(-E4M3.max_normal, E4M3.max_normal), E4M3, Rounding.EVEN)
     s8 = torch.where(s8 == 0, torch.full_like(s8, _CT_ZERO_SCALE), s8)
-    scale = s8 / gs if scheme.tensor_scale is TensorScale.AMAX else s8
+    scale = s8 if gs is None else s8 / gs
     return scale, scale, nan, s8
 
 
@@ -223,7 +240,9 @@ def block_scales(
             raise ValueError("tensor_scale=static needs the stored per-tensor scale (static_scale)")
         ts, inv_ts = static_tensor_scale(static_scale, amax.device)
         s8 = e4m3_block_scales(amax, fmt, ts, clamp)  # saturates at 448 for a block beyond the calibrated range
-        return inv_ts / s8, ts * s8, ~torch.isfinite(amax), s8  # a non-finite value spoils its own block
+        mult = ts * s8
+        divisor_or_recip = mult if scheme.e4m3_steps is E4M3Steps.QUARK else inv_ts / s8  # see round_on_scales
+        return divisor_or_recip, mult, ~torch.isfinite(amax), s8  # a non-finite value spoils its own block
     if scheme.tensor_scale is TensorScale.AMAX:
         if tensor_amax is None:
             raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
@@ -237,8 +256,13 @@ def block_scales(
 
 def round_on_scales(values: torch.Tensor, recip: torch.Tensor, stored: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     """Float32 ``values`` rounded to element values (in units of their block's scale) on the scales of
-    :func:`block_scales` (``recip``, ``stored`` broadcast against ``values``)."""
-    scaled = values / recip if scheme.e4m3_steps is E4M3Steps.DIVIDE else values * recip
+    :func:`block_scales` (``recip``, ``stored`` broadcast against ``values``). The dividing orders (``e4m3_steps``
+    ``divide``, ``quark``) take ``recip`` as the divisor: one correctly rounded float32 division (a zero divisor,
+    whose block is zero, read as 1)."""
+    if scheme.e4m3_steps in _DIVIDING:
+        scaled = values / torch.where(recip == 0, torch.ones_like(recip), recip)
+    else:
+        scaled = values * recip
     q = round_elements(scaled, scheme.elem, scheme.rounding)
     if not scheme.is_mx:
         q = torch.where(stored == 0, torch.zeros_like(q), q)  # a scale that rounds to zero: a zero block
@@ -267,9 +291,6 @@ def quantize_blocks(
     if scheme.tensor_scale is TensorScale.AMAX and tensor_amax is None:
         tensor_amax = blocks.abs().amax()
     recip, mult, nan, stored = block_scales(amax, scheme, tensor_amax, static_scale, src_dtype)
-    if scheme.divide:  # x / (ts·s8), the product rounded first (AMD Quark's order); a zero scale: a zero block
-        q = round_elements(blocks / torch.where(mult == 0, 1.0, mult), scheme.elem, scheme.rounding)
-        return torch.where(stored == 0, torch.zeros_like(q), q), mult, nan, stored
     return round_on_scales(blocks, recip, stored, scheme), mult, nan, stored
 
 

@@ -7,7 +7,7 @@ the same float32 operations in the same order (tensors in, tensors out; the tool
 * :func:`autoround_mx`: auto-round's MX activations (``quant_mx``): the shared exponent is
   ``floor(torch.log2(amax))`` in float32, which for a block maximum a few float32 ulps below a power of two rounds
   up (OCP's floor takes the exponent bits: :data:`~.formats.ScaleMode.FLOOR`), and a scale above 2**127 is clamped,
-  not NaN;
+  not NaN (the exponent is :func:`~.quantize.log2_exponent`, which ``scale_mode=log2`` computes too);
 * :func:`autoround_nvfp4`: auto-round's NVFP4 activations with the stored ``input_global_scale`` (``gs``, a
   multiplier): block scale ``e4m3(gs · (bmax · (1/6)))``, elements ``x · (1 / (s · (1/gs)))``, dequantized by
   the reciprocal of that, each step one float32 rounding;
@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from .formats import FORMATS, ElemFormat, Rounding, Scheme
-from .quantize import pow2, round_elements
+from .quantize import log2_exponent, pow2, round_elements
 
 _E2M1_MAX = 6.0
 _E4M3 = FORMATS["fp8_e4m3"]
@@ -69,9 +69,7 @@ def autoround_mx(x: torch.Tensor, fmt: ElemFormat, block: int = 32) -> torch.Ten
        ``floor(log2|v|)`` clipped at the smallest normal; its float32 ``log2`` moves no result), times ``2**e``.
     """
     t, pad = _groups(x, block)
-    amax = t.abs().amax(-1, keepdim=True)
-    e = torch.floor(torch.where(amax == 0, torch.ones_like(amax), torch.log2(amax)))
-    e = (e - fmt.emax).clamp(-127, 127)
+    e = log2_exponent(t.abs().amax(-1, keepdim=True), fmt)  # scale_mode=log2's exponent: one definition
     return _ungroup(_mx_elements(t, e, fmt), x, pad)
 
 

@@ -399,10 +399,11 @@ RUN_KEYS: tuple[str, ...] = ("mx_backend", "packed_gemm")
 # The one table of the MX keys that may stand beside a checkpoint whose weights are already quantized: "stored",
 # a packed MX checkpoint (quant_method mx; its recorded configuration runs as stored); "shipped", another tool's
 # (its weights as stored, its recipe's activations unless a_format or weight_only override them; with a_format,
-# SCHEME_KEYS shape the activation scheme). Every other MX key would re-quantize or reinterpret the stored weights.
+# SCHEME_KEYS shape the activation scheme; profile: the stack's rule for the checkpoint, hf.model._checkpoint_profile).
+# Every other MX key would re-quantize or reinterpret the stored weights.
 BESIDE_CHECKPOINT: dict[str, frozenset[str]] = {
     "stored": frozenset(RUN_KEYS),
-    "shipped": frozenset({*RUN_KEYS, "a_format", "weight_only"}),
+    "shipped": frozenset({*RUN_KEYS, "a_format", "weight_only", "profile"}),
 }
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from ...numerics.formats import NAMED_SCHEMES, TensorScale
+from ...numerics.formats import NAMED_SCHEMES, ScaleMode, TensorScale
 from ...numerics.layouts import LAYOUTS, NVFP4
 from .base import NO_ACTIVATION, Activation, LayerRecipe, Shipped, unsupported
 
@@ -61,7 +61,9 @@ def _recipe(qc: dict[str, Any]) -> LayerRecipe:
         return LayerRecipe(layout, NO_ACTIVATION, "quantization_config")
     got = (act_type, int(act_bits), qc.get("act_group_size"), bool(qc.get("act_sym", True)))
     if data_type == "mx_fp" and got == ("mx_fp", bits, 32, True) and qc.get("act_dynamic", True):
-        act = Activation("dynamic", NAMED_SCHEMES[a_name], rule="auto-round-mx")
+        # the scheme says what the rule computes (scale_mode=log2); the rule is auto-round's runtime to the letter
+        act = Activation("dynamic", dataclasses.replace(NAMED_SCHEMES[a_name], scale_mode=ScaleMode.LOG2),
+                         rule="auto-round-mx")
     elif data_type == "nv_fp" and got == ("nv_fp4_with_static_gs", 4, 16, True):
         act = Activation("static", dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC), "input_global_scale",
                          rule="auto-round-nvfp4")

@@ -46,7 +46,8 @@ class Activation:
 
     ``kind``: ``"none"`` (weight only), ``"dynamic"`` (``scheme``: the format's run-time rule, scales from each
     input) or ``"static"`` (``scheme`` with ``tensor_scale=static``; its per-tensor scale is the stored tensor
-    ``tensor`` beside the weight, a divisor ``ts``, or a multiplier ``1/ts`` when ``reciprocal``). ``rule``: the
+    ``tensor`` beside the weight, a divisor ``ts``, or a multiplier ``1/ts`` when ``reciprocal``; the layer holds it as
+    its step takes it: a multiplier for ``e4m3_steps=divide``, a divisor otherwise). ``rule``: the
     runtime's own arithmetic where it is not ``scheme``'s (a name in :data:`lm_eval_mx.numerics.runtimes.RULES`; a
     static rule takes the stored value as stored)."""
 

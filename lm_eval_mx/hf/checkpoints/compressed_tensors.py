@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...numerics.formats import NAMED_SCHEMES, TensorScale
+from ...numerics.formats import NAMED_SCHEMES, E4M3Steps, TensorScale
 from ...numerics.layouts import CT_MXFP4, LAYOUTS, NVFP4, Layout
 from ...numerics.packing import MXPacked
 from .base import NO_ACTIVATION, Activation, LayerRecipe, Shipped, experts_recipe, layout_to_packed, unsupported
@@ -73,8 +73,9 @@ def _group(name: str, group: dict[str, Any], fmt: str) -> LayerRecipe:
                           f"{fmt}'s activations {a_want}")
     dynamic = str(a.get("dynamic")).lower()
     if layout_name == "ct-nvfp4" and dynamic == "local":  # static input_global_scale, local block scales
-        act = Activation("static", dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC), "input_global_scale",
-                         reciprocal=True)
+        act = Activation("static", dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC,
+                                                       e4m3_steps=E4M3Steps.DIVIDE), "input_global_scale",
+                         reciprocal=True)  # compressed-tensors' own steps, the stored multiplier as stored
     elif dynamic == "true" and layout_name == "ct-mxfp8":  # scales rounded at E2M1's mantissa: runtimes.ct_mx
         act = Activation("dynamic", NAMED_SCHEMES["mxfp8"], rule="compressed-tensors-mx")
     elif dynamic == "true":

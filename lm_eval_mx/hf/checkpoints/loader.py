@@ -31,7 +31,7 @@ from torch import nn
 
 from ...nn.layers import MXPackedLayer, convert_packed
 from ...nn.spec import MXSpec
-from ...numerics.formats import Scheme, TensorScale
+from ...numerics.formats import E4M3Steps, Scheme, TensorScale
 from ...selection.report import LayerEntry, MXReport
 from ...selection.roles import MIXINS, find_candidates
 from .base import STORED_MODULES, LayerRecipe, Shipped, ShippedCheckpointError
@@ -236,15 +236,18 @@ def _assemble(where: str, got: dict[tuple[int | None, int], dict[str, torch.Tens
     return out
 
 
-def _input_scales(name: str, recipe: LayerRecipe, t: torch.Tensor) -> list[float]:
-    """The stored input scale(s) as this project's divisor ``ts`` (as stored, or ``1/value`` for a multiplier such
-    as compressed-tensors' ``input_global_scale``, in float32): one value, or one per expert."""
+def _input_scales(name: str, recipe: LayerRecipe, t: torch.Tensor, a_scheme: Scheme, rule: str | None) -> list[float]:
+    """The stored input scale(s) as the layer's activation step takes them, in float32: one value, or one per expert.
+    A runtime rule takes the value as stored; ``e4m3_steps=divide`` (compressed-tensors' steps) a multiplier ``gs``;
+    every other scheme a divisor ``ts``. A stored value of the other kind (``Activation.reciprocal``: the checkpoint
+    stores a multiplier) is taken as its float32 reciprocal."""
     key = f"{name}.{recipe.activation.tensor}"
     if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):  # a bf16 model's Quark input_scale is bf16
         raise _error(f"{key}: expected float32 (or bfloat16/float16) values, got {t.dtype} of shape "
                      f"{tuple(t.shape)}")
     v = t.reshape(-1).cpu().float()  # exact
-    ts = (1.0 / v) if recipe.activation.reciprocal else v
+    multiplier = a_scheme.e4m3_steps is E4M3Steps.DIVIDE
+    ts = v if rule is not None or recipe.activation.reciprocal == multiplier else 1.0 / v
     if not bool((torch.isfinite(ts) & (ts > 0)).all()):
         raise _error(f"{key} = {v.tolist()!r} is not a usable scale")
     return ts.tolist()
@@ -256,6 +259,7 @@ def _fill(name: str, layer: _Layer, shipped: Shipped, activations: Activations, 
     recipe = layer.recipe
     a_scheme = _layer_activation(recipe, activations)
     a_scales: dict[str, list[float]] = {}
+    rule = recipe.activation.rule if activations is None else None
     hows = set()
     for weight in sorted(m.mx_prequantized):
         where = name if weight == "weight" else f"{name}.{weight}"
@@ -272,9 +276,8 @@ def _fill(name: str, layer: _Layer, shipped: Shipped, activations: Activations, 
             raise _error(f"{where}: {e}") from None
         hows.add(how)
         if _static(a_scheme):
-            a_scales[weight] = _input_scales(where, recipe, tensors[recipe.activation.tensor])
+            a_scales[weight] = _input_scales(where, recipe, tensors[recipe.activation.tensor], a_scheme, rule)
     first = next(iter(a_scales.values()))[0] if a_scales else None
-    rule = recipe.activation.rule if activations is None else None
     m.mx_spec = MXSpec(recipe.layout.scheme, a_scheme, None, backend, first, rule)
     if a_scales and layer.candidate.kind == "experts":
         m.mx_a_scales = {w: tuple(v * (m.mx_shapes[w][0] if len(v) == 1 else 1)) for w, v in a_scales.items()}

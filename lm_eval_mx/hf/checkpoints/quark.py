@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...numerics.formats import FORMATS, ScaleFormat, ScaleMode, Scheme, TensorScale
+from ...numerics.formats import FORMATS, E4M3Steps, ScaleFormat, ScaleMode, Scheme, TensorScale
 from ...numerics.layouts import CT_MXFP4, LAYOUTS, NVFP4, Layout
 from ...numerics.packing import MXPacked
 from .base import NO_ACTIVATION, Activation, LayerRecipe, Shipped, experts_recipe, layout_to_packed, unsupported
@@ -41,7 +41,7 @@ _MODES = {None: ScaleMode.EVEN, "even": ScaleMode.EVEN, "floor": ScaleMode.FLOOR
 # Quark's FP8 per-tensor input: x / input_scale, clamped to ±448, cast to E4M3, times input_scale.
 FP8_PER_TENSOR: Scheme = Scheme(FORMATS["fp8_e4m3"], 0, ScaleFormat.NONE, TensorScale.STATIC)
 # Quark's NVFP4 inputs: block scales relative to the stored input_scale_2, elements divided by e4m3 · input_scale_2.
-NVFP4_STATIC: Scheme = dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC, divide=True)
+NVFP4_STATIC: Scheme = dataclasses.replace(NVFP4, tensor_scale=TensorScale.STATIC, e4m3_steps=E4M3Steps.QUARK)
 
 
 _LINEAR = nn.Linear(1, 1, device="meta")  # what an expert's projection is when Quark matches it
