@@ -13,7 +13,7 @@ import torch
 
 from ..formats import FORMATS, NAMED_SCHEMES, Rounding, ScaleMode, Scheme
 from ..packing import _encode, code_table
-from ..quantize import pow2, round_elements
+from ..quantize import pow2, quantize_blocks, round_elements
 
 FP4 = FORMATS["fp4_e2m1"]
 NVFP4: Scheme = NAMED_SCHEMES["nvfp4"]
@@ -125,3 +125,17 @@ def _check_mx_scheme(scheme: Scheme) -> None:
     if scheme.elem != FP4 or scheme.block_size != _MX_BLOCK or not scheme.is_mx or scheme.scale_bits != 8:
         raise ValueError(f"scheme: expected fp4_e2m1 with block 32 and 8-bit E8M0 scales, got {scheme.name}")
 
+
+
+def _mx_scaled(blocks: torch.Tensor, scheme: Scheme, scales: torch.Tensor | None,
+               name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``blocks`` [..., n, 32] divided by their E8M0 scales (exact), and the scale bytes: ``scheme``'s unless
+    ``scales`` are given (checked, named ``name``); a NaN block (scale 255) scales to zeros. Shared by every layout
+    that stores E2M1 codes beside one E8M0 byte per 32 elements."""
+    if scales is None:
+        _, _, nan, exp = quantize_blocks(blocks, scheme)
+        scales = torch.where(nan, _E8M0_NAN, exp + 127).squeeze(-1).to(torch.uint8)
+    _need(name, scales, torch.uint8, 2)
+    _need_shape(name, scales, blocks.shape[:-1], "one scale per 32 elements")
+    scaled = blocks * pow2(127 - scales.to(torch.int32).clamp(max=254)).unsqueeze(-1)  # exact
+    return scaled.masked_fill((scales == _E8M0_NAN).unsqueeze(-1), 0.0), scales

@@ -7,9 +7,7 @@ import torch
 
 from ..formats import Scheme
 from ..packing import MXPacked
-from ..quantize import pow2, quantize_blocks
 from ._common import (
-    _E8M0_NAN,
     _MX_BLOCK,
     MXFP4,
     _blocks,
@@ -17,6 +15,7 @@ from ._common import (
     _check_weight,
     _e8m0_multiplier,
     _fp4_lut,
+    _mx_scaled,
     _need,
     _need_shape,
     _pack_codes,
@@ -67,13 +66,7 @@ def encode_gptoss_mxfp4(w: torch.Tensor, scheme: Scheme = MXFP4,
     _check_mx_scheme(scheme)
     w = _check_weight(w, _MX_BLOCK)
     b = _blocks(w.to(torch.float32), _MX_BLOCK)
-    if scales is None:
-        _, _, nan, exp = quantize_blocks(b, scheme)
-        scales = torch.where(nan, _E8M0_NAN, exp + 127).squeeze(-1).to(torch.uint8)
-    _need("scales", scales, torch.uint8, 2)
-    _need_shape("scales", scales, b.shape[:-1], "one scale per 32 elements")
-    scaled = b * pow2(127 - scales.to(torch.int32).clamp(max=254)).unsqueeze(-1)  # exact
-    scaled = scaled.masked_fill((scales == _E8M0_NAN).unsqueeze(-1), 0.0)  # a NaN block: codes 0
+    scaled, scales = _mx_scaled(b, scheme, scales, "scales")  # a NaN block: codes 0
     return {"blocks": _pack_codes(fp4_codes(scaled)), "scales": scales}
 
 
