@@ -402,7 +402,7 @@ RUN_KEYS: tuple[str, ...] = ("mx_backend", "packed_gemm")
 # SCHEME_KEYS shape the activation scheme). Every other MX key would re-quantize or reinterpret the stored weights.
 BESIDE_CHECKPOINT: dict[str, frozenset[str]] = {
     "stored": frozenset(RUN_KEYS),
-    "shipped": frozenset({*RUN_KEYS, "a_format", "weight_only"}),
+    "shipped": frozenset({*RUN_KEYS, "a_format", "weight_only", "profile"}),
 }
 
 

@@ -1,0 +1,96 @@
+"""Gaps found by planting bugs in today's readers and GPTQ (each test here failed with its planted bug, and passed
+every other test): profile= beside a shipped checkpoint, ModelOpt's shared w1/w3 weight_scale_2, Quark's stated
+activation scale rule, and GPTQ's expert intermediate for experts with biases and gpt-oss's gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+DATA = Path(__file__).parent / "data"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_profile_beside_a_shipped_checkpoint_runs_as_the_stack(tmp_path):
+    """profile=vllm-hopper beside an llm-compressor NVFP4 (W4A4) checkpoint: vLLM on Hopper drops the activation
+    quantization, so the logits equal llm-compressor's own runtime logits of its NVFP4A16 export of the same weights
+    (same codes), and the record names the profile (it was refused as re-quantizing the weights)."""
+    from lm_eval_mx.hf.model import HFMXLM
+
+    w4a4, w4a16 = DATA / "llmcompressor" / "nvfp4", DATA / "llmcompressor" / "nvfp4a16"
+    ref = load_file(str(w4a16 / "runtime_logits.safetensors"))
+    lm = HFMXLM(pretrained=str(w4a4), profile="vllm-hopper", device="cpu", dtype="float32")
+    with torch.no_grad():
+        assert torch.equal(lm.model(ref["ids"]).logits, ref["logits"])
+    settings = lm.get_model_info()["mx_checkpoint"]["settings"]
+    assert settings["activations_from"].startswith("profile=vllm-hopper")
+
+
+def test_modelopt_w1_w3_with_different_weight_scale_2_are_refused(tmp_path):
+    """ModelOpt stores one weight_scale_2 for w1 and w3 of an expert; fused into gate_up_proj they must agree, else
+    one of them would be decoded with the other's scale: refused, naming the tensor."""
+    from transformers import AutoConfig
+
+    from lm_eval_mx.hf.checkpoints import ShippedCheckpointError, load_shipped, read_quant_config, recognise
+
+    out = tmp_path / "ck"
+    shutil.copytree(DATA / "moe" / "modelopt_mixtral_nvfp4", out)
+    tensors = load_file(str(out / "model.safetensors"))
+    key = "model.layers.0.block_sparse_moe.experts.1.w3.weight_scale_2"
+    tensors[key] = tensors[key] * 2
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shipped = recognise(read_quant_config(str(out), AutoConfig.from_pretrained(out)))
+    with pytest.raises(ShippedCheckpointError, match=r"experts\.gate_up_proj\[1\]\.weight_scale_2"):
+        load_shipped(str(out), shipped, activations=None, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["floor", "ceil"])
+def test_quark_activation_scale_rule_is_the_configs(tmp_path, mode):
+    """Every Quark fixture states scale_calculation_mode 'even'; a config stating floor/ceil for its inputs must
+    quantize them by that rule (a reader that always used 'even' passed every other test)."""
+    from lm_eval_mx.hf.checkpoints import load_shipped, recognise
+
+    out = tmp_path / "ck"
+    shutil.copytree(DATA / "quark" / "mxfp4", out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["global_quant_config"]["input_tensors"]["scale_calculation_mode"] = mode
+    (out / "config.json").write_text(json.dumps(cfg))
+    shipped = recognise(cfg["quantization_config"])
+    assert {r.activation.scheme.scale_mode.value for r in shipped.recipes} == {mode}
+    model, _, record = load_shipped(str(out), shipped, activations=None, dtype=torch.float32)
+    assert {r["a"]["scale_mode"] for r in record.values()} == {mode}
+    ref = load_file(str(DATA / "quark" / "mxfp4" / "quark_logits.safetensors"))
+    with torch.no_grad():
+        assert not torch.equal(model(ref["input_ids"]).logits, ref["logits"])  # 'even' gives Quark's logits
+
+
+def test_gptq_expert_intermediate_of_gptoss_experts():
+    """down_proj's GPTQ inputs for gpt-oss experts (transposed weights, biases, gpt-oss's clamped interleaved gate),
+    against gpt-oss's expert activation written out (transformers' GptOssExperts): a planted bug dropping the
+    first projection's bias passed every GPTQ test (Mixtral/Qwen experts have none)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lm_eval_mx.algorithms.gptq_moe import expert_intermediate
+
+    cfg = AutoConfig.from_pretrained(DATA / "gptoss_mxfp4")
+    del cfg.quantization_config
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    experts = model.model.layers[0].mlp.experts
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    x = torch.randn(5, cfg.hidden_size, generator=g) * 2
+    e = 2
+    gate_up = x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]  # [tokens, 2I], stored [H, 2I]
+    gate, up = gate_up[..., ::2].clamp(max=cfg.swiglu_limit), gate_up[..., 1::2].clamp(-cfg.swiglu_limit,
+                                                                                      cfg.swiglu_limit)
+    want = (up + 1) * gate * torch.sigmoid(gate * cfg.swiglu_alpha)
+    with torch.no_grad():
+        torch.testing.assert_close(expert_intermediate(experts, x, e), want.detach())  # float32 defaults
