@@ -94,3 +94,17 @@ def test_gptq_expert_intermediate_of_gptoss_experts():
     want = (up + 1) * gate * torch.sigmoid(gate * cfg.swiglu_alpha)
     with torch.no_grad():
         torch.testing.assert_close(expert_intermediate(experts, x, e), want.detach())  # float32 defaults
+
+
+def test_compressed_tensors_export_refuses_activations_on_some_layers_only():
+    """compressed-tensors' export writes one config group (input_activations for every target): a selection where
+    some MXFP4 layers quantize their inputs and others do not must be refused, else the weight-only layers would be
+    served with quantized inputs (a planted bug dropping this check passed test_export_ct.py)."""
+    from lm_eval_mx.algorithms.export_ct import check_layers
+    from lm_eval_mx.nn.spec import MXSpec
+    from lm_eval_mx.numerics.layouts import CT_MXFP4
+
+    check_layers({"a": MXSpec(CT_MXFP4, CT_MXFP4), "b": MXSpec(CT_MXFP4, CT_MXFP4)})
+    check_layers({"a": MXSpec(CT_MXFP4, None), "b": MXSpec(CT_MXFP4, None)})
+    with pytest.raises(ValueError, match="one recipe for all quantized layers"):
+        check_layers({"a": MXSpec(CT_MXFP4, CT_MXFP4), "b": MXSpec(CT_MXFP4, None)})
