@@ -108,3 +108,41 @@ def test_compressed_tensors_export_refuses_activations_on_some_layers_only():
     check_layers({"a": MXSpec(CT_MXFP4, None), "b": MXSpec(CT_MXFP4, None)})
     with pytest.raises(ValueError, match="one recipe for all quantized layers"):
         check_layers({"a": MXSpec(CT_MXFP4, CT_MXFP4), "b": MXSpec(CT_MXFP4, None)})
+
+
+def test_write_beside_puts_the_old_checkpoint_back_when_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
+    """--overwrite: the old DIR is moved aside, then the new one renamed into place; if that rename fails the old
+    DIR must come back, and nothing be left beside it (a planted bug that dropped the restore passed every test)."""
+    from lm_eval_mx.commands.quantize import write_beside
+
+    out = tmp_path / "D"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    real = Path.rename
+
+    def rename(self, target):
+        if Path(target) == out and self.name.startswith(".D.") and ".old." not in self.name:
+            raise OSError("rename refused")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="rename refused"):
+        write_beside(out, lambda d: (d / "config.json").write_text("new"))
+    assert (out / "config.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["D"]
+
+
+def test_overwrite_replaces_a_compressed_tensors_output_of_quantize(tmp_path):
+    """quantize --save_format compressed-tensors --overwrite DIR, run twice: the second run replaces what the first
+    wrote (it was refused as 'not a packed MX checkpoint'); a compressed-tensors directory without quantize's
+    report (another tool's) is still refused."""
+    from lm_eval_mx.commands.quantize import check_output
+
+    out = tmp_path / "ct"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}}))
+    (out / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="replaces only"):
+        check_output(str(out), True)
+    (out / "mx_quantize.json").write_text("{}")
+    assert check_output(str(out), True) == out
