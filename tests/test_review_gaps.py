@@ -146,3 +146,16 @@ def test_overwrite_replaces_a_compressed_tensors_output_of_quantize(tmp_path):
         check_output(str(out), True)
     (out / "mx_quantize.json").write_text("{}")
     assert check_output(str(out), True) == out
+
+
+def test_compare_profile_with_a_shipped_checkpoint_plans_each_stack():
+    """compare --profile vllm-hopper --profile ocp --checkpoint DIR (llm-compressor NVFP4): vLLM-on-Hopper runs it
+    (weight only), microxcaling refuses it with its reason; before the fix every such compare stopped with
+    'profile: they would re-quantize or reinterpret the stored weights'."""
+    from lm_eval_mx.commands.compare_profiles import profile_checkpoints
+
+    path = str(DATA / "llmcompressor" / "nvfp4")
+    runs, extra, refused = profile_checkpoints(["vllm-hopper", "ocp"], [("ck", path)],
+                                               {"pretrained": "base", "device": "cpu"})
+    assert runs == [("ck", path), ("vllm-hopper: ck", path)] and extra == {"vllm-hopper: ck": {"profile": "vllm-hopper"}}
+    assert len(refused) == 1 and "--profile ocp" in refused[0] and "reads no quantized checkpoint" in refused[0]
