@@ -16,19 +16,31 @@ DATA = Path(__file__).parent / "data"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_profile_beside_a_shipped_checkpoint_runs_as_the_stack(tmp_path):
-    """profile=vllm-hopper beside an llm-compressor NVFP4 (W4A4) checkpoint: vLLM on Hopper drops the activation
-    quantization, so the logits equal llm-compressor's own runtime logits of its NVFP4A16 export of the same weights
-    (same codes), and the record names the profile (it was refused as re-quantizing the weights)."""
+@pytest.mark.parametrize(("w4a4", "w4a16", "key"), [("llmcompressor/nvfp4", "llmcompressor/nvfp4a16", "logits"),
+                                                    ("modelopt/nvfp4", "modelopt/w4a16_nvfp4", "weight_only_logits")])
+def test_profile_beside_a_shipped_checkpoint_runs_as_the_stack(w4a4, w4a16, key):
+    """profile=vllm-hopper beside an NVFP4 W4A4 checkpoint (llm-compressor's, ModelOpt's): vLLM on Hopper drops the
+    activation quantization, so the logits equal the tool's own runtime logits of its W4A16 export of the same
+    weights (same codes), and the record names the profile (it was refused as re-quantizing the weights)."""
     from lm_eval_mx.hf.model import HFMXLM
 
-    w4a4, w4a16 = DATA / "llmcompressor" / "nvfp4", DATA / "llmcompressor" / "nvfp4a16"
-    ref = load_file(str(w4a16 / "runtime_logits.safetensors"))
-    lm = HFMXLM(pretrained=str(w4a4), profile="vllm-hopper", device="cpu", dtype="float32")
+    ref = load_file(str(DATA / w4a16 / "runtime_logits.safetensors"))
+    lm = HFMXLM(pretrained=str(DATA / w4a4), profile="vllm-hopper", device="cpu", dtype="float32")
     with torch.no_grad():
-        assert torch.equal(lm.model(ref["ids"]).logits, ref["logits"])
+        assert torch.equal(lm.model(ref["ids"]).logits, ref[key])
     settings = lm.get_model_info()["mx_checkpoint"]["settings"]
     assert settings["activations_from"].startswith("profile=vllm-hopper")
+
+
+def test_torchao_profile_quantizes_the_lm_head():
+    """torchao's quantize_ default filter (_is_linear) takes every nn.Linear, the LM head included, as the profile's
+    definition says (a planted bug that dropped it passed test_profiles.py)."""
+    from lm_eval_mx.selection.config import parse_mx_args
+
+    for fmt in ("mxfp8", "mxfp4", "nvfp4"):
+        config, _ = parse_mx_args({"profile": "torchao", "format": fmt})
+        assert "lm_head" in config.roles, fmt
+    assert "lm_head" not in parse_mx_args({"profile": "vllm-hopper", "format": "nvfp4"})[0].roles
 
 
 def test_modelopt_w1_w3_with_different_weight_scale_2_are_refused(tmp_path):
