@@ -8,10 +8,8 @@ import torch
 
 from ..formats import Scheme
 from ..packing import MXPacked
-from ..quantize import pow2, quantize_blocks
 from ._common import (
     _E4M3_MAX_TIMES_FP4_MAX,
-    _E8M0_NAN,
     _MX_BLOCK,
     _NVFP4_BLOCK,
     CT_MXFP4,
@@ -28,6 +26,7 @@ from ._common import (
     _per_tensor,
     _ts_for_packed,
     _unpack_codes,
+    encode_e8m0_fp4,
     fp4_codes,
 )
 
@@ -199,16 +198,8 @@ def encode_ct_mxfp4(w: torch.Tensor, weight_scale: torch.Tensor | None = None) -
     nearest-even on E2M1, saturating. The values equal ``quantize_torch(w, CT_MXFP4)`` (zeros aside: a small
     negative value is stored as -0, code 8). Given ``weight_scale`` it inverts :func:`decode_ct_mxfp4`.
     """
-    w = _check_weight(w, _MX_BLOCK)
-    blocks = _blocks(w.to(torch.float32), _MX_BLOCK)
-    if weight_scale is None:
-        _, _, nan, exp = quantize_blocks(blocks, CT_MXFP4)
-        weight_scale = torch.where(nan, _E8M0_NAN, exp + 127).squeeze(-1).to(torch.uint8)
-    _need("weight_scale", weight_scale, torch.uint8, 2)
-    _need_shape("weight_scale", weight_scale, blocks.shape[:-1], "one scale per 32 elements")
-    scaled = blocks * pow2(127 - weight_scale.to(torch.int32).clamp(max=254)).unsqueeze(-1)  # exact
-    scaled = scaled.masked_fill((weight_scale == _E8M0_NAN).unsqueeze(-1), 0.0)
-    return {"weight_packed": _pack_codes(fp4_codes(scaled.flatten(-2))), "weight_scale": weight_scale}
+    codes, weight_scale = encode_e8m0_fp4(w, CT_MXFP4, weight_scale, "weight_scale")
+    return {"weight_packed": codes.flatten(-2), "weight_scale": weight_scale}
 
 
 def ct_mxfp4_to_packed(weight_packed: torch.Tensor, weight_scale: torch.Tensor,

@@ -7,21 +7,16 @@ import torch
 
 from ..formats import Scheme
 from ..packing import MXPacked
-from ..quantize import pow2, quantize_blocks
 from ._common import (
-    _E8M0_NAN,
     _MX_BLOCK,
     MXFP4,
-    _blocks,
     _check_mx_scheme,
-    _check_weight,
     _e8m0_multiplier,
     _fp4_lut,
     _need,
     _need_shape,
-    _pack_codes,
     _unpack_codes,
-    fp4_codes,
+    encode_e8m0_fp4,
 )
 
 # gpt-oss MXFP4 (transformers' Mxfp4 integration)
@@ -65,16 +60,8 @@ def encode_gptoss_mxfp4(w: torch.Tensor, scheme: Scheme = MXFP4,
     :func:`decode_gptoss_mxfp4` exactly.
     """
     _check_mx_scheme(scheme)
-    w = _check_weight(w, _MX_BLOCK)
-    b = _blocks(w.to(torch.float32), _MX_BLOCK)
-    if scales is None:
-        _, _, nan, exp = quantize_blocks(b, scheme)
-        scales = torch.where(nan, _E8M0_NAN, exp + 127).squeeze(-1).to(torch.uint8)
-    _need("scales", scales, torch.uint8, 2)
-    _need_shape("scales", scales, b.shape[:-1], "one scale per 32 elements")
-    scaled = b * pow2(127 - scales.to(torch.int32).clamp(max=254)).unsqueeze(-1)  # exact
-    scaled = scaled.masked_fill((scales == _E8M0_NAN).unsqueeze(-1), 0.0)  # a NaN block: codes 0
-    return {"blocks": _pack_codes(fp4_codes(scaled)), "scales": scales}
+    blocks, scales = encode_e8m0_fp4(w, scheme, scales, "scales")
+    return {"blocks": blocks, "scales": scales}
 
 
 def gptoss_mxfp4_to_packed(blocks: torch.Tensor, scales: torch.Tensor, scheme: Scheme = MXFP4) -> MXPacked:
