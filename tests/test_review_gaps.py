@@ -171,3 +171,16 @@ def test_compare_profile_with_a_shipped_checkpoint_plans_each_stack():
                                                {"pretrained": "base", "device": "cpu"})
     assert runs == [("ck", path), ("vllm-hopper: ck", path)] and extra == {"vllm-hopper: ck": {"profile": "vllm-hopper"}}
     assert len(refused) == 1 and "--profile ocp" in refused[0] and "reads no quantized checkpoint" in refused[0]
+
+
+def test_export_global_scale_searches_the_neighbours_of_one_over_ts():
+    """NVFP4 export: for ts = 0.008721751... fl(1/ts) does not give s8 / gs == ts · s8 for these block scales, its
+    float32 neighbour does; the export must find it (a planted bug that tried 1/ts only passed every test)."""
+    from lm_eval_mx.algorithms.export_ct import exact_global_scale
+
+    s8 = torch.tensor([1.0, 1.125, 448.0, 0.25, 3.5], dtype=torch.float32)
+    ts = torch.tensor(0.008721751160919666, dtype=torch.float32)
+    gs = exact_global_scale(ts, s8)
+    assert gs is not None and gs.item() != (1.0 / ts).item()
+    assert torch.equal(s8 / gs, ts * s8)
+    assert not torch.equal(s8 / (1.0 / ts), ts * s8)
