@@ -184,3 +184,17 @@ def test_export_global_scale_searches_the_neighbours_of_one_over_ts():
     assert gs is not None and gs.item() != (1.0 / ts).item()
     assert torch.equal(s8 / gs, ts * s8)
     assert not torch.equal(s8 / (1.0 / ts), ts * s8)
+
+
+def test_expert_min_tokens_without_experts_is_refused():
+    """quantize --method gptq --expert_min_tokens N on a selection without fused experts ran and ignored it."""
+    from conftest import tiny_model
+
+    from lm_eval_mx.algorithms.gptq import GPTQOptions
+    from lm_eval_mx.algorithms.quantize_model import quantize_model
+    from lm_eval_mx.selection.config import parse_mx_args
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="--expert_min_tokens would be ignored"):
+        quantize_model(model, parse_mx_args({"format": "mxfp4"})[0], "gptq", ids, GPTQOptions(expert_min_tokens=4))
