@@ -40,6 +40,7 @@ from torch import nn
 from ..nn.layers import MXPackedLayer, mx_layers
 from ..nn.spec import MXSpec
 from ..numerics.formats import Rounding, ScaleFormat, ScaleMode, Scheme, TensorScale
+from ..numerics.layouts.compressed_tensors import nearby_reciprocal
 from ..numerics.packing import MXPacked
 
 FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
@@ -104,18 +105,8 @@ def exact_global_scale(ts: torch.Tensor, s8: torch.Tensor) -> torch.Tensor | Non
     """A float32 ``gs`` with ``s8 / gs == ts · s8`` for every E4M3 value ``s8`` (float32), or None."""
     ts = ts.to(torch.float32).reshape(())
     s8 = torch.unique(s8[torch.isfinite(s8)])
-    want = ts * s8
-    g0 = 1.0 / ts
-    candidates = [g0]
-    for direction in (float("inf"), float("-inf")):
-        g = g0
-        for _ in range(2):
-            g = torch.nextafter(g, torch.tensor(direction))
-            candidates.append(g)
-    for g in candidates:
-        if torch.equal(s8 / g, want):
-            return g.reshape(1)
-    return None
+    gs = nearby_reciprocal(ts, lambda g: torch.equal(s8 / g, ts * s8))
+    return None if gs is None else gs.reshape(1)
 
 
 def ct_tensors(name: str, p: MXPacked, kind: str, deviations: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -335,6 +335,10 @@ def quantize_model(model: nn.Module, config: MXConfig, method: str, windows: tor
         if method == "gptq":
             if windows is None or windows.numel() == 0:
                 raise ValueError("--method gptq needs calibration windows")
+            if options is not None and options.expert_min_tokens is not None and \
+                    not any(p.candidate.kind == "experts" for p in planned):
+                raise ValueError("--expert_min_tokens would be ignored: no fused MoE experts are selected (it sets "
+                                 "when an expert is rounded to nearest for want of routed calibration tokens)")
 
             def on_layer(name: str, result: GPTQResult) -> None:
                 if bar is not None:

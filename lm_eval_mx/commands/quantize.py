@@ -86,14 +86,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _written_by_lm_eval_mx(out: Path) -> bool:
-    """Whether a directory is a packed MX checkpoint (what quantize or a packed model's save_pretrained writes:
-    files only, config.json with ``quant_method: mx``), the only kind of directory --overwrite replaces."""
+    """Whether a directory is a checkpoint this tool wrote (files only: config.json with ``quant_method: mx``, as
+    quantize or a packed model's save_pretrained write, or a ``--save_format compressed-tensors`` output: its
+    ``compressed-tensors`` config beside quantize's report), the only kind of directory --overwrite replaces."""
+    from ..algorithms.quantize_model import REPORT_FILE
+
     try:
         config = json.loads((out / "config.json").read_text())
     except (OSError, ValueError):
         return False
     method = (config.get("quantization_config") or {}).get("quant_method") if isinstance(config, dict) else None
-    return method == "mx" and not any(p.is_dir() for p in out.iterdir())
+    ours = method == "mx" or (method == "compressed-tensors" and (out / REPORT_FILE).is_file())
+    return ours and not any(p.is_dir() for p in out.iterdir())
 
 
 def check_output(path: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> Path:
@@ -118,9 +122,9 @@ def check_output(path: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> Pa
         if not overwrite:
             raise ValueError(f"--output {path} exists; pass --overwrite to replace it")
         if any(out.iterdir()) and not _written_by_lm_eval_mx(out):
-            raise ValueError(f"--output {path} is not a packed MX checkpoint (config.json with quant_method mx, no "
-                             "subdirectories): --overwrite replaces only a checkpoint lm-eval-mx wrote; choose "
-                             "another DIR")
+            raise ValueError(f"--output {path} is not a packed MX checkpoint (config.json with quant_method mx, or "
+                             "compressed-tensors beside quantize's mx_quantize.json; no subdirectories): --overwrite "
+                             "replaces only a checkpoint lm-eval-mx wrote; choose another DIR")
     from .args import check_writable_dir
 
     check_writable_dir(out.parent, f"--output {path}: its parent")  # the checkpoint is written beside DIR, renamed

@@ -380,8 +380,11 @@ class HFMXLM(HFLM):
                 f"{', '.join(clash)}: {why}. Beside it only {', '.join(sorted(BESIDE_CHECKPOINT['shipped']))} "
                 f"(and, with a_format, {', '.join(SCHEME_KEYS)} for the activation scheme) may be given"
             )
+        by_profile = False
         if given.profile is not None:
+            asked = "weight_only" in given.given
             given = _checkpoint_profile(pretrained, shipped, given)
+            by_profile = given.weight_only and not asked
         if "weight_only" in given.given and "a_format" in given.given and given.weight_only:
             raise ValueError("hf-mx: weight_only=True and a_format contradict each other; give one")
         if "weight_only" in given.given and not given.weight_only and shipped.weight_only \
@@ -389,7 +392,8 @@ class HFMXLM(HFLM):
             raise ValueError(f"hf-mx: {pretrained} is weight-only ({shipped.name}): weight_only=False needs an "
                              "a_format for the activations")
         if given.weight_only:
-            a_scheme, a_from = None, "model_args (weight_only=True)"
+            a_scheme, a_from = None, (f"profile={given.profile} (the stack drops the checkpoint's activation "
+                                      "quantization)" if by_profile else "model_args (weight_only=True)")
         elif "a_format" in given.given:
             a_scheme, a_from = given.scheme(given.a_format), "model_args (a_format)"
         else:

@@ -126,16 +126,18 @@ def _check_mx_scheme(scheme: Scheme) -> None:
         raise ValueError(f"scheme: expected fp4_e2m1 with block 32 and 8-bit E8M0 scales, got {scheme.name}")
 
 
-
-def _mx_scaled(blocks: torch.Tensor, scheme: Scheme, scales: torch.Tensor | None,
-               name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 ``blocks`` [..., n, 32] divided by their E8M0 scales (exact), and the scale bytes: ``scheme``'s unless
-    ``scales`` are given (checked, named ``name``); a NaN block (scale 255) scales to zeros. Shared by every layout
-    that stores E2M1 codes beside one E8M0 byte per 32 elements."""
+def encode_e8m0_fp4(w: torch.Tensor, scheme: Scheme, scales: torch.Tensor | None, name: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [..., N, K] -> (FP4 codes packed per block [..., N, K/32, 16], E8M0 scale bytes [..., N, K/32]):
+    the scales ``scheme``'s (or ``scales``, named ``name`` in errors), elements ``w / 2**(s-127)`` as E2M1 codes;
+    a NaN block (scale 255) holds codes 0. The MXFP4 encoders of every layout (compressed-tensors, gpt-oss) use it."""
+    w = _check_weight(w, _MX_BLOCK)
+    b = _blocks(w.to(torch.float32), _MX_BLOCK)
     if scales is None:
-        _, _, nan, exp = quantize_blocks(blocks, scheme)
+        _, _, nan, exp = quantize_blocks(b, scheme)
         scales = torch.where(nan, _E8M0_NAN, exp + 127).squeeze(-1).to(torch.uint8)
     _need(name, scales, torch.uint8, 2)
-    _need_shape(name, scales, blocks.shape[:-1], "one scale per 32 elements")
-    scaled = blocks * pow2(127 - scales.to(torch.int32).clamp(max=254)).unsqueeze(-1)  # exact
-    return scaled.masked_fill((scales == _E8M0_NAN).unsqueeze(-1), 0.0), scales
+    _need_shape(name, scales, b.shape[:-1], "one scale per 32 elements")
+    scaled = b * pow2(127 - scales.to(torch.int32).clamp(max=254)).unsqueeze(-1)  # exact
+    scaled = scaled.masked_fill((scales == _E8M0_NAN).unsqueeze(-1), 0.0)  # a NaN block: codes 0
+    return _pack_codes(fp4_codes(scaled)), scales

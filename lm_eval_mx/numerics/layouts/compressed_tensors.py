@@ -4,6 +4,8 @@ checkpoints): exact decoders, encoders as the library writes, conversion to :cla
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..formats import Scheme
@@ -20,13 +22,13 @@ from ._common import (
     _check_weight,
     _e8m0_multiplier,
     _fp4_lut,
-    _mx_scaled,
     _need,
     _need_shape,
     _pack_codes,
     _per_tensor,
     _ts_for_packed,
     _unpack_codes,
+    encode_e8m0_fp4,
     fp4_codes,
 )
 
@@ -132,7 +134,7 @@ def ct_nvfp4_to_packed(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
     for i in range(gs.numel()):
         used = torch.unique(s8[i])
         used = used[torch.isfinite(used)]
-        found = _exact_reciprocal(gs[i], used)
+        found = nearby_reciprocal(gs[i], lambda t, g=gs[i], u=used: torch.equal(t * u, u / g))
         if found is None:
             if exact:
                 raise ValueError(
@@ -146,19 +148,18 @@ def ct_nvfp4_to_packed(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                     NVFP4, _NVFP4_BLOCK, _ts_for_packed(ts, lead))
 
 
-def _exact_reciprocal(gs: torch.Tensor, s8: torch.Tensor) -> torch.Tensor | None:
-    want = s8 / gs
-    t0 = 1.0 / gs
+def nearby_reciprocal(x: torch.Tensor, ok: Callable[[torch.Tensor], bool]) -> torch.Tensor | None:
+    """The first of float32 ``1/x`` and its neighbours within two ulps for which ``ok`` holds, or None: how a
+    per-tensor scale is carried between compressed-tensors' divisor ``gs`` (``s8 / gs``) and this project's
+    multiplier ``ts`` (``ts · s8``), both ways (reading here, writing in ``algorithms.export_ct``)."""
+    t0 = 1.0 / x
     candidates = [t0]
     for direction in (float("inf"), float("-inf")):
         t = t0
         for _ in range(2):
             t = torch.nextafter(t, torch.tensor(direction))
             candidates.append(t)
-    for t in candidates:
-        if torch.equal(t * s8, want):
-            return t
-    return None
+    return next((t for t in candidates if ok(t)), None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,10 +199,8 @@ def encode_ct_mxfp4(w: torch.Tensor, weight_scale: torch.Tensor | None = None) -
     nearest-even on E2M1, saturating. The values equal ``quantize_torch(w, CT_MXFP4)`` (zeros aside: a small
     negative value is stored as -0, code 8). Given ``weight_scale`` it inverts :func:`decode_ct_mxfp4`.
     """
-    w = _check_weight(w, _MX_BLOCK)
-    blocks = _blocks(w.to(torch.float32), _MX_BLOCK)
-    scaled, weight_scale = _mx_scaled(blocks, CT_MXFP4, weight_scale, "weight_scale")
-    return {"weight_packed": _pack_codes(fp4_codes(scaled.flatten(-2))), "weight_scale": weight_scale}
+    codes, weight_scale = encode_e8m0_fp4(w, CT_MXFP4, weight_scale, "weight_scale")
+    return {"weight_packed": codes.flatten(-2), "weight_scale": weight_scale}
 
 
 def ct_mxfp4_to_packed(weight_packed: torch.Tensor, weight_scale: torch.Tensor,

@@ -10,17 +10,13 @@ from ..packing import MXPacked
 from ._common import (
     _MX_BLOCK,
     MXFP4,
-    _blocks,
     _check_mx_scheme,
-    _check_weight,
     _e8m0_multiplier,
     _fp4_lut,
-    _mx_scaled,
     _need,
     _need_shape,
-    _pack_codes,
     _unpack_codes,
-    fp4_codes,
+    encode_e8m0_fp4,
 )
 
 # gpt-oss MXFP4 (transformers' Mxfp4 integration)
@@ -64,10 +60,8 @@ def encode_gptoss_mxfp4(w: torch.Tensor, scheme: Scheme = MXFP4,
     :func:`decode_gptoss_mxfp4` exactly.
     """
     _check_mx_scheme(scheme)
-    w = _check_weight(w, _MX_BLOCK)
-    b = _blocks(w.to(torch.float32), _MX_BLOCK)
-    scaled, scales = _mx_scaled(b, scheme, scales, "scales")  # a NaN block: codes 0
-    return {"blocks": _pack_codes(fp4_codes(scaled)), "scales": scales}
+    blocks, scales = encode_e8m0_fp4(w, scheme, scales, "scales")
+    return {"blocks": blocks, "scales": scales}
 
 
 def gptoss_mxfp4_to_packed(blocks: torch.Tensor, scales: torch.Tensor, scheme: Scheme = MXFP4) -> MXPacked:
