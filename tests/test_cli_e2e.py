@@ -145,6 +145,7 @@ def test_bad_model_arg_is_a_clear_error(tiny_dir, tmp_path):
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
     assert "unknown MX element format 'fp5'; valid formats: fp4_e2m1" in proc.stderr
+    assert "Traceback" not in proc.stderr  # one line, as every lm-eval-mx command on bad input
 
 
 @needs_install

@@ -64,7 +64,11 @@ def run_lm_eval(argv: list[str]) -> None:
         sys.argv = ["lm-eval", argv[0], *argv[1:], *(extra if argv[0] != "validate" else [])]
     else:
         sys.argv = ["lm-eval", "run", *argv, *extra]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as e:  # bad input (model_args, a checkpoint, a task): one line, no traceback
+        raise SystemExit(f"lm-eval-mx {argv[0] if argv and argv[0] in subcommands else 'run'}: "
+                         f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
 
 
 def formats_main() -> int:
