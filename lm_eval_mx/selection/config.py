@@ -113,8 +113,9 @@ class MXConfig:
         if self.profile is not None:
             set_(self, "profile", get_profile(self.profile).name)
         if self.tensor_scale == "static":
-            raise ValueError("tensor_scale=static takes its scale from a checkpoint that stores one (a shipped NVFP4 "
-                             "checkpoint's input scales); as a model_args key use tensor_scale=amax or none")
+            raise ValueError("tensor_scale=static takes its scale from a checkpoint that stores one (a shipped "
+                             "checkpoint's stored input scales: NVFP4's, or Quark's static FP8 inputs), read as the "
+                             "checkpoint states; as a model_args key use tensor_scale=amax or none")
         for key in ("block_size", "scale_bits", "rotation_block", "rotation_seed"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
