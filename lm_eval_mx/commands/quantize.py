@@ -287,6 +287,30 @@ def precheck_save_format(save_format: str, config: Any) -> None:
                          "use --save_format mx")
 
 
+def check_on_empty_model(hf_args: dict[str, Any], config: Any, method: str, save_format: str) -> bool:
+    """The method's plan (selection, what GPTQ cannot calibrate) and the output format's per-layer checks on the
+    model built from its config on the meta device, so that they refuse before the weights load; False where the
+    empty model cannot be built (remote code not trusted, an unusual checkpoint): they then run once it has loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ..algorithms.quantize_model import plan
+    from ..hf.model import _read_config
+
+    try:
+        cfg = _read_config(hf_args)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=cfg.__class__.__module__.startswith(
+                "transformers_modules"))
+    except (OSError, ValueError, ImportError, RuntimeError, KeyError, TypeError, AttributeError):
+        return False
+    if save_format == "compressed-tensors":
+        check_compressed_tensors(model, config, method)
+    else:
+        plan(model, config, method)
+    return True
+
+
 def check_compressed_tensors(model: Any, config: Any, method: str) -> None:
     """--save_format compressed-tensors: refuse, before any rounding, a selection it cannot hold exactly."""
     from ..algorithms.export_ct import check_layers
@@ -333,6 +357,10 @@ def main(ns: argparse.Namespace) -> int:
     from ..algorithms.quantize_model import quantize_model
     from ..hf.model import HFMXLM
 
+    try:  # what the selection and the output format refuse, on the model built empty, before any weight loads
+        checked = check_on_empty_model(hf_args, config, ns.method, ns.save_format)
+    except ValueError as e:
+        raise SystemExit(f"lm-eval-mx quantize: {e}") from None
     try:
         lm = HFMXLM(**hf_args, roles="none")
     except (OSError, ValueError, ImportError, RuntimeError) as e:  # what only loading tells (a corrupt file, ...)
@@ -340,7 +368,7 @@ def main(ns: argparse.Namespace) -> int:
                          f"{(str(e).strip().splitlines() or [''])[0]}") from None
     windows, texts_read = None, None
     try:
-        if ns.save_format == "compressed-tensors":
+        if ns.save_format == "compressed-tensors" and not checked:
             check_compressed_tensors(lm.model, config, ns.method)
         if ns.method == "gptq":
             windows, texts_read = calibration_windows(lm.tokenizer, texts, ns.nsamples, ns.seqlen, ns.seed)
