@@ -21,7 +21,13 @@ importer reloads it the same way. ``VERSIONS.json`` records, per fixture, the to
 whether transformers' own Quark integration (``from_pretrained``) reproduces Quark's logits (it does not for NVFP4,
 the mixed recipe and the MoE: see docs).
 
-Usage: ``make_quark_fixtures.py [NAME ...]`` (default: all).
+``mxfp4_act_floor`` / ``mxfp4_act_ceil``: MXFP4 with dynamic MXFP4 inputs under ``scale_calculation_mode`` floor /
+ceil (float32 ``torch.log2`` of the block maximum); ``mx_input_vectors.pt``: Quark's own runtime input quantizer
+of ``mxfp4`` (even), ``mxfp4_act_floor`` and ``mxfp4_act_ceil`` applied to crafted blocks whose maxima are powers of
+two or 1-3 float32 ulps from one (:func:`edge_blocks`).
+
+Usage: ``make_quark_fixtures.py [NAME ...]`` (default: all; ``mx_input_vectors`` names the vectors, which read
+the three fixtures above from disk).
 """
 
 from __future__ import annotations
