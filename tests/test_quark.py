@@ -4,6 +4,7 @@ runtime logits on fixed ids and the quantizers its runtime put on each layer. Qu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,12 +17,12 @@ from lm_eval_mx.hf.checkpoints import ShippedCheckpointError, recognise
 from lm_eval_mx.hf.checkpoints.quark import FP8_PER_TENSOR
 from lm_eval_mx.hf.model import HFMXLM
 from lm_eval_mx.numerics import layouts as L
-from lm_eval_mx.numerics.formats import NAMED_SCHEMES
+from lm_eval_mx.numerics.formats import NAMED_SCHEMES, ScaleMode
 from lm_eval_mx.numerics.quantize import quantize_torch
 
 DATA = Path(__file__).parent / "data" / "quark"
 FIXTURES = ("mxfp4", "mxfp4_weight_only", "mxfp4_fp8", "mxfp6_e2m3", "mxfp6_e3m2", "nvfp4", "mixed", "qwen3_moe_mxfp4",
-            "mxfp4_bf16", "mxfp4_fp8_bf16", "nvfp4_bf16")
+            "mxfp4_bf16", "mxfp4_fp8_bf16", "nvfp4_bf16", "mxfp4_act_floor", "mxfp4_act_ceil")
 ELEM = {"fp4": "fp4_e2m1", "fp6_e2m3": "fp6_e2m3", "fp6_e3m2": "fp6_e3m2"}
 
 
@@ -49,6 +50,22 @@ def test_logits_equal_quarks_own(name, tokenizer, one_thread):
     ref = load_file(DATA / name / "quark_logits.safetensors")
     lm = _lm(name, tokenizer)
     assert torch.equal(_logits(lm, ref["input_ids"]), ref["logits"])
+
+
+@pytest.mark.parametrize("mode,fixture", [("even", "mxfp4"), ("floor", "mxfp4_act_floor"), ("ceil", "mxfp4_act_ceil")])
+def test_dynamic_mx_inputs_equal_quarks_quantizer_at_power_of_two_edges(mode, fixture):
+    """Quark's own runtime input quantizer on crafted blocks whose maximum is a power of two or 1-3 float32 ulps
+    from one (mx_input_vectors.pt): the scheme the reader gives the fixture's inputs reproduces it bit for bit.
+    Quark's floor/ceil take float32 torch.log2 of the maximum, so this project's exact floor/ceil (exponent bits)
+    miss it on some of these blocks: the vectors reach the edge."""
+    v = torch.load(DATA / "mx_input_vectors.pt")
+    (recipe,) = recognise(_qc(fixture)).recipes
+    scheme = recipe.activation.scheme
+    assert scheme.scale_mode.value == {"even": "even", "floor": "log2", "ceil": "log2_ceil"}[mode]
+    assert torch.equal(quantize_torch(v["x"], scheme), v[mode])
+    if mode != "even":
+        exact = quantize_torch(v["x"], dataclasses.replace(scheme, scale_mode=ScaleMode(mode)))
+        assert (exact != v[mode]).reshape(-1, 32).any(-1).sum().item() == {"floor": 24, "ceil": 17}[mode]
 
 
 def test_each_layer_its_own_recipe_as_quarks_runtime(tokenizer, one_thread):

@@ -51,10 +51,10 @@ def _triton(x: torch.Tensor, *args: Any) -> torch.Tensor:
 
 
 def _torch_only(scheme: Scheme) -> bool:
-    """Schemes the Triton kernel does not implement (a stack's own E4M3 step order, auto-round's ``log2`` scales):
-    the torch reference runs them, on CUDA as on CPU."""
+    """Schemes the Triton kernel does not implement (a stack's own E4M3 step order, auto-round's and Quark's
+    ``log2``/``log2_ceil`` scales): the torch reference runs them, on CUDA as on CPU."""
     if scheme.is_mx:
-        return scheme.scale_mode is ScaleMode.LOG2
+        return scheme.scale_mode in (ScaleMode.LOG2, ScaleMode.LOG2_CEIL)
     return scheme.e4m3_steps is not E4M3Steps.REFERENCE
 
 

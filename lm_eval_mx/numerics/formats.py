@@ -134,7 +134,10 @@ class ScaleMode(str, Enum):
     ``floor`` is OCP MX v1.0 (microxcaling, the golden data); ``ceil`` and
     ``even`` follow torchao; ``rceil`` is NVIDIA Blackwell cuBLAS/cuDNN; ``log2`` is auto-round's
     ``floor(torch.log2(amax))`` (:func:`lm_eval_mx.numerics.quantize.log2_exponent`), which rounds a block maximum a
-    few float32 ulps below a power of two up to it where ``floor`` takes its exponent bits.
+    few float32 ulps below a power of two up to it where ``floor`` takes its exponent bits (also AMD Quark 0.13's
+    ``scale_calculation_mode: floor``); ``log2_ceil`` is Quark's ``scale_calculation_mode: ceil``,
+    ``ceil(torch.log2(amax))`` (the same function), which rounds a block maximum a few ulps above a power of two
+    down to it where ``ceil`` goes up.
     """
 
     FLOOR = "floor"
@@ -142,6 +145,7 @@ class ScaleMode(str, Enum):
     EVEN = "even"
     RCEIL = "rceil"
     LOG2 = "log2"
+    LOG2_CEIL = "log2_ceil"
 
 
 class E4M3Steps(str, Enum):

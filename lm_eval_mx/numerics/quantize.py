@@ -52,12 +52,15 @@ def _biased_exponent(x: torch.Tensor) -> torch.Tensor:
     return (x.view(torch.int32) >> _F32_MANT) & 0xFF
 
 
-def log2_exponent(amax: torch.Tensor, fmt: ElemFormat) -> torch.Tensor:
+def log2_exponent(amax: torch.Tensor, fmt: ElemFormat, ceil: bool = False) -> torch.Tensor:
     """auto-round 0.16.1's shared exponent (``auto_round/data_type/mxfp.py: quant_mx``), int32: ``floor(torch.log2(
     amax))`` in float32 (``amax == 0``: ``log2`` read as 1) minus the element's emax, clamped to [-127, 127] (a scale
     above 2**127 clamped, not NaN). ``scale_mode=log2`` and :func:`lm_eval_mx.numerics.runtimes.autoround_mx` (a
-    shipped auto-round checkpoint's activations) both take it from here."""
-    e = torch.floor(torch.where(amax == 0, torch.ones_like(amax), torch.log2(amax)))
+    shipped auto-round checkpoint's activations) both take it from here; it is also AMD Quark 0.13's
+    ``scale_calculation_mode: floor`` (``fake_quantize_mx``), and with ``ceil`` (``torch.ceil`` for ``torch.floor``)
+    Quark's ``ceil`` (``scale_mode=log2_ceil``)."""
+    e = torch.where(amax == 0, torch.ones_like(amax), torch.log2(amax))
+    e = torch.ceil(e) if ceil else torch.floor(e)
     return (e - fmt.emax).clamp(-127, 127).to(torch.int32)
 
 
@@ -76,8 +79,8 @@ def shared_exponent(
         mant = dbits & 0x7FFFFF
         round_up = torch.where(biased == 0, mant > 0x400000, mant != 0)
         exp = biased + round_up.to(torch.int32) - _F32_BIAS
-    elif scale_mode is ScaleMode.LOG2:
-        exp = log2_exponent(amax, fmt)
+    elif scale_mode in (ScaleMode.LOG2, ScaleMode.LOG2_CEIL):
+        exp = log2_exponent(amax, fmt, ceil=scale_mode is ScaleMode.LOG2_CEIL)
     else:
         if scale_mode is ScaleMode.EVEN:
             bits = (bits + (1 << (_F32_MANT - fmt.mbits - 1))) & 0x7F800000

@@ -21,7 +21,13 @@ importer reloads it the same way. ``VERSIONS.json`` records, per fixture, the to
 whether transformers' own Quark integration (``from_pretrained``) reproduces Quark's logits (it does not for NVFP4,
 the mixed recipe and the MoE: see docs).
 
-Usage: ``make_quark_fixtures.py [NAME ...]`` (default: all).
+``mxfp4_act_floor`` / ``mxfp4_act_ceil``: MXFP4 with dynamic MXFP4 inputs under ``scale_calculation_mode`` floor /
+ceil (float32 ``torch.log2`` of the block maximum); ``mx_input_vectors.pt``: Quark's own runtime input quantizer
+of ``mxfp4`` (even), ``mxfp4_act_floor`` and ``mxfp4_act_ceil`` applied to crafted blocks whose maxima are powers of
+two or 1-3 float32 ulps from one (:func:`edge_blocks`).
+
+Usage: ``make_quark_fixtures.py [NAME ...]`` (default: all; ``mx_input_vectors`` names the vectors, which read
+the three fixtures above from disk).
 """
 
 from __future__ import annotations
@@ -91,7 +97,11 @@ def quantize_export(base: str, out: str, model_type: str, recipe: dict[str, Any]
         from quark.torch.utils.llm.model_preparation import preprocess_for_quantization
 
         preprocess_for_quantization(model)
+    recipe = dict(recipe)
+    input_mode = recipe.pop("input_scale_calculation_mode", None)
     config = LLMTemplate.get(model_type).get_config(**recipe)
+    if input_mode is not None:  # dynamic MX inputs with another shared-exponent rule than Quark's default "even"
+        config.global_quant_config.input_tensors.scale_calculation_mode = input_mode
     g = torch.Generator().manual_seed(0)
     calib = [torch.randint(0, VOCAB, (1, 32), generator=g) for _ in range(8)]
     model = ModelQuantizer(config).quantize_model(model, calib)
@@ -153,6 +163,47 @@ def runtime_outputs(out: str, base: str) -> dict[str, Any]:
     return out_info
 
 
+def edge_blocks() -> torch.Tensor:
+    """Crafted float32 inputs [rows, 64] (two blocks of 32 a row): each block's maximum |x| exactly a power of two
+    2**k, or 1-3 float32 ulps below or above it (for k from -20 to 20), the other elements seeded uniform in
+    (-max, max); then a few seeded random rows and an all-zero block."""
+    g = torch.Generator().manual_seed(7)
+    maxima = []
+    for k in (-20, -7, -3, -2, -1, 0, 1, 2, 3, 4, 5, 7, 8, 11, 16, 20):
+        p = torch.tensor(2.0**k, dtype=torch.float32)
+        for steps in (-3, -2, -1, 0, 1, 2, 3):
+            bits = p.view(torch.int32) + steps  # ulps of the binade the value falls in
+            maxima.append(bits.view(torch.float32))
+    amax = torch.stack(maxima)
+    blocks = (torch.rand(len(maxima), 32, generator=g) * 2 - 1) * amax[:, None] * 0.999
+    pos = torch.randint(0, 32, (len(maxima),), generator=g)
+    sign = torch.where(torch.rand(len(maxima), generator=g) < 0.5, -1.0, 1.0)
+    blocks[torch.arange(len(maxima)), pos] = amax * sign
+    rows = blocks.reshape(-1, 64)
+    extra = torch.randn(6, 64, generator=g) * torch.logspace(-3, 3, 6)[:, None]
+    extra[0, :32] = 0.0
+    return torch.cat([rows, extra]).contiguous()
+
+
+def mx_input_vectors(names: list[str]) -> None:
+    """``mx_input_vectors.pt``: :func:`edge_blocks` and, per scale_calculation_mode, Quark's own runtime input
+    quantizer (``model.layers.0.self_attn.q_proj.input_quantizer`` of the fixture its importer loaded) applied to
+    them: the shared-exponent rule at the edges, where float32 ``torch.log2`` rounds."""
+    from quark.torch.export.api import import_model_from_safetensors
+
+    x = edge_blocks()
+    out: dict[str, torch.Tensor] = {"x": x}
+    for mode, name in (("even", "mxfp4"), *(((n.rsplit("_", 1)[1]), n) for n in names)):
+        model = import_model_from_safetensors(None, os.path.join(HERE, name), device="cpu",
+                                              attn_implementation="sdpa").eval()
+        q = model.get_submodule("model.layers.0.self_attn.q_proj").input_quantizer
+        assert spec(q)["scale_calculation_mode"] == mode, spec(q)
+        with torch.no_grad():
+            out[mode] = q(x.clone()).contiguous()
+    torch.save(out, os.path.join(HERE, "mx_input_vectors.pt"))
+    print("wrote mx_input_vectors.pt", {k: tuple(v.shape) for k, v in out.items()})
+
+
 def main(names: list[str]) -> None:
     import quark
     import transformers
@@ -161,6 +212,8 @@ def main(names: list[str]) -> None:
     print(versions)
     todo = recipes()
     todo["qwen3_moe_mxfp4"] = dict(scheme="mxfp4")
+    # MXFP4 dynamic inputs under scale_calculation_mode floor / ceil (Quark's float32 torch.log2 of the block max)
+    todo.update({f"mxfp4_act_{m}": dict(scheme="mxfp4", input_scale_calculation_mode=m) for m in ("floor", "ceil")})
     # bf16 models (Quark keeps a bf16 model's FP8 input_scale in bf16 and divides in bf16)
     todo.update({f"{n}_bf16": todo[n] for n in ("mxfp4", "mxfp4_fp8", "nvfp4")})
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,6 +235,8 @@ def main(names: list[str]) -> None:
             with open(os.path.join(out, "VERSIONS.json"), "w") as f:
                 json.dump({**versions, "recipe": {k: str(v) for k, v in recipe.items()}, **checked}, f, indent=1)
             print("wrote", out)
+    if not names or "mx_input_vectors" in names:
+        mx_input_vectors(["mxfp4_act_floor", "mxfp4_act_ceil"])
 
 
 if __name__ == "__main__":

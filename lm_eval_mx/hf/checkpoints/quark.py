@@ -9,7 +9,8 @@ as is whatever its config. Supported per-layer specs (anything else is refused, 
 
 * weights: MXFP4, MXFP6 E2M3 / E3M2 (per_group 32, ``scale_format: e8m0``), NVFP4 (fp4 per_group 16 float32 scales
   with an fp8_e4m3 per-tensor second stage: ``weight_scale_2``);
-* inputs: none; dynamic MX of the same element formats (scales by ``scale_calculation_mode`` even, floor or ceil);
+* inputs: none; dynamic MX of the same element formats (scales by ``scale_calculation_mode`` even, floor or ceil:
+  ``scale_mode`` even, log2, log2_ceil);
   static fp8_e4m3 per-tensor (``input_scale``, a divisor); NVFP4 dynamic blocks under a static per-tensor second
   stage (``input_scale_2``).
 """
@@ -37,7 +38,9 @@ SUPPORTED = ("AMD Quark real_quantized exports (quant_method quark): per layer M
 
 _MX_LAYOUT = {"fp4": "quark-mxfp4", "fp6_e2m3": "quark-mxfp6-e2m3", "fp6_e3m2": "quark-mxfp6-e3m2"}
 _ELEM = {"fp4": "fp4_e2m1", "fp6_e2m3": "fp6_e2m3", "fp6_e3m2": "fp6_e3m2"}
-_MODES = {None: ScaleMode.EVEN, "even": ScaleMode.EVEN, "floor": ScaleMode.FLOOR, "ceil": ScaleMode.CEIL}
+# Quark's floor/ceil take torch.log2 of the block maximum in float32 (fake_quantize_mx), not its exponent bits:
+# this project's log2 / log2_ceil rules, not floor / ceil (they differ a few ulps from a power of two).
+_MODES = {None: ScaleMode.EVEN, "even": ScaleMode.EVEN, "floor": ScaleMode.LOG2, "ceil": ScaleMode.LOG2_CEIL}
 # Quark's FP8 per-tensor input: x / input_scale, clamped to ±448, cast to E4M3, times input_scale.
 FP8_PER_TENSOR: Scheme = Scheme(FORMATS["fp8_e4m3"], 0, ScaleFormat.NONE, TensorScale.STATIC)
 # Quark's NVFP4 inputs: block scales relative to the stored input_scale_2, elements divided by e4m3 · input_scale_2.
