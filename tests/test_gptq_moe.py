@@ -6,6 +6,8 @@ next block calibrated on the quantized one; lm_head on the final hidden states o
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,11 +24,12 @@ from lm_eval_mx.selection.config import parse_mx_args
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPTS = GPTQOptions(block_columns=32)
+DATA = Path(__file__).parent / "data"
 BATCH = 4
 
 
-def _ids(n: int = 16, seqlen: int = 32) -> torch.Tensor:
-    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(0))
+def _ids(n: int = 16, seqlen: int = 32, vocab: int = 128) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
 
 def _capture_experts(model, block: int, ids: torch.Tensor):
@@ -49,14 +52,38 @@ def _hessian(chunks, n_in, rotation):
     return acc
 
 
-def _write(param, e, result, rotation):
+def _write(view, result, rotation):
+    """Write ``result`` into ``view``, an expert's [out, in] view of its fused weight."""
     w = result.weight if rotation is None else unrotate(result.weight, rotation)
     with torch.no_grad():
-        param[e].copy_(w.to(param.dtype))
+        view.copy_(w.to(view.dtype))
 
 
-def _reference(model, scheme, rotation, ids, min_tokens=None, pooled=False, down_first=False):
-    """The plain loop: expert results by name, the model left fake-quantized."""
+def _expert_weight(param, e, oss):
+    """Expert ``e`` of a fused weight as [out, in]: gpt-oss holds [E, in, out] (``x @ W``), the others [E, out, in]."""
+    return param[e].T if oss else param[e]
+
+
+def _gptoss_gate(h, limit, alpha=1.702, interleaved=True):
+    """gpt-oss's activation written out: gate and up interleaved (even, odd columns), clamped, ``(up + 1) · glu``."""
+    gate, up = (h[..., ::2], h[..., 1::2]) if interleaved else h.chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def _down_input(experts, e, x, oss, bias=True, interleaved=True):
+    """The input of expert ``e``'s down_proj: Mixtral ``silu(gate) · up`` of ``x Wᵀ``; gpt-oss ``x W + b`` gated."""
+    if not oss:
+        gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.silu(gate) * up
+    h = x @ experts.gate_up_proj[e]
+    h = h + experts.gate_up_proj_bias[e] if bias else h
+    return _gptoss_gate(h, experts.limit, interleaved=interleaved)
+
+
+def _reference(model, scheme, rotation, ids, min_tokens=None, pooled=False, down_first=False, oss=False, **bug):
+    """The plain loop: expert results by name, the model left fake-quantized; ``oss``: gpt-oss's experts
+    (``bug``: :func:`_down_input`'s switches, each one a planted bug)."""
     out = {}
     for b, layer in enumerate(model.model.layers):
         experts = layer.mlp.experts
@@ -71,20 +98,18 @@ def _reference(model, scheme, rotation, ids, min_tokens=None, pooled=False, down
                 for hidden, index in batches:
                     tokens = torch.where(index == e)[0] if not pooled else torch.arange(hidden.shape[0])
                     x = hidden[tokens]
-                    if second:
-                        gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-                        x = F.silu(gate) * up
-                    chunks.append(x)
-                acc = _hessian(chunks, param.shape[2], rotation)
-                need = param.shape[2] if min_tokens is None else min_tokens
+                    chunks.append(_down_input(experts, e, x, oss, **bug) if second else x)
+                w = _expert_weight(param, e, oss)
+                acc = _hessian(chunks, w.shape[1], rotation)
+                need = w.shape[1] if min_tokens is None else min_tokens
                 if acc.tokens < need:
-                    res = gptq_weight(param[e], torch.eye(param.shape[2]), scheme, rotation, GPTQOptions(damp=0.0))
+                    res = gptq_weight(w, torch.eye(w.shape[1]), scheme, rotation, GPTQOptions(damp=0.0))
                     res.fallback = "rtn"
                 else:
-                    res = gptq_weight(param[e], acc.hessian(), scheme, rotation, OPTS)
+                    res = gptq_weight(w, acc.hessian(), scheme, rotation, OPTS)
                 res.tokens = acc.tokens
                 out[f"model.layers.{b}.mlp.experts.{name}.{e}"] = res
-                _write(param, e, res, rotation)
+                _write(_expert_weight(param, e, oss), res, rotation)
     return out
 
 
@@ -170,3 +195,65 @@ def test_lm_head_on_final_hidden_states():
     assert torch.equal(got.weight.view(torch.int32), ref.weight.view(torch.int32))
     assert got.tokens == 16 * 32 and got.hessian_error < got.rtn_hessian_error
     assert torch.equal(model.lm_head.weight, ref.weight)
+
+
+def _tiny_gptoss():
+    """gpt-oss's structure at tiny size (tests/data/make_gptoss_fixture.py's config), float32, random weights; the
+    expert biases drawn too (HF inits them to zero) and the swiglu clamp lowered to 1.0 so it bites."""
+    from transformers import AutoModelForCausalLM
+
+    from lm_eval_mx.hf.testing import randomize_
+
+    spec = importlib.util.spec_from_file_location("make_gptoss_fixture", DATA / "make_gptoss_fixture.py")
+    fixture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixture)
+    cfg = fixture.config()
+    cfg.swiglu_limit = 1.0
+    torch.manual_seed(0)
+    model = randomize_(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), 0.2, 0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for bias in (layer.mlp.experts.gate_up_proj_bias, layer.mlp.experts.down_proj_bias):
+                bias.copy_(torch.randn(bias.shape, generator=g) * 0.5)
+    return model
+
+
+def _assert_codes_equal(got, ref):
+    assert got.keys() == ref.keys()
+    for name, r in ref.items():
+        assert torch.equal(got[name].weight.view(torch.int32), r.weight.view(torch.int32)), name
+        assert torch.equal(got[name].packed.codes, r.packed.codes), name
+        assert got[name].tokens == r.tokens and got[name].fallback is None, name
+
+
+def test_gptoss_experts_equal_plain_reference():
+    """gpt-oss's experts (transformers' GptOssExperts: [E, in, out] weights, ``x @ W``, biases, interleaved gate/up
+    with its clamped activation): quantize_model's GPTQ equals the plain loop, codes and packed layer; the reference
+    with the bias dropped or gate/up split in halves gives other codes."""
+    model = _tiny_gptoss()
+    clean = copy.deepcopy(model)
+    config = parse_mx_args({"format": "mxfp4", "roles": "experts"})[0]
+    ids = _ids(8, 32, vocab=64)
+    got = quantize_model(model, config, "gptq", ids, OPTS, batch_size=BATCH)
+    spec = plan(clean, config, "gptq")[0].spec
+    ref_model = copy.deepcopy(clean)
+    ref = _reference(ref_model, spec.w, None, ids, oss=True)
+    assert len(ref) == 2 * 2 * 4
+    experts = clean.model.layers[0].mlp.experts
+    x = torch.cat([hidden for hidden, _ in _capture_experts(clean, 0, ids)])
+    h = x @ experts.gate_up_proj[0] + experts.gate_up_proj_bias[0]
+    assert (h[:, ::2] > 1.0).any() and (h[:, 1::2].abs() > 1.0).any()  # the clamps of gate and up bite
+    rows = {r["name"]: r for r in got.layers}
+    for b in range(2):
+        module = model.model.layers[b].mlp.experts
+        assert isinstance(module, MXPackedLayer)
+        for item in rows[f"model.layers.{b}.mlp.experts"]["experts"]:
+            r = ref[f"model.layers.{b}.mlp.experts.{item['weight']}.{item['expert']}"]
+            assert item["tokens"] == r.tokens and item["fallback"] is None
+            packed = module.mx_packed(item["weight"], item["expert"])
+            assert torch.equal(packed.codes, r.packed.codes) and torch.equal(packed.scales, r.packed.scales)
+    assert sum(ref[f"model.layers.0.mlp.experts.down_proj.{e}"].tokens for e in range(4)) == 8 * 32 * 2  # top-2
+    for bug in ({"bias": False}, {"interleaved": False}):
+        wrong = _reference(copy.deepcopy(clean), spec.w, None, ids, oss=True, **bug)
+        assert any(not torch.equal(ref[n].packed.codes, w.packed.codes) for n, w in wrong.items()), bug

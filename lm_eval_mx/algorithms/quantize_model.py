@@ -4,8 +4,10 @@ The layers are those ``apply_mx`` would put in MX (:func:`lm_eval_mx.selection.a
 candidates and :func:`~lm_eval_mx.selection.apply.layer_spec`). ``rtn`` stores exactly what ``packed=True``
 stores (``MXPackedLayer.mx_pack``, the loader's own op). ``gptq``:
 
-1. the first transformer block's inputs (positional and keyword arguments: attention mask, position embeddings,
-   ...) are captured for the calibration windows by a forward pre-hook that stops the forward;
+1. the blocks' inputs (positional and keyword arguments: attention mask, position embeddings, ...) are captured
+   for the calibration windows by forward pre-hooks, each block's own (sliding and full attention layers get
+   different masks), in one unquantized forward per batch stopped at the last block calibrated; only the first block's
+   hidden state is kept;
 2. blocks run one after another (:func:`lm_eval_mx.algorithms.gptq.gptq_layers`), each calibrated on the outputs
    of the blocks before it with their weights already quantized; inside a block the layers go in true-sequential
    groups by role, ``[attn_qkv] [attn_out] [mlp_up] [mlp_down]`` then any other role, each group's Hessians taken
@@ -161,37 +163,53 @@ def _input_device(model: nn.Module) -> torch.device:
     return weight.device if isinstance(weight, torch.Tensor) else next(model.parameters()).device
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, windows: torch.Tensor, batch_size: int
-                         ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """The (args, kwargs) the first block receives for each batch of ``windows`` [n, seqlen]."""
-    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+@dataclass
+class BlockInputs:
+    """One calibration batch as the blocks take it: the hidden state entering the next block to run, and every
+    block's own other arguments (``calls[i]``: block ``i``'s positional arguments after the hidden state and its
+    keyword arguments without ``hidden_states``), as the model passed them: attention mask and position
+    embeddings may differ by block (gpt-oss, Gemma: sliding and full attention layers)."""
 
-    def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((args, dict(kwargs)))
-        raise _Stop
+    hidden: torch.Tensor
+    positional: bool  # the hidden state is the first positional argument, else the ``hidden_states`` keyword
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def capture_block_inputs(model: nn.Module, blocks: list[nn.Module], windows: torch.Tensor, batch_size: int
+                         ) -> list[BlockInputs]:
+    """The inputs of ``blocks`` (the model's first blocks, in order) for each batch of ``windows`` [n, seqlen],
+    from one unquantized forward per batch stopped before the last of them runs."""
+    captured: list[BlockInputs] = []
+
+    def grab(index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if index == 0:
+            captured.append(BlockInputs(args[0] if args else kwargs["hidden_states"], bool(args), []))
+        captured[-1].calls.append((tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        if index == len(blocks) - 1:
+            raise _Stop
 
     device = _input_device(model)
-    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [blk.register_forward_pre_hook(lambda _m, a, k, i=i: grab(i, a, k), with_kwargs=True)
+               for i, blk in enumerate(blocks)]
     try:
         with torch.no_grad():
             for i in range(0, windows.shape[0], batch_size):
                 with contextlib.suppress(_Stop):
                     model(windows[i : i + batch_size].to(device), use_cache=False)
     finally:
-        handle.remove()
-    if len(captured) != -(-windows.shape[0] // batch_size):
-        raise RuntimeError(f"{type(model).__name__}: the first transformer block did not run for every calibration batch")
+        for handle in handles:
+            handle.remove()
+    if len(captured) != -(-windows.shape[0] // batch_size) or any(len(c.calls) != len(blocks) for c in captured):
+        raise RuntimeError(f"{type(model).__name__}: the transformer blocks did not run in order for every "
+                           "calibration batch")
     return captured
 
 
-def _run_block(_i: int, block: nn.Module, item: tuple[tuple[Any, ...], dict[str, Any]]
-               ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    args, kwargs = item
-    out = block(*args, **kwargs)
+def _run_block(i: int, block: nn.Module, item: BlockInputs) -> BlockInputs:
+    args, kwargs = item.calls[i]
+    out = block(item.hidden, *args, **kwargs) if item.positional else block(*args, **kwargs, hidden_states=item.hidden)
     hidden = out[0] if isinstance(out, (tuple, list)) else out
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
+    return BlockInputs(hidden, item.positional, item.calls)
 
 
 def _groups(planned: list[Planned], options: GPTQOptions) -> list[list[GPTQLayer]]:
@@ -233,8 +251,9 @@ def run_gptq(model: nn.Module, planned: list[Planned], windows: torch.Tensor, op
 
     results: dict[str, GPTQResult] = {}
     if by_block:
-        items = capture_block_inputs(model, blocks[0], windows, batch_size)
-        results = gptq_layers(list(blocks)[: max(by_block) + 1], _run_block, layers, items, options, set_weight)
+        used = list(blocks)[: max(by_block) + 1]
+        items = capture_block_inputs(model, used, windows, batch_size)
+        results = gptq_layers(used, _run_block, layers, items, options, set_weight)
     device = _input_device(model)
     batches = [windows[i : i + batch_size].to(device) for i in range(0, windows.shape[0], batch_size)]
     for p in heads:
