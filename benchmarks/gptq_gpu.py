@@ -10,7 +10,8 @@ without reading text or writing the checkpoint to disk.
 
 Only ``--layers`` blocks are built (default 4) to fit a device call; the full model's time is extrapolated as
 ``first block + (32 - 1) x the mean of the later blocks`` (the first block includes capturing the calibration
-inputs), and the 70B one (80 blocks, hidden 8192, intermediate 28672, 64 heads, 8 kv heads) from ``--layers70``
+inputs: one unquantized forward through every built block, so for the full model this undercounts the capture by
+the forward of the blocks not built, a small part of a block's GPTQ time; stated in the JSON), and the 70B one (80 blocks, hidden 8192, intermediate 28672, 64 heads, 8 kv heads) from ``--layers70``
 measured 70B-shaped blocks the same way (0: not measured). Every number in the JSON says what it is.
 
 ``check`` (first, unless ``--no-check``): one 8B-shaped ``gate_proj`` weight (14336 x 4096) on a random
@@ -116,8 +117,9 @@ def run_variant(shape: str, layers: int, name: str, windows: torch.Tensor, batch
         "seconds_pack_after_last_block": round(total - stamps[-1], 2),
         "extrapolated_full_model_seconds": round(per_block[0] + (full - 1) * mean_later + (total - stamps[-1])
                                                  * full / layers, 1),
-        "extrapolation": f"first block (includes capturing the calibration inputs) + {full - 1} x mean of the later "
-                         f"blocks ({len(later)} measured) + packing time x {full}/{layers}",
+        "extrapolation": f"first block (includes capturing the calibration inputs: one unquantized forward through the "
+                         f"{layers} built blocks, not scaled to {full}) + {full - 1} x mean of the later blocks "
+                         f"({len(later)} measured) + packing time x {full}/{layers}",
         "peak_gpu_memory_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "gpu_memory_before_GiB (model + windows)": round(base / 2**30, 2),
         "hessian_error_ratio_vs_rtn": summary.get("hessian_error_ratio"),
