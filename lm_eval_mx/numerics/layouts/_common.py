@@ -141,3 +141,14 @@ def encode_e8m0_fp4(w: torch.Tensor, scheme: Scheme, scales: torch.Tensor | None
     scaled = b * pow2(127 - scales.to(torch.int32).clamp(max=254)).unsqueeze(-1)  # exact
     scaled = scaled.masked_fill((scales == _E8M0_NAN).unsqueeze(-1), 0.0)  # a NaN block: codes 0
     return _pack_codes(fp4_codes(scaled)), scales
+
+
+def _check_nvfp4(names: tuple[str, str, str], packed: torch.Tensor, scale: torch.Tensor,
+                 per_tensor: torch.Tensor) -> torch.Tensor:
+    """The three tensors every NVFP4 layout stores (packed E2M1 codes, E4M3 block scales of 16, one float32
+    per-tensor scale per matrix), checked and named by the layout's own ``names``; returns the per-tensor scale."""
+    codes, scales, tensor = names
+    _need(codes, packed, torch.uint8, 2)
+    _need(scales, scale, torch.float8_e4m3fn, 2)
+    _check_fp4_pair(codes, packed, scales, scale, _NVFP4_BLOCK)
+    return _per_tensor(tensor, per_tensor, tuple(packed.shape[:-2]))

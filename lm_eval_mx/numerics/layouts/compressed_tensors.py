@@ -19,6 +19,7 @@ from ._common import (
     _blocks,
     _check_fp4_pair,
     _check_mx_scheme,
+    _check_nvfp4,
     _check_weight,
     _e8m0_multiplier,
     _fp4_lut,
@@ -61,10 +62,8 @@ def decode_ct_nvfp4(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
 
 def _check_ct_nvfp4(weight_packed: torch.Tensor, weight_scale: torch.Tensor,
                     weight_global_scale: torch.Tensor) -> torch.Tensor:
-    _need("weight_packed", weight_packed, torch.uint8, 2)
-    _need("weight_scale", weight_scale, torch.float8_e4m3fn, 2)
-    _check_fp4_pair("weight_packed", weight_packed, "weight_scale", weight_scale, _NVFP4_BLOCK)
-    return _per_tensor("weight_global_scale", weight_global_scale, tuple(weight_packed.shape[:-2]))
+    return _check_nvfp4(("weight_packed", "weight_scale", "weight_global_scale"), weight_packed, weight_scale,
+                        weight_global_scale)
 
 
 def ct_nvfp4_global_scale(w: torch.Tensor) -> torch.Tensor:

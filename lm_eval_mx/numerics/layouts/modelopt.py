@@ -12,7 +12,7 @@ from ._common import (
     _NVFP4_BLOCK,
     NVFP4,
     _blocks,
-    _check_fp4_pair,
+    _check_nvfp4,
     _check_weight,
     _fp4_lut,
     _need,
@@ -51,10 +51,7 @@ def decode_modelopt_nvfp4(weight: torch.Tensor, weight_scale: torch.Tensor,
 
 def _check_modelopt_nvfp4(weight: torch.Tensor, weight_scale: torch.Tensor,
                           weight_scale_2: torch.Tensor) -> torch.Tensor:
-    _need("weight", weight, torch.uint8, 2)
-    _need("weight_scale", weight_scale, torch.float8_e4m3fn, 2)
-    _check_fp4_pair("weight", weight, "weight_scale", weight_scale, _NVFP4_BLOCK)
-    return _per_tensor("weight_scale_2", weight_scale_2, tuple(weight.shape[:-2]))
+    return _check_nvfp4(("weight", "weight_scale", "weight_scale_2"), weight, weight_scale, weight_scale_2)
 
 
 def modelopt_nvfp4_weight_scale_2(w: torch.Tensor) -> torch.Tensor:
