@@ -403,7 +403,7 @@ class HFMXLM(HFLM):
         w = "nvfp4" if shipped.weight_scheme.block_size == 16 else shipped.weight_scheme.elem.name
         # a summary (the report and each layer's record say what each layer runs): with per-layer activation
         # recipes (mixed, default_activation None) it is not weight-only
-        per_layer = a_scheme is None and a_from == "checkpoint" and not shipped.weight_only
+        per_layer = self._per_layer_activations()
         keys = dict(w_format=w, a_format=given.a_format if "a_format" in given.given else
                     (a_scheme.elem.name if a_scheme is not None and a_scheme.block_size != 16 else w),
                     weight_only=a_scheme is None and not per_layer, mx_backend=given.mx_backend, packed=True,
@@ -413,6 +413,12 @@ class HFMXLM(HFLM):
         if w != "nvfp4" and "scale_mode" not in keys:
             keys["scale_mode"] = shipped.weight_scheme.scale_mode.value
         return MXConfig(**keys, given=given.given)
+
+    def _per_layer_activations(self) -> bool:
+        """Whether a shipped checkpoint's layers run their own activation recipes (a mixed recipe, as stored), so
+        that no single activation scheme describes the model."""
+        a_scheme, a_from = self._shipped_act
+        return a_scheme is None and a_from == "checkpoint" and not self.mx_shipped.weight_only
 
     def _stored_config(self, pretrained: str, given: MXConfig) -> MXConfig:
         """The checkpoint's MX configuration, with the run-time keys given beside it; any other MX key would
@@ -528,8 +534,7 @@ class HFMXLM(HFLM):
             info["mx_checkpoint"] = {"format": "packed MX (quant_method=mx)", "origin": self.mx_stored.origin}
         if self.mx_shipped is not None:  # the weights are the checkpoint's and the activations its recipe's
             a_scheme, a_from = self._shipped_act
-            per_layer = a_scheme is None and a_from == "checkpoint" and not self.mx_shipped.weight_only
-            a_name = "per layer" if per_layer else a_scheme.name if a_scheme else None
+            a_name = "per layer" if self._per_layer_activations() else a_scheme.name if a_scheme else None
             info["mx_label"] = f"{self.mx_shipped.name}: a={a_name or 'none'}"
             info["mx_schemes"] = {"weights": self.mx_shipped.weight_scheme.to_dict(),
                                   "activations": a_scheme.to_dict() if a_scheme else None}
