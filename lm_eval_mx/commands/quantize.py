@@ -185,7 +185,7 @@ def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list
     """(hf args, MXConfig, GPTQOptions or None, calibration texts, the model's transformers config): every check
     that needs no model."""
     from ..selection.config import parse_mx_args
-    from .args import parse_kv, resolve_device
+    from .args import error_line, parse_kv, resolve_device
 
     args = parse_kv(ns.model_args, "--model_args")
     if "pretrained" not in args:
@@ -229,9 +229,7 @@ def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list
     try:
         model_config = _read_config(rest)
     except Exception as e:  # a missing path, a hub id offline, a missing gguf_file: transformers' reason, one line
-        why = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"pretrained={args['pretrained']}: its config cannot be read ({type(e).__name__}: "
-                         f"{why})") from None
+        raise ValueError(f"pretrained={args['pretrained']}: its config cannot be read ({error_line(e)})") from None
     positions = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     if ns.method == "gptq" and isinstance(positions, int) and ns.seqlen > positions:
         raise ValueError(f"--seqlen {ns.seqlen} exceeds the model's {positions} positions (max_position_embeddings); "
@@ -356,6 +354,7 @@ def main(ns: argparse.Namespace) -> int:
     from ..algorithms.gptq import GPTQError
     from ..algorithms.quantize_model import quantize_model
     from ..hf.model import HFMXLM
+    from .args import error_line
 
     try:  # what the selection and the output format refuse, on the model built empty, before any weight loads
         checked = check_on_empty_model(model_config, config, ns.method, ns.save_format)
@@ -364,8 +363,7 @@ def main(ns: argparse.Namespace) -> int:
     try:
         lm = HFMXLM(**hf_args, roles="none")
     except (OSError, ValueError, ImportError, RuntimeError) as e:  # what only loading tells (a corrupt file, ...)
-        raise SystemExit(f"lm-eval-mx quantize: loading {hf_args['pretrained']} failed: {type(e).__name__}: "
-                         f"{(str(e).strip().splitlines() or [''])[0]}") from None
+        raise SystemExit(f"lm-eval-mx quantize: loading {hf_args['pretrained']} failed: {error_line(e)}") from None
     windows, texts_read = None, None
     try:
         if ns.save_format == "compressed-tensors" and not checked:
