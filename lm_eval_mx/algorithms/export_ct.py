@@ -91,14 +91,16 @@ def check_spec(name: str, spec: MXSpec) -> str:
     return kind
 
 
-def check_layers(specs: dict[str, MXSpec]) -> None:
-    """Refuse a selection compressed-tensors cannot hold (one format and one activation recipe for all layers)."""
+def check_layers(specs: dict[str, MXSpec]) -> str | None:
+    """Refuse a selection compressed-tensors cannot hold (one format and one activation recipe for all layers);
+    returns that one format (None for no layer)."""
     kinds = {check_spec(name, spec) for name, spec in specs.items()}
     acts = {spec.a is not None for spec in specs.values()}
     if len(kinds) > 1 or len(acts) > 1:
         raise ValueError("--save_format compressed-tensors writes one recipe for all quantized layers; this selection "
                          f"mixes {', '.join(sorted(kinds))} weights and activations {'on and off' if len(acts) > 1 else ''}"
                          ": use --save_format mx")
+    return next(iter(kinds), None)
 
 
 def exact_global_scale(ts: torch.Tensor, s8: torch.Tensor) -> torch.Tensor | None:
@@ -168,9 +170,8 @@ def ct_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], str, list[
     layers = {n: m for n, m in mx_layers(model) if isinstance(m, MXPackedLayer)}
     if not layers:
         raise ValueError("--save_format compressed-tensors: the model holds no packed layer")
-    kinds = {check_spec(n, m.mx_spec) for n, m in layers.items()}
-    check_layers({n: m.mx_spec for n, m in layers.items()})
-    kind = kinds.pop()
+    kind = check_layers({n: m.mx_spec for n, m in layers.items()})
+    assert kind is not None  # layers is not empty
     own = {f"{n}.{k}" for n, m in layers.items() for k in m.mx_stored()}
     rest = {k: v for k, v in model.state_dict().items() if k not in own}
     quantized: dict[str, torch.Tensor] = {}

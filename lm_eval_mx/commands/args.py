@@ -114,6 +114,11 @@ def check_tasks(tasks: list[str], task_manager: Any, flag: str = "--tasks") -> N
         raise ValueError(f"{flag}: unknown task {hints} (`lm-eval-mx ls tasks` lists them)")
 
 
+def error_line(e: BaseException) -> str:
+    """``TypeName: first line of its message``: another library's (often multi-line) error as one line of a refusal."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def check_writable_dir(path: str | Path, flag: str) -> Path:
     """A directory a command writes its results to (made when missing), checked before any work: it, or the first
     existing directory above it, must be a directory that takes new entries; so no result is lost after a long

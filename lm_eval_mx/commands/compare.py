@@ -19,6 +19,7 @@ from .args import (
     check_run_args,
     check_tasks,
     check_writable_dir,
+    error_line,
     parse_config,
     parse_kv,
     parse_model_args,
@@ -172,8 +173,7 @@ def run_configs(
         try:
             HFMXLM(**checkpoint_args(args, path), **extra.get(label, {}))
         except (ValueError, OSError, RuntimeError) as e:
-            raise CompareError(f"--checkpoint {label}={path} does not load: {type(e).__name__}: "
-                               f"{(str(e).strip().splitlines() or [''])[0]}") from None
+            raise CompareError(f"--checkpoint {label}={path} does not load: {error_line(e)}") from None
     lm = HFMXLM(**args)
     for label, cfg in configs:  # what a configuration cannot do on this model fails now, not after the baseline's run
         try:

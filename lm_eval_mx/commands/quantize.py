@@ -181,10 +181,11 @@ def gptq_options(ns: argparse.Namespace) -> Any:
                          .replace("GPTQ expert_min_tokens", "--expert_min_tokens")) from None
 
 
-def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list[str] | None]:
-    """(hf args, MXConfig, GPTQOptions or None, calibration texts): every check that needs no model."""
+def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list[str] | None, Any]:
+    """(hf args, MXConfig, GPTQOptions or None, calibration texts, the model's transformers config): every check
+    that needs no model."""
     from ..selection.config import parse_mx_args
-    from .args import parse_kv, resolve_device
+    from .args import error_line, parse_kv, resolve_device
 
     args = parse_kv(ns.model_args, "--model_args")
     if "pretrained" not in args:
@@ -228,9 +229,7 @@ def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list
     try:
         model_config = _read_config(rest)
     except Exception as e:  # a missing path, a hub id offline, a missing gguf_file: transformers' reason, one line
-        why = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"pretrained={args['pretrained']}: its config cannot be read ({type(e).__name__}: "
-                         f"{why})") from None
+        raise ValueError(f"pretrained={args['pretrained']}: its config cannot be read ({error_line(e)})") from None
     positions = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     if ns.method == "gptq" and isinstance(positions, int) and ns.seqlen > positions:
         raise ValueError(f"--seqlen {ns.seqlen} exceeds the model's {positions} positions (max_position_embeddings); "
@@ -242,7 +241,7 @@ def parse_inputs(ns: argparse.Namespace) -> tuple[dict[str, Any], Any, Any, list
 
     check_model_args(rest)
     check_hf_args(config, rest)
-    return rest, config, options, texts
+    return rest, config, options, texts, model_config
 
 
 def render(run: Any, out: Path, tokens: int | None) -> Any:
@@ -287,18 +286,17 @@ def precheck_save_format(save_format: str, config: Any) -> None:
                          "use --save_format mx")
 
 
-def check_on_empty_model(hf_args: dict[str, Any], config: Any, method: str, save_format: str) -> bool:
+def check_on_empty_model(cfg: Any, config: Any, method: str, save_format: str) -> bool:
     """The method's plan (selection, what GPTQ cannot calibrate) and the output format's per-layer checks on the
-    model built from its config on the meta device, so that they refuse before the weights load; False where the
-    empty model cannot be built (remote code not trusted, an unusual checkpoint): they then run once it has loaded."""
+    model built from its transformers config ``cfg`` (as :func:`parse_inputs` read it) on the meta device, so that
+    they refuse before the weights load; False where the empty model cannot be built (remote code not trusted, an
+    unusual checkpoint): they then run once it has loaded."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     from ..algorithms.quantize_model import plan
-    from ..hf.model import _read_config
 
     try:
-        cfg = _read_config(hf_args)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=cfg.__class__.__module__.startswith(
                 "transformers_modules"))
@@ -348,7 +346,7 @@ def main(ns: argparse.Namespace) -> int:
     from rich.console import Console
 
     try:
-        hf_args, config, options, texts = parse_inputs(ns)
+        hf_args, config, options, texts, model_config = parse_inputs(ns)
     except ValueError as e:
         raise SystemExit(f"lm-eval-mx quantize: {e}") from None
 
@@ -356,16 +354,16 @@ def main(ns: argparse.Namespace) -> int:
     from ..algorithms.gptq import GPTQError
     from ..algorithms.quantize_model import quantize_model
     from ..hf.model import HFMXLM
+    from .args import error_line
 
     try:  # what the selection and the output format refuse, on the model built empty, before any weight loads
-        checked = check_on_empty_model(hf_args, config, ns.method, ns.save_format)
+        checked = check_on_empty_model(model_config, config, ns.method, ns.save_format)
     except ValueError as e:
         raise SystemExit(f"lm-eval-mx quantize: {e}") from None
     try:
         lm = HFMXLM(**hf_args, roles="none")
     except (OSError, ValueError, ImportError, RuntimeError) as e:  # what only loading tells (a corrupt file, ...)
-        raise SystemExit(f"lm-eval-mx quantize: loading {hf_args['pretrained']} failed: {type(e).__name__}: "
-                         f"{(str(e).strip().splitlines() or [''])[0]}") from None
+        raise SystemExit(f"lm-eval-mx quantize: loading {hf_args['pretrained']} failed: {error_line(e)}") from None
     windows, texts_read = None, None
     try:
         if ns.save_format == "compressed-tensors" and not checked:

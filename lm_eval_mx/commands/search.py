@@ -239,7 +239,7 @@ def _check_output(ns: argparse.Namespace) -> None:
     if ns.output is None:
         ns.output = DEFAULT_OUTPUT
     out = Path(ns.output)
-    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+    if out.is_dir() or not out.parent.is_dir():  # whether the directory takes the file: check_writable_dir below
         raise SearchError(f"--output {ns.output}: not a file in an existing writable directory")
     if out.exists() and not os.access(out, os.W_OK):
         raise SearchError(f"--output {ns.output}: the file is not writable")

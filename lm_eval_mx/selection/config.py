@@ -40,6 +40,7 @@ from .values import (
     ROLE_GROUPS,
     ROLES,
     ROTATIONS,
+    SCHEME_KEYS,
     _as_bool,
     _as_int,
     _as_list,
@@ -393,8 +394,6 @@ _SHORTHANDS = ("format", "recipe")
 MX_KEYS: tuple[str, ...] = tuple(f.name for f in fields(MXConfig) if f.name not in ("given", "named")) + tuple(_PRESETS) + _SHORTHANDS
 # MX keys that may be added to a recipe's: how it runs and stores, not the numbers it was measured with.
 _BESIDE_RECIPE = ("mx_backend", "packed", "packed_gemm", "attn_bmm", "bmm_format")
-# Keys that shape a format's scheme beyond its element format (block, scales, rounding).
-SCHEME_KEYS: tuple[str, ...] = ("block_size", "scale_format", "tensor_scale", "rounding", "scale_bits", "scale_mode")
 # Keys that choose how stored MX weights are computed with, not what they are.
 RUN_KEYS: tuple[str, ...] = ("mx_backend", "packed_gemm")
 # The one table of the MX keys that may stand beside a checkpoint whose weights are already quantized: "stored",

@@ -10,13 +10,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ..numerics.profiles import Profile, get_profile
+from .values import SCHEME_KEYS
 
 # Keys that would change which layers a profile quantizes or how: a profile is the whole of a stack's numerics.
 _NOT_WITH_PROFILE = ("recipe", "role_formats", "layer_formats", "include", "exclude", "rotation", "rotation_block",
                      "rotation_seed", "rotation_roles", "attn_bmm", "bmm_format")
 # Keys shaping the numbers of a format: a profile sets those it needs; any other given beside it is refused.
-NUMERIC_KEYS = ("block_size", "scale_format", "tensor_scale", "rounding", "scale_bits", "scale_mode", "e4m3_steps",
-                "weight_only")
+NUMERIC_KEYS = (*SCHEME_KEYS, "e4m3_steps", "weight_only")
 _ROLE_KEYS = ("roles", "mlp_only", "attn_only")
 
 

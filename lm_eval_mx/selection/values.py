@@ -162,6 +162,8 @@ def read_json(path: Any, what: str, error: type[ValueError] = ValueError) -> Any
         raise error(f"{what}: cannot read {str(p)!r} as JSON: {e}") from None
 
 
+# Keys that shape a format's scheme beyond its element format (block, scales, rounding).
+SCHEME_KEYS: tuple[str, ...] = ("block_size", "scale_format", "tensor_scale", "rounding", "scale_bits", "scale_mode")
 # Keys that a fixed scheme (nvfp4) sets itself.
 FIXED_KEYS = ("block_size", "scale_format", "tensor_scale")
 
