@@ -165,8 +165,8 @@ def _global_multiplier(tensor_amax: torch.Tensor, fmt: ElemFormat) -> torch.Tens
     return torch.nan_to_num(gs, nan=1.0, posinf=1.0, neginf=1.0)
 
 
-def _kernel_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None,
-                   static_scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kernel_scales(amax: torch.Tensor, scheme: Scheme,
+                   tensor_amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`block_scales` of ``e4m3_steps=kernel``: vLLM's ``cvt_warp_fp16_to_fp4`` (csrc/quantization/fp4/
     nvfp4_utils.cuh at 2c9ff65) with the global multiplier ``gs`` of :func:`_global_multiplier`:
     ``SFValue = gs · (bmax · rcp(6))`` rounded to E4M3 (saturating), ``outputScale = rcp(SFValue · rcp(gs))``, 0
@@ -236,7 +236,7 @@ def block_scales(
     if scheme.e4m3_steps is E4M3Steps.DIVIDE:
         return _divide_scales(amax, scheme, tensor_amax, static_scale, src_dtype)
     if scheme.e4m3_steps is E4M3Steps.KERNEL:
-        return _kernel_scales(amax, scheme, tensor_amax, static_scale)
+        return _kernel_scales(amax, scheme, tensor_amax)
     clamp = scheme.e4m3_steps is E4M3Steps.CLAMP
     if scheme.tensor_scale is TensorScale.STATIC:
         if static_scale is None:
