@@ -225,7 +225,8 @@ def block_scales(
     """
     fmt = scheme.elem
     if scheme.scale_format is ScaleFormat.NONE:
-        raise ValueError("scale_format=none divides by its per-tensor scale: quantize_blocks computes it")
+        raise ValueError("scale_format=none divides in the input's dtype by its per-tensor scale: quantize_torch "
+                         "computes it")
     if scheme.is_mx:
         exp, nan = shared_exponent(amax, fmt, scheme.scale_bits, scheme.scale_mode)
         return pow2(-exp), pow2(exp), nan, exp
@@ -285,8 +286,6 @@ def quantize_blocks(
     Dequantized values are ``elements * multiplier`` (NaN where masked).
     """
     amax = blocks.abs().amax(-1, keepdim=True)
-    if scheme.scale_format is ScaleFormat.NONE:
-        raise ValueError("scale_format=none divides in the input's dtype: quantize_torch computes it")
     if scheme.tensor_scale is TensorScale.AMAX and tensor_amax is None:
         tensor_amax = blocks.abs().amax()
     recip, mult, nan, stored = block_scales(amax, scheme, tensor_amax, static_scale, src_dtype)
