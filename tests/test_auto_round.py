@@ -172,3 +172,27 @@ def test_rule_names_checked():
         MXSpec(NAMED_SCHEMES["mxfp4"], NAMED_SCHEMES["mxfp4"], a_rule="floor")
     with pytest.raises(ValueError, match="needs the activation scheme"):
         MXSpec(NAMED_SCHEMES["mxfp4"], None, a_rule="auto-round-mx")
+
+
+def test_rule_and_stored_scale_inputs_share_the_sibling_cache():
+    """Inputs quantized by a checkpoint's rule or with a stored scale go through the sibling cache like any other:
+    siblings fed one tensor share one result; another rule, another stored scale or an in-place change recompute."""
+    from lm_eval_mx.nn.spec import MXSpec
+    from lm_eval_mx.numerics.quantize import make_scheme
+
+    mx = NAMED_SCHEMES["mxfp4"]
+    x = torch.randn(4, 64) * 3
+    with torch.no_grad():
+        q = MXSpec(mx, mx, a_rule="auto-round-mx").act(x)
+        assert MXSpec(mx, mx, a_rule="auto-round-mx").act(x) is q
+        assert torch.equal(q, R.get_rule("auto-round-mx")(x, mx, None))
+        ct = MXSpec(mx, mx, a_rule="compressed-tensors-mx").act(x)
+        assert ct is not q and torch.equal(ct, R.get_rule("compressed-tensors-mx")(x, mx, None))
+        x.mul_(0.5)
+        q2 = MXSpec(mx, mx, a_rule="auto-round-mx").act(x)
+        assert q2 is not q and torch.equal(q2, R.get_rule("auto-round-mx")(x, mx, None))
+        static = make_scheme("fp4_e2m1", 16, scale_format="e4m3", tensor_scale="static")
+        got = [MXSpec(mx, static, a_scale=s).act(x) for s in (0.5, 0.5, 0.25)]
+        assert got[1] is got[0] and got[2] is not got[0]
+        for s, g in zip((0.5, 0.25), (got[0], got[2])):
+            assert torch.equal(g, quantize_torch(x, static, -1, static_scale=s))

@@ -87,25 +87,30 @@ class MXSpec:
         """Rotate and quantize an input along its last axis; siblings fed the same tensor share one result."""
         if self.a is None:
             return x if self.rotation is None else rotate(x, self.rotation).to(x.dtype)
+        # under torch.compile identity and versions are the tracer's: quantize without the sibling cache
+        # inference tensors have no version counter: an in-place change could not be seen
+        compiling = torch.compiler.is_compiling()
+        if compiling or x.is_inference():
+            return self._act(x, compiling)
+        key = (self.a, self.rotation, self.backend, self.a_scale, self.a_rule)  # every field the result depends on
+        hit = _LAST_ACT.get("entry")
+        if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] == key:
+            return hit[3]
+        xq = self._act(x, False)
+        _LAST_ACT["entry"] = (weakref.ref(x), x._version, key, xq)
+        return xq
+
+    def _act(self, x: torch.Tensor, compiling: bool) -> torch.Tensor:
+        """:meth:`act` without the sibling cache."""
         if self.a_rule is not None:
             xr = x if self.rotation is None else rotate(x, self.rotation).to(x.dtype)
             return get_rule(self.a_rule)(xr, self.a, self.a_scale)
         if self.a_scale is not None:  # a stored input scale: the torch reference (on CPU and CUDA alike)
             return quantize_torch(x, self.a, -1, self.rotation, static_scale=self.a_scale)
-        # under torch.compile identity and versions are the tracer's: quantize without the sibling cache, through
-        # the general quantizer, which dynamo traces (act_quantizer's host shortcuts are for eager calls)
-        if torch.compiler.is_compiling():
+        # traced: the general quantizer, which dynamo traces (act_quantizer's host shortcuts are for eager calls)
+        if compiling:
             return self.quantizer(x, self.a, -1, self.rotation)
-        # inference tensors have no version counter: an in-place change could not be seen
-        if x.is_inference():
-            return self.act_quantizer(x)
-        key = (self.a, self.rotation, self.backend)
-        hit = _LAST_ACT.get("entry")
-        if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] == key:
-            return hit[3]
-        xq = self.act_quantizer(x)
-        _LAST_ACT["entry"] = (weakref.ref(x), x._version, key, xq)
-        return xq
+        return self.act_quantizer(x)
 
     def describe(self) -> str:
         a = self.a.name if self.a else "-"

@@ -165,8 +165,8 @@ def _global_multiplier(tensor_amax: torch.Tensor, fmt: ElemFormat) -> torch.Tens
     return torch.nan_to_num(gs, nan=1.0, posinf=1.0, neginf=1.0)
 
 
-def _kernel_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor | None,
-                   static_scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _kernel_scales(amax: torch.Tensor, scheme: Scheme,
+                   tensor_amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`block_scales` of ``e4m3_steps=kernel``: vLLM's ``cvt_warp_fp16_to_fp4`` (csrc/quantization/fp4/
     nvfp4_utils.cuh at 2c9ff65) with the global multiplier ``gs`` of :func:`_global_multiplier`:
     ``SFValue = gs · (bmax · rcp(6))`` rounded to E4M3 (saturating), ``outputScale = rcp(SFValue · rcp(gs))``, 0
@@ -174,8 +174,6 @@ def _kernel_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor
     if scheme.tensor_scale is not TensorScale.AMAX:
         raise ValueError("e4m3_steps=kernel takes the kernel's global multiplier from the tensor maximum "
                          "(tensor_scale=amax); a stored input_global_scale is not supported")
-    if tensor_amax is None:
-        raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
     gs = _global_multiplier(tensor_amax, scheme.elem)
     rcp_max = rcp_ftz(amax.new_full((), scheme.elem.max_normal))
     s8 = round_elements(gs * (amax * rcp_max), E4M3, Rounding.EVEN)
@@ -202,8 +200,6 @@ def _divide_scales(amax: torch.Tensor, scheme: Scheme, tensor_amax: torch.Tensor
             raise ValueError("e4m3_steps=divide with tensor_scale=static needs the stored input_global_scale")
         gs, _ = static_tensor_scale(static_scale, amax.device)  # a multiplier here; finite and > 0 alike
     elif scheme.tensor_scale is TensorScale.AMAX:
-        if tensor_amax is None:
-            raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
         gs = _global_multiplier(tensor_amax, fmt)
         nan = nan | (~torch.isfinite(tensor_amax)).expand_as(amax)
     if gs is not None:
@@ -229,14 +225,17 @@ def block_scales(
     """
     fmt = scheme.elem
     if scheme.scale_format is ScaleFormat.NONE:
-        raise ValueError("scale_format=none divides by its per-tensor scale: quantize_blocks computes it")
+        raise ValueError("scale_format=none divides in the input's dtype by its per-tensor scale: quantize_torch "
+                         "computes it")
     if scheme.is_mx:
         exp, nan = shared_exponent(amax, fmt, scheme.scale_bits, scheme.scale_mode)
         return pow2(-exp), pow2(exp), nan, exp
+    if scheme.tensor_scale is TensorScale.AMAX and tensor_amax is None:  # every E4M3 step order needs it
+        raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
     if scheme.e4m3_steps is E4M3Steps.DIVIDE:
         return _divide_scales(amax, scheme, tensor_amax, static_scale, src_dtype)
     if scheme.e4m3_steps is E4M3Steps.KERNEL:
-        return _kernel_scales(amax, scheme, tensor_amax, static_scale)
+        return _kernel_scales(amax, scheme, tensor_amax)
     clamp = scheme.e4m3_steps is E4M3Steps.CLAMP
     if scheme.tensor_scale is TensorScale.STATIC:
         if static_scale is None:
@@ -247,8 +246,6 @@ def block_scales(
         divisor_or_recip = mult if scheme.e4m3_steps is E4M3Steps.QUARK else inv_ts / s8  # see round_on_scales
         return divisor_or_recip, mult, ~torch.isfinite(amax), s8  # a non-finite value spoils its own block
     if scheme.tensor_scale is TensorScale.AMAX:
-        if tensor_amax is None:
-            raise ValueError("a scheme with a per-tensor scale needs the tensor maximum")
         ts, inv_ts = tensor_scale(tensor_amax, fmt)
         nan = (~torch.isfinite(tensor_amax)).expand_as(amax)  # one non-finite value spoils every scale
         s8 = e4m3_block_scales(amax, fmt, ts, clamp)
@@ -289,8 +286,6 @@ def quantize_blocks(
     Dequantized values are ``elements * multiplier`` (NaN where masked).
     """
     amax = blocks.abs().amax(-1, keepdim=True)
-    if scheme.scale_format is ScaleFormat.NONE:
-        raise ValueError("scale_format=none divides in the input's dtype: quantize_torch computes it")
     if scheme.tensor_scale is TensorScale.AMAX and tensor_amax is None:
         tensor_amax = blocks.abs().amax()
     recip, mult, nan, stored = block_scales(amax, scheme, tensor_amax, static_scale, src_dtype)
